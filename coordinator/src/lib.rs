@@ -1,0 +1,1 @@
+//! ztnet coordinator: store, CA, enrollment, netmap computation and push, admin API, audit.

@@ -1,0 +1,1 @@
+//! Network-namespace harness for ztnet end-to-end tests.

@@ -1,0 +1,60 @@
+//! The configuration the data plane runs from. Static mode builds it from a TOML file,
+//! coordinator mode from a netmap; the data plane does not know which.
+//!
+//! CONTRACT between the data plane (issue 3) and the control client (issue 4).
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use netpolicy::FilterSpec;
+use ztnet_proto::control::Identity;
+use ztnet_proto::{PrivateKey, WgKey};
+
+/// What is fixed for the life of the interface.
+#[derive(Debug, Clone)]
+pub struct InterfaceConfig {
+    /// TUN interface name (default `ztnet0`).
+    pub name: String,
+    /// MTU (default 1420).
+    pub mtu: u16,
+    /// UDP listen port (default 51820; 0 picks one).
+    pub listen_port: u16,
+    /// The node's WireGuard private key.
+    pub private_key: PrivateKey,
+    /// `static`, `coordinator` or `wireguard`: shown in status.
+    pub mode: String,
+}
+
+/// What can change at run time; applied atomically by `Dataplane::apply`.
+#[derive(Debug, Clone, Default)]
+pub struct DataplaneConfig {
+    /// Node name, shown in status.
+    pub node_name: Option<String>,
+    /// Netmap version, shown in status.
+    pub version: Option<u64>,
+    /// Overlay addresses of this node, with prefix length (e.g. `100.64.0.2/16`).
+    pub addresses: Vec<IpNet>,
+    /// Prefixes routed through the TUN (e.g. the network's `100.64.0.0/16`).
+    pub routes: Vec<IpNet>,
+    /// Peers. Names are unique.
+    pub peers: Vec<PeerConfig>,
+    /// The compiled filter. `FilterSpec::default()` passes nothing.
+    pub filter: FilterSpec,
+}
+
+/// One peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Peer name: the key into the filter's peers.
+    pub name: String,
+    /// WireGuard public key.
+    pub public_key: WgKey,
+    /// Endpoint to send to until the peer roams.
+    pub endpoint: Option<SocketAddr>,
+    /// Cryptokey routing: addresses this peer may send from and is routed to.
+    pub allowed_ips: Vec<IpNet>,
+    /// Persistent keepalive in seconds.
+    pub persistent_keepalive: Option<u16>,
+    /// Identity, shown in status.
+    pub identity: Option<Identity>,
+}

@@ -1,0 +1,1 @@
+//! See lib.rs (stub; filled in by its issue).

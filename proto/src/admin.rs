@@ -1,0 +1,227 @@
+//! The admin API: HTTP/1.1 + JSON over TLS on the coordinator's TCP port, bearer API keys
+//! (`Authorization: Bearer ztkey_...`). Errors come back as [`ApiError`] with the HTTP status.
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `POST /v1/networks` | [`CreateNetwork`] | [`Network`] |
+//! | `GET /v1/networks` | | `Vec<Network>` |
+//! | `GET /v1/networks/{net}` | | [`Network`] |
+//! | `POST /v1/networks/{net}/tokens` | [`CreateToken`] | [`TokenCreated`] |
+//! | `GET /v1/networks/{net}/tokens` | | `Vec<TokenInfo>` |
+//! | `DELETE /v1/networks/{net}/tokens/{id}` | | [`TokenInfo`] |
+//! | `GET /v1/networks/{net}/nodes` | | `Vec<NodeInfo>` |
+//! | `GET /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
+//! | `DELETE /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
+//! | `PUT /v1/networks/{net}/policy` | [`ApplyPolicy`] | [`PolicyApplied`] (422 with [`ApiError::diagnostics`] when refused) |
+//! | `GET /v1/networks/{net}/policy` | | [`PolicyRecord`] |
+//! | `GET /v1/networks/{net}/policy/history` | | `Vec<PolicyRecord>` |
+//! | `GET /v1/networks/{net}/audit` | | `Vec<AuditEvent>` |
+//! | `GET /v1/health` (no auth) | | [`Health`] |
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use netpolicy::Diagnostic;
+use serde::{Deserialize, Serialize};
+
+use crate::WgKey;
+
+/// Body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} (HTTP {status})")]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// One readable sentence.
+    pub message: String,
+    /// Policy findings, when a policy was refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// `POST /v1/networks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateNetwork {
+    /// Name, `[a-z0-9-]`, 1 to 63 characters.
+    pub name: String,
+    /// IPv4 overlay prefix inside 100.64.0.0/10; default 100.64.0.0/16 (the next free one).
+    pub cidr: Option<IpNet>,
+    /// Zero-trust mode: default deny, expiring keys, mandatory identity checks.
+    pub zero_trust: bool,
+}
+
+/// A network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Network {
+    /// Name.
+    pub name: String,
+    /// IPv4 overlay prefix.
+    pub cidr: IpNet,
+    /// IPv6 ULA overlay prefix.
+    pub cidr6: IpNet,
+    /// Zero-trust mode.
+    pub zero_trust: bool,
+    /// Number of nodes.
+    pub nodes: u64,
+    /// Current policy version, 0 when none was applied (deny all).
+    pub policy_version: u64,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// `POST /v1/networks/{net}/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateToken {
+    /// Namespace that enrolled nodes get.
+    pub namespace: String,
+    /// Tags that enrolled nodes get.
+    pub tags: Vec<String>,
+    /// Number of enrollments allowed (default 1).
+    pub uses: u32,
+    /// Lifetime in seconds (default 3600).
+    pub ttl_secs: u64,
+}
+
+/// The answer to a token creation: the only time the token string is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The token's record.
+    pub info: TokenInfo,
+    /// The join token (`ztjoin1_...`). Contains the secret.
+    pub token: String,
+}
+
+/// A token's record (never its secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Short public id (first 12 hex digits of the secret's hash).
+    pub id: String,
+    /// Network name.
+    pub network: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Uses allowed in all.
+    pub uses: u32,
+    /// Uses left.
+    pub uses_left: u32,
+    /// Unix seconds.
+    pub expires_at: u64,
+    /// Revoked by an operator.
+    pub revoked: bool,
+    /// Names of nodes that enrolled with it.
+    pub used_by: Vec<String>,
+    /// Who made it (API key name).
+    pub created_by: String,
+}
+
+/// A node's record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Name.
+    pub name: String,
+    /// Network.
+    pub network: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// Overlay addresses.
+    pub addresses: Vec<IpNet>,
+    /// WireGuard public key.
+    pub public_key: WgKey,
+    /// Endpoints: the address the coordinator observed first, then the reported ones.
+    pub endpoints: Vec<SocketAddr>,
+    /// Whether its control channel is connected now.
+    pub online: bool,
+    /// Unix seconds of the last message, if any.
+    pub last_seen: Option<u64>,
+    /// Latest netmap version computed for it.
+    pub netmap_version: u64,
+    /// Version it acknowledged.
+    pub applied_version: u64,
+    /// Unix seconds of that acknowledgement.
+    pub applied_at: Option<u64>,
+    /// ztnet-node version it reported.
+    pub version: String,
+    /// `active` (later also `revoked`, `quarantined`).
+    pub state: String,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// `PUT /v1/networks/{net}/policy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyPolicy {
+    /// The TOML document.
+    pub source: String,
+}
+
+/// The answer to a policy apply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyApplied {
+    /// New policy version.
+    pub version: u64,
+    /// Warnings found while validating.
+    pub warnings: Vec<Diagnostic>,
+    /// Number of `[[test]]` entries that ran (all passed).
+    pub tests_passed: usize,
+    /// Nodes whose netmap changed, with the netmap version each must acknowledge.
+    pub pending: Vec<PendingAck>,
+}
+
+/// A node that must acknowledge a netmap version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingAck {
+    /// Node name.
+    pub node: String,
+    /// The version it must reach.
+    pub netmap_version: u64,
+}
+
+/// A stored policy version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// Version, from 1.
+    pub version: u64,
+    /// The TOML document.
+    pub source: String,
+    /// Unix seconds.
+    pub applied_at: u64,
+    /// API key name that applied it.
+    pub applied_by: String,
+    /// Whether this version is the one in force.
+    pub active: bool,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Sequence number.
+    pub id: u64,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// Who: API key name, `node:NAME` or `coordinator`.
+    pub actor: String,
+    /// What: `network.create`, `token.create`, `token.revoke`, `node.enroll`, `node.delete`,
+    /// `policy.apply`, `policy.refuse`, ...
+    pub action: String,
+    /// The object acted on.
+    pub target: String,
+    /// Details, readable.
+    pub detail: String,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` or `degraded`.
+    pub status: String,
+    /// Problems an operator must look at (e.g. a stored policy that no longer validates).
+    pub problems: Vec<String>,
+    /// Coordinator version.
+    pub version: String,
+}

@@ -1,0 +1,285 @@
+//! The control channel between a node and the coordinator.
+//!
+//! Transport: QUIC with TLS 1.3, ALPN [`crate::CONTROL_ALPN`], server name
+//! [`crate::COORDINATOR_SERVER_NAME`]. The coordinator presents `[leaf, CA]`.
+//!
+//! 1. Enrollment: a node without a certificate connects (no client certificate), checks that the
+//!    CA in the server's chain has the token's fingerprint and that the leaf chains to it, opens
+//!    one bidirectional stream and sends [`NodeMsg::Enroll`]. The coordinator answers
+//!    [`ServerMsg::Enrolled`] or [`ServerMsg::Error`] and closes the connection.
+//! 2. Session: the node connects with its node certificate (mutual TLS), opens one bidirectional
+//!    stream and sends [`NodeMsg::Hello`]. The coordinator answers with a
+//!    [`NetmapUpdate::Full`], then pushes [`NetmapUpdate::Delta`]s on every change that affects
+//!    the node. The node sends [`NodeMsg::Ack`] for every version it applied and
+//!    [`NodeMsg::Report`] when its endpoints change (and at least every 30 s).
+//!
+//! Every frame is [`crate::frame`]-encoded JSON.
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use netpolicy::FilterSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::WgKey;
+
+/// A netmap version. Per node, only ever grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NetmapVersion(pub u64);
+
+/// Messages from a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeMsg {
+    /// First message of an enrollment connection.
+    Enroll(EnrollRequest),
+    /// First message of a session connection.
+    Hello(Hello),
+    /// The node applied this netmap version.
+    Ack {
+        /// The version applied.
+        version: NetmapVersion,
+    },
+    /// Endpoints and posture, sent on change and periodically.
+    Report(Report),
+    /// Asks for a fresh node certificate for a new TLS key (sent at half the certificate's
+    /// life, over the session stream).
+    Renew {
+        /// PEM certificate signing request.
+        csr_pem: String,
+    },
+}
+
+/// Messages from the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// Enrollment succeeded.
+    Enrolled(EnrollResponse),
+    /// A netmap, full or delta.
+    Netmap(NetmapUpdate),
+    /// A renewed node certificate, with the current trust bundle.
+    Renewed {
+        /// PEM node certificate.
+        cert_pem: String,
+        /// PEM CA certificate(s).
+        ca_pem: String,
+    },
+    /// The request was refused; the connection closes after this.
+    Error(ControlError),
+}
+
+/// An enrollment request. The private keys stay on the node: only public keys and a CSR go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// Protocol version of the node.
+    pub protocol: u32,
+    /// The join token's secret.
+    pub token_secret: String,
+    /// Requested node name (unique in the network, case-insensitive).
+    pub name: String,
+    /// The node's WireGuard public key.
+    pub wg_public_key: WgKey,
+    /// PEM certificate signing request for the node's TLS key.
+    pub csr_pem: String,
+    /// The node's WireGuard listen port.
+    pub listen_port: u16,
+    /// Addresses the node sees on its own interfaces, with the listen port.
+    pub endpoints: Vec<SocketAddr>,
+    /// ztnet-node version string.
+    pub version: String,
+}
+
+/// What an enrolled node gets back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// Node name as recorded.
+    pub name: String,
+    /// Network name.
+    pub network: String,
+    /// SPIFFE ID of the node.
+    pub spiffe_id: String,
+    /// PEM node certificate (URI SAN = SPIFFE ID).
+    pub cert_pem: String,
+    /// PEM CA certificate(s): the trust bundle.
+    pub ca_pem: String,
+    /// The node's overlay addresses, with the network's prefix length.
+    pub addresses: Vec<IpNet>,
+}
+
+/// First message of a session connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version of the node.
+    pub protocol: u32,
+    /// The netmap version the node currently runs, if any (from its state directory).
+    pub have_version: Option<NetmapVersion>,
+    /// Endpoints and posture.
+    pub report: Report,
+}
+
+/// A node's view of itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// WireGuard listen port.
+    pub listen_port: u16,
+    /// Local interface addresses with the listen port.
+    pub endpoints: Vec<SocketAddr>,
+    /// ztnet-node version.
+    pub version: String,
+}
+
+/// A refusal on the control channel.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ControlError {
+    /// Stable code: `token-invalid`, `token-expired`, `token-used-up`, `name-taken`,
+    /// `revoked`, `unknown-node`, `bad-request`, `protocol`, `internal`.
+    pub code: String,
+    /// Readable reason.
+    pub message: String,
+}
+
+/// A netmap push.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NetmapUpdate {
+    /// Replaces everything.
+    Full(Netmap),
+    /// Changes relative to `from`.
+    Delta(NetmapDelta),
+}
+
+/// Everything one node is told: itself, its peers (only those policy lets it talk to) and its
+/// compiled filter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Netmap {
+    /// Version of this netmap.
+    pub version: NetmapVersion,
+    /// Network name.
+    pub network: String,
+    /// The node itself.
+    pub node: SelfInfo,
+    /// Peers, sorted by name.
+    pub peers: Vec<PeerInfo>,
+    /// The node's compiled filter.
+    pub filter: FilterSpec,
+    /// Unix seconds after which the node must stop using this netmap (fail closed).
+    pub expires_at: u64,
+}
+
+/// Changes to a netmap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetmapDelta {
+    /// The version this delta applies to. A node that runs another version asks for a full one
+    /// by reconnecting.
+    pub from: NetmapVersion,
+    /// The version after this delta.
+    pub version: NetmapVersion,
+    /// Peers added or changed (replaced whole).
+    pub upsert_peers: Vec<PeerInfo>,
+    /// Names of peers removed.
+    pub remove_peers: Vec<String>,
+    /// A new filter, if it changed.
+    pub filter: Option<FilterSpec>,
+    /// A new self description, if it changed.
+    pub node: Option<SelfInfo>,
+    /// New expiry.
+    pub expires_at: u64,
+}
+
+impl Netmap {
+    /// Applies a delta. Refuses one that does not start at this version.
+    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), ControlError> {
+        if delta.from != self.version || delta.version <= self.version {
+            return Err(ControlError {
+                code: "protocol".into(),
+                message: format!(
+                    "delta {}->{} does not apply to version {}",
+                    delta.from.0, delta.version.0, self.version.0
+                ),
+            });
+        }
+        self.peers.retain(|p| !delta.remove_peers.contains(&p.name));
+        for p in &delta.upsert_peers {
+            match self.peers.iter_mut().find(|q| q.name == p.name) {
+                Some(q) => *q = p.clone(),
+                None => self.peers.push(p.clone()),
+            }
+        }
+        self.peers.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(f) = &delta.filter {
+            self.filter = f.clone();
+        }
+        if let Some(n) = &delta.node {
+            self.node = n.clone();
+        }
+        self.version = delta.version;
+        self.expires_at = delta.expires_at;
+        Ok(())
+    }
+
+    /// The delta that turns `old` into `self`, or `None` when nothing but the version differs.
+    pub fn delta_from(&self, old: &Netmap) -> NetmapDelta {
+        let upsert_peers = self
+            .peers
+            .iter()
+            .filter(|p| !old.peers.iter().any(|q| q == *p))
+            .cloned()
+            .collect();
+        let remove_peers = old
+            .peers
+            .iter()
+            .filter(|q| !self.peers.iter().any(|p| p.name == q.name))
+            .map(|q| q.name.clone())
+            .collect();
+        NetmapDelta {
+            from: old.version,
+            version: self.version,
+            upsert_peers,
+            remove_peers,
+            filter: (self.filter != old.filter).then(|| self.filter.clone()),
+            node: (self.node != old.node).then(|| self.node.clone()),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// The node itself, as the coordinator knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfInfo {
+    /// Node name.
+    pub name: String,
+    /// Identity.
+    pub identity: Identity,
+    /// Overlay addresses with the network prefix length (e.g. `100.64.0.2/16`).
+    pub addresses: Vec<IpNet>,
+    /// The network's prefixes, routed through the TUN.
+    pub routes: Vec<IpNet>,
+}
+
+/// What policy selects on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Tags without prefix.
+    pub tags: Vec<String>,
+}
+
+/// One peer in a netmap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Peer node name (the key used in [`FilterSpec::peers`]).
+    pub name: String,
+    /// Its WireGuard public key.
+    pub public_key: WgKey,
+    /// Endpoints to try, best first (admin-pinned, then observed, then reported).
+    pub endpoints: Vec<SocketAddr>,
+    /// Its overlay addresses and routed prefixes (cryptokey routing).
+    pub allowed_ips: Vec<IpNet>,
+    /// Its identity.
+    pub identity: Identity,
+}

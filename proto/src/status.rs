@@ -1,0 +1,60 @@
+//! A node's local status socket (`/var/run/ztnet/IFACE.sock`, mode 0600): the client writes one
+//! line `status\n`, the node answers one JSON [`StatusReport`] and closes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::WgKey;
+use crate::control::Identity;
+
+/// Directory of the status sockets.
+pub const STATUS_DIR: &str = "/var/run/ztnet";
+
+/// Everything `ztnet status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// TUN interface name.
+    pub interface: String,
+    /// Node name, when known.
+    pub node: Option<String>,
+    /// Mode: `static`, `coordinator` or `wireguard`.
+    pub mode: String,
+    /// The node's public key.
+    pub public_key: WgKey,
+    /// UDP listen port.
+    pub listen_port: u16,
+    /// Overlay addresses.
+    pub addresses: Vec<IpNet>,
+    /// Netmap version in force, if any.
+    pub netmap_version: Option<u64>,
+    /// Whether the control channel is up (coordinator mode only).
+    pub control_connected: Option<bool>,
+    /// Peers, sorted by name.
+    pub peers: Vec<PeerStatus>,
+    /// Dropped packets by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// One peer's live state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Peer name.
+    pub name: String,
+    /// Identity.
+    pub identity: Option<Identity>,
+    /// Public key.
+    pub public_key: WgKey,
+    /// Current endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Allowed addresses.
+    pub allowed_ips: Vec<IpNet>,
+    /// Unix seconds of the last completed handshake.
+    pub last_handshake: Option<u64>,
+    /// Bytes received from the peer (decrypted).
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer (before encryption).
+    pub tx_bytes: u64,
+}

@@ -1,0 +1,351 @@
+//! Commands that go through the coordinator's admin API: login, network, token, node, audit.
+
+use anyhow::{Context, Result, bail};
+use ztnet_proto::admin::{
+    AuditEvent, CreateNetwork, CreateToken, Network, NodeInfo, TokenCreated, TokenInfo,
+};
+
+use crate::args::{
+    GlobalArgs, LoginArgs, NetworkCmd, NodeCmd, OutputFormat, TokenCmd, TokenCreateArgs,
+};
+use crate::client::ApiClient;
+use crate::config::{self, ConfigFile};
+use crate::output::{self, Table, emit, fields, list, time};
+
+/// `ztnet login`: checks the settings against the coordinator, then saves them.
+pub fn login(global: &GlobalArgs, args: &LoginArgs) -> Result<()> {
+    let coordinator = global
+        .coordinator
+        .clone()
+        .context("login needs --coordinator HOST:PORT")?;
+    config::check_address(&coordinator)?;
+    let key_file = global
+        .api_key_file
+        .as_ref()
+        .context("login needs --api-key-file FILE")?;
+    let ca_file = global
+        .ca_cert
+        .as_ref()
+        .context("login needs --ca-cert FILE")?;
+    let key_file = std::fs::canonicalize(key_file)
+        .with_context(|| format!("API key file {}", key_file.display()))?;
+    let ca_file = std::fs::canonicalize(ca_file)
+        .with_context(|| format!("CA certificate {}", ca_file.display()))?;
+
+    let resolved = config::Resolved {
+        coordinator: coordinator.clone(),
+        api_key: config::read_api_key_file(&key_file)?,
+        ca_pem: std::fs::read(&ca_file)
+            .with_context(|| format!("reading CA certificate {}", ca_file.display()))?,
+        ca_path: ca_file.clone(),
+    };
+    let client = ApiClient::new(&resolved)?;
+    if !args.no_verify {
+        let _: Vec<Network> = client
+            .get("/v1/networks")
+            .context("checking the settings (use --no-verify to save them anyway)")?;
+    }
+
+    let path = config::config_path()?;
+    let file = ConfigFile {
+        coordinator: Some(coordinator),
+        api_key_file: Some(key_file),
+        ca_cert: Some(ca_file),
+    };
+    config::save_file(&path, &file)?;
+    eprintln!("saved to {}", path.display());
+    Ok(())
+}
+
+/// `ztnet network ...`.
+pub fn network(client: &ApiClient, fmt: OutputFormat, cmd: &NetworkCmd) -> Result<()> {
+    match cmd {
+        NetworkCmd::Create(a) => {
+            let body = CreateNetwork {
+                name: a.name.clone(),
+                cidr: a.cidr,
+                zero_trust: a.zero_trust,
+            };
+            let net: Network = client.post("/v1/networks", &body)?;
+            emit(fmt, &net, network_fields)
+        }
+        NetworkCmd::List => {
+            let nets: Vec<Network> = client.get("/v1/networks")?;
+            emit(fmt, &nets, |nets| {
+                let mut t = Table::new(&["NAME", "CIDR", "CIDR6", "MODE", "NODES", "POLICY"]);
+                for n in nets {
+                    t.row(vec![
+                        n.name.clone(),
+                        n.cidr.to_string(),
+                        n.cidr6.to_string(),
+                        mode(n.zero_trust).into(),
+                        n.nodes.to_string(),
+                        policy_version(n.policy_version),
+                    ]);
+                }
+                t.render("no networks")
+            })
+        }
+        NetworkCmd::Show(a) => {
+            let net: Network = client.get(&format!("/v1/networks/{}", segment(&a.name)?))?;
+            emit(fmt, &net, network_fields)
+        }
+    }
+}
+
+fn network_fields(n: &Network) -> String {
+    fields(&[
+        ("name", n.name.clone()),
+        ("cidr", n.cidr.to_string()),
+        ("cidr6", n.cidr6.to_string()),
+        ("mode", mode(n.zero_trust).into()),
+        ("nodes", n.nodes.to_string()),
+        ("policy", policy_version(n.policy_version)),
+        ("created", time(n.created_at)),
+    ])
+}
+
+fn mode(zero_trust: bool) -> &'static str {
+    if zero_trust { "zero-trust" } else { "standard" }
+}
+
+fn policy_version(v: u64) -> String {
+    if v == 0 {
+        "none (deny all)".into()
+    } else {
+        format!("v{v}")
+    }
+}
+
+/// `ztnet token ...`.
+pub fn token(client: &ApiClient, fmt: OutputFormat, cmd: &TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create(a) => token_create(client, fmt, a),
+        TokenCmd::List(a) => {
+            let path = format!("/v1/networks/{}/tokens", segment(&a.network)?);
+            let tokens: Vec<TokenInfo> = client.get(&path)?;
+            emit(fmt, &tokens, |tokens| {
+                let mut t = Table::new(&[
+                    "ID",
+                    "NAMESPACE",
+                    "TAGS",
+                    "USES LEFT",
+                    "EXPIRES",
+                    "STATE",
+                    "USED BY",
+                ]);
+                let now = output::now_unix();
+                for k in tokens {
+                    t.row(vec![
+                        k.id.clone(),
+                        k.namespace.clone(),
+                        list(&k.tags),
+                        format!("{}/{}", k.uses_left, k.uses),
+                        time(k.expires_at),
+                        token_state(k, now).into(),
+                        list(&k.used_by),
+                    ]);
+                }
+                t.render("no tokens")
+            })
+        }
+        TokenCmd::Revoke(a) => {
+            let path = format!(
+                "/v1/networks/{}/tokens/{}",
+                segment(&a.network)?,
+                segment(&a.id)?
+            );
+            let info: TokenInfo = client.delete(&path)?;
+            emit(fmt, &info, |k| {
+                format!("revoked token {} in {}\n", k.id, k.network)
+            })
+        }
+    }
+}
+
+fn token_create(client: &ApiClient, fmt: OutputFormat, a: &TokenCreateArgs) -> Result<()> {
+    let body = CreateToken {
+        namespace: a.namespace.clone(),
+        tags: a.tags.clone(),
+        uses: a.uses,
+        ttl_secs: a.ttl.as_secs().max(1),
+    };
+    let path = format!("/v1/networks/{}/tokens", segment(&a.network)?);
+    let created: TokenCreated = client.post(&path, &body)?;
+    if fmt == OutputFormat::Json {
+        return emit(fmt, &created, |_| String::new());
+    }
+    // The token alone on stdout, so `TOKEN=$(ztnet token create ...)` works.
+    eprintln!(
+        "token {} for network {}: {} use(s), expires {}",
+        created.info.id,
+        created.info.network,
+        created.info.uses,
+        time(created.info.expires_at)
+    );
+    output::write_stdout(&format!("{}\n", created.token))
+}
+
+fn token_state(k: &TokenInfo, now: u64) -> &'static str {
+    if k.revoked {
+        "revoked"
+    } else if k.expires_at <= now {
+        "expired"
+    } else if k.uses_left == 0 {
+        "used up"
+    } else {
+        "valid"
+    }
+}
+
+/// `ztnet node ...`.
+pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> {
+    match cmd {
+        NodeCmd::List(a) => {
+            let nodes = node_list(client, &a.network)?;
+            emit(fmt, &nodes, |nodes| {
+                let mut t = Table::new(&[
+                    "NAME",
+                    "NAMESPACE",
+                    "TAGS",
+                    "ADDRESSES",
+                    "STATUS",
+                    "NETMAP",
+                    "ENDPOINTS",
+                ]);
+                for n in nodes {
+                    t.row(vec![
+                        n.name.clone(),
+                        n.namespace.clone(),
+                        list(&n.tags),
+                        list(&n.addresses),
+                        online(n),
+                        netmap_state(n),
+                        list(&n.endpoints),
+                    ]);
+                }
+                t.render("no nodes")
+            })
+        }
+        NodeCmd::Show(a) => {
+            let path = format!(
+                "/v1/networks/{}/nodes/{}",
+                segment(&a.network)?,
+                segment(&a.name)?
+            );
+            let n: NodeInfo = client.get(&path)?;
+            emit(fmt, &n, node_fields)
+        }
+        NodeCmd::Delete(a) => {
+            let path = format!(
+                "/v1/networks/{}/nodes/{}",
+                segment(&a.network)?,
+                segment(&a.name)?
+            );
+            let n: NodeInfo = client.delete(&path)?;
+            emit(fmt, &n, |n| {
+                format!(
+                    "deleted node {} from {}; its netmap peers were told\n",
+                    n.name, n.network
+                )
+            })
+        }
+    }
+}
+
+/// `GET /v1/networks/N/nodes`.
+pub fn node_list(client: &ApiClient, network: &str) -> Result<Vec<NodeInfo>> {
+    client.get(&format!("/v1/networks/{}/nodes", segment(network)?))
+}
+
+fn node_fields(n: &NodeInfo) -> String {
+    fields(&[
+        ("name", n.name.clone()),
+        ("network", n.network.clone()),
+        ("namespace", n.namespace.clone()),
+        ("tags", list(&n.tags)),
+        ("spiffe id", n.spiffe_id.clone()),
+        ("addresses", list(&n.addresses)),
+        ("public key", n.public_key.to_base64()),
+        (
+            "endpoints",
+            format!(
+                "{} (observed by the coordinator first, then reported by the node)",
+                list(&n.endpoints)
+            ),
+        ),
+        ("status", online(n)),
+        ("last seen", output::opt_time(n.last_seen)),
+        ("netmap", netmap_state(n)),
+        ("applied at", output::opt_time(n.applied_at)),
+        (
+            "version",
+            if n.version.is_empty() {
+                "-".into()
+            } else {
+                n.version.clone()
+            },
+        ),
+        ("state", n.state.clone()),
+        ("enrolled", time(n.created_at)),
+    ])
+}
+
+fn online(n: &NodeInfo) -> String {
+    if n.online {
+        "online".into()
+    } else {
+        "offline".into()
+    }
+}
+
+fn netmap_state(n: &NodeInfo) -> String {
+    if n.applied_version >= n.netmap_version {
+        format!("v{} (applied)", n.applied_version)
+    } else {
+        format!("v{} (applied v{})", n.netmap_version, n.applied_version)
+    }
+}
+
+/// `ztnet audit`.
+pub fn audit(client: &ApiClient, fmt: OutputFormat, network: &str) -> Result<()> {
+    let events: Vec<AuditEvent> =
+        client.get(&format!("/v1/networks/{}/audit", segment(network)?))?;
+    emit(fmt, &events, |events| {
+        let mut t = Table::new(&["ID", "TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"]);
+        for e in events {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at_ms);
+            t.row(vec![
+                e.id.to_string(),
+                humantime::format_rfc3339_millis(at).to_string(),
+                e.actor.clone(),
+                e.action.clone(),
+                e.target.clone(),
+                e.detail.clone(),
+            ]);
+        }
+        t.render("no audit events")
+    })
+}
+
+/// Checks a name before it goes into a URL path: letters, digits, `-`, `_`, `.`.
+pub fn segment(name: &str) -> Result<&str> {
+    if name.is_empty() {
+        bail!("name is empty");
+    }
+    if let Some((i, ch)) = name
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        bail!(
+            "name {name:?} has an invalid character {ch:?} at position {}; names use letters, \
+             digits and '-'",
+            i + 1
+        );
+    }
+    if name == "." || name == ".." {
+        bail!("name {name:?} is not a valid name");
+    }
+    Ok(name)
+}

@@ -1,0 +1,447 @@
+//! `ztnet policy ...`: apply, show and history through the admin API; check and explain
+//! offline, with netpolicy alone.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use netpolicy::{Diagnostic, NodeIdentity, Policy, Probe, Severity, TestReport};
+use serde::Serialize;
+use ztnet_proto::admin::{ApplyPolicy, NodeInfo, PendingAck, PolicyApplied, PolicyRecord};
+
+use crate::args::{OutputFormat, PolicyApplyArgs, PolicyCmd, PolicyExplainArgs};
+use crate::client::{ApiClient, ApiFailure};
+use crate::cmd::admin::{node_list, segment};
+use crate::output::{Table, emit, fields, time};
+
+/// Runs the policy commands that need the coordinator.
+pub fn online(client: &ApiClient, fmt: OutputFormat, cmd: &PolicyCmd) -> Result<()> {
+    match cmd {
+        PolicyCmd::Apply(a) => apply(client, fmt, a),
+        PolicyCmd::Show(a) => {
+            let path = format!("/v1/networks/{}/policy", segment(&a.network)?);
+            let rec: PolicyRecord = client.get(&path)?;
+            emit(fmt, &rec, |r| {
+                let mut s = fields(&[
+                    ("version", format!("v{}", r.version)),
+                    ("applied", time(r.applied_at)),
+                    ("applied by", r.applied_by.clone()),
+                    ("in force", if r.active { "yes" } else { "no" }.into()),
+                ]);
+                s.push('\n');
+                s.push_str(&r.source);
+                if !r.source.ends_with('\n') {
+                    s.push('\n');
+                }
+                s
+            })
+        }
+        PolicyCmd::History(a) => {
+            let path = format!("/v1/networks/{}/policy/history", segment(&a.network)?);
+            let recs: Vec<PolicyRecord> = client.get(&path)?;
+            emit(fmt, &recs, |recs| {
+                let mut t = Table::new(&["VERSION", "APPLIED", "BY", "IN FORCE", "LINES"]);
+                for r in recs {
+                    t.row(vec![
+                        format!("v{}", r.version),
+                        time(r.applied_at),
+                        r.applied_by.clone(),
+                        if r.active { "yes" } else { "" }.into(),
+                        r.source.lines().count().to_string(),
+                    ]);
+                }
+                t.render("no policy was ever applied (deny all)")
+            })
+        }
+        PolicyCmd::Check(_) | PolicyCmd::Explain(_) => {
+            unreachable!("offline policy commands are dispatched before a client is built")
+        }
+    }
+}
+
+/// What `policy apply --wait` reports.
+#[derive(Debug, Serialize)]
+struct ApplyOutcome {
+    #[serde(flatten)]
+    applied: PolicyApplied,
+    /// Milliseconds from the apply request to the last acknowledgement, with `--wait`.
+    acknowledged_ms: Option<u64>,
+}
+
+fn apply(client: &ApiClient, fmt: OutputFormat, a: &PolicyApplyArgs) -> Result<()> {
+    let source = read_source(&a.file)?;
+    let path = format!("/v1/networks/{}/policy", segment(&a.network)?);
+    let started = Instant::now();
+    let applied: PolicyApplied = match client.put(
+        &path,
+        &ApplyPolicy {
+            source: source.clone(),
+        },
+    ) {
+        Ok(p) => p,
+        Err(e) => return Err(with_rendered_diagnostics(e, &a.file, &source)),
+    };
+
+    let acknowledged = if a.wait {
+        Some(wait_for_acks(
+            client,
+            &a.network,
+            &applied.pending,
+            started,
+            a.timeout,
+        )?)
+    } else {
+        None
+    };
+    let outcome = ApplyOutcome {
+        applied,
+        acknowledged_ms: acknowledged.map(|d| d.as_millis() as u64),
+    };
+    emit(fmt, &outcome, |o| {
+        let mut s = render_diagnostics(&a.file, Some(&source), &o.applied.warnings);
+        s.push_str(&format!(
+            "applied policy v{} to {}: {} test(s) passed, {} node(s) to update\n",
+            o.applied.version,
+            a.network,
+            o.applied.tests_passed,
+            o.applied.pending.len()
+        ));
+        if let Some(d) = acknowledged {
+            s.push_str(&format!(
+                "all {} node(s) acknowledged in {:.3}s\n",
+                o.applied.pending.len(),
+                d.as_secs_f64()
+            ));
+        }
+        s
+    })
+}
+
+/// Polls the node list until every pending node applied its version; the time since `started`.
+fn wait_for_acks(
+    client: &ApiClient,
+    network: &str,
+    pending: &[PendingAck],
+    started: Instant,
+    timeout: Duration,
+) -> Result<Duration> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let nodes = node_list(client, network)?;
+        let waiting = waiting_nodes(pending, &nodes);
+        if waiting.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if Instant::now() >= deadline {
+            let names: Vec<String> = waiting
+                .iter()
+                .map(|(p, n)| match n {
+                    Some(n) if !n.online => format!("{} (offline)", p.node),
+                    Some(n) => format!(
+                        "{} (at v{} of v{})",
+                        p.node, n.applied_version, p.netmap_version
+                    ),
+                    None => p.node.clone(),
+                })
+                .collect();
+            bail!(
+                "the policy is applied, but {} node(s) did not acknowledge within {}: {}",
+                names.len(),
+                humantime::format_duration(timeout),
+                names.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pending acks not yet reached. A node that disappeared (deleted) no longer waits.
+fn waiting_nodes<'a>(
+    pending: &'a [PendingAck],
+    nodes: &'a [NodeInfo],
+) -> Vec<(&'a PendingAck, Option<&'a NodeInfo>)> {
+    pending
+        .iter()
+        .filter_map(|p| {
+            let node = nodes.iter().find(|n| n.name == p.node)?;
+            (node.applied_version < p.netmap_version).then_some((p, Some(node)))
+        })
+        .collect()
+}
+
+/// Prints a refused apply's diagnostics against the local file, then passes the error on.
+fn with_rendered_diagnostics(e: anyhow::Error, file: &Path, source: &str) -> anyhow::Error {
+    if let Some(ApiFailure(api)) = e.downcast_ref::<ApiFailure>() {
+        if !api.diagnostics.is_empty() {
+            eprint!(
+                "{}",
+                render_diagnostics(file, Some(source), &api.diagnostics)
+            );
+            let msg = api.message.clone();
+            return anyhow!("coordinator refused the policy: {msg}");
+        }
+    }
+    e
+}
+
+/// What `policy check --output json` prints.
+#[derive(Debug, Serialize)]
+struct CheckOutcome {
+    ok: bool,
+    diagnostics: Vec<Diagnostic>,
+    tests: Option<TestReport>,
+}
+
+/// `ztnet policy check FILE`: validates and runs the document's tests. Fails on any error or
+/// failed test, after printing the whole report.
+pub fn check(fmt: OutputFormat, file: &Path) -> Result<()> {
+    let source = read_source(file)?;
+    let outcome = match Policy::parse(&source) {
+        Err(e) => CheckOutcome {
+            ok: false,
+            diagnostics: e.diagnostics,
+            tests: None,
+        },
+        Ok(checked) => {
+            let report = checked.policy.run_tests();
+            CheckOutcome {
+                ok: report.passed(),
+                diagnostics: checked.warnings,
+                tests: Some(report),
+            }
+        }
+    };
+    emit(fmt, &outcome, |o| render_check(file, &source, o))?;
+
+    let errors = count(&outcome.diagnostics, Severity::Error);
+    let failed = outcome
+        .tests
+        .as_ref()
+        .map_or(0, |t| t.results.iter().filter(|r| !r.passed).count());
+    if errors > 0 {
+        bail!("{}: policy has {errors} error(s)", file.display());
+    }
+    if failed > 0 {
+        bail!("{}: {failed} policy test(s) failed", file.display());
+    }
+    Ok(())
+}
+
+fn render_check(file: &Path, source: &str, o: &CheckOutcome) -> String {
+    let mut s = render_diagnostics(file, Some(source), &o.diagnostics);
+    let warnings = count(&o.diagnostics, Severity::Warning);
+    match &o.tests {
+        None => {
+            let errors = count(&o.diagnostics, Severity::Error);
+            s.push_str(&format!(
+                "{}: {errors} error(s), {warnings} warning(s); tests not run\n",
+                file.display()
+            ));
+        }
+        Some(report) => {
+            for r in &report.results {
+                let mark = if r.passed { "pass" } else { "FAIL" };
+                s.push_str(&format!(
+                    "{mark}  line {:<4} {}  [{}]\n",
+                    r.line, r.description, r.decided_by
+                ));
+            }
+            let failed = report.results.iter().filter(|r| !r.passed).count();
+            s.push_str(&format!(
+                "{}: valid, {warnings} warning(s); {} test(s), {} passed, {failed} failed\n",
+                file.display(),
+                report.results.len(),
+                report.results.len() - failed
+            ));
+        }
+    }
+    s
+}
+
+/// `ztnet policy explain FILE --from A --to B --port P`.
+pub fn explain(fmt: OutputFormat, a: &PolicyExplainArgs) -> Result<()> {
+    let from = parse_identity(&a.from, &a.trust_domain).context("--from")?;
+    let to = parse_identity(&a.to, &a.trust_domain).context("--to")?;
+    let probe = Probe::from_str(&a.port)
+        .map_err(|e| anyhow!("--port {:?}: {e} (try tcp:5432, udp:53 or icmp)", a.port))?;
+    let source = read_source(&a.file)?;
+    let checked = match Policy::parse(&source) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!(
+                "{}",
+                render_diagnostics(&a.file, Some(&source), &e.diagnostics)
+            );
+            bail!("{}: policy has errors; fix them first", a.file.display());
+        }
+    };
+
+    let answer = netpolicy::explain(&checked.policy, &from, &to, a.dst, probe);
+    emit(fmt, &answer, |x| {
+        let verdict = if x.allowed { "ALLOWED" } else { "DENIED" };
+        let mut s = format!(
+            "{verdict}: {} -> {} on {}\ndecided by: {}\n",
+            from.name, to.name, a.port, x.decided_by
+        );
+        if x.matching_rules.is_empty() {
+            s.push_str("matching rules: none\n");
+        } else {
+            s.push_str("matching rules:\n");
+            for r in &x.matching_rules {
+                s.push_str(&format!("  {r}\n"));
+            }
+        }
+        s
+    })
+}
+
+/// Parses `NAME[,ns=NS][,tags=a+b][,ip=ADDR+ADDR][,spiffe=ID]` into an identity.
+pub fn parse_identity(spec: &str, trust_domain: &str) -> Result<NodeIdentity> {
+    let mut parts = spec.split(',');
+    let name = parts.next().unwrap_or("").trim();
+    if name.is_empty() || name.contains('=') {
+        bail!("identity {spec:?} must start with a node name, e.g. web-1,ns=production,tags=web");
+    }
+    let mut namespace = "default".to_string();
+    let mut tags = Vec::new();
+    let mut addresses = Vec::new();
+    let mut spiffe = None;
+    for part in parts {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("identity {spec:?}: {part:?} is not KEY=VALUE"))?;
+        let v = v.trim();
+        match k.trim() {
+            "ns" | "namespace" => namespace = nonempty(v, "ns")?.to_string(),
+            "tags" | "tag" => {
+                for t in v.split('+') {
+                    let t = t.trim().strip_prefix("tag:").unwrap_or(t.trim());
+                    tags.push(nonempty(t, "tags")?.to_string());
+                }
+            }
+            "ip" | "addr" => {
+                for ip in v.split('+') {
+                    let ip: std::net::IpAddr = ip
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("identity {spec:?}: {ip:?} is not an address"))?;
+                    addresses.push(ipnet::IpNet::from(ip));
+                }
+            }
+            "spiffe" => spiffe = Some(nonempty(v, "spiffe")?.to_string()),
+            other => {
+                bail!("identity {spec:?}: unknown key {other:?} (known: ns, tags, ip, spiffe)")
+            }
+        }
+    }
+    tags.sort();
+    tags.dedup();
+    let spiffe_id =
+        spiffe.unwrap_or_else(|| format!("spiffe://{trust_domain}/ns/{namespace}/node/{name}"));
+    Ok(NodeIdentity {
+        name: name.to_string(),
+        namespace,
+        tags,
+        spiffe_id,
+        addresses,
+        routes: Vec::new(),
+    })
+}
+
+fn nonempty<'a>(v: &'a str, key: &str) -> Result<&'a str> {
+    if v.is_empty() {
+        bail!("{key}= has an empty value");
+    }
+    Ok(v)
+}
+
+fn read_source(file: &Path) -> Result<String> {
+    std::fs::read_to_string(file).with_context(|| format!("reading policy {}", file.display()))
+}
+
+fn count(diags: &[Diagnostic], sev: Severity) -> usize {
+    diags.iter().filter(|d| d.severity == sev).count()
+}
+
+/// Renders findings like a compiler: `file:line:col: error: message`, the source line and a
+/// caret under the offending text.
+pub fn render_diagnostics(file: &Path, source: Option<&str>, diags: &[Diagnostic]) -> String {
+    let mut out = String::new();
+    for d in diags {
+        let sev = match d.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        out.push_str(&format!(
+            "{}:{}:{}: {sev}: {}\n",
+            file.display(),
+            d.line,
+            d.column,
+            d.message
+        ));
+        let line = source.and_then(|s| s.lines().nth(d.line.saturating_sub(1)));
+        if let Some(line) = line {
+            let width = d.text.chars().count().max(1);
+            let pad: String = line
+                .chars()
+                .take(d.column.saturating_sub(1))
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            out.push_str(&format!("  {line}\n  {pad}{}\n", "^".repeat(width)));
+        } else if !d.text.is_empty() {
+            out.push_str(&format!("  {}\n", d.text));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_syntax_reads_every_key() {
+        let id = parse_identity("web-1,ns=production,tags=web+tag:front,ip=100.64.0.2", "td")
+            .expect("valid identity");
+        assert_eq!(id.name, "web-1");
+        assert_eq!(id.namespace, "production");
+        assert_eq!(id.tags, vec!["front".to_string(), "web".to_string()]);
+        assert_eq!(id.spiffe_id, "spiffe://td/ns/production/node/web-1");
+        assert_eq!(
+            id.addresses,
+            vec!["100.64.0.2/32".parse::<ipnet::IpNet>().unwrap()]
+        );
+
+        let id = parse_identity("db", "td").expect("name alone");
+        assert_eq!(id.namespace, "default");
+        assert!(id.tags.is_empty());
+    }
+
+    #[test]
+    fn identity_mistakes_are_named() {
+        let e = |s: &str| format!("{:#}", parse_identity(s, "td").unwrap_err());
+        assert!(e("").contains("must start with a node name"));
+        assert!(e("ns=x").contains("must start with a node name"));
+        assert!(e("a,role=x").contains("unknown key \"role\""));
+        assert!(e("a,tags").contains("not KEY=VALUE"));
+        assert!(e("a,ip=999.1.1.1").contains("not an address"));
+        assert!(e("a,ns=").contains("empty value"));
+    }
+
+    #[test]
+    fn diagnostics_point_at_the_text() {
+        let d = Diagnostic {
+            severity: Severity::Error,
+            line: 2,
+            column: 8,
+            text: "tcp:0".into(),
+            message: "port 0 is not a port".into(),
+        };
+        let s = render_diagnostics(Path::new("p.toml"), Some("a = 1\nport = tcp:0\n"), &[d]);
+        assert_eq!(
+            s,
+            "p.toml:2:8: error: port 0 is not a port\n  port = tcp:0\n         ^^^^^\n"
+        );
+    }
+}

@@ -1,0 +1,130 @@
+//! `ztnet status`: asks the local node over its status socket and shows the answer.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ztnet_proto::status::{STATUS_DIR, StatusReport};
+
+use crate::args::{OutputFormat, StatusArgs};
+use crate::output::{self, Table, emit, fields, list};
+
+/// Largest answer accepted from the socket.
+const MAX_ANSWER: u64 = 16 << 20;
+
+/// Runs `ztnet status`.
+pub fn run(fmt: OutputFormat, args: &StatusArgs) -> Result<()> {
+    let path = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(STATUS_DIR).join(format!("{}.sock", args.interface)));
+    let report = query(&path)?;
+    emit(fmt, &report, render)
+}
+
+/// Sends `status\n` and reads one JSON report.
+pub fn query(path: &std::path::Path) -> Result<StatusReport> {
+    let hint = "is ztnet-node running on this interface? (try --interface or --socket)";
+    let mut s = UnixStream::connect(path)
+        .with_context(|| format!("cannot open the status socket {}; {hint}", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(5))))
+        .context("setting socket timeouts")?;
+    s.write_all(b"status\n")
+        .with_context(|| format!("writing to {}", path.display()))?;
+    let mut body = Vec::new();
+    s.take(MAX_ANSWER)
+        .read_to_end(&mut body)
+        .with_context(|| format!("reading the answer from {}", path.display()))?;
+    serde_json::from_slice(&body).with_context(|| {
+        format!(
+            "the node's answer on {} is not a status report",
+            path.display()
+        )
+    })
+}
+
+fn render(r: &StatusReport) -> String {
+    let control = match r.control_connected {
+        Some(true) => "connected",
+        Some(false) => "disconnected",
+        None => "-",
+    };
+    let drops = if r.drops.is_empty() {
+        "none".to_string()
+    } else {
+        r.drops
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut s = fields(&[
+        ("interface", r.interface.clone()),
+        ("node", r.node.clone().unwrap_or_else(|| "-".into())),
+        ("mode", r.mode.clone()),
+        ("public key", r.public_key.to_base64()),
+        ("listen port", r.listen_port.to_string()),
+        ("addresses", list(&r.addresses)),
+        (
+            "netmap",
+            r.netmap_version
+                .map_or_else(|| "none (passes nothing)".into(), |v| format!("v{v}")),
+        ),
+        ("control", control.into()),
+        ("drops", drops),
+    ]);
+    s.push('\n');
+
+    let now = output::now_unix();
+    let mut t = Table::new(&[
+        "PEER",
+        "IDENTITY",
+        "ENDPOINT",
+        "ALLOWED IPS",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+    ]);
+    for p in &r.peers {
+        let identity = p.identity.as_ref().map_or_else(
+            || "-".to_string(),
+            |i| {
+                let mut s = format!("ns:{}", i.namespace);
+                for t in &i.tags {
+                    s.push_str(&format!(" tag:{t}"));
+                }
+                s
+            },
+        );
+        t.row(vec![
+            p.name.clone(),
+            identity,
+            p.endpoint.map_or_else(|| "-".into(), |e| e.to_string()),
+            list(&p.allowed_ips),
+            p.last_handshake
+                .map_or_else(|| "never".into(), |h| output::relative(h, now)),
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes),
+        ]);
+    }
+    s.push_str(&t.render("no peers"));
+    s
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,428 @@
+//! The issue-4 story end to end, with the real binaries driven as an operator drives them: a
+//! coordinator, a router and two clouds in network namespaces, nodes enrolled with join tokens,
+//! a default-deny policy applied with `ztnet`, and real TCP, UDP and ICMP traffic checked
+//! against it. Needs root.
+
+use std::time::{Duration, Instant};
+
+use ztnet_integration::pcap::{Frame, FrameKind};
+use ztnet_integration::topology::{
+    COORDINATOR_PORT, Cloud, NETWORK, NodeSpec, Topology, WIREGUARD_PORT, ping, story_nodes,
+    tcp_echo, udp_echo,
+};
+use ztnet_integration::{Capture, require_root, unique, wait_for};
+
+/// web may reach db on PostgreSQL, ops may reach everything, nothing else passes.
+const POLICY_V1: &str = r#"
+[[grant]]
+from = ["tag:web"]
+to = ["tag:db"]
+ports = ["tcp:5432"]
+
+[[grant]]
+from = ["ns:ops"]
+to = ["*"]
+ports = ["any"]
+
+[[test]]
+from = { name = "web1", namespace = "production", tags = ["web"] }
+to = { name = "db1", namespace = "production", tags = ["db"] }
+port = "tcp:5432"
+expect = "allow"
+
+[[test]]
+from = { name = "db1", namespace = "production", tags = ["db"] }
+to = { name = "web1", namespace = "production", tags = ["web"] }
+port = "tcp:5432"
+expect = "deny"
+"#;
+
+/// V1 plus web -> db on ssh and web -> web on 8080.
+const POLICY_V2_EXTRA: &str = r#"
+[[grant]]
+from = ["tag:web"]
+to = ["tag:db"]
+ports = ["tcp:22"]
+
+[[grant]]
+from = ["tag:web"]
+to = ["tag:web"]
+ports = ["tcp:8080"]
+"#;
+
+const TCP_PORTS: &[u16] = &[5432, 22, 8080];
+const UDP_PORTS: &[u16] = &[5432];
+
+/// What a probe opens.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    Tcp(u16),
+    Udp(u16),
+    Icmp,
+    Icmp6,
+}
+
+#[test]
+fn policy_allows_exactly_what_it_grants_across_two_clouds() {
+    require_root();
+    let mut topo = enrolled_topology(&story_nodes());
+    let all: Vec<&str> = ["web1", "web2", "db1", "ops1", "stray1"].to_vec();
+    for name in &all {
+        topo.start_echo_servers(name, TCP_PORTS, UDP_PORTS)
+            .expect("echo servers");
+    }
+
+    // No policy yet: default deny, nobody knows any peer.
+    let db1 = topo.overlay_v4("db1").expect("db1 address");
+    assert!(
+        !tcp_echo(&topo.node("web1").ns, db1, 5432, "before-policy").expect("probe"),
+        "with no policy applied, web1 must not reach db1"
+    );
+    let web1_status = topo.status("web1").expect("web1 status");
+    assert_eq!(
+        web1_status["peers"].as_array().map_or(0, Vec::len),
+        0,
+        "with no policy, web1 is told about no peer: {web1_status}"
+    );
+
+    let capture_file = topo.dir.path().join("inter-cloud.pcap");
+    let capture = Capture::start(&topo.router, Cloud::B.router_link(), &capture_file)
+        .expect("capture on the link into cloud B");
+
+    let took = topo
+        .apply_policy(POLICY_V1, &all, Duration::from_secs(30))
+        .expect("apply policy v1");
+    eprintln!("policy v1: from apply to the last node's acknowledgement: {took:?}");
+
+    // Allowed, each awaited with a deadline (the first packet also sets up the session).
+    let marker = format!("ZTNET-MARKER-{}", unique(""));
+    let allowed: Vec<(&str, &str, Probe)> = vec![
+        ("web1", "db1", Probe::Tcp(5432)),
+        ("web2", "db1", Probe::Tcp(5432)),
+        ("ops1", "web1", Probe::Tcp(22)),
+        ("ops1", "web1", Probe::Tcp(8080)),
+        ("ops1", "web1", Probe::Udp(5432)),
+        ("ops1", "web1", Probe::Icmp),
+        ("ops1", "web2", Probe::Tcp(5432)),
+        ("ops1", "db1", Probe::Tcp(22)),
+        ("ops1", "db1", Probe::Udp(5432)),
+        ("ops1", "db1", Probe::Icmp),
+        ("ops1", "db1", Probe::Icmp6),
+        ("ops1", "stray1", Probe::Tcp(8080)),
+        ("ops1", "stray1", Probe::Icmp),
+    ];
+    for (from, to, probe) in &allowed {
+        wait_for(
+            &format!("{from} -> {to} {probe:?} to pass"),
+            Duration::from_secs(20),
+            || Ok(probe_once(&topo, from, to, *probe, &marker)?.then_some(())),
+        )
+        .unwrap_or_else(|e| panic!("allowed traffic must pass: {e:#}"));
+    }
+
+    // Denied: probed in parallel; each must fail and be counted as a drop by someone.
+    let denied: Vec<(&str, &str, Probe)> = vec![
+        ("web1", "db1", Probe::Tcp(22)),
+        ("web1", "db1", Probe::Udp(5432)),
+        ("web1", "db1", Probe::Icmp),
+        ("web1", "db1", Probe::Icmp6),
+        ("web1", "web2", Probe::Tcp(8080)),
+        ("web1", "ops1", Probe::Tcp(22)),
+        ("db1", "web1", Probe::Tcp(5432)),
+        ("db1", "web1", Probe::Tcp(22)),
+        ("db1", "web1", Probe::Udp(5432)),
+        ("db1", "web1", Probe::Icmp),
+        ("db1", "ops1", Probe::Tcp(8080)),
+        ("stray1", "db1", Probe::Tcp(5432)),
+        ("stray1", "web1", Probe::Tcp(8080)),
+        ("stray1", "ops1", Probe::Tcp(22)),
+        ("stray1", "ops1", Probe::Icmp),
+    ];
+    let drops_before = total_drops(&topo, &all);
+    let results = run_parallel(&topo, &denied, &marker);
+    let wrongly_passed: Vec<String> = denied
+        .iter()
+        .zip(&results)
+        .filter(|(_, passed)| **passed)
+        .map(|((from, to, probe), _)| format!("{from} -> {to} {probe:?}"))
+        .collect();
+    assert!(
+        wrongly_passed.is_empty(),
+        "denied traffic passed: {wrongly_passed:?}"
+    );
+    let drops_after = total_drops(&topo, &all);
+    for sender in ["web1", "db1", "stray1"] {
+        assert!(
+            drops_after[sender] > drops_before[sender],
+            "{sender}'s denied packets must show in its drop counters: {:?} -> {:?} ({})",
+            drops_before[sender],
+            drops_after[sender],
+            topo.status(sender)
+                .map(|s| s["drops"].clone())
+                .unwrap_or_default()
+        );
+    }
+
+    // The node with no grant learns only the peer that may reach it.
+    let stray = topo.status("stray1").expect("stray1 status");
+    let stray_peers: Vec<&str> = stray["peers"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        stray_peers,
+        vec!["ops1"],
+        "stray1 may only know ops1: {stray}"
+    );
+
+    // The link between the clouds carries WireGuard (and the control channel's QUIC), nothing
+    // in the clear.
+    capture
+        .wait_until(
+            "WireGuard frames on the inter-cloud link",
+            Duration::from_secs(10),
+            |frames| frames.iter().filter(|f| is_wireguard(f)).count() >= 10,
+        )
+        .expect("WireGuard traffic crossed the link");
+    let frames = capture.finish().expect("read the capture");
+    check_inter_cloud_capture(&frames, &marker);
+
+    // A policy change reaches every node whose netmap changes, and takes effect.
+    let v2 = format!("{POLICY_V1}\n{POLICY_V2_EXTRA}");
+    let took = topo
+        .apply_policy(&v2, &["web1", "web2", "db1"], Duration::from_secs(30))
+        .expect("apply policy v2");
+    eprintln!("policy v2: from apply to the last node's acknowledgement: {took:?}");
+    for (from, to, probe) in [
+        ("web1", "db1", Probe::Tcp(22)),
+        ("web1", "web2", Probe::Tcp(8080)),
+    ] {
+        wait_for(
+            &format!("{from} -> {to} {probe:?} to pass under v2"),
+            Duration::from_secs(20),
+            || Ok(probe_once(&topo, from, to, probe, "v2")?.then_some(())),
+        )
+        .unwrap_or_else(|e| panic!("the new grant must take effect: {e:#}"));
+    }
+    let still_denied = [
+        ("db1", "web1", Probe::Tcp(5432)),
+        ("web1", "db1", Probe::Tcp(8080)),
+        ("stray1", "db1", Probe::Tcp(22)),
+    ];
+    let results = run_parallel(&topo, &still_denied, "v2");
+    assert!(
+        results.iter().all(|passed| !passed),
+        "v2 must still deny {still_denied:?}: {results:?}"
+    );
+
+    let audit = topo
+        .ztnet(&["audit", "--network", NETWORK])
+        .expect("ztnet audit");
+    assert!(
+        audit.contains("policy.apply"),
+        "the audit log records the applies:\n{audit}"
+    );
+}
+
+#[test]
+fn mesh_keeps_running_without_the_coordinator_and_restarts_from_state() {
+    require_root();
+    let specs: Vec<NodeSpec> = story_nodes()
+        .into_iter()
+        .filter(|s| s.name == "web1" || s.name == "db1")
+        .collect();
+    let mut topo = enrolled_topology(&specs);
+    topo.start_echo_servers("db1", &[5432], &[])
+        .expect("echo server");
+    let took = topo
+        .apply_policy(POLICY_V1, &["web1", "db1"], Duration::from_secs(30))
+        .expect("apply policy");
+    eprintln!("policy: from apply to the last node's acknowledgement: {took:?}");
+    let db1 = topo.overlay_v4("db1").expect("db1 address");
+    let web1 = topo.overlay_v4("web1").expect("web1 address");
+
+    wait_for("web1 -> db1 tcp:5432", Duration::from_secs(20), || {
+        Ok(tcp_echo(&topo.node("web1").ns, db1, 5432, "hello")?.then_some(()))
+    })
+    .expect("allowed traffic passes");
+    let mut stream = topo.open_stream("web1", db1, 5432).expect("open a stream");
+    stream
+        .echo("before the coordinator stops", Duration::from_secs(10))
+        .expect("the stream carries data");
+
+    // The coordinator goes away: the running stream and new flows are untouched.
+    topo.stop_coordinator();
+    for name in ["web1", "db1"] {
+        wait_for(
+            &format!("{name} to notice the control channel is down"),
+            Duration::from_secs(60),
+            || Ok((topo.status(name)?["control_connected"] == false).then_some(())),
+        )
+        .expect("the node reports its control channel down");
+    }
+    stream
+        .echo("after the coordinator stopped", Duration::from_secs(10))
+        .expect("running traffic survives the coordinator stopping");
+    assert!(
+        tcp_echo(&topo.node("web1").ns, db1, 5432, "new flow").expect("probe"),
+        "a new allowed flow opens while the coordinator is down"
+    );
+    assert!(
+        !tcp_echo(&topo.node("db1").ns, web1, 5432, "x").expect("probe"),
+        "denied traffic stays denied while the coordinator is down"
+    );
+
+    // db1 restarts while the coordinator is still down: it comes back from its state directory.
+    let version_before = topo.status("db1").expect("db1 status")["netmap_version"].clone();
+    topo.stop_node("db1").expect("stop db1");
+    let restarted = Instant::now();
+    topo.start_node("db1", None)
+        .expect("restart db1 without a token");
+    let status = wait_for("db1's status socket", Duration::from_secs(30), || {
+        Ok(topo.status("db1").ok())
+    })
+    .expect("db1 serves status again");
+    assert_eq!(
+        status["netmap_version"], version_before,
+        "db1 runs the netmap it had before: {status}"
+    );
+    assert_ne!(
+        status["control_connected"], true,
+        "the coordinator is down: {status}"
+    );
+    wait_for(
+        "web1 -> db1 tcp:5432 after db1 restarted",
+        Duration::from_secs(60),
+        || Ok(tcp_echo(&topo.node("web1").ns, db1, 5432, "back")?.then_some(())),
+    )
+    .expect("the mesh comes back from the state directory");
+    eprintln!(
+        "db1 restarted without the coordinator; traffic back after {:?}",
+        restarted.elapsed()
+    );
+
+    // The coordinator returns and both nodes reconnect.
+    let back = Instant::now();
+    topo.start_coordinator().expect("restart the coordinator");
+    topo.wait_online(&["web1", "db1"], Duration::from_secs(60))
+        .expect("nodes reconnect to the coordinator");
+    eprintln!(
+        "nodes reconnected {:?} after the coordinator came back",
+        back.elapsed()
+    );
+}
+
+/// Builds the topology for `specs`, starts the coordinator, creates the network, enrolls every
+/// node with its own token, and waits until all are online.
+fn enrolled_topology(specs: &[NodeSpec]) -> Topology {
+    let mut topo = Topology::build(specs).expect("build the topology");
+    topo.start_coordinator().expect("start the coordinator");
+    topo.create_network().expect("create the network");
+    let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+    for name in &names {
+        let token = topo.token_for(name).expect("make a join token");
+        topo.start_node(name, Some(&token)).expect("start the node");
+    }
+    topo.wait_online(&names, Duration::from_secs(90))
+        .expect("every node enrolls and connects");
+    let list = topo
+        .ztnet(&["node", "list", "--network", NETWORK])
+        .expect("ztnet node list");
+    eprintln!("$ ztnet node list --network {NETWORK}\n{list}");
+    topo
+}
+
+fn probe_once(topo: &Topology, from: &str, to: &str, probe: Probe, payload: &str) -> Result<bool> {
+    let ns = &topo.node(from).ns;
+    let v4 = || topo.overlay_v4(to);
+    match probe {
+        Probe::Tcp(port) => tcp_echo(ns, v4()?, port, payload),
+        Probe::Udp(port) => udp_echo(ns, v4()?, port, payload),
+        Probe::Icmp => ping(ns, v4()?),
+        Probe::Icmp6 => ping(ns, topo.overlay_v6(to)?),
+    }
+}
+
+type Result<T> = anyhow::Result<T>;
+
+/// Runs the probes at the same time (each waits out its own timeout when dropped) and returns
+/// whether each one passed.
+fn run_parallel(topo: &Topology, probes: &[(&str, &str, Probe)], payload: &str) -> Vec<bool> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|(from, to, probe)| {
+                s.spawn(move || {
+                    probe_once(topo, from, to, *probe, payload)
+                        .unwrap_or_else(|e| panic!("probe {from} -> {to} {probe:?}: {e:#}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a probe thread panicked"))
+            .collect()
+    })
+}
+
+fn total_drops(topo: &Topology, names: &[&str]) -> std::collections::BTreeMap<String, u64> {
+    names
+        .iter()
+        .map(|n| (n.to_string(), topo.drops(n).expect("drop counters")))
+        .collect()
+}
+
+/// The UDP payload of an Ethernet + IPv4 frame, if it is one.
+fn udp_payload(frame: &Frame) -> Option<&[u8]> {
+    let d = &frame.data;
+    if d.len() < 14 + 20 || d[12..14] != [0x08, 0x00] || d[14 + 9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(d[14] & 0x0f) * 4;
+    d.get(14 + ihl + 8..)
+}
+
+/// Whether a frame is a well-formed WireGuard message on the WireGuard port.
+fn is_wireguard(frame: &Frame) -> bool {
+    let on_port = matches!(frame.kind, FrameKind::Udp { src_port, dst_port }
+        if src_port == WIREGUARD_PORT || dst_port == WIREGUARD_PORT);
+    // Message types 1-4 (initiation, response, cookie, data), then three zero bytes.
+    on_port
+        && udp_payload(frame)
+            .is_some_and(|p| p.len() >= 32 && (1..=4).contains(&p[0]) && p[1..4] == [0, 0, 0])
+}
+
+fn check_inter_cloud_capture(frames: &[Frame], marker: &str) {
+    let mut wireguard = 0;
+    let mut control = 0;
+    let mut other = Vec::new();
+    for f in frames {
+        match f.kind {
+            FrameKind::Arp => {}
+            _ if is_wireguard(f) => wireguard += 1,
+            FrameKind::Udp { src_port, dst_port }
+                if src_port == COORDINATOR_PORT || dst_port == COORDINATOR_PORT =>
+            {
+                control += 1
+            }
+            ref k => other.push(k.clone()),
+        }
+    }
+    eprintln!(
+        "inter-cloud capture: {} frames, {wireguard} WireGuard, {control} control (QUIC)",
+        frames.len()
+    );
+    assert!(wireguard > 0, "the capture saw the tunnel traffic");
+    assert!(
+        other.is_empty(),
+        "only WireGuard and the control channel may cross between the clouds: {other:?}"
+    );
+    assert!(
+        !frames.iter().any(|f| f.contains(marker.as_bytes())),
+        "the marker sent through the tunnel appears in clear on the link"
+    );
+    assert!(
+        !frames.iter().any(|f| f.contains(b"before-policy")),
+        "the probe sent before the policy appears in clear on the link"
+    );
+}

@@ -1,1 +1,222 @@
-fn main() {}
+//! `ztnet-node`: the daemon on every machine of a ztnet network.
+//!
+//! - `ztnet-node --config node.toml`: static mode (SIGHUP reloads the file).
+//! - `ztnet-node --coordinator HOST:PORT --token T --state-dir DIR`: coordinator mode.
+//! - `ztnet-node genkey` / `ztnet-node pubkey`: keys, like `wg genkey` / `wg pubkey`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ztnet_node::dataplane::Dataplane;
+use ztnet_node::static_config::StaticConfig;
+use ztnet_node::up::{self, UpArgs};
+use ztnet_proto::PrivateKey;
+
+/// ztnet node daemon: userspace WireGuard filtered by peer identity.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  ztnet-node genkey --output node.key\n  \
+                  ztnet-node pubkey < node.key\n  ztnet-node --config /etc/ztnet/node.toml\n  \
+                  ztnet-node --coordinator coord:7443 --token ztj_... --state-dir /var/lib/ztnet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Static mode: run from this TOML file.
+    #[arg(long, conflicts_with_all = ["coordinator", "token", "state_dir"])]
+    config: Option<PathBuf>,
+    /// Coordinator mode: HOST:PORT of the coordinator (taken from the token when absent).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Coordinator mode: join token, needed only at first start.
+    #[arg(long, env = "ZTNET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Coordinator mode: state directory (keys, certificate, last netmap).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Coordinator mode: node name (default: the hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// Coordinator mode: TUN interface name.
+    #[arg(long, default_value = "ztnet0")]
+    interface: String,
+    /// Coordinator mode: WireGuard UDP port.
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    /// Coordinator mode: TUN MTU.
+    #[arg(long, default_value_t = 1420)]
+    mtu: u16,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prints a new private key (base64), like `wg genkey`.
+    Genkey(GenkeyArgs),
+    /// Reads a private key on stdin and prints its public key, like `wg pubkey`.
+    Pubkey,
+}
+
+#[derive(Debug, clap::Args)]
+struct GenkeyArgs {
+    /// Write the key to this file (created with mode 0600) instead of stdout.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    if let Err(e) = run(cli) {
+        eprintln!("ztnet-node: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Genkey(args)) => return genkey(args),
+        Some(Command::Pubkey) => return pubkey(),
+        None => {}
+    }
+    if let Some(config) = cli.config {
+        return run_static(&config);
+    }
+    let Some(state_dir) = cli.state_dir else {
+        anyhow::bail!("give --config FILE (static mode) or --state-dir DIR (coordinator mode)");
+    };
+    up::run(UpArgs {
+        coordinator: cli.coordinator,
+        token: cli.token,
+        state_dir,
+        name: cli.name,
+        interface: cli.interface,
+        listen_port: cli.listen_port,
+        mtu: cli.mtu,
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn genkey(args: GenkeyArgs) -> anyhow::Result<()> {
+    let key = PrivateKey::generate();
+    let line = format!("{}\n", key.to_base64_secret().as_str());
+    match args.output {
+        Some(path) => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create key file {}", path.display()))?;
+            f.write_all(line.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        None => {
+            let stdout = std::io::stdout();
+            warn_if_world_readable_stdout();
+            let mut lock = stdout.lock();
+            lock.write_all(line.as_bytes())
+                .context("cannot write key")?;
+        }
+    }
+    Ok(())
+}
+
+/// Warns, as `wg genkey` does, when stdout is a file that others can read.
+fn warn_if_world_readable_stdout() {
+    if std::io::stdout().is_terminal() {
+        return;
+    }
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/1") else {
+        return;
+    };
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+        eprintln!(
+            "Warning: writing the private key to a file that group or others can read.\n\
+             Use `ztnet-node genkey --output FILE`, or set umask 077 first."
+        );
+    }
+}
+
+fn pubkey() -> anyhow::Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .take(4096)
+        .read_to_string(&mut input)
+        .context("cannot read the private key from stdin")?;
+    let key = PrivateKey::parse_file_content(&input).context("invalid private key on stdin")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", key.public_key()).context("cannot write public key")?;
+    Ok(())
+}
+
+fn run_static(path: &Path) -> anyhow::Result<()> {
+    let config = StaticConfig::load(path)?;
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let dataplane = Dataplane::start(config.interface.clone())?;
+    dataplane
+        .apply(config.dataplane.clone())
+        .context("cannot apply the configuration")?;
+    dataplane.serve_local_api()?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut running = config;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => reload(&dataplane, path, &mut running),
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    dataplane.shutdown();
+    Ok(())
+}
+
+/// Loads the file again and applies it; on any error the running configuration stays.
+fn reload(dataplane: &Dataplane, path: &Path, running: &mut StaticConfig) {
+    let next = match StaticConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, the running configuration stays: {e}");
+            return;
+        }
+    };
+    let (old, new) = (&running.interface, &next.interface);
+    if old.name != new.name || old.listen_port != new.listen_port || old.mtu != new.mtu {
+        tracing::warn!("interface name, listen port and mtu change only at restart");
+    }
+    if old.private_key.public_key() != new.private_key.public_key() {
+        tracing::warn!("the private key changes only at restart; the old key stays in use");
+    }
+    for w in &next.warnings {
+        tracing::warn!("{w}");
+    }
+    match dataplane.apply(next.dataplane.clone()) {
+        Ok(()) => *running = next,
+        Err(e) => tracing::error!("reload failed, the running configuration stays: {e:#}"),
+    }
+}

@@ -1,1 +1,535 @@
-//! See lib.rs (stub; filled in by its issue).
+//! Static mode: `ztnet-node --config node.toml` runs the data plane from a file, without a
+//! coordinator. The node compiles its policy itself, over an inventory made of itself and the
+//! peers listed in the file.
+//!
+//! ```toml
+//! [interface]
+//! name = "ztnet0"                 # default ztnet0
+//! private_key_file = "node.key"   # relative to this file; must be mode 0600
+//! listen_port = 51820             # default 51820
+//! mtu = 1420                      # default 1420
+//! addresses = ["10.90.0.1/16", "fd00:90::1/64"]
+//! routes = ["10.95.0.0/24"]       # default: the networks of the addresses and the peers' IPs
+//! policy_file = "policy.toml"     # none: every packet is dropped
+//!
+//! [identity]
+//! name = "n1"
+//! namespace = "default"
+//! tags = ["web"]
+//! trust_domain = "ztnet.local"
+//!
+//! [[peer]]
+//! name = "n2"
+//! public_key = "base64 key"
+//! endpoint = "192.0.2.2:51820"
+//! allowed_ips = ["10.90.0.2/32"]
+//! namespace = "default"
+//! tags = ["db"]
+//! persistent_keepalive = 25
+//! ```
+//!
+//! Every error names the file, the line and column, and the problem.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use netpolicy::{FilterSpec, Inventory, NodeIdentity, Policy, Severity};
+use serde::Deserialize;
+use toml::Spanned;
+use ztnet_proto::control::Identity;
+use ztnet_proto::{PrivateKey, WgKey};
+
+use crate::netconfig::{DataplaneConfig, InterfaceConfig, PeerConfig};
+
+/// A static configuration, loaded and checked.
+#[derive(Debug, Clone)]
+pub struct StaticConfig {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The interface settings (fixed for the life of the process).
+    pub interface: InterfaceConfig,
+    /// What the data plane runs (applied again at every reload).
+    pub dataplane: DataplaneConfig,
+    /// Warnings from the policy, as `file:line:column: message`.
+    pub warnings: Vec<String>,
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A problem at a place in a file.
+    #[error("{}:{line}:{column}: {message}", file.display())]
+    At {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A problem with a whole file (cannot read it, wrong permissions).
+    #[error("{}: {message}", file.display())]
+    File {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: RawInterface,
+    identity: RawIdentity,
+    #[serde(default, rename = "peer")]
+    peers: Vec<Spanned<RawPeer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    #[serde(default = "default_name")]
+    name: String,
+    private_key_file: Spanned<PathBuf>,
+    #[serde(default = "default_port")]
+    listen_port: u16,
+    #[serde(default = "default_mtu")]
+    mtu: Spanned<u16>,
+    #[serde(default)]
+    addresses: Vec<IpNet>,
+    routes: Option<Vec<IpNet>>,
+    policy_file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    name: Spanned<String>,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default = "default_trust_domain")]
+    trust_domain: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Spanned<String>,
+    public_key: Spanned<WgKey>,
+    endpoint: Option<SocketAddr>,
+    #[serde(default)]
+    allowed_ips: Vec<IpNet>,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default)]
+    tags: Vec<String>,
+    persistent_keepalive: Option<u16>,
+}
+
+fn default_name() -> String {
+    "ztnet0".into()
+}
+fn default_port() -> u16 {
+    51820
+}
+fn default_mtu() -> Spanned<u16> {
+    Spanned::new(0..0, 1420)
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_trust_domain() -> String {
+    "ztnet.local".into()
+}
+
+impl StaticConfig {
+    /// Reads and checks a config file, its key file and its policy file.
+    pub fn load(path: &Path) -> Result<StaticConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            file: path.to_path_buf(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let at = |span: Range<usize>, message: String| {
+            let (line, column) = line_col(&text, span.start);
+            ConfigError::At {
+                file: path.to_path_buf(),
+                line,
+                column,
+                message,
+            }
+        };
+        let raw: RawConfig = toml::from_str(&text)
+            .map_err(|e| at(e.span().unwrap_or(0..0), e.message().trim_end().to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+
+        let mtu = *raw.interface.mtu.get_ref();
+        if !(576..=65_535).contains(&mtu) || mtu < 1280 && has_v6(&raw.interface.addresses) {
+            return Err(at(
+                raw.interface.mtu.span(),
+                format!("mtu {mtu} is out of range (576-65535, at least 1280 with IPv6)"),
+            ));
+        }
+        let key_path = base.join(raw.interface.private_key_file.get_ref());
+        let private_key = read_key_file(&key_path)?;
+
+        let self_name = raw.identity.name.get_ref().clone();
+        let mut peers = Vec::new();
+        let mut seen: BTreeMap<String, ()> = BTreeMap::new();
+        seen.insert(self_name.clone(), ());
+        for spanned in &raw.peers {
+            let p = spanned.get_ref();
+            let name = p.name.get_ref();
+            if seen.insert(name.clone(), ()).is_some() {
+                return Err(at(
+                    p.name.span(),
+                    format!("peer name {name:?} is used twice (or is this node's own name)"),
+                ));
+            }
+            if *p.public_key.get_ref() == private_key.public_key() {
+                return Err(at(
+                    p.public_key.span(),
+                    format!("peer {name} has this node's own public key"),
+                ));
+            }
+            let td = &raw.identity.trust_domain;
+            peers.push(PeerConfig {
+                name: name.clone(),
+                public_key: *p.public_key.get_ref(),
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips.clone(),
+                persistent_keepalive: p.persistent_keepalive.filter(|&k| k > 0),
+                identity: Some(Identity {
+                    spiffe_id: spiffe_id(td, &p.namespace, name),
+                    namespace: p.namespace.clone(),
+                    tags: p.tags.clone(),
+                }),
+            });
+        }
+
+        let (filter, warnings) = match &raw.interface.policy_file {
+            Some(file) => compile_policy(&base.join(file.get_ref()), &raw, &peers)?,
+            None => (FilterSpec::default(), vec![]),
+        };
+        let routes = raw
+            .interface
+            .routes
+            .clone()
+            .unwrap_or_else(|| default_routes(&raw.interface.addresses, &peers));
+
+        Ok(StaticConfig {
+            path: path.to_path_buf(),
+            interface: InterfaceConfig {
+                name: raw.interface.name.clone(),
+                mtu,
+                listen_port: raw.interface.listen_port,
+                private_key,
+                mode: "static".into(),
+            },
+            dataplane: DataplaneConfig {
+                node_name: Some(self_name),
+                version: None,
+                addresses: raw.interface.addresses.clone(),
+                routes,
+                peers,
+                filter,
+            },
+            warnings,
+        })
+    }
+}
+
+/// Reads a private key file, refusing one that group or others can read.
+pub fn read_key_file(path: &Path) -> Result<PrivateKey, ConfigError> {
+    let err = |message: String| ConfigError::File {
+        file: path.to_path_buf(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read key file: {e}")))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(err(format!(
+            "key file has mode {mode:04o}; it must be readable by its owner only \
+             (chmod 600 {})",
+            path.display()
+        )));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| err(format!("cannot read key file: {e}")))?;
+    PrivateKey::parse_file_content(&text).map_err(|e| err(format!("bad private key: {e}")))
+}
+
+fn compile_policy(
+    file: &Path,
+    raw: &RawConfig,
+    peers: &[PeerConfig],
+) -> Result<(FilterSpec, Vec<String>), ConfigError> {
+    let source = std::fs::read_to_string(file).map_err(|e| ConfigError::File {
+        file: file.to_path_buf(),
+        message: format!("cannot read policy: {e}"),
+    })?;
+    let checked = Policy::parse(&source).map_err(|e| {
+        let first = e
+            .diagnostics
+            .iter()
+            .find(|d| d.severity == Severity::Error)
+            .or(e.diagnostics.first());
+        match first {
+            Some(d) => ConfigError::At {
+                file: file.to_path_buf(),
+                line: d.line,
+                column: d.column,
+                message: format!("{} ({:?}); {}", d.message, d.text, e),
+            },
+            None => ConfigError::File {
+                file: file.to_path_buf(),
+                message: e.to_string(),
+            },
+        }
+    })?;
+    let warnings = checked
+        .warnings
+        .iter()
+        .map(|d| format!("{}:{}:{}: {}", file.display(), d.line, d.column, d.message))
+        .collect();
+    let report = checked.policy.run_tests();
+    if let Some(failed) = report.results.iter().find(|r| !r.passed) {
+        return Err(ConfigError::At {
+            file: file.to_path_buf(),
+            line: failed.line,
+            column: 1,
+            message: format!(
+                "policy test failed: {} (decided by {})",
+                failed.description, failed.decided_by
+            ),
+        });
+    }
+
+    let td = &raw.identity.trust_domain;
+    let me = raw.identity.name.get_ref();
+    let mut inventory = Inventory::default();
+    inventory.nodes.push(NodeIdentity {
+        name: me.clone(),
+        namespace: raw.identity.namespace.clone(),
+        tags: raw.identity.tags.clone(),
+        spiffe_id: spiffe_id(td, &raw.identity.namespace, me),
+        addresses: raw
+            .interface
+            .addresses
+            .iter()
+            .map(|a| IpNet::from(a.addr()))
+            .collect(),
+        routes: vec![],
+    });
+    for p in peers {
+        let (hosts, routed): (Vec<IpNet>, Vec<IpNet>) = p
+            .allowed_ips
+            .iter()
+            .partition(|n| n.prefix_len() == n.max_prefix_len());
+        let identity = p.identity.clone().unwrap_or_else(|| Identity {
+            spiffe_id: spiffe_id(td, "default", &p.name),
+            namespace: "default".into(),
+            tags: vec![],
+        });
+        inventory.nodes.push(NodeIdentity {
+            name: p.name.clone(),
+            namespace: identity.namespace,
+            tags: identity.tags,
+            spiffe_id: identity.spiffe_id,
+            addresses: hosts,
+            routes: routed,
+        });
+    }
+    let compiled = netpolicy::compile(&checked.policy, &inventory);
+    let filter = compiled.filters.get(me).cloned().unwrap_or_default();
+    Ok((filter, warnings))
+}
+
+fn spiffe_id(trust_domain: &str, namespace: &str, name: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/node/{name}")
+}
+
+fn has_v6(addresses: &[IpNet]) -> bool {
+    addresses.iter().any(|a| a.addr().is_ipv6())
+}
+
+/// The networks of the node's addresses, plus the peers' allowed IPs that those do not cover.
+fn default_routes(addresses: &[IpNet], peers: &[PeerConfig]) -> Vec<IpNet> {
+    let mut routes: Vec<IpNet> = addresses
+        .iter()
+        .map(IpNet::trunc)
+        .filter(|n| n.prefix_len() < n.max_prefix_len())
+        .collect();
+    for p in peers {
+        for net in &p.allowed_ips {
+            let net = net.trunc();
+            if !routes.iter().any(|r| r.contains(&net)) {
+                routes.push(net);
+            }
+        }
+    }
+    routes.sort();
+    routes.dedup();
+    routes
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    struct Dir(tempfile::TempDir);
+
+    impl Dir {
+        fn new() -> Dir {
+            let d = Dir(tempfile::tempdir().expect("temp dir"));
+            d.write_key("n1.key", 0o600);
+            d
+        }
+
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.0.path().join(name);
+            let mut f = std::fs::File::create(&p).expect("create");
+            f.write_all(text.as_bytes()).expect("write");
+            p
+        }
+
+        fn write_key(&self, name: &str, mode: u32) -> PathBuf {
+            let k = PrivateKey::generate();
+            let p = self.write(name, &format!("{}\n", k.to_base64_secret().as_str()));
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            p
+        }
+    }
+
+    const PEER_KEY: &str = "YAnz9Y8PjnnuEmBN2dQmZNWPtnHnLgoy2o+aR1ib5GI=";
+
+    fn config(peer_key: &str) -> String {
+        format!(
+            r#"[interface]
+private_key_file = "n1.key"
+addresses = ["10.90.0.1/16"]
+
+[identity]
+name = "n1"
+
+[[peer]]
+name = "n2"
+public_key = "{peer_key}"
+endpoint = "192.0.2.2:51820"
+allowed_ips = ["10.90.0.2/32"]
+"#
+        )
+    }
+
+    #[test]
+    fn valid_config_loads_with_defaults() {
+        let d = Dir::new();
+        let p = d.write("node.toml", &config(PEER_KEY));
+
+        let c = StaticConfig::load(&p).expect("loads");
+
+        assert_eq!(c.interface.name, "ztnet0");
+        assert_eq!(c.interface.mtu, 1420);
+        assert_eq!(c.interface.listen_port, 51820);
+        assert_eq!(c.dataplane.peers.len(), 1);
+        assert_eq!(
+            c.dataplane.routes,
+            vec!["10.90.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            c.dataplane.filter,
+            FilterSpec::default(),
+            "no policy denies all"
+        );
+    }
+
+    #[test]
+    fn bad_key_names_file_line_and_problem() {
+        let d = Dir::new();
+        let p = d.write("node.toml", &config(&PEER_KEY[..43]));
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("node.toml:10:"), "{e}");
+        assert!(e.contains("43 characters"), "{e}");
+    }
+
+    #[test]
+    fn every_bad_key_form_is_refused() {
+        let noncanon = format!("{}J=", &PEER_KEY[..42]);
+        let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let urlsafe = PEER_KEY.replace('+', "-");
+        let hexkey = "00".repeat(32);
+        for bad in [
+            noncanon.as_str(),
+            zero,
+            urlsafe.as_str(),
+            hexkey.as_str(),
+            "",
+            "\\\"x\\\"",
+        ] {
+            let d = Dir::new();
+            let p = d.write("node.toml", &config(bad));
+            let e = StaticConfig::load(&p).expect_err("refused").to_string();
+            assert!(e.contains("node.toml:10:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_its_line() {
+        let d = Dir::new();
+        let text = config(PEER_KEY).replace("[identity]", "[identity]\ncolour = \"red\"");
+        let p = d.write("node.toml", &text);
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("node.toml:6:1"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn readable_key_file_is_refused() {
+        let d = Dir::new();
+        d.write_key("n1.key", 0o644);
+        let p = d.write("node.toml", &config(PEER_KEY));
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("n1.key"), "{e}");
+        assert!(e.contains("0644"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_peer_name_is_refused() {
+        let d = Dir::new();
+        let mut text = config(PEER_KEY);
+        text.push_str(
+            "\n[[peer]]\nname = \"n2\"\npublic_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\n",
+        );
+        let p = d.write("node.toml", &text);
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("node.toml:15:8"), "{e}");
+        assert!(e.contains("used twice"), "{e}");
+    }
+}

@@ -1,58 +1,455 @@
 //! The data plane: TUN <-> filter <-> boringtun <-> UDP.
 //!
-//! CONTRACT (issue 3 fills this in; keep the signatures, add freely).
+//! This module is the I/O shell: it owns the TUN device, the UDP socket and the threads, and
+//! drives the socket-free [`peers::PeerTable`]. Three OS threads with blocking I/O:
+//!
+//! - TUN reader: read a packet, [`peers::PeerTable::handle_tun_packet`], send the datagram.
+//! - UDP reader: receive a datagram, [`peers::PeerTable::handle_datagram`], write to the TUN.
+//! - timers: every 100 ms, [`peers::PeerTable::handle_timers`]; logs sessions going up and down.
+//!
+//! Each packet holds a read lock on the current table while it is handled; `apply` builds the
+//! next table beside it and swaps it under the write lock, so once `apply` returns no packet is
+//! still being handled by a removed peer. Until the first `apply` the table is empty: every
+//! packet is dropped (default deny).
+//!
+//! The hot path does not allocate or log above trace. Batching (recvmmsg/sendmmsg, UDP GSO/GRO)
+//! and TUN offloads (IFF_VNET_HDR) would replace the single-packet calls in `tun_loop` and
+//! `udp_loop`; the table does not need to change for them.
 
-use std::net::SocketAddr;
+pub mod api;
+pub mod counters;
+pub mod iface;
+pub mod peers;
+pub mod routes;
+mod sys;
+pub mod uapi;
 
-use ztnet_proto::status::StatusReport;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use netpolicy::{ConntrackConfig, Filter, FilterSpec};
+use socket2::{Domain, Protocol, Socket, Type};
+use ztnet_proto::WgKey;
+use ztnet_proto::status::{PeerStatus, StatusReport};
 
 use crate::netconfig::{DataplaneConfig, InterfaceConfig};
+use counters::Counters;
+use peers::{PeerTable, SessionEvent, Transmit, lock};
+
+/// Socket buffer size the node asks for, each way (SO_RCVBUFFORCE as root).
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// How often the timer thread runs boringtun's timers.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// How long a blocked thread waits before it checks whether to stop.
+const STOP_POLL: Duration = Duration::from_millis(250);
 
 /// A running data plane. Until the first `apply` it has no peers and passes nothing.
 pub struct Dataplane {
-    _private: (),
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// What the threads share.
+struct Shared {
+    iface: InterfaceConfig,
+    public_key: WgKey,
+    listen_port: u16,
+    tun: File,
+    socket: UdpSocket,
+    socket_v6: bool,
+    table: RwLock<PeerTable>,
+    /// Serialises `apply` calls; holds the configuration in force.
+    config: Mutex<DataplaneConfig>,
+    filter: Arc<Mutex<Filter>>,
+    counters: Arc<Counters>,
+    warnings: Mutex<Vec<String>>,
+    /// 0 unknown, 1 down, 2 up.
+    control: AtomicU8,
+    stop: AtomicBool,
+    api_paths: Mutex<Vec<std::path::PathBuf>>,
 }
 
 impl Dataplane {
     /// Creates the TUN interface and the UDP socket and starts the packet threads.
     pub fn start(iface: InterfaceConfig) -> anyhow::Result<Dataplane> {
-        let _ = iface;
-        unimplemented!("dataplane: start")
+        let (tun, name) = sys::open_tun(&iface.name)
+            .with_context(|| format!("cannot create TUN interface {}", iface.name))?;
+        iface::link_up(&name, iface.mtu)?;
+        let (socket, socket_v6) = bind_udp(iface.listen_port)?;
+        let listen_port = socket.local_addr().context("UDP socket address")?.port();
+
+        let counters = Arc::new(Counters::default());
+        let filter = Arc::new(Mutex::new(Filter::new(
+            FilterSpec::default(),
+            ConntrackConfig::default(),
+        )));
+        let seed = rand::random::<u32>();
+        let table = PeerTable::new(
+            &iface.private_key,
+            &[],
+            None,
+            filter.clone(),
+            counters.clone(),
+            seed,
+        );
+        let public_key = table.public_key();
+        let mut iface = iface;
+        iface.name = name;
+
+        let shared = Arc::new(Shared {
+            iface,
+            public_key,
+            listen_port,
+            tun,
+            socket,
+            socket_v6,
+            table: RwLock::new(table),
+            config: Mutex::new(DataplaneConfig::default()),
+            filter,
+            counters,
+            warnings: Mutex::new(Vec::new()),
+            control: AtomicU8::new(0),
+            stop: AtomicBool::new(false),
+            api_paths: Mutex::new(Vec::new()),
+        });
+        let mut threads = Vec::new();
+        for (name, run) in [
+            ("ztnet-tun", tun_loop as fn(&Shared)),
+            ("ztnet-udp", udp_loop),
+            ("ztnet-timers", timer_loop),
+        ] {
+            let s = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || run(&s))
+                .with_context(|| format!("cannot start thread {name}"))?;
+            threads.push(handle);
+        }
+        tracing::info!(
+            interface = %shared.iface.name,
+            listen_port,
+            public_key = %public_key.short(),
+            "data plane started"
+        );
+        Ok(Dataplane {
+            shared,
+            threads: Mutex::new(threads),
+        })
     }
 
     /// Applies a new configuration atomically; unchanged peers keep their sessions.
     pub fn apply(&self, config: DataplaneConfig) -> anyhow::Result<()> {
-        let _ = config;
-        unimplemented!("dataplane: apply")
+        let s = &self.shared;
+        let mut current = lock(&s.config);
+        validate(&config)?;
+
+        iface::sync_addresses(&s.iface.name, &current, &config)?;
+
+        let next = {
+            let old = s.table.read().unwrap_or_else(|p| p.into_inner());
+            PeerTable::new(
+                &s.iface.private_key,
+                &config.peers,
+                Some(&old),
+                s.filter.clone(),
+                s.counters.clone(),
+                0,
+            )
+        };
+        for w in next.warnings() {
+            tracing::warn!(interface = %s.iface.name, "{w}");
+        }
+        *lock(&s.warnings) = next.warnings().to_vec();
+
+        {
+            let mut table = s.table.write().unwrap_or_else(|p| p.into_inner());
+            lock(&s.filter).install(config.filter.clone(), Instant::now());
+            *table = next;
+        }
+        tracing::info!(
+            interface = %s.iface.name,
+            peers = config.peers.len(),
+            version = config.version,
+            "configuration applied"
+        );
+        *current = config;
+        Ok(())
     }
 
     /// The UDP port actually bound.
     pub fn listen_port(&self) -> u16 {
-        unimplemented!("dataplane: listen_port")
+        self.shared.listen_port
     }
 
     /// Local addresses worth reporting to the coordinator, with the listen port.
     pub fn local_endpoints(&self) -> Vec<SocketAddr> {
-        unimplemented!("dataplane: local_endpoints")
+        iface::local_addresses(&self.shared.iface.name)
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, self.shared.listen_port))
+            .collect()
     }
 
     /// Records whether the control channel is up (shown in status).
     pub fn set_control_connected(&self, connected: bool) {
-        let _ = connected;
-        unimplemented!("dataplane: set_control_connected")
+        let v = if connected { 2 } else { 1 };
+        self.shared.control.store(v, Ordering::Relaxed);
     }
 
     /// A status snapshot.
     pub fn status(&self) -> StatusReport {
-        unimplemented!("dataplane: status")
+        self.shared.status()
     }
 
     /// Serves `/var/run/ztnet/IFACE.sock` (status) and `/var/run/wireguard/IFACE.sock` (the
-    /// WireGuard cross-platform interface, read side) until the data plane stops.
+    /// WireGuard cross-platform interface, read side) from background threads until the data
+    /// plane stops. Returns once both sockets are listening.
     pub fn serve_local_api(&self) -> anyhow::Result<()> {
-        unimplemented!("dataplane: serve_local_api")
+        let handles = api::spawn(self.shared.clone())?;
+        lock(&self.threads).extend(handles);
+        Ok(())
+    }
+
+    /// The interface name the kernel gave the TUN device.
+    pub fn interface(&self) -> &str {
+        &self.shared.iface.name
+    }
+
+    /// Problems found in the configuration in force (overlapping allowed IPs, ...).
+    pub fn warnings(&self) -> Vec<String> {
+        lock(&self.shared.warnings).clone()
     }
 
     /// Stops the threads and removes the interface and sockets.
     pub fn shutdown(self) {}
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+        for p in lock(&self.shared.api_paths).drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+        tracing::info!(interface = %self.shared.iface.name, "data plane stopped");
+    }
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn status(&self) -> StatusReport {
+        let config = lock(&self.config).clone();
+        let snapshot = self
+            .table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot();
+        let now = SystemTime::now();
+        let mut peers: Vec<PeerStatus> = snapshot
+            .into_iter()
+            .map(|p| PeerStatus {
+                name: p.config.name.clone(),
+                identity: p.config.identity.clone(),
+                public_key: p.config.public_key,
+                endpoint: p.endpoint,
+                allowed_ips: p.config.allowed_ips.clone(),
+                last_handshake: p.since_handshake.and_then(|d| {
+                    let at = now.checked_sub(d)?;
+                    Some(at.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs())
+                }),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            })
+            .collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        StatusReport {
+            interface: self.iface.name.clone(),
+            node: config.node_name.clone(),
+            mode: self.iface.mode.clone(),
+            public_key: self.public_key,
+            listen_port: self.listen_port,
+            addresses: config.addresses.clone(),
+            netmap_version: config.version,
+            control_connected: match self.control.load(Ordering::Relaxed) {
+                0 => None,
+                v => Some(v == 2),
+            },
+            peers,
+            drops: self.counters.snapshot(),
+        }
+    }
+}
+
+/// The shell's outputs: datagrams to the UDP socket, packets to the TUN.
+struct Io<'a> {
+    socket: &'a UdpSocket,
+    socket_v6: bool,
+    tun: &'a File,
+}
+
+impl Transmit for Io<'_> {
+    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) {
+        let to = match to {
+            SocketAddr::V4(a) if self.socket_v6 => {
+                SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
+            }
+            other => other,
+        };
+        if let Err(e) = self.socket.send_to(datagram, to) {
+            tracing::trace!(%to, error = %e, "send failed");
+        }
+    }
+
+    fn write_tun(&mut self, packet: &[u8]) {
+        let mut tun = self.tun;
+        if let Err(e) = tun.write(packet) {
+            tracing::trace!(error = %e, "TUN write failed");
+        }
+    }
+}
+
+fn tun_loop(s: &Shared) {
+    let mut packet = vec![0u8; 65_535];
+    let mut buf = vec![0u8; peers::MIN_BUFFER];
+    let mut tun = &s.tun;
+    let mut io = Io {
+        socket: &s.socket,
+        socket_v6: s.socket_v6,
+        tun: &s.tun,
+    };
+    while !s.stopping() {
+        match tun.read(&mut packet) {
+            Ok(n) => {
+                let table = s.table.read().unwrap_or_else(|p| p.into_inner());
+                table.handle_tun_packet(&packet[..n], Instant::now(), &mut buf, &mut io);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Err(e) = sys::wait_readable(s.tun.as_raw_fd(), STOP_POLL) {
+                    tracing::error!(error = %e, "TUN poll failed; data plane stops");
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!(interface = %s.iface.name, error = %e, "TUN lost");
+                return;
+            }
+        }
+    }
+}
+
+fn udp_loop(s: &Shared) {
+    let mut datagram = vec![0u8; 65_535];
+    let mut buf = vec![0u8; peers::MIN_BUFFER];
+    let mut io = Io {
+        socket: &s.socket,
+        socket_v6: s.socket_v6,
+        tun: &s.tun,
+    };
+    while !s.stopping() {
+        match s.socket.recv_from(&mut datagram) {
+            Ok((n, from)) => {
+                let table = s.table.read().unwrap_or_else(|p| p.into_inner());
+                table.handle_datagram(from, &datagram[..n], Instant::now(), &mut buf, &mut io);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            // ICMP errors from earlier sends surface here on Linux; they are not fatal.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "UDP receive failed");
+            }
+        }
+    }
+}
+
+fn timer_loop(s: &Shared) {
+    let mut buf = vec![0u8; peers::MIN_BUFFER];
+    let mut io = Io {
+        socket: &s.socket,
+        socket_v6: s.socket_v6,
+        tun: &s.tun,
+    };
+    let mut next = Instant::now();
+    while !s.stopping() {
+        let events = {
+            let table = s.table.read().unwrap_or_else(|p| p.into_inner());
+            table.handle_timers(&mut buf, &mut io)
+        };
+        for e in events {
+            match e {
+                SessionEvent::SessionUp { peer } => {
+                    tracing::info!(interface = %s.iface.name, %peer, "peer session up")
+                }
+                SessionEvent::SessionDown { peer } => {
+                    tracing::info!(interface = %s.iface.name, %peer, "peer session down")
+                }
+            }
+        }
+        next += TIMER_TICK;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+}
+
+/// Binds the UDP socket: IPv6 dual-stack when the host has IPv6, IPv4 otherwise.
+fn bind_udp(port: u16) -> anyhow::Result<(UdpSocket, bool)> {
+    let v6 = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port).into())?;
+        Ok(s)
+    });
+    let (socket, is_v6) = match v6 {
+        Ok(s) => (s, true),
+        Err(e) => {
+            tracing::debug!(error = %e, "no IPv6 socket; using IPv4 only");
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+                .context("cannot create UDP socket")?;
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+                .with_context(|| format!("cannot bind UDP port {port}"))?;
+            (s, false)
+        }
+    };
+    if sys::force_buffers(socket.as_raw_fd(), SOCKET_BUFFER).is_err() {
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+        tracing::warn!("cannot force UDP socket buffers (not root?); packets may be lost");
+    }
+    socket
+        .set_read_timeout(Some(STOP_POLL))
+        .context("UDP read timeout")?;
+    Ok((socket.into(), is_v6))
+}
+
+/// Refuses configurations the table cannot represent.
+fn validate(config: &DataplaneConfig) -> anyhow::Result<()> {
+    let mut names = std::collections::BTreeSet::new();
+    for p in &config.peers {
+        if !names.insert(p.name.as_str()) {
+            anyhow::bail!("peer name {} appears twice", p.name);
+        }
+    }
+    Ok(())
 }

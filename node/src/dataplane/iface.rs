@@ -1,0 +1,95 @@
+//! Addresses, routes and link state of the TUN interface, set with `ip` (iproute2).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::process::Command;
+
+use anyhow::Context;
+use ipnet::IpNet;
+
+use crate::netconfig::DataplaneConfig;
+
+/// Sets the MTU and brings the link up.
+pub fn link_up(name: &str, mtu: u16) -> anyhow::Result<()> {
+    ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])
+}
+
+/// Moves the interface from the addresses and routes of `old` to those of `new`: adds what is
+/// new, removes what is gone, leaves the rest alone.
+pub fn sync_addresses(
+    name: &str,
+    old: &DataplaneConfig,
+    new: &DataplaneConfig,
+) -> anyhow::Result<()> {
+    let old_addrs: BTreeSet<IpNet> = old.addresses.iter().copied().collect();
+    let new_addrs: BTreeSet<IpNet> = new.addresses.iter().copied().collect();
+    for a in new_addrs.difference(&old_addrs) {
+        let family = if a.addr().is_ipv4() { "-4" } else { "-6" };
+        let mut args = vec![family, "addr", "replace"];
+        let text = a.to_string();
+        args.push(&text);
+        args.extend(["dev", name]);
+        if a.addr().is_ipv6() {
+            args.push("nodad");
+        }
+        ip(&args)?;
+    }
+    for a in old_addrs.difference(&new_addrs) {
+        let text = a.to_string();
+        ip(&["addr", "del", &text, "dev", name])?;
+    }
+
+    let old_routes: BTreeSet<IpNet> = old.routes.iter().map(IpNet::trunc).collect();
+    let new_routes: BTreeSet<IpNet> = new.routes.iter().map(IpNet::trunc).collect();
+    for r in new_routes.difference(&old_routes) {
+        let text = r.to_string();
+        ip(&["route", "replace", &text, "dev", name])?;
+    }
+    for r in old_routes.difference(&new_routes) {
+        let text = r.to_string();
+        // A route that went away with its address is already gone; that is fine.
+        let _ = ip(&["route", "del", &text, "dev", name]);
+    }
+    Ok(())
+}
+
+/// The host's global addresses outside the TUN interface, for endpoint reports.
+pub fn local_addresses(exclude: &str) -> Vec<IpAddr> {
+    let Ok(out) = Command::new("ip").args(["-j", "addr", "show"]).output() else {
+        return Vec::new();
+    };
+    let Ok(links) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return Vec::new();
+    };
+    let mut addrs = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        if link["ifname"].as_str() == Some(exclude) {
+            continue;
+        }
+        for info in link["addr_info"].as_array().into_iter().flatten() {
+            let scope = info["scope"].as_str().unwrap_or_default();
+            let Some(Ok(ip)) = info["local"].as_str().map(str::parse::<IpAddr>) else {
+                continue;
+            };
+            if scope == "global" && !ip.is_loopback() {
+                addrs.push(ip);
+            }
+        }
+    }
+    addrs
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (is iproute2 installed?)")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -214,10 +214,10 @@ say "tokens made (each carries the coordinator's address and CA fingerprint; sho
 step "6. Start the five nodes; each enrolls with its token"
 for node in "${NODES[@]}"; do
     role=${node%%[0-9]*}
-    show "[$node] ztnet-node --coordinator $COORD_ADDR --token \$TOKEN_$role --state-dir \
-$WORK/$node --name $node --interface ${NODE_IFACE[$node]}"
-    spawn "$P-$node" "$node" "$BIN/ztnet-node" --coordinator "$COORD_ADDR" \
-        --token "${TOKEN[$role]}" --state-dir "$WORK/$node" --name "$node" \
+    show "[$node] ZTNET_TOKEN=\$TOKEN_$role ztnet-node --coordinator $COORD_ADDR \
+--state-dir $WORK/$node --name $node --interface ${NODE_IFACE[$node]}"
+    spawn "$P-$node" "$node" env ZTNET_TOKEN="${TOKEN[$role]}" "$BIN/ztnet-node" \
+        --coordinator "$COORD_ADDR" --state-dir "$WORK/$node" --name "$node" \
         --interface "${NODE_IFACE[$node]}"
 done
 all_online() {

@@ -342,8 +342,8 @@ impl Topology {
         Ok(token)
     }
 
-    /// Starts `ztnet-node` for `name` in coordinator mode; `token` is needed on the first start
-    /// only. Returns once the process runs (enrollment is awaited with [`Self::wait_online`]).
+    /// Starts `ztnet-node` for `name` in coordinator mode; `token` (passed as `ZTNET_TOKEN`) is
+    /// needed on the first start only. Returns once the process runs (enrollment is awaited with [`Self::wait_online`]).
     pub fn start_node(&mut self, name: &str, token: Option<&str>) -> Result<()> {
         let log_dir = self.dir.path().to_path_buf();
         let node = self.node_mut(name);
@@ -363,11 +363,13 @@ impl Topology {
             "--interface",
             &node.iface,
         ];
-        if let Some(t) = token {
-            args.extend(["--token", t]);
-        }
         let mut cmd = node.ns.command(bin("ztnet-node"));
         cmd.args(&args).env("RUST_LOG", "info");
+        // Through the environment, as the systemd unit does, so it is not in the process list.
+        match token {
+            Some(t) => cmd.env("ZTNET_TOKEN", t),
+            None => cmd.env_remove("ZTNET_TOKEN"),
+        };
         node.proc = Some(Proc::spawn(cmd, &log)?);
         Ok(())
     }

@@ -353,7 +353,7 @@ impl Topology {
         node.starts += 1;
         let log = log_dir.join(format!("{name}.{}.log", node.starts));
         let state = node.state_dir.to_string_lossy().into_owned();
-        let mut args = vec![
+        let args = [
             "--coordinator",
             COORDINATOR_ADDR,
             "--state-dir",
@@ -364,7 +364,7 @@ impl Topology {
             &node.iface,
         ];
         let mut cmd = node.ns.command(bin("ztnet-node"));
-        cmd.args(&args).env("RUST_LOG", "info");
+        cmd.args(args).env("RUST_LOG", "info");
         // Through the environment, as the systemd unit does, so it is not in the process list.
         match token {
             Some(t) => cmd.env("ZTNET_TOKEN", t),

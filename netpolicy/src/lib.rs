@@ -3,7 +3,36 @@
 //! filter that a node runs. No I/O, no async, no clock: time comes in as an argument.
 //!
 //! CONTRACT (shared with `node`, `coordinator`, `cli`): the public items below are what the other
-//! crates call. Their bodies are filled in by the netpolicy work (issue 2); keep the signatures.
+//! crates call; keep the signatures.
+//!
+//! The layers, top to bottom:
+//! - the document: [`Policy::parse`] validates TOML with a line and column for every finding
+//!   ([`render_diagnostics`] prints them), and [`Policy::run_tests`] runs its `[[test]]`s;
+//! - queries on a policy: [`explain`], [`who_can_reach`], [`diff`];
+//! - the compiler: [`compile`] (or [`Compiler`], which also recompiles after a node joins)
+//!   turns a policy and an [`Inventory`] into one [`FilterSpec`] per node;
+//! - the filter: [`Filter`] decides each packet a node sends or receives, with connection
+//!   tracking, from a [`FilterSpec`].
+//!
+//! The language itself is described in `docs/policy.md`.
+
+#![warn(missing_docs)]
+
+mod compile;
+mod filter;
+mod model;
+mod packet;
+mod parse;
+mod query;
+mod render;
+
+pub use compile::Compiler;
+pub use filter::{
+    FRAGMENT_TIMEOUT, ICMP_TIMEOUT, OTHER_TIMEOUT, TCP_CLOSING_TIMEOUT, TCP_ESTABLISHED_TIMEOUT,
+    TCP_OPENING_TIMEOUT, TCP_RESET_TIMEOUT, UDP_TIMEOUT, UDP_UNREPLIED_TIMEOUT,
+};
+pub use query::{AccessChange, AccessDiff, QueryError, Reacher, diff, who_can_reach};
+pub use render::{render_diagnostics, render_test_report};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -15,7 +44,10 @@ use serde::{Deserialize, Serialize};
 /// A validated policy document.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    _private: (),
+    /// Grants then denies, each in document order, groups expanded.
+    rules: Vec<model::Rule>,
+    /// The `[[test]]` entries.
+    tests: Vec<parse::PolicyTest>,
 }
 
 /// One finding of validation, with where it is in the source.
@@ -62,14 +94,46 @@ pub struct Checked {
 
 impl Policy {
     /// Parses and validates a TOML policy document. Does not run its `[[test]]` entries.
+    ///
+    /// Every error found is reported, errors first, each with its line and column; a TOML
+    /// syntax error, an unknown key or a value of the wrong type stops the parse at the first.
     pub fn parse(source: &str) -> Result<Checked, PolicyError> {
-        let _ = source;
-        unimplemented!("netpolicy: Policy::parse")
+        let (policy, warnings) = parse::parse(source)?;
+        Ok(Checked { policy, warnings })
     }
 
     /// Runs the document's `[[test]]` entries.
     pub fn run_tests(&self) -> TestReport {
-        unimplemented!("netpolicy: Policy::run_tests")
+        query::run_tests(self)
+    }
+
+    /// A policy with no entries: it denies everything.
+    pub fn deny_all() -> Self {
+        Policy {
+            rules: Vec::new(),
+            tests: Vec::new(),
+        }
+    }
+
+    /// Number of `[[grant]]` entries.
+    pub fn grant_count(&self) -> usize {
+        self.rules
+            .iter()
+            .filter(|r| r.id.kind == RuleKind::Grant)
+            .count()
+    }
+
+    /// Number of `[[deny]]` entries.
+    pub fn deny_count(&self) -> usize {
+        self.rules
+            .iter()
+            .filter(|r| r.id.kind == RuleKind::Deny)
+            .count()
+    }
+
+    /// Number of `[[test]]` entries.
+    pub fn test_count(&self) -> usize {
+        self.tests.len()
     }
 }
 
@@ -133,9 +197,11 @@ pub struct CompiledNetwork {
 
 /// Compiles a policy for every node of an inventory. Deterministic: the same input gives the
 /// same output, byte for byte once serialized.
+///
+/// A node's filter lists exactly the peers that at least one grant connects it with, in either
+/// direction; a node with no such peer gets no entry.
 pub fn compile(policy: &Policy, inventory: &Inventory) -> CompiledNetwork {
-    let _ = (policy, inventory);
-    unimplemented!("netpolicy: compile")
+    compile::compile(policy, inventory)
 }
 
 /// The compiled, serializable filter of one node: per peer, what it may accept from and send to
@@ -150,11 +216,35 @@ pub struct FilterSpec {
 /// The compiled rules between this node and one peer. Internals are netpolicy's own.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRules {
-    #[serde(default)]
-    _private: (),
+    /// What this node accepts from the peer (flows the peer opens).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    inbound: Vec<compile::RuleEntry>,
+    /// What this node may send to the peer (flows this node opens).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    outbound: Vec<compile::RuleEntry>,
 }
 
-/// Connection-tracking limits.
+impl PeerRules {
+    /// Whether any grant lets a flow be opened between the two, either way.
+    pub fn has_grant(&self) -> bool {
+        self.inbound
+            .iter()
+            .chain(&self.outbound)
+            .any(|e| e.rule.kind == RuleKind::Grant)
+    }
+
+    /// The grants and denies that decide what the peer may open towards this node.
+    pub fn inbound_rules(&self) -> impl Iterator<Item = RuleId> + '_ {
+        self.inbound.iter().map(|e| e.rule)
+    }
+
+    /// The grants and denies that decide what this node may open towards the peer.
+    pub fn outbound_rules(&self) -> impl Iterator<Item = RuleId> + '_ {
+        self.outbound.iter().map(|e| e.rule)
+    }
+}
+
+/// Connection-tracking limits. Idle timeouts are the `*_TIMEOUT` constants of this crate.
 #[derive(Debug, Clone, Copy)]
 pub struct ConntrackConfig {
     /// Most flows held at once.
@@ -172,34 +262,54 @@ impl Default for ConntrackConfig {
 /// Call `outbound` for every packet read from the TUN before it is encrypted for `peer`, and
 /// `inbound` for every packet decrypted from `peer` before it is written to the TUN. `install`
 /// swaps in a new spec and re-checks open flows against it.
+///
+/// A packet that opens a flow passes when a grant of the peer's rules for that direction
+/// matches its addresses, protocol and port and no deny does. The flow is then tracked, keyed
+/// from this node's side, so that every later packet of it passes both ways
+/// ([`AllowReason::Established`]), as do the ICMP and ICMPv6 errors that quote one of its
+/// packets ([`AllowReason::Related`]) and the later fragments of an allowed first fragment.
+/// Flows end by TCP state or idle time (the `*_TIMEOUT` constants); the table holds at most
+/// [`ConntrackConfig::max_flows`], and a new flow that finds it full (after expired flows are
+/// swept, at most once a second) is denied with [`DenyReason::TableFull`].
+///
+/// Time comes in as `now` and must not go backwards. No method logs, allocates for an
+/// established flow, or panics on any input.
 #[derive(Debug)]
 pub struct Filter {
-    _private: (),
+    state: filter::State,
 }
 
 impl Filter {
     /// Makes a filter from a compiled spec. `FilterSpec::default()` denies everything.
     pub fn new(spec: FilterSpec, config: ConntrackConfig) -> Self {
-        let _ = (spec, config);
-        unimplemented!("netpolicy: Filter::new")
+        Filter {
+            state: filter::State::new(spec, config),
+        }
     }
 
     /// Installs a new spec; flows the new spec no longer allows stop passing at once.
+    ///
+    /// Each open flow is checked again as if its first packet came now: a flow whose peer is
+    /// gone, or that no grant allows any more (or that a deny now matches), is dropped.
     pub fn install(&mut self, spec: FilterSpec, now: Instant) {
-        let _ = (spec, now);
-        unimplemented!("netpolicy: Filter::install")
+        self.state.install(spec, now);
     }
 
     /// Decides an IP packet that this node sends to `peer`.
     pub fn outbound(&mut self, peer: &str, packet: &[u8], now: Instant) -> Verdict {
-        let _ = (peer, packet, now);
-        unimplemented!("netpolicy: Filter::outbound")
+        self.state
+            .decide(filter::Direction::Outbound, peer, packet, now)
     }
 
     /// Decides an IP packet that this node received from `peer`.
     pub fn inbound(&mut self, peer: &str, packet: &[u8], now: Instant) -> Verdict {
-        let _ = (peer, packet, now);
-        unimplemented!("netpolicy: Filter::inbound")
+        self.state
+            .decide(filter::Direction::Inbound, peer, packet, now)
+    }
+
+    /// Number of flows in the table, expired ones not yet swept included.
+    pub fn flow_count(&self) -> usize {
+        self.state.flow_count()
     }
 }
 
@@ -253,14 +363,57 @@ impl DenyReason {
 }
 
 /// Names one entry of a policy: its kind, index and line.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RuleId {
-    /// `grant` or `deny`.
-    pub kind: String,
+    /// `grant` or `deny`. Compares equal to those strings.
+    pub kind: RuleKind,
     /// Index among entries of that kind, from 0.
     pub index: usize,
     /// 1-based line of the entry in its document.
     pub line: usize,
+}
+
+/// Whether an entry is a `[[grant]]` or a `[[deny]]`. Serialized as `"grant"` / `"deny"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleKind {
+    /// A `[[grant]]` entry.
+    Grant,
+    /// A `[[deny]]` entry.
+    Deny,
+}
+
+impl RuleKind {
+    /// `grant` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::Grant => "grant",
+            RuleKind::Deny => "deny",
+        }
+    }
+
+    /// True for a grant.
+    pub fn is_grant(self) -> bool {
+        self == RuleKind::Grant
+    }
+}
+
+impl std::fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for RuleKind {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for RuleKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 impl std::fmt::Display for RuleId {
@@ -282,9 +435,28 @@ pub enum Probe {
 
 impl std::str::FromStr for Probe {
     type Err = String;
+
+    /// Parses `tcp:N`, `udp:N` or `icmp`; the error says what is wrong.
     fn from_str(s: &str) -> Result<Self, String> {
-        let _ = s;
-        unimplemented!("netpolicy: Probe::from_str")
+        match s.parse::<model::PortSpec>() {
+            Ok(model::PortSpec::Tcp(lo, hi)) if lo == hi => Ok(Probe::Tcp(lo)),
+            Ok(model::PortSpec::Udp(lo, hi)) if lo == hi => Ok(Probe::Udp(lo)),
+            Ok(model::PortSpec::Icmp) => Ok(Probe::Icmp),
+            Ok(_) => Err(format!(
+                "`{s}`: a probe is one flow, `tcp:N`, `udp:N` or `icmp`, not a range or `any`"
+            )),
+            Err(message) => Err(message),
+        }
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Probe::Tcp(p) => write!(f, "tcp:{p}"),
+            Probe::Udp(p) => write!(f, "udp:{p}"),
+            Probe::Icmp => f.write_str("icmp"),
+        }
     }
 }
 
@@ -308,6 +480,5 @@ pub fn explain(
     dst: Option<IpAddr>,
     probe: Probe,
 ) -> Explanation {
-    let _ = (policy, from, to, dst, probe);
-    unimplemented!("netpolicy: explain")
+    query::explain(policy, from, to, dst, probe)
 }

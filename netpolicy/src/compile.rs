@@ -1,0 +1,236 @@
+//! The compiler: a policy plus an inventory of nodes into one [`FilterSpec`] per node. Pure and
+//! deterministic; [`Compiler`] keeps the resolved selector sets so that one node joining is
+//! recompiled without redoing the whole network.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{PortSpec, Rule, Selector};
+use crate::{CompiledNetwork, FilterSpec, Inventory, NodeIdentity, PeerRules, Policy, RuleId};
+
+/// One compiled grant or deny between a node and one peer, in one direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RuleEntry {
+    /// The policy entry this comes from; its kind says grant or deny.
+    pub(crate) rule: RuleId,
+    /// Source addresses the entry covers.
+    pub(crate) src: Vec<IpNet>,
+    /// Destination addresses the entry covers.
+    pub(crate) dst: Vec<IpNet>,
+    /// Ports the entry covers.
+    pub(crate) ports: Vec<PortSpec>,
+}
+
+/// A policy resolved against an inventory: for every rule, the nodes each side selects.
+///
+/// Build it once with [`Compiler::new`]; [`Compiler::compile`] gives the whole network,
+/// [`Compiler::filter_for`] one node, and [`Compiler::add_node`] takes a node that joined and
+/// says whose filters changed, so that only those are recompiled.
+#[derive(Debug, Clone)]
+pub struct Compiler<'p> {
+    policy: &'p Policy,
+    nodes: Vec<NodeIdentity>,
+    by_name: HashMap<String, usize>,
+    /// Per rule: indices of the nodes its `from` side touches, ascending.
+    from_sets: Vec<Vec<u32>>,
+    /// Per rule: indices of the nodes its `to` side touches, ascending.
+    to_sets: Vec<Vec<u32>>,
+    /// Per node: the rules whose `from` touches it.
+    from_rules: Vec<Vec<u32>>,
+    /// Per node: the rules whose `to` touches it.
+    to_rules: Vec<Vec<u32>>,
+}
+
+impl<'p> Compiler<'p> {
+    /// Resolves every rule's selectors against the inventory. A node name that appears twice
+    /// keeps its first entry.
+    pub fn new(policy: &'p Policy, inventory: &Inventory) -> Self {
+        let mut compiler = Compiler {
+            policy,
+            nodes: Vec::new(),
+            by_name: HashMap::new(),
+            from_sets: vec![Vec::new(); policy.rules.len()],
+            to_sets: vec![Vec::new(); policy.rules.len()],
+            from_rules: Vec::new(),
+            to_rules: Vec::new(),
+        };
+        for node in &inventory.nodes {
+            compiler.insert(node.clone());
+        }
+        compiler
+    }
+
+    /// Adds a node that joined; returns the names of the nodes whose filters change (the new
+    /// node and every node that may now talk to it), sorted. A name already present changes
+    /// nothing and returns an empty list.
+    pub fn add_node(&mut self, node: NodeIdentity) -> Vec<String> {
+        let Some(idx) = self.insert(node) else {
+            return Vec::new();
+        };
+        let mut affected: Vec<u32> = vec![idx];
+        for &r in &self.from_rules[idx as usize] {
+            if self.policy.rules[r as usize].id.kind.is_grant() {
+                affected.extend(&self.to_sets[r as usize]);
+            }
+        }
+        for &r in &self.to_rules[idx as usize] {
+            if self.policy.rules[r as usize].id.kind.is_grant() {
+                affected.extend(&self.from_sets[r as usize]);
+            }
+        }
+        affected.sort_unstable();
+        affected.dedup();
+        let mut names: Vec<String> = affected
+            .into_iter()
+            .map(|i| self.nodes[i as usize].name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Compiles the filter of one node, or `None` when the inventory has no such node.
+    pub fn filter_for(&self, name: &str) -> Option<FilterSpec> {
+        let &me = self.by_name.get(name)?;
+        let me_id = &self.nodes[me];
+        let mut peers: BTreeMap<u32, PeerRules> = BTreeMap::new();
+        // Rules are in RuleId order, so entries come out sorted.
+        let mut rules: Vec<(u32, bool)> = self.to_rules[me]
+            .iter()
+            .map(|&r| (r, true))
+            .chain(self.from_rules[me].iter().map(|&r| (r, false)))
+            .collect();
+        rules.sort_unstable();
+        for (r, inbound) in rules {
+            let rule = &self.policy.rules[r as usize];
+            let others = if inbound {
+                &self.from_sets[r as usize]
+            } else {
+                &self.to_sets[r as usize]
+            };
+            for &other in others {
+                if other as usize == me {
+                    continue;
+                }
+                let peer = &self.nodes[other as usize];
+                let entry = if inbound {
+                    entry(rule, peer, me_id)
+                } else {
+                    entry(rule, me_id, peer)
+                };
+                let Some(entry) = entry else { continue };
+                let rules = peers.entry(other).or_default();
+                if inbound {
+                    rules.inbound.push(entry);
+                } else {
+                    rules.outbound.push(entry);
+                }
+            }
+        }
+        Some(self.finish(peers))
+    }
+
+    /// Compiles every node's filter.
+    pub fn compile(&self) -> CompiledNetwork {
+        let mut per_node: Vec<BTreeMap<u32, PeerRules>> = vec![BTreeMap::new(); self.nodes.len()];
+        for (r, rule) in self.policy.rules.iter().enumerate() {
+            for &a in &self.from_sets[r] {
+                for &b in &self.to_sets[r] {
+                    if a == b {
+                        continue;
+                    }
+                    let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
+                    let Some(entry) = entry(rule, na, nb) else {
+                        continue;
+                    };
+                    per_node[b as usize]
+                        .entry(a)
+                        .or_default()
+                        .inbound
+                        .push(entry.clone());
+                    per_node[a as usize]
+                        .entry(b)
+                        .or_default()
+                        .outbound
+                        .push(entry);
+                }
+            }
+        }
+        let mut filters = BTreeMap::new();
+        for (i, peers) in per_node.into_iter().enumerate() {
+            let spec = self.finish(peers);
+            if !spec.peers.is_empty() {
+                filters.insert(self.nodes[i].name.clone(), spec);
+            }
+        }
+        CompiledNetwork { filters }
+    }
+
+    /// Keeps only peers with at least one grant, keyed by name.
+    fn finish(&self, peers: BTreeMap<u32, PeerRules>) -> FilterSpec {
+        let peers = peers
+            .into_iter()
+            .filter(|(_, rules)| rules.has_grant())
+            .map(|(i, rules)| (self.nodes[i as usize].name.clone(), rules))
+            .collect();
+        FilterSpec { peers }
+    }
+
+    fn insert(&mut self, node: NodeIdentity) -> Option<u32> {
+        if self.by_name.contains_key(&node.name) {
+            return None;
+        }
+        let idx = self.nodes.len() as u32;
+        let mut from_rules = Vec::new();
+        let mut to_rules = Vec::new();
+        for (r, rule) in self.policy.rules.iter().enumerate() {
+            if rule.from.iter().any(|s| s.touches(&node)) {
+                self.from_sets[r].push(idx);
+                from_rules.push(r as u32);
+            }
+            if rule.to.iter().any(|s| s.touches(&node)) {
+                self.to_sets[r].push(idx);
+                to_rules.push(r as u32);
+            }
+        }
+        self.from_rules.push(from_rules);
+        self.to_rules.push(to_rules);
+        self.by_name.insert(node.name.clone(), idx as usize);
+        self.nodes.push(node);
+        Some(idx)
+    }
+}
+
+/// Compiles a policy for every node: see [`crate::compile`].
+pub(crate) fn compile(policy: &Policy, inventory: &Inventory) -> CompiledNetwork {
+    Compiler::new(policy, inventory).compile()
+}
+
+/// The entry of `rule` for flows from `src` to `dst`, or `None` when it covers no address.
+fn entry(rule: &Rule, src: &NodeIdentity, dst: &NodeIdentity) -> Option<RuleEntry> {
+    let src_nets = side_prefixes(&rule.from, src);
+    let dst_nets = side_prefixes(&rule.to, dst);
+    if src_nets.is_empty() || dst_nets.is_empty() {
+        return None;
+    }
+    Some(RuleEntry {
+        rule: rule.id,
+        src: src_nets,
+        dst: dst_nets,
+        ports: rule.ports.clone(),
+    })
+}
+
+fn side_prefixes(selectors: &[Selector], node: &NodeIdentity) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for sel in selectors {
+        sel.prefixes_of(node, &mut out);
+    }
+    out.sort_unstable();
+    out.dedup();
+    // Drop prefixes already inside another one of the list.
+    let all = out.clone();
+    out.retain(|p| !all.iter().any(|q| q != p && q.contains(p)));
+    out
+}

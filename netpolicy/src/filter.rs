@@ -1,0 +1,827 @@
+//! The stateful per-packet filter of one node: rule tables indexed by protocol and port, and
+//! a bounded connection-tracking table. No I/O, no clock of its own, no allocation per packet
+//! once a flow is open.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::compile::RuleEntry;
+use crate::model::{PacketClass, PortSpec};
+use crate::packet::{
+    self, Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, Transport, addr_bits,
+};
+use crate::{AllowReason, ConntrackConfig, DenyReason, FilterSpec, RuleId, RuleKind, Verdict};
+
+/// A TCP flow that has seen only its opening SYN.
+pub const TCP_OPENING_TIMEOUT: Duration = Duration::from_secs(60);
+/// An established TCP flow, idle.
+pub const TCP_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// A TCP flow after FIN in both directions.
+pub const TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(60);
+/// A TCP flow after a RST.
+pub const TCP_RESET_TIMEOUT: Duration = Duration::from_secs(10);
+/// A UDP flow that has seen no reply.
+pub const UDP_UNREPLIED_TIMEOUT: Duration = Duration::from_secs(30);
+/// A UDP flow that has seen a reply, idle.
+pub const UDP_TIMEOUT: Duration = Duration::from_secs(120);
+/// An ICMP echo flow, idle.
+pub const ICMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A flow of another protocol (allowed by `any`), idle.
+pub const OTHER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the later fragments of an allowed first fragment pass.
+pub const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most fragmented datagrams tracked at once.
+const MAX_FRAGMENTS: usize = 4096;
+/// A full table is swept for expired flows at most this often.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Above this many indexed entries per protocol, a rule table scans linearly instead.
+const MAX_INDEX_PER_ENTRY: usize = 64;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// Which way a packet goes, seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// The filter's state; see [`crate::Filter`].
+#[derive(Debug)]
+pub(crate) struct State {
+    peers: Vec<PeerTable>,
+    by_name: HashMap<Box<str>, u32, FastHash>,
+    flows: HashMap<FlowKey, Flow, FastHash>,
+    fragments: HashMap<FragmentKey, (u32, Instant), FastHash>,
+    max_flows: usize,
+    next_sweep: Option<Instant>,
+}
+
+impl State {
+    pub(crate) fn new(spec: FilterSpec, config: ConntrackConfig) -> Self {
+        let (peers, by_name) = tables(&spec);
+        let capacity = config.max_flows.min(1 << 16);
+        State {
+            peers,
+            by_name,
+            flows: HashMap::with_capacity_and_hasher(capacity, FastHash::default()),
+            fragments: HashMap::with_hasher(FastHash::default()),
+            max_flows: config.max_flows,
+            next_sweep: None,
+        }
+    }
+
+    pub(crate) fn install(&mut self, spec: FilterSpec, now: Instant) {
+        let (peers, by_name) = tables(&spec);
+        let old = std::mem::replace(&mut self.peers, peers);
+        self.by_name = by_name;
+        let (new_peers, new_names) = (&self.peers, &self.by_name);
+        self.flows.retain(|key, flow| {
+            if flow.expires <= now {
+                return false;
+            }
+            let Some(&idx) = new_names.get(&*old[flow.peer as usize].name) else {
+                return false;
+            };
+            let table = match flow.origin {
+                Direction::Outbound => &new_peers[idx as usize].outbound,
+                Direction::Inbound => &new_peers[idx as usize].inbound,
+            };
+            let (src, dst, port) = match flow.origin {
+                Direction::Outbound => (&key.local, &key.remote, key.remote_port),
+                Direction::Inbound => (&key.remote, &key.local, key.local_port),
+            };
+            let class = match key.proto {
+                PROTO_TCP => PacketClass::Tcp(port),
+                PROTO_UDP => PacketClass::Udp(port),
+                _ if flow.echo => PacketClass::IcmpEcho,
+                _ => PacketClass::Other,
+            };
+            let allowed = matches!(
+                table.decide(src, dst, key.v4, class),
+                Some((RuleKind::Grant, _))
+            );
+            flow.peer = idx;
+            allowed
+        });
+        // Fragments in flight are re-checked by their next first fragment.
+        self.fragments.clear();
+    }
+
+    pub(crate) fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub(crate) fn decide(
+        &mut self,
+        dir: Direction,
+        peer: &str,
+        buf: &[u8],
+        now: Instant,
+    ) -> Verdict {
+        let pkt = match packet::classify(buf) {
+            Ok(p) => p,
+            Err(reason) => return Verdict::Deny(DenyReason::Malformed(reason)),
+        };
+        let (local, remote) = match dir {
+            Direction::Outbound => (pkt.src, pkt.dst),
+            Direction::Inbound => (pkt.dst, pkt.src),
+        };
+        let verdict = match pkt.transport {
+            Transport::Tcp {
+                src_port,
+                dst_port,
+                flags,
+            } => {
+                let key = FlowKey::new(&pkt, local, remote, dir, src_port, dst_port);
+                self.tcp(dir, peer, &pkt, key, flags, now)
+            }
+            Transport::Udp { src_port, dst_port } => {
+                let key = FlowKey::new(&pkt, local, remote, dir, src_port, dst_port);
+                self.stateful(dir, peer, &pkt, key, PacketClass::Udp(dst_port), now)
+            }
+            Transport::Echo { request, id } => {
+                let key = FlowKey {
+                    v4: pkt.v4,
+                    proto: pkt.proto,
+                    local,
+                    remote,
+                    local_port: id,
+                    remote_port: 0,
+                };
+                self.echo(dir, peer, &pkt, key, request, now)
+            }
+            Transport::Error { inner } => self.icmp_error(dir, peer, &pkt, &inner, now),
+            Transport::Fragment => self.later_fragment(peer, &pkt, now),
+            Transport::IcmpOther => self.stateless(dir, peer, &pkt, PacketClass::Other),
+            Transport::Other => {
+                let key = FlowKey {
+                    v4: pkt.v4,
+                    proto: pkt.proto,
+                    local,
+                    remote,
+                    local_port: 0,
+                    remote_port: 0,
+                };
+                self.stateful(dir, peer, &pkt, key, PacketClass::Other, now)
+            }
+        };
+        if let (Verdict::Allow(_), Some(frag)) = (&verdict, pkt.fragment)
+            && frag.first
+            && frag.more
+        {
+            self.remember_fragment(peer, &pkt, frag.id, now);
+        }
+        verdict
+    }
+
+    fn peer_index(&self, peer: &str) -> Option<u32> {
+        self.by_name.get(peer).copied()
+    }
+
+    /// Looks up a live flow of this peer; an expired one is removed.
+    fn live_flow(&mut self, key: &FlowKey, peer: &str, now: Instant) -> Option<&mut Flow> {
+        let flow = self.flows.get(key)?;
+        if flow.expires <= now {
+            self.flows.remove(key);
+            return None;
+        }
+        if *self.peers[flow.peer as usize].name != *peer {
+            return None;
+        }
+        self.flows.get_mut(key)
+    }
+
+    fn tcp(
+        &mut self,
+        dir: Direction,
+        peer: &str,
+        pkt: &Packet,
+        key: FlowKey,
+        flags: u8,
+        now: Instant,
+    ) -> Verdict {
+        let fresh_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if let Some(flow) = self.live_flow(&key, peer, now) {
+            let reopen = fresh_syn && matches!(flow.tcp, TcpState::Closing | TcpState::Reset);
+            if !reopen {
+                flow.tcp_update(dir, flags, now);
+                return Verdict::Allow(AllowReason::Established);
+            }
+            self.flows.remove(&key);
+        }
+        let port = match dir {
+            Direction::Outbound => key.remote_port,
+            Direction::Inbound => key.local_port,
+        };
+        let verdict = self.stateless(dir, peer, pkt, PacketClass::Tcp(port));
+        if matches!(verdict, Verdict::Allow(_)) && flags & TCP_RST == 0 {
+            let tcp = if fresh_syn {
+                TcpState::Opening
+            } else {
+                TcpState::Established
+            };
+            let flow = Flow {
+                peer: 0,
+                origin: dir,
+                echo: false,
+                replied: false,
+                tcp,
+                fin: 0,
+                expires: now,
+            };
+            return self.open(peer, key, flow, verdict, now);
+        }
+        verdict
+    }
+
+    fn stateful(
+        &mut self,
+        dir: Direction,
+        peer: &str,
+        pkt: &Packet,
+        key: FlowKey,
+        class: PacketClass,
+        now: Instant,
+    ) -> Verdict {
+        if let Some(flow) = self.live_flow(&key, peer, now) {
+            if dir != flow.origin {
+                flow.replied = true;
+            }
+            flow.expires = now + flow.idle_timeout(key.proto);
+            return Verdict::Allow(AllowReason::Established);
+        }
+        let verdict = self.stateless(dir, peer, pkt, class);
+        if matches!(verdict, Verdict::Allow(_)) {
+            let flow = Flow {
+                peer: 0,
+                origin: dir,
+                echo: false,
+                replied: false,
+                tcp: TcpState::Established,
+                fin: 0,
+                expires: now,
+            };
+            return self.open(peer, key, flow, verdict, now);
+        }
+        verdict
+    }
+
+    fn echo(
+        &mut self,
+        dir: Direction,
+        peer: &str,
+        pkt: &Packet,
+        key: FlowKey,
+        request: bool,
+        now: Instant,
+    ) -> Verdict {
+        if let Some(flow) = self.live_flow(&key, peer, now) {
+            // Requests go the way the flow was opened, replies the other way.
+            if request == (dir == flow.origin) && flow.echo {
+                flow.expires = now + ICMP_TIMEOUT;
+                return Verdict::Allow(AllowReason::Established);
+            }
+        }
+        if !request {
+            return self.stateless(dir, peer, pkt, PacketClass::Other);
+        }
+        let verdict = self.stateless(dir, peer, pkt, PacketClass::IcmpEcho);
+        if matches!(verdict, Verdict::Allow(_)) {
+            let flow = Flow {
+                peer: 0,
+                origin: dir,
+                echo: true,
+                replied: false,
+                tcp: TcpState::Established,
+                fin: 0,
+                expires: now,
+            };
+            return self.open(peer, key, flow, verdict, now);
+        }
+        verdict
+    }
+
+    fn icmp_error(
+        &mut self,
+        dir: Direction,
+        peer: &str,
+        pkt: &Packet,
+        inner: &packet::Quoted,
+        now: Instant,
+    ) -> Verdict {
+        // The quoted packet went the other way: an error this node receives quotes a packet it
+        // sent, so the quoted source is local; an error it sends quotes a packet it received.
+        let (local, remote, local_port, remote_port) = match dir {
+            Direction::Inbound => (inner.src, inner.dst, inner.src_port, inner.dst_port),
+            Direction::Outbound => (inner.dst, inner.src, inner.dst_port, inner.src_port),
+        };
+        let error_goes_back = match dir {
+            Direction::Inbound => pkt.dst == inner.src,
+            Direction::Outbound => pkt.dst == inner.src,
+        };
+        let inner_echo = matches!(inner.proto, PROTO_ICMP | PROTO_ICMPV6);
+        let (local_port, remote_port) = if inner_echo {
+            (inner.src_port, 0)
+        } else {
+            (local_port, remote_port)
+        };
+        let key = FlowKey {
+            v4: pkt.v4,
+            proto: inner.proto,
+            local,
+            remote,
+            local_port,
+            remote_port,
+        };
+        if error_goes_back && self.live_flow(&key, peer, now).is_some() {
+            return Verdict::Allow(AllowReason::Related);
+        }
+        self.stateless(dir, peer, pkt, PacketClass::Other)
+    }
+
+    fn later_fragment(&mut self, peer: &str, pkt: &Packet, now: Instant) -> Verdict {
+        let Some(frag) = pkt.fragment else {
+            return Verdict::Deny(DenyReason::Malformed("fragment-without-header"));
+        };
+        let key = FragmentKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            proto: pkt.proto,
+            id: frag.id,
+        };
+        let Some(idx) = self.peer_index(peer) else {
+            return Verdict::Deny(DenyReason::UnknownPeer);
+        };
+        match self.fragments.get(&key) {
+            Some(&(p, expires)) if p == idx && expires > now => {
+                if !frag.more {
+                    self.fragments.remove(&key);
+                }
+                Verdict::Allow(AllowReason::Related)
+            }
+            _ => Verdict::Deny(DenyReason::NoRule),
+        }
+    }
+
+    fn remember_fragment(&mut self, peer: &str, pkt: &Packet, id: u32, now: Instant) {
+        let Some(idx) = self.peer_index(peer) else {
+            return;
+        };
+        if self.fragments.len() >= MAX_FRAGMENTS {
+            self.fragments.retain(|_, (_, expires)| *expires > now);
+            if self.fragments.len() >= MAX_FRAGMENTS {
+                return;
+            }
+        }
+        let key = FragmentKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            proto: pkt.proto,
+            id,
+        };
+        self.fragments.insert(key, (idx, now + FRAGMENT_TIMEOUT));
+    }
+
+    /// Decides a packet by the rules alone.
+    fn stateless(&self, dir: Direction, peer: &str, pkt: &Packet, class: PacketClass) -> Verdict {
+        let Some(idx) = self.peer_index(peer) else {
+            return Verdict::Deny(DenyReason::UnknownPeer);
+        };
+        let rules = &self.peers[idx as usize];
+        let table = match dir {
+            Direction::Outbound => &rules.outbound,
+            Direction::Inbound => &rules.inbound,
+        };
+        match table.decide(&pkt.src, &pkt.dst, pkt.v4, class) {
+            Some((RuleKind::Deny, id)) => Verdict::Deny(DenyReason::Rule(id)),
+            Some((RuleKind::Grant, id)) => Verdict::Allow(AllowReason::Rule(id)),
+            None => Verdict::Deny(DenyReason::NoRule),
+        }
+    }
+
+    /// Records an allowed new flow; a full table refuses it.
+    fn open(
+        &mut self,
+        peer: &str,
+        key: FlowKey,
+        mut flow: Flow,
+        verdict: Verdict,
+        now: Instant,
+    ) -> Verdict {
+        let Some(idx) = self.peer_index(peer) else {
+            return Verdict::Deny(DenyReason::UnknownPeer);
+        };
+        if self.flows.len() >= self.max_flows {
+            if self.next_sweep.is_none_or(|t| now >= t) {
+                self.flows.retain(|_, f| f.expires > now);
+                self.next_sweep = Some(now + SWEEP_INTERVAL);
+            }
+            if self.flows.len() >= self.max_flows {
+                return Verdict::Deny(DenyReason::TableFull);
+            }
+        }
+        flow.peer = idx;
+        flow.expires = now + flow.initial_timeout(key.proto);
+        self.flows.insert(key, flow);
+        verdict
+    }
+}
+
+/// The rules between this node and one peer, ready for lookups.
+#[derive(Debug)]
+struct PeerTable {
+    name: Box<str>,
+    inbound: RuleTable,
+    outbound: RuleTable,
+}
+
+fn tables(spec: &FilterSpec) -> (Vec<PeerTable>, HashMap<Box<str>, u32, FastHash>) {
+    let mut peers = Vec::with_capacity(spec.peers.len());
+    let mut by_name = HashMap::with_capacity_and_hasher(spec.peers.len(), FastHash::default());
+    for (name, rules) in &spec.peers {
+        by_name.insert(Box::from(name.as_str()), peers.len() as u32);
+        peers.push(PeerTable {
+            name: Box::from(name.as_str()),
+            inbound: RuleTable::new(&rules.inbound),
+            outbound: RuleTable::new(&rules.outbound),
+        });
+    }
+    (peers, by_name)
+}
+
+/// A prefix as a mask over a 128-bit number (IPv4 mapped into `::ffff:0:0/96`).
+#[derive(Debug, Clone, Copy)]
+struct Prefix {
+    v4: bool,
+    bits: u128,
+    mask: u128,
+}
+
+impl Prefix {
+    fn new(net: &IpNet) -> Self {
+        let (v4, bits, len) = match net {
+            IpNet::V4(n) => {
+                let mapped = n.network().to_ipv6_mapped();
+                (true, u128::from(mapped), 96 + u32::from(n.prefix_len()))
+            }
+            IpNet::V6(n) => (false, u128::from(n.network()), u32::from(n.prefix_len())),
+        };
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
+        Prefix {
+            v4,
+            bits: bits & mask,
+            mask,
+        }
+    }
+
+    fn contains(&self, v4: bool, addr: u128) -> bool {
+        self.v4 == v4 && addr & self.mask == self.bits
+    }
+}
+
+#[derive(Debug)]
+struct CompiledEntry {
+    kind: RuleKind,
+    rule: RuleId,
+    src: Vec<Prefix>,
+    dst: Vec<Prefix>,
+    ports: Vec<PortSpec>,
+}
+
+/// The entries of one direction, denies before grants, with a port index per protocol.
+#[derive(Debug)]
+struct RuleTable {
+    entries: Vec<CompiledEntry>,
+    tcp: PortIndex,
+    udp: PortIndex,
+    echo: Vec<u32>,
+    other: Vec<u32>,
+}
+
+impl RuleTable {
+    fn new(raw: &[RuleEntry]) -> Self {
+        let mut entries: Vec<CompiledEntry> = raw
+            .iter()
+            .map(|e| CompiledEntry {
+                kind: e.rule.kind,
+                rule: e.rule,
+                src: e.src.iter().map(Prefix::new).collect(),
+                dst: e.dst.iter().map(Prefix::new).collect(),
+                ports: e.ports.clone(),
+            })
+            .collect();
+        entries.sort_by_key(|e| (e.kind != RuleKind::Deny, e.rule));
+        let pick = |f: fn(&PortSpec) -> bool| -> Vec<u32> {
+            (0..entries.len() as u32)
+                .filter(|&i| entries[i as usize].ports.iter().any(f))
+                .collect()
+        };
+        let echo = pick(|p| matches!(p, PortSpec::Icmp | PortSpec::Any));
+        let other = pick(|p| matches!(p, PortSpec::Any));
+        let tcp = PortIndex::new(&entries, |p| match *p {
+            PortSpec::Tcp(lo, hi) => Some((lo, hi)),
+            PortSpec::Any => Some((0, u16::MAX)),
+            _ => None,
+        });
+        let udp = PortIndex::new(&entries, |p| match *p {
+            PortSpec::Udp(lo, hi) => Some((lo, hi)),
+            PortSpec::Any => Some((0, u16::MAX)),
+            _ => None,
+        });
+        RuleTable {
+            entries,
+            tcp,
+            udp,
+            echo,
+            other,
+        }
+    }
+
+    /// The first matching entry, denies first: its kind and id.
+    fn decide(
+        &self,
+        src: &Addr,
+        dst: &Addr,
+        v4: bool,
+        class: PacketClass,
+    ) -> Option<(RuleKind, RuleId)> {
+        let (s, d) = (addr_bits(src), addr_bits(dst));
+        let candidates: &[u32] = match class {
+            PacketClass::Tcp(port) => self.tcp.lookup(port),
+            PacketClass::Udp(port) => self.udp.lookup(port),
+            PacketClass::IcmpEcho => &self.echo,
+            PacketClass::Other => &self.other,
+        };
+        for &i in candidates {
+            let e = &self.entries[i as usize];
+            if !e.ports.iter().any(|p| p.admits(class)) {
+                continue;
+            }
+            if e.src.iter().any(|p| p.contains(v4, s)) && e.dst.iter().any(|p| p.contains(v4, d)) {
+                return Some((e.kind, e.rule));
+            }
+        }
+        None
+    }
+}
+
+/// Port ranges cut into segments; each segment lists the entries covering it, in order.
+#[derive(Debug)]
+struct PortIndex {
+    /// Segment starts, ascending, the first is 0.
+    starts: Vec<u16>,
+    /// Per segment, its slice of `flat`.
+    slices: Vec<(u32, u32)>,
+    flat: Vec<u32>,
+}
+
+impl PortIndex {
+    fn new(entries: &[CompiledEntry], range: fn(&PortSpec) -> Option<(u16, u16)>) -> Self {
+        let mut cuts: Vec<u32> = vec![0];
+        let mut covering: Vec<(u32, u16, u16)> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            for (lo, hi) in e.ports.iter().filter_map(range) {
+                cuts.push(u32::from(lo));
+                cuts.push(u32::from(hi) + 1);
+                covering.push((i as u32, lo, hi));
+            }
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.retain(|&c| c <= u32::from(u16::MAX));
+        let budget = MAX_INDEX_PER_ENTRY * entries.len().max(1);
+        let mut flat = Vec::new();
+        let mut slices = Vec::with_capacity(cuts.len());
+        for &start in &cuts {
+            let begin = flat.len() as u32;
+            let mut last = u32::MAX;
+            for &(i, lo, hi) in &covering {
+                let inside = u32::from(lo) <= start && start <= u32::from(hi);
+                if inside && i != last {
+                    flat.push(i);
+                    last = i;
+                }
+            }
+            flat.dedup();
+            slices.push((begin, flat.len() as u32));
+            if flat.len() > budget {
+                // Too many overlapping ranges to index: one segment holding every entry.
+                let all: Vec<u32> = {
+                    let mut v: Vec<u32> = covering.iter().map(|c| c.0).collect();
+                    v.dedup();
+                    v
+                };
+                let n = all.len() as u32;
+                return PortIndex {
+                    starts: vec![0],
+                    slices: vec![(0, n)],
+                    flat: all,
+                };
+            }
+        }
+        let starts = cuts.into_iter().map(|c| c as u16).collect();
+        PortIndex {
+            starts,
+            slices,
+            flat,
+        }
+    }
+
+    fn lookup(&self, port: u16) -> &[u32] {
+        let seg = self
+            .starts
+            .partition_point(|&s| s <= port)
+            .saturating_sub(1);
+        match self.slices.get(seg) {
+            Some(&(a, b)) => &self.flat[a as usize..b as usize],
+            None => &[],
+        }
+    }
+}
+
+/// A flow, keyed from this node's side so that both directions find it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlowKey {
+    v4: bool,
+    proto: u8,
+    local: Addr,
+    remote: Addr,
+    local_port: u16,
+    remote_port: u16,
+}
+
+impl FlowKey {
+    fn new(
+        pkt: &Packet,
+        local: Addr,
+        remote: Addr,
+        dir: Direction,
+        src_port: u16,
+        dst_port: u16,
+    ) -> Self {
+        let (local_port, remote_port) = match dir {
+            Direction::Outbound => (src_port, dst_port),
+            Direction::Inbound => (dst_port, src_port),
+        };
+        FlowKey {
+            v4: pkt.v4,
+            proto: pkt.proto,
+            local,
+            remote,
+            local_port,
+            remote_port,
+        }
+    }
+}
+
+impl Hash for FlowKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from_ne_bytes(self.local));
+        state.write_u128(u128::from_ne_bytes(self.remote));
+        let rest = u64::from(self.proto)
+            | u64::from(self.v4) << 8
+            | u64::from(self.local_port) << 16
+            | u64::from(self.remote_port) << 32;
+        state.write_u64(rest);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FragmentKey {
+    src: Addr,
+    dst: Addr,
+    proto: u8,
+    id: u32,
+}
+
+impl Hash for FragmentKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from_ne_bytes(self.src));
+        state.write_u128(u128::from_ne_bytes(self.dst));
+        state.write_u64(u64::from(self.id) | u64::from(self.proto) << 32);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcpState {
+    /// Only the opening SYN seen.
+    Opening,
+    Established,
+    /// FIN seen both ways.
+    Closing,
+    Reset,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    /// Index into the filter's peer tables.
+    peer: u32,
+    origin: Direction,
+    echo: bool,
+    replied: bool,
+    tcp: TcpState,
+    /// FIN seen: bit 0 from the origin side, bit 1 from the other.
+    fin: u8,
+    expires: Instant,
+}
+
+impl Flow {
+    fn initial_timeout(&self, proto: u8) -> Duration {
+        match (proto, self.tcp) {
+            (PROTO_TCP, TcpState::Opening) => TCP_OPENING_TIMEOUT,
+            (PROTO_TCP, _) => TCP_ESTABLISHED_TIMEOUT,
+            (PROTO_UDP, _) => UDP_UNREPLIED_TIMEOUT,
+            _ if self.echo => ICMP_TIMEOUT,
+            _ => OTHER_TIMEOUT,
+        }
+    }
+
+    fn idle_timeout(&self, proto: u8) -> Duration {
+        match proto {
+            PROTO_UDP if self.replied => UDP_TIMEOUT,
+            PROTO_UDP => UDP_UNREPLIED_TIMEOUT,
+            _ => OTHER_TIMEOUT,
+        }
+    }
+
+    fn tcp_update(&mut self, dir: Direction, flags: u8, now: Instant) {
+        let from_origin = dir == self.origin;
+        if flags & TCP_RST != 0 {
+            self.tcp = TcpState::Reset;
+        } else if self.tcp == TcpState::Reset {
+            // Stay reset: stragglers pass until the short timeout ends.
+        } else if flags & TCP_FIN != 0 {
+            self.fin |= if from_origin { 1 } else { 2 };
+            if self.fin == 3 {
+                self.tcp = TcpState::Closing;
+            }
+        } else if self.tcp == TcpState::Opening && !from_origin {
+            self.tcp = TcpState::Established;
+        }
+        let timeout = match self.tcp {
+            TcpState::Opening => TCP_OPENING_TIMEOUT,
+            TcpState::Established => TCP_ESTABLISHED_TIMEOUT,
+            TcpState::Closing => TCP_CLOSING_TIMEOUT,
+            TcpState::Reset => TCP_RESET_TIMEOUT,
+        };
+        // A closing or reset flow lives its short timeout from the last FIN or RST; the ACKs
+        // after it do not extend it.
+        let ending = matches!(self.tcp, TcpState::Closing | TcpState::Reset);
+        if !ending || flags & (TCP_RST | TCP_FIN) != 0 {
+            self.expires = now + timeout;
+        }
+    }
+}
+
+/// A small multiplicative hasher for flow keys: the keys are fixed-size numbers, not
+/// attacker-chosen strings of any length, and a peer can only vary its own ports and ids.
+#[derive(Debug, Default, Clone, Copy)]
+struct FastHasher {
+    hash: u64,
+}
+
+type FastHash = BuildHasherDefault<FastHasher>;
+
+const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(SEED);
+    }
+}
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_ne_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.add(n as u64);
+        self.add((n >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // Fold the high bits down: hashbrown takes its bucket from the low bits.
+        self.hash ^ (self.hash >> 29)
+    }
+}

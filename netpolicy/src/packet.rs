@@ -1,0 +1,349 @@
+//! The packet classifier: a checked view of an IPv4 or IPv6 packet down to what the filter
+//! needs (addresses, protocol, ports, ICMP kind, the flow an ICMP error quotes). Walks IPv6
+//! extension headers. Never panics; a packet it cannot read gets a reason.
+
+/// IP protocol numbers the classifier knows.
+pub(crate) const PROTO_ICMP: u8 = 1;
+pub(crate) const PROTO_TCP: u8 = 6;
+pub(crate) const PROTO_UDP: u8 = 17;
+pub(crate) const PROTO_ICMPV6: u8 = 58;
+
+/// The most IPv6 extension headers walked before the packet is refused.
+const MAX_EXTENSION_HEADERS: usize = 16;
+
+/// An address as 16 bytes; IPv4 is marked by `v4`.
+pub(crate) type Addr = [u8; 16];
+
+/// The transport part of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// TCP with ports and flags.
+    Tcp {
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+    },
+    /// UDP with ports.
+    Udp { src_port: u16, dst_port: u16 },
+    /// ICMP or ICMPv6 echo request or reply.
+    Echo { request: bool, id: u16 },
+    /// ICMP or ICMPv6 error quoting the start of the packet it is about.
+    Error { inner: Quoted },
+    /// Any other ICMP type.
+    IcmpOther,
+    /// A non-first fragment: no transport header.
+    Fragment,
+    /// Another protocol.
+    Other,
+}
+
+/// The flow an ICMP error quotes, as the quoted packet saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Quoted {
+    pub(crate) src: Addr,
+    pub(crate) dst: Addr,
+    pub(crate) proto: u8,
+    /// Source and destination ports, or the echo id and 0.
+    pub(crate) src_port: u16,
+    pub(crate) dst_port: u16,
+    /// Whether the quoted packet is an echo request (echo only).
+    pub(crate) echo_request: bool,
+}
+
+/// A classified packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Packet {
+    pub(crate) v4: bool,
+    pub(crate) src: Addr,
+    pub(crate) dst: Addr,
+    pub(crate) proto: u8,
+    pub(crate) transport: Transport,
+    /// Fragment identification when the packet is a fragment (first or later).
+    pub(crate) fragment: Option<FragmentInfo>,
+}
+
+/// What a fragment carries for matching its siblings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FragmentInfo {
+    pub(crate) id: u32,
+    /// More fragments follow.
+    pub(crate) more: bool,
+    /// Offset is zero.
+    pub(crate) first: bool,
+}
+
+/// Reads a packet; the error is a stable, short reason.
+pub(crate) fn classify(buf: &[u8]) -> Result<Packet, &'static str> {
+    let Some(&first) = buf.first() else {
+        return Err("empty");
+    };
+    match first >> 4 {
+        4 => classify_v4(buf, false),
+        6 => classify_v6(buf, false),
+        _ => Err("bad-ip-version"),
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+fn v4_addr(b: &[u8]) -> Addr {
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12..].copy_from_slice(&b[..4]);
+    a
+}
+
+fn v6_addr(b: &[u8]) -> Addr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[..16]);
+    a
+}
+
+/// `quoted` is true inside an ICMP error: the quoted packet is cut short, so its length fields
+/// are not checked against the buffer.
+fn classify_v4(buf: &[u8], quoted: bool) -> Result<Packet, &'static str> {
+    if buf.len() < 20 {
+        return Err("truncated-ip");
+    }
+    let ihl = usize::from(buf[0] & 0x0f) * 4;
+    if ihl < 20 || buf.len() < ihl {
+        return Err("bad-ipv4-header-length");
+    }
+    let total = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+    let end = if quoted {
+        buf.len()
+    } else {
+        if total < ihl || total > buf.len() {
+            return Err("bad-ipv4-total-length");
+        }
+        total
+    };
+    let frag_field = u16::from_be_bytes([buf[6], buf[7]]);
+    let more = frag_field & 0x2000 != 0;
+    let offset = frag_field & 0x1fff;
+    let fragment = (more || offset != 0).then(|| FragmentInfo {
+        id: u32::from(u16::from_be_bytes([buf[4], buf[5]])),
+        more,
+        first: offset == 0,
+    });
+    let proto = buf[9];
+    let src = v4_addr(&buf[12..16]);
+    let dst = v4_addr(&buf[16..20]);
+    let payload = &buf[ihl..end];
+    let transport = if offset != 0 {
+        Transport::Fragment
+    } else {
+        transport(proto, payload, true, quoted)?
+    };
+    Ok(Packet {
+        v4: true,
+        src,
+        dst,
+        proto,
+        transport,
+        fragment,
+    })
+}
+
+fn classify_v6(buf: &[u8], quoted: bool) -> Result<Packet, &'static str> {
+    if buf.len() < 40 {
+        return Err("truncated-ip");
+    }
+    let payload_len = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
+    let end = if quoted {
+        buf.len()
+    } else {
+        if payload_len == 0 && buf.len() > 40 {
+            return Err("ipv6-jumbogram");
+        }
+        if 40 + payload_len > buf.len() {
+            return Err("bad-ipv6-payload-length");
+        }
+        40 + payload_len
+    };
+    let src = v6_addr(&buf[8..24]);
+    let dst = v6_addr(&buf[24..40]);
+    let mut next = buf[6];
+    let mut at = 40;
+    let mut fragment = None;
+    let mut later_fragment = false;
+    for _ in 0..=MAX_EXTENSION_HEADERS {
+        match next {
+            // Hop-by-hop, routing, destination options, mobility, HIP, shim6.
+            0 | 43 | 60 | 135 | 139 | 140 => {
+                if at + 8 > end {
+                    return Err("truncated-ipv6-extension-header");
+                }
+                let len = (usize::from(buf[at + 1]) + 1) * 8;
+                if at + len > end {
+                    return Err("truncated-ipv6-extension-header");
+                }
+                next = buf[at];
+                at += len;
+            }
+            // Fragment header: fixed 8 bytes.
+            44 => {
+                if at + 8 > end {
+                    return Err("truncated-ipv6-extension-header");
+                }
+                let field = u16::from_be_bytes([buf[at + 2], buf[at + 3]]);
+                let offset = field >> 3;
+                let more = field & 1 != 0;
+                let id = u32::from_be_bytes([buf[at + 4], buf[at + 5], buf[at + 6], buf[at + 7]]);
+                if offset != 0 || more {
+                    fragment = Some(FragmentInfo {
+                        id,
+                        more,
+                        first: offset == 0,
+                    });
+                }
+                later_fragment = offset != 0;
+                next = buf[at];
+                at += 8;
+            }
+            // Authentication header: length in 4-octet units, plus 2.
+            51 => {
+                if at + 8 > end {
+                    return Err("truncated-ipv6-extension-header");
+                }
+                let len = (usize::from(buf[at + 1]) + 2) * 4;
+                if at + len > end {
+                    return Err("truncated-ipv6-extension-header");
+                }
+                next = buf[at];
+                at += len;
+            }
+            _ => {
+                let transport = if later_fragment {
+                    Transport::Fragment
+                } else {
+                    transport(next, &buf[at..end], false, quoted)?
+                };
+                return Ok(Packet {
+                    v4: false,
+                    src,
+                    dst,
+                    proto: next,
+                    transport,
+                    fragment,
+                });
+            }
+        }
+        if later_fragment {
+            // What follows a later fragment's header is not a header; stop here.
+            return Ok(Packet {
+                v4: false,
+                src,
+                dst,
+                proto: next,
+                transport: Transport::Fragment,
+                fragment,
+            });
+        }
+    }
+    Err("too-many-ipv6-extension-headers")
+}
+
+fn transport(proto: u8, p: &[u8], v4: bool, quoted: bool) -> Result<Transport, &'static str> {
+    match proto {
+        PROTO_TCP => {
+            // A quoted header is guaranteed only its first 8 bytes: the ports.
+            if quoted {
+                let (Some(src_port), Some(dst_port)) = (be16(p, 0), be16(p, 2)) else {
+                    return Err("truncated-tcp");
+                };
+                return Ok(Transport::Tcp {
+                    src_port,
+                    dst_port,
+                    flags: 0,
+                });
+            }
+            if p.len() < 20 {
+                return Err("truncated-tcp");
+            }
+            let data_offset = usize::from(p[12] >> 4) * 4;
+            if data_offset < 20 || data_offset > p.len() {
+                return Err("bad-tcp-header-length");
+            }
+            Ok(Transport::Tcp {
+                src_port: u16::from_be_bytes([p[0], p[1]]),
+                dst_port: u16::from_be_bytes([p[2], p[3]]),
+                flags: p[13],
+            })
+        }
+        PROTO_UDP => {
+            let (Some(src_port), Some(dst_port)) = (be16(p, 0), be16(p, 2)) else {
+                return Err("truncated-udp");
+            };
+            if !quoted && p.len() < 8 {
+                return Err("truncated-udp");
+            }
+            Ok(Transport::Udp { src_port, dst_port })
+        }
+        PROTO_ICMP if v4 => icmp(p, true, quoted),
+        PROTO_ICMPV6 if !v4 => icmp(p, false, quoted),
+        _ => Ok(Transport::Other),
+    }
+}
+
+fn icmp(p: &[u8], v4: bool, quoted: bool) -> Result<Transport, &'static str> {
+    if p.len() < 8 {
+        return Err("truncated-icmp");
+    }
+    let kind = p[0];
+    let (echo_request, echo_reply) = if v4 { (8, 0) } else { (128, 129) };
+    if kind == echo_request || kind == echo_reply {
+        let id = u16::from_be_bytes([p[4], p[5]]);
+        return Ok(Transport::Echo {
+            request: kind == echo_request,
+            id,
+        });
+    }
+    // Destination unreachable (incl. fragmentation needed), time exceeded, parameter problem;
+    // for ICMPv6 also packet too big. Source quench is obsolete and not related to a flow.
+    let is_error = if v4 {
+        matches!(kind, 3 | 11 | 12)
+    } else {
+        matches!(kind, 1..=4)
+    };
+    if !is_error {
+        return Ok(Transport::IcmpOther);
+    }
+    if quoted {
+        // An error quoting an error is never generated; refuse rather than recurse.
+        return Err("icmp-error-in-icmp-error");
+    }
+    let inner = &p[8..];
+    let quoted_packet = match inner.first().map(|b| b >> 4) {
+        Some(4) if v4 => classify_v4(inner, true),
+        Some(6) if !v4 => classify_v6(inner, true),
+        _ => Err("bad-icmp-quoted-packet"),
+    }
+    .map_err(|_| "bad-icmp-quoted-packet")?;
+    let (src_port, dst_port, echo_request) = match quoted_packet.transport {
+        Transport::Tcp {
+            src_port, dst_port, ..
+        }
+        | Transport::Udp { src_port, dst_port } => (src_port, dst_port, false),
+        Transport::Echo { request, id } => (id, 0, request),
+        _ => (0, 0, false),
+    };
+    Ok(Transport::Error {
+        inner: Quoted {
+            src: quoted_packet.src,
+            dst: quoted_packet.dst,
+            proto: quoted_packet.proto,
+            src_port,
+            dst_port,
+            echo_request,
+        },
+    })
+}
+
+/// An [`Addr`] as a number, for prefix checks.
+pub(crate) fn addr_bits(a: &Addr) -> u128 {
+    u128::from_be_bytes(*a)
+}

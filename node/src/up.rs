@@ -1,4 +1,18 @@
-//! See lib.rs (stub; filled in by its issue).
+//! Coordinator mode, `ztnet-node --coordinator HOST:PORT --token TOKEN --state-dir DIR`: opens
+//! the state directory, starts the data plane (it passes nothing until a netmap is applied),
+//! and runs the control client on it until a signal or a revocation.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tracing::{info, warn};
+
+use crate::control::DataplaneSink;
+use crate::control::client::{self, Exit, NodeOptions};
+use crate::dataplane::Dataplane;
+use crate::netconfig::{DataplaneConfig, InterfaceConfig};
+use crate::state::StateDir;
 
 /// Arguments of coordinator mode.
 #[derive(Debug, Clone)]
@@ -20,8 +34,116 @@ pub struct UpArgs {
 }
 
 /// Runs coordinator mode until a signal: enroll if needed, start the data plane from the last
-/// netmap on disk if there is one, keep the control channel up.
+/// netmap on disk if there is one, keep the control channel up. A revoked node exits with an
+/// error after its data plane stopped passing traffic.
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("coordinator mode is not built yet")
+    let state = StateDir::open(&args.state_dir)
+        .with_context(|| format!("state directory {}", args.state_dir.display()))?;
+    let name = match args.name.clone() {
+        Some(n) => n,
+        None => hostname().context("no --name given and the hostname cannot be read")?,
+    };
+    let enrolled = state.enrollment()?.is_some();
+    if !enrolled && args.token.is_none() {
+        bail!(
+            "{} holds no enrollment: start once with --token (from `ztnet token create`)",
+            args.state_dir.display()
+        );
+    }
+    if enrolled && args.token.is_some() {
+        warn!("already enrolled: --token is not used (delete the state directory to re-enroll)");
+    }
+
+    let private_key = state.wg_key()?;
+    let dataplane = Dataplane::start(InterfaceConfig {
+        name: args.interface.clone(),
+        mtu: args.mtu,
+        listen_port: args.listen_port,
+        private_key,
+        mode: "coordinator".into(),
+    })
+    .with_context(|| format!("starting the data plane on {}", args.interface))?;
+    dataplane
+        .serve_local_api()
+        .context("starting the local status socket")?;
+    let sink = Arc::new(DataplaneHandle(dataplane));
+    info!(interface = %args.interface, node = %name, "coordinator mode starting");
+
+    let opts = NodeOptions {
+        state,
+        coordinator: args.coordinator.clone(),
+        token: args.token.clone(),
+        name,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let exit = runtime.block_on(client::run(opts, sink.clone(), shutdown_signal()));
+    drop(runtime);
+    drop(sink);
+    match exit? {
+        Exit::Shutdown => {
+            info!("stopped by a signal");
+            Ok(())
+        }
+        Exit::Revoked(e) => bail!(
+            "this node was revoked by the coordinator: {} ({}); it passes no traffic; \
+             enroll it again with a new token and an empty state directory",
+            e.message,
+            e.code
+        ),
+    }
+}
+
+/// The running data plane as the control client's sink.
+struct DataplaneHandle(Dataplane);
+
+impl DataplaneSink for DataplaneHandle {
+    fn apply(&self, config: DataplaneConfig) -> anyhow::Result<()> {
+        self.0.apply(config)
+    }
+
+    fn listen_port(&self) -> u16 {
+        self.0.listen_port()
+    }
+
+    fn local_endpoints(&self) -> Vec<SocketAddr> {
+        self.0.local_endpoints()
+    }
+
+    fn set_control_connected(&self, connected: bool) {
+        self.0.set_control_connected(connected);
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        // Without signal handlers the process still stops on the default action.
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+/// The machine's hostname, from the kernel.
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading /proc/sys/kernel/hostname")?;
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("the hostname is empty");
+    }
+    // Only the first label: node names are single labels.
+    Ok(name.split('.').next().unwrap_or(name).to_string())
 }

@@ -1,0 +1,641 @@
+//! The I/O shell of the control client: QUIC connections to the coordinator, enrollment, and
+//! the session loop that applies netmaps, acknowledges them, reports endpoints and renews the
+//! node certificate. The decisions are made by the core in [`crate::control`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+use ztnet_proto::control::{
+    ControlError, EnrollRequest, Hello, NetmapUpdate, NetmapVersion, NodeMsg, Report, ServerMsg,
+};
+use ztnet_proto::token::fingerprint;
+use ztnet_proto::{COORDINATOR_SERVER_NAME, JoinToken, PROTOCOL_VERSION, TokenError, frame};
+
+use crate::control::{
+    Backoff, CachedNetmap, CertValidity, DataplaneSink, NetmapTracker, Refusal, UpdateRefused,
+    classify, dataplane_config, deny_all_config, judge_cached, tls, unix_to_rfc3339,
+};
+use crate::state::{Enrollment, NodeCerts, StateDir, StateError, new_tls_key};
+
+/// How often endpoints are reported (and checked for change).
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(30);
+/// How long to wait for an answer to a renewal before asking again.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// How long enrollment waits for the coordinator's answer.
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A session that lasted this long was healthy: the next reconnect starts the backoff over.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// What the control client needs to run.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The state directory.
+    pub state: StateDir,
+    /// `HOST:PORT` of the coordinator; overrides the token's and the stored address.
+    pub coordinator: Option<String>,
+    /// Join token, needed only when the node is not enrolled yet.
+    pub token: Option<String>,
+    /// Node name to request at enrollment.
+    pub name: String,
+    /// ztnet-node version, sent in reports.
+    pub version: String,
+}
+
+/// Why the control client stopped.
+#[derive(Debug, Clone)]
+pub enum Exit {
+    /// The shutdown future completed.
+    Shutdown,
+    /// The coordinator revoked the node: the data plane passes nothing, the netmap on disk is
+    /// gone.
+    Revoked(ControlError),
+}
+
+/// Why enrollment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The node is not enrolled and no token was given.
+    #[error(
+        "this node is not enrolled yet: start it once with --token (from `ztnet token create`)"
+    )]
+    NoToken,
+    /// The token string does not parse.
+    #[error("{0}; this node needs a new token (`ztnet token create`)")]
+    Token(#[from] TokenError),
+    /// The coordinator said no.
+    #[error("{}", refusal_sentence(.0))]
+    Refused(ControlError),
+    /// The state directory failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Connecting or talking failed.
+    #[error("enrollment with the coordinator at {coordinator} failed: {reason:#}")]
+    Connect {
+        /// Address dialled.
+        coordinator: String,
+        /// The cause.
+        reason: anyhow::Error,
+    },
+}
+
+fn refusal_sentence(e: &ControlError) -> String {
+    match classify(e) {
+        Refusal::NeedsNewToken => format!(
+            "the coordinator refused the join token: {} ({}); this node needs a new token \
+             (`ztnet token create`)",
+            e.message, e.code
+        ),
+        Refusal::NameTaken => format!(
+            "the coordinator refused the name: {} ({}); start with another --name",
+            e.message, e.code
+        ),
+        _ => format!(
+            "the coordinator refused enrollment: {} ({})",
+            e.message, e.code
+        ),
+    }
+}
+
+/// Runs coordinator mode on `sink` until `shutdown` completes or the node is revoked: enrolls
+/// if needed, starts from the netmap on disk when it is still valid, then keeps the control
+/// channel up.
+pub async fn run<S>(
+    opts: NodeOptions,
+    sink: Arc<dyn DataplaneSink>,
+    shutdown: S,
+) -> anyhow::Result<Exit>
+where
+    S: Future<Output = ()>,
+{
+    tokio::pin!(shutdown);
+    let state = opts.state.clone();
+
+    let enrollment = match (state.enrollment()?, state.certs()?) {
+        (Some(e), Some(_)) => e,
+        _ => {
+            let token = opts.token.as_deref().ok_or(EnrollError::NoToken)?;
+            tokio::select! {
+                r = enroll(&opts, token, sink.as_ref()) => r?,
+                () = &mut shutdown => return Ok(Exit::Shutdown),
+            }
+        }
+    };
+    let coordinator = opts
+        .coordinator
+        .clone()
+        .unwrap_or_else(|| enrollment.coordinator.clone());
+
+    let applier = Arc::new(Applier {
+        tracker: Mutex::new(NetmapTracker::default()),
+        sink: sink.clone(),
+        state: state.clone(),
+        name: enrollment.name.clone(),
+    });
+    applier.start_from_disk(now_unix());
+    let watchdog = tokio::spawn(expiry_watchdog(applier.clone()));
+    let _watchdog = AbortOnDrop(watchdog);
+
+    let ctx = Ctx {
+        coordinator,
+        name: enrollment.name.clone(),
+        version: opts.version.clone(),
+        state,
+        sink,
+        applier,
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            r = connect_and_serve(&ctx) => r,
+            () = &mut shutdown => return Ok(Exit::Shutdown),
+        };
+        ctx.sink.set_control_connected(false);
+        match outcome {
+            Ok(SessionEnd::Revoked(e)) => {
+                ctx.applier.revoke();
+                error!(code = %e.code, "node revoked by the coordinator: {}", e.message);
+                return Ok(Exit::Revoked(e));
+            }
+            Ok(SessionEnd::Lost(reason)) => {
+                warn!(coordinator = %ctx.coordinator, "control channel lost: {reason}");
+            }
+            Ok(SessionEnd::CertUnusable(reason)) => error!("{reason}"),
+            Err(e) => warn!(coordinator = %ctx.coordinator, "control channel: {e:#}"),
+        }
+        if started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        debug!(delay_ms = delay.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = &mut shutdown => return Ok(Exit::Shutdown),
+        }
+    }
+}
+
+/// Enrolls with a join token: checks the coordinator against the token's CA fingerprint before
+/// sending the secret, sends public keys and a CSR, stores the answer.
+pub async fn enroll(
+    opts: &NodeOptions,
+    token: &str,
+    sink: &dyn DataplaneSink,
+) -> Result<Enrollment, EnrollError> {
+    let token = JoinToken::parse(token)?;
+    let coordinator = opts
+        .coordinator
+        .clone()
+        .unwrap_or_else(|| token.coordinator.clone());
+    let wg = opts.state.wg_key()?;
+    let tls_key = opts.state.tls_key()?;
+    let failed = |reason: anyhow::Error| EnrollError::Connect {
+        coordinator: coordinator.clone(),
+        reason,
+    };
+
+    let csr_pem = csr_pem(&opts.name, &tls_key).map_err(failed)?;
+    let request = EnrollRequest {
+        protocol: PROTOCOL_VERSION,
+        token_secret: token.secret.clone(),
+        name: opts.name.clone(),
+        wg_public_key: wg.public_key(),
+        csr_pem,
+        listen_port: sink.listen_port(),
+        endpoints: sink.local_endpoints(),
+        version: opts.version.clone(),
+    };
+    let config = tls::enroll_config(&token.ca_fingerprint).map_err(|e| failed(e.into()))?;
+    info!(coordinator = %coordinator, name = %opts.name, "enrolling");
+    let answer = tokio::time::timeout(
+        ENROLL_TIMEOUT,
+        exchange_enroll(&coordinator, config, &request),
+    )
+    .await
+    .map_err(|_| failed(anyhow!("no answer within {}s", ENROLL_TIMEOUT.as_secs())))?
+    .map_err(failed)?;
+
+    let resp = match answer {
+        ServerMsg::Enrolled(r) => r,
+        ServerMsg::Error(e) => return Err(EnrollError::Refused(e)),
+        other => return Err(failed(anyhow!("unexpected answer {}", msg_kind(&other)))),
+    };
+    let bundle = tls::certs(&resp.ca_pem, "ca.pem").map_err(|e| failed(e.into()))?;
+    if !bundle
+        .iter()
+        .any(|c| fingerprint(c.as_ref()) == token.ca_fingerprint)
+    {
+        return Err(failed(anyhow!(
+            "the trust bundle sent back does not contain the CA named by the token"
+        )));
+    }
+    CertValidity::from_pem(&resp.cert_pem).map_err(|e| failed(anyhow!(e)))?;
+
+    let enrollment = Enrollment {
+        name: resp.name.clone(),
+        network: resp.network.clone(),
+        spiffe_id: resp.spiffe_id.clone(),
+        addresses: resp.addresses.clone(),
+        coordinator: coordinator.clone(),
+    };
+    opts.state.save_certs(&NodeCerts {
+        cert_pem: resp.cert_pem,
+        ca_pem: resp.ca_pem,
+    })?;
+    opts.state.save_enrollment(&enrollment)?;
+    info!(
+        node = %enrollment.name,
+        network = %enrollment.network,
+        spiffe_id = %enrollment.spiffe_id,
+        "enrolled"
+    );
+    Ok(enrollment)
+}
+
+async fn exchange_enroll(
+    coordinator: &str,
+    config: quinn::ClientConfig,
+    request: &EnrollRequest,
+) -> anyhow::Result<ServerMsg> {
+    let (endpoint, conn) = connect(coordinator, config).await?;
+    let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
+    frame::write(&mut send, &NodeMsg::Enroll(request.clone())).await?;
+    let answer: Option<ServerMsg> = frame::read(&mut recv).await?;
+    conn.close(0u32.into(), b"done");
+    endpoint.close(0u32.into(), b"done");
+    answer.context("the coordinator closed the stream without answering")
+}
+
+/// Everything a session needs.
+struct Ctx {
+    coordinator: String,
+    name: String,
+    version: String,
+    state: StateDir,
+    sink: Arc<dyn DataplaneSink>,
+    applier: Arc<Applier>,
+}
+
+/// How one session ended.
+enum SessionEnd {
+    /// Revoked or unknown: stop.
+    Revoked(ControlError),
+    /// Lost for this reason: reconnect.
+    Lost(String),
+    /// The node certificate cannot be used now (expired, or not yet valid): retry later.
+    CertUnusable(String),
+}
+
+async fn connect_and_serve(ctx: &Ctx) -> anyhow::Result<SessionEnd> {
+    let certs = ctx
+        .state
+        .certs()?
+        .context("the node certificate is missing from the state directory")?;
+    let validity = CertValidity::from_pem(&certs.cert_pem).map_err(|e| anyhow!(e))?;
+    if let Some(problem) = validity.problem(now_unix()) {
+        return Ok(SessionEnd::CertUnusable(problem));
+    }
+    let key_pem = zeroize::Zeroizing::new(ctx.state.tls_key()?.serialize_pem());
+    let config = tls::session_config(&certs.ca_pem, &certs.cert_pem, &key_pem)?;
+    let (_endpoint, conn) = connect(&ctx.coordinator, config).await?;
+    let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    let end = session(ctx, send, recv, validity).await;
+    conn.close(0u32.into(), b"bye");
+    end
+}
+
+async fn session(
+    ctx: &Ctx,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    validity: CertValidity,
+) -> anyhow::Result<SessionEnd> {
+    let mut report = report(ctx);
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        have_version: ctx.applier.have_version(),
+        report: report.clone(),
+    };
+    frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
+
+    let (tx, mut rx) = mpsc::channel(16);
+    let _reader = AbortOnDrop(tokio::spawn(read_frames(recv, tx)));
+    ctx.sink.set_control_connected(true);
+    info!(coordinator = %ctx.coordinator, node = %ctx.name, "control channel connected");
+
+    let mut report_tick =
+        tokio::time::interval_at(Instant::now() + REPORT_INTERVAL, REPORT_INTERVAL);
+    let mut renew_deadline = instant_at(validity.renew_at());
+    let mut pending_key: Option<rcgen::KeyPair> = None;
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let msg = match msg {
+                    None => return Ok(SessionEnd::Lost("the coordinator closed the stream".into())),
+                    Some(Err(e)) => return Ok(SessionEnd::Lost(e)),
+                    Some(Ok(m)) => m,
+                };
+                match msg {
+                    ServerMsg::Netmap(update) => {
+                        if let Some(end) = apply_update(ctx, &mut send, &update).await? {
+                            return Ok(end);
+                        }
+                    }
+                    ServerMsg::Renewed { cert_pem, ca_pem } => {
+                        match finish_renewal(ctx, pending_key.take(), cert_pem, ca_pem) {
+                            Ok(v) => renew_deadline = instant_at(v.renew_at()),
+                            Err(e) => warn!("certificate renewal answer not used: {e:#}"),
+                        }
+                    }
+                    ServerMsg::Error(e) => {
+                        if classify(&e) == Refusal::Revoked {
+                            return Ok(SessionEnd::Revoked(e));
+                        }
+                        return Ok(SessionEnd::Lost(format!("the coordinator refused: {e}")));
+                    }
+                    other => {
+                        return Ok(SessionEnd::Lost(format!(
+                            "unexpected message {} on a session", msg_kind(&other)
+                        )));
+                    }
+                }
+            }
+            _ = report_tick.tick() => {
+                let now = self::report(ctx);
+                if now.endpoints != report.endpoints {
+                    info!(endpoints = ?now.endpoints, "local endpoints changed");
+                }
+                report = now;
+                frame::write(&mut send, &NodeMsg::Report(report.clone())).await?;
+            }
+            () = tokio::time::sleep_until(renew_deadline) => {
+                let key = new_tls_key().map_err(|e| anyhow!("making a TLS key: {e}"))?;
+                let csr_pem = csr_pem(&ctx.name, &key)?;
+                frame::write(&mut send, &NodeMsg::Renew { csr_pem }).await?;
+                debug!("asked for a renewed node certificate");
+                pending_key = Some(key);
+                renew_deadline = Instant::now() + RENEW_RETRY;
+            }
+        }
+    }
+}
+
+/// Applies one netmap update; `Some` ends the session.
+async fn apply_update(
+    ctx: &Ctx,
+    send: &mut quinn::SendStream,
+    update: &NetmapUpdate,
+) -> anyhow::Result<Option<SessionEnd>> {
+    match ctx.applier.handle(update, now_unix()) {
+        Ok(version) => {
+            frame::write(send, &NodeMsg::Ack { version }).await?;
+            Ok(None)
+        }
+        Err(HandleError::Refused(UpdateRefused::DeltaMismatch(e))) => Ok(Some(SessionEnd::Lost(
+            format!("{}; reconnecting for a full netmap", e.message),
+        ))),
+        Err(HandleError::Refused(e)) => {
+            error!("{e}; passing what the netmap in force allows");
+            Ok(None)
+        }
+        Err(HandleError::Dataplane(e)) => Ok(Some(SessionEnd::Lost(format!(
+            "the data plane refused the netmap: {e:#}"
+        )))),
+    }
+}
+
+fn finish_renewal(
+    ctx: &Ctx,
+    key: Option<rcgen::KeyPair>,
+    cert_pem: String,
+    ca_pem: String,
+) -> anyhow::Result<CertValidity> {
+    let key = key.context("no renewal was asked for")?;
+    let der = tls::certs(&cert_pem, "renewed certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der[0].as_ref())
+        .map_err(|e| anyhow!("renewed certificate: {e}"))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        anyhow::bail!("the renewed certificate is not for the key this node sent");
+    }
+    tls::certs(&ca_pem, "renewed trust bundle")?;
+    let validity = CertValidity::from_pem(&cert_pem).map_err(|e| anyhow!(e))?;
+    // The key first: a crash between the two writes leaves a key without its certificate,
+    // which the coordinator refuses; the other order would be the same. Both are rare.
+    ctx.state.save_tls_key(&key)?;
+    ctx.state.save_certs(&NodeCerts { cert_pem, ca_pem })?;
+    info!(until = %unix_to_rfc3339(validity.not_after), "node certificate renewed");
+    Ok(validity)
+}
+
+async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<ServerMsg, String>>) {
+    loop {
+        let item = match frame::read::<_, ServerMsg>(&mut recv).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => break,
+            Err(e) => Err(e.to_string()),
+        };
+        let stop = item.is_err();
+        if tx.send(item).await.is_err() || stop {
+            break;
+        }
+    }
+}
+
+fn report(ctx: &Ctx) -> Report {
+    Report {
+        listen_port: ctx.sink.listen_port(),
+        endpoints: ctx.sink.local_endpoints(),
+        version: ctx.version.clone(),
+    }
+}
+
+/// Applies netmaps to the data plane under one lock, so the expiry watchdog and the session
+/// never interleave.
+struct Applier {
+    tracker: Mutex<NetmapTracker>,
+    sink: Arc<dyn DataplaneSink>,
+    state: StateDir,
+    name: String,
+}
+
+enum HandleError {
+    Refused(UpdateRefused),
+    Dataplane(anyhow::Error),
+}
+
+impl Applier {
+    fn lock(&self) -> MutexGuard<'_, NetmapTracker> {
+        // A panic while holding the lock cannot leave the tracker half-changed: every change
+        // is one assignment, so a poisoned lock is still consistent.
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn start_from_disk(&self, now: u64) {
+        let cached = match self.state.netmap() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("{e}; not used, passing nothing until the coordinator sends a netmap");
+                None
+            }
+        };
+        match judge_cached(cached, now) {
+            CachedNetmap::Usable(n) => match self.sink.apply(dataplane_config(&n)) {
+                Ok(()) => {
+                    info!(
+                        version = n.version.0,
+                        peers = n.peers.len(),
+                        "started from the netmap on disk"
+                    );
+                    self.lock().commit(n);
+                }
+                Err(e) => error!("the data plane refused the netmap on disk: {e:#}"),
+            },
+            CachedNetmap::Expired {
+                version,
+                expires_at,
+            } => warn!(
+                version = version.0,
+                "the netmap on disk expired at {}: not used, passing nothing until the \
+                 coordinator sends a new one",
+                unix_to_rfc3339(expires_at)
+            ),
+            CachedNetmap::Missing => {
+                info!("no netmap yet: passing nothing until the coordinator sends one")
+            }
+        }
+    }
+
+    fn have_version(&self) -> Option<NetmapVersion> {
+        self.lock().version()
+    }
+
+    fn handle(&self, update: &NetmapUpdate, now: u64) -> Result<NetmapVersion, HandleError> {
+        let mut tracker = self.lock();
+        let next = tracker.prepare(update, now).map_err(HandleError::Refused)?;
+        self.sink
+            .apply(dataplane_config(&next))
+            .map_err(HandleError::Dataplane)?;
+        if let Err(e) = self.state.save_netmap(&next) {
+            error!("{e}; a restart will not find this netmap");
+        }
+        let version = next.version;
+        info!(
+            version = version.0,
+            peers = next.peers.len(),
+            "netmap applied"
+        );
+        tracker.commit(next);
+        Ok(version)
+    }
+
+    /// Enforces expiry; returns the expiry of the netmap in force.
+    fn enforce_expiry(&self, now: u64) -> Option<u64> {
+        let mut tracker = self.lock();
+        if let Some(old) = tracker.expire(now) {
+            error!(
+                version = old.version.0,
+                "the netmap expired at {} with no newer one from the coordinator: passing nothing",
+                unix_to_rfc3339(old.expires_at)
+            );
+            if let Err(e) = self.sink.apply(deny_all_config(Some(self.name.clone()))) {
+                error!("the data plane refused the deny-all configuration: {e:#}");
+            }
+        }
+        tracker.expires_at()
+    }
+
+    fn revoke(&self) {
+        let mut tracker = self.lock();
+        tracker.clear();
+        if let Err(e) = self.sink.apply(deny_all_config(Some(self.name.clone()))) {
+            error!("the data plane refused the deny-all configuration: {e:#}");
+        }
+        if let Err(e) = self.state.remove_netmap() {
+            error!("{e}; remove it by hand so that a restart passes nothing");
+        }
+    }
+}
+
+async fn expiry_watchdog(applier: Arc<Applier>) {
+    loop {
+        let now = now_unix();
+        let next = applier.enforce_expiry(now);
+        // Wake at the expiry, and at least every few seconds in case a new netmap moved it.
+        let wait = next.map_or(5, |at| at.saturating_sub(now).clamp(1, 5));
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+}
+
+/// Dials the coordinator over QUIC with a fresh client endpoint.
+async fn connect(
+    coordinator: &str,
+    config: quinn::ClientConfig,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let addr = resolve(coordinator).await?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket for QUIC")?;
+    let conn = endpoint
+        .connect_with(config, addr, COORDINATOR_SERVER_NAME)
+        .context("starting the QUIC handshake")?
+        .await
+        .with_context(|| format!("connecting to the coordinator at {coordinator} ({addr})"))?;
+    Ok((endpoint, conn))
+}
+
+async fn resolve(coordinator: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(coordinator)
+        .await
+        .with_context(|| format!("coordinator address {coordinator:?} does not resolve"))?
+        .next()
+        .with_context(|| format!("coordinator address {coordinator:?} has no address"))
+}
+
+/// A certificate signing request for the node's TLS key, CN = node name.
+fn csr_pem(name: &str, key: &rcgen::KeyPair) -> anyhow::Result<String> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+fn msg_kind(m: &ServerMsg) -> &'static str {
+    match m {
+        ServerMsg::Enrolled(_) => "enrolled",
+        ServerMsg::Netmap(_) => "netmap",
+        ServerMsg::Renewed { .. } => "renewed",
+        ServerMsg::Error(_) => "error",
+    }
+}
+
+/// Current Unix seconds.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The monotonic instant at which the wall clock reaches `unix`.
+fn instant_at(unix: u64) -> Instant {
+    let now = now_unix();
+    Instant::now() + Duration::from_secs(unix.saturating_sub(now))
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

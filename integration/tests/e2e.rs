@@ -382,6 +382,13 @@ fn udp_payload(frame: &Frame) -> Option<&[u8]> {
     d.get(14 + ihl + 8..)
 }
 
+/// Whether a frame is IGMP over IPv4: the kernel's multicast membership reports on the
+/// underlay links, which carry nothing from the overlay.
+fn is_igmp(frame: &Frame) -> bool {
+    let d = &frame.data;
+    d.len() >= 14 + 20 && d[12..14] == [0x08, 0x00] && d[14 + 9] == 2
+}
+
 /// Whether a frame is a well-formed WireGuard message on the WireGuard port.
 fn is_wireguard(frame: &Frame) -> bool {
     let on_port = matches!(frame.kind, FrameKind::Udp { src_port, dst_port }
@@ -399,6 +406,7 @@ fn check_inter_cloud_capture(frames: &[Frame], marker: &str) {
     for f in frames {
         match f.kind {
             FrameKind::Arp => {}
+            _ if is_igmp(f) => {}
             _ if is_wireguard(f) => wireguard += 1,
             FrameKind::Udp { src_port, dst_port }
                 if src_port == COORDINATOR_PORT || dst_port == COORDINATOR_PORT =>
@@ -424,5 +432,48 @@ fn check_inter_cloud_capture(frames: &[Frame], marker: &str) {
     assert!(
         !frames.iter().any(|f| f.contains(b"before-policy")),
         "the probe sent before the policy appears in clear on the link"
+    );
+}
+
+#[test]
+fn topology_routes_between_the_clouds_and_to_the_coordinator() {
+    require_root();
+    let topo = Topology::build(&story_nodes()).expect("build the topology");
+    let capture_file = topo.dir.path().join("underlay.pcap");
+    let capture = Capture::start(&topo.router, Cloud::B.router_link(), &capture_file)
+        .expect("capture on the link into cloud B");
+
+    for (from, to) in [
+        ("web1", "203.0.113.21"),
+        ("db1", "198.51.100.11"),
+        ("ops1", "192.0.2.10"),
+    ] {
+        let ns = &topo.node(from).ns;
+        wait_for(
+            &format!("{from} to ping {to} on the underlay"),
+            Duration::from_secs(10),
+            || {
+                Ok(ns
+                    .output("ping", &["-n", "-c1", "-W1", to])?
+                    .status
+                    .success()
+                    .then_some(()))
+            },
+        )
+        .expect("the router joins the clouds and the coordinator");
+    }
+
+    capture
+        .wait_until("the pings on the link", Duration::from_secs(5), |frames| {
+            frames.iter().any(|f| f.kind == FrameKind::Icmp)
+        })
+        .expect("the inter-cloud capture sees underlay traffic");
+    let frames = capture.finish().expect("read the capture");
+    assert!(
+        frames
+            .iter()
+            .all(|f| matches!(f.kind, FrameKind::Icmp | FrameKind::Arp)),
+        "with underlay IPv6 off, only the pings and ARP cross: {:?}",
+        frames.iter().map(|f| &f.kind).collect::<Vec<_>>()
     );
 }

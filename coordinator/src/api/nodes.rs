@@ -1,0 +1,128 @@
+//! Nodes: list, show, delete. Deleting a node removes it from every netmap at once and closes
+//! its control connection with `revoked`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ztnet_proto::admin::NodeInfo;
+
+use super::Actor;
+use super::error::ApiErr;
+use super::networks::find;
+use crate::enroll::refuse;
+use crate::hub::Hub;
+use crate::store::{audit, networks, nodes};
+
+/// `GET /v1/networks/{net}/nodes`.
+pub async fn list(
+    State(hub): State<Arc<Hub>>,
+    _actor: Actor,
+    Path(net): Path<String>,
+) -> Result<Json<Vec<NodeInfo>>, ApiErr> {
+    let network = find(&hub, &net).await?;
+    let mut conn = hub.store.pool().acquire().await?;
+    let all = nodes::active(&mut conn, network.id).await?;
+    Ok(Json(all.iter().map(|n| info(&hub, &network, n)).collect()))
+}
+
+/// `GET /v1/networks/{net}/nodes/{name}`.
+pub async fn show(
+    State(hub): State<Arc<Hub>>,
+    _actor: Actor,
+    Path((net, name)): Path<(String, String)>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    let network = find(&hub, &net).await?;
+    let node = find_node(&hub, &network, &name).await?;
+    Ok(Json(info(&hub, &network, &node)))
+}
+
+/// `DELETE /v1/networks/{net}/nodes/{name}`.
+pub async fn delete(
+    State(hub): State<Arc<Hub>>,
+    actor: Actor,
+    Path((net, name)): Path<(String, String)>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    let network = find(&hub, &net).await?;
+    let node = find_node(&hub, &network, &name).await?;
+    let mut tx = hub.store.write().await?;
+    nodes::mark_deleted(&mut tx, node.id).await?;
+    audit::append(
+        &mut tx,
+        audit::Entry {
+            network: Some(network.id),
+            actor: &actor.0,
+            action: "node.delete",
+            target: &node.name,
+            detail: format!(
+                "key {}, addresses {} {}",
+                node.public_key.short(),
+                node.ipv4,
+                node.ipv6
+            ),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(node = %node.name, network = %network.name, "node revoked");
+
+    hub.close_session(
+        node.id,
+        refuse(
+            "revoked",
+            format!(
+                "node {} was deleted from network {}",
+                node.name, network.name
+            ),
+        ),
+    );
+    hub.recompute(network.id).await?;
+    let mut gone = info(&hub, &network, &node);
+    gone.state = "revoked".into();
+    gone.online = false;
+    Ok(Json(gone))
+}
+
+async fn find_node(
+    hub: &Hub,
+    network: &networks::Network,
+    name: &str,
+) -> Result<nodes::Node, ApiErr> {
+    nodes::by_name(&hub.store, network.id, name)
+        .await?
+        .ok_or_else(|| {
+            ApiErr::NotFound(format!(
+                "network {} has no node named {name:?}",
+                network.name
+            ))
+        })
+}
+
+fn info(hub: &Hub, network: &networks::Network, n: &nodes::Node) -> NodeInfo {
+    let mut addresses = Vec::with_capacity(2);
+    if let Ok(a) = Ipv4Net::new(n.ipv4, network.cidr.prefix_len()) {
+        addresses.push(IpNet::V4(a));
+    }
+    if let Ok(a) = Ipv6Net::new(n.ipv6, network.cidr6.prefix_len()) {
+        addresses.push(IpNet::V6(a));
+    }
+    NodeInfo {
+        name: n.name.clone(),
+        network: network.name.clone(),
+        namespace: n.namespace.clone(),
+        tags: n.tags.clone(),
+        spiffe_id: n.spiffe_id.clone(),
+        addresses,
+        public_key: n.public_key,
+        endpoints: n.endpoints.clone(),
+        online: hub.is_online(n.id),
+        last_seen: n.last_seen,
+        netmap_version: n.netmap_version,
+        applied_version: n.applied_version,
+        applied_at: n.applied_at,
+        version: n.version.clone(),
+        state: n.state.clone(),
+        created_at: n.created_at,
+    }
+}

@@ -1,0 +1,351 @@
+//! The control server: QUIC on UDP, TLS 1.3 with ALPN `ztnet/1`, client certificates optional
+//! at the TLS layer so that a node without one can enroll. Each connection carries one
+//! bidirectional stream of framed JSON messages (see `ztnet_proto::control`).
+//!
+//! A session (a connection that starts with `Hello`) must present a node certificate that the
+//! CA issued and that maps to an active node; it then gets its full netmap, deltas after that,
+//! and may send acknowledgements, reports and renewal requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use quinn::{Connection, RecvStream, SendStream};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tracing::{Instrument, debug, info, info_span, warn};
+use ztnet_proto::control::{ControlError, Hello, NetmapUpdate, NodeMsg, ServerMsg};
+use ztnet_proto::frame;
+
+use crate::enroll::{enroll, refuse};
+use crate::hub::{Hub, SessionEvent};
+use crate::netmap;
+use crate::store::nodes::{self, Node};
+
+/// How long a new connection may take to open its stream and send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the node to read a final message before the connection is closed.
+const LINGER: Duration = Duration::from_secs(5);
+
+static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Accepts connections until the endpoint is closed.
+pub async fn serve(endpoint: quinn::Endpoint, hub: Arc<Hub>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => handle(conn, hub).await,
+                Err(e) => debug!(%remote, error = %e, "control handshake failed"),
+            }
+        });
+    }
+}
+
+async fn handle(conn: Connection, hub: Arc<Hub>) {
+    let remote = conn.remote_address();
+    let (mut send, mut recv) = match timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "control connection ended before its stream");
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, "no control stream in time");
+            conn.close(1u32.into(), b"timeout");
+            return;
+        }
+    };
+    let first = match timeout(FIRST_MESSAGE_TIMEOUT, frame::read::<_, NodeMsg>(&mut recv)).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            let err = refuse("protocol", format!("first message unreadable: {e}"));
+            return close_with(&conn, &mut send, err).await;
+        }
+        Err(_) => {
+            let err = refuse("protocol", "no first message in time".into());
+            return close_with(&conn, &mut send, err).await;
+        }
+    };
+    match first {
+        NodeMsg::Enroll(req) => {
+            let span = info_span!("enroll", node = %req.name, %remote);
+            async {
+                match enroll(&hub, &req, remote).await {
+                    Ok(resp) => {
+                        if let Err(e) = frame::write(&mut send, &ServerMsg::Enrolled(resp)).await {
+                            warn!(error = %e, "enrollment answer not delivered");
+                        }
+                        linger(&conn, &mut send).await;
+                        conn.close(0u32.into(), b"enrolled");
+                    }
+                    Err(err) => close_with(&conn, &mut send, err).await,
+                }
+            }
+            .instrument(span)
+            .await;
+        }
+        NodeMsg::Hello(hello) => session(conn, send, recv, hello, hub).await,
+        _ => {
+            let err = refuse(
+                "protocol",
+                "a connection must start with enroll or hello".into(),
+            );
+            close_with(&conn, &mut send, err).await;
+        }
+    }
+}
+
+/// Finds the active node that the connection's client certificate belongs to.
+async fn authenticate(conn: &Connection, hub: &Hub) -> Result<Node, ControlError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            refuse(
+                "unknown-node",
+                "no node certificate presented; enroll with a join token first".into(),
+            )
+        })?;
+    let serial = crate::ca::serial_of(&certs[0])
+        .ok_or_else(|| refuse("unknown-node", "node certificate does not parse".into()))?;
+    let node = nodes::by_cert_serial(&hub.store, &serial)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "node lookup failed");
+            refuse("internal", "node lookup failed".into())
+        })?
+        .ok_or_else(|| {
+            refuse(
+                "unknown-node",
+                "this node certificate is not on record".into(),
+            )
+        })?;
+    if !node.is_active() {
+        return Err(refuse(
+            "revoked",
+            format!(
+                "node {} was deleted; enroll again with a new token",
+                node.name
+            ),
+        ));
+    }
+    Ok(node)
+}
+
+async fn session(
+    conn: Connection,
+    mut send: SendStream,
+    recv: RecvStream,
+    hello: Hello,
+    hub: Arc<Hub>,
+) {
+    let remote = conn.remote_address();
+    let node = match authenticate(&conn, &hub).await {
+        Ok(n) => n,
+        Err(err) => {
+            info!(%remote, code = %err.code, "control session refused");
+            return close_with(&conn, &mut send, err).await;
+        }
+    };
+    if hello.protocol != ztnet_proto::PROTOCOL_VERSION {
+        let err = refuse(
+            "protocol",
+            format!(
+                "node speaks protocol {}, coordinator {}",
+                hello.protocol,
+                ztnet_proto::PROTOCOL_VERSION
+            ),
+        );
+        return close_with(&conn, &mut send, err).await;
+    }
+    let span = info_span!("session", node = %node.name, %remote);
+    run_session(conn, send, recv, hello, hub, node)
+        .instrument(span)
+        .await;
+}
+
+async fn run_session(
+    conn: Connection,
+    mut send: SendStream,
+    recv: RecvStream,
+    hello: Hello,
+    hub: Arc<Hub>,
+    node: Node,
+) {
+    let remote = conn.remote_address();
+    if let Err(e) = record_report(&hub, &node, remote, &hello.report).await {
+        tracing::error!(error = %e, "storing the node's report failed");
+    }
+    let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut events) = mpsc::unbounded_channel();
+    if let Err(e) = hub.attach(&node, conn_id, tx).await {
+        tracing::error!(error = %e, "netmap for the new session failed");
+        let err = refuse(
+            "internal",
+            "the coordinator could not build the netmap".into(),
+        );
+        return close_with(&conn, &mut send, err).await;
+    }
+    info!(have = ?hello.have_version.map(|v| v.0), "control channel connected");
+
+    let mut messages = spawn_reader(recv);
+    let mut sent = None;
+    let reason = loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(SessionEvent::Netmap { full, delta }) => {
+                    let update = match delta {
+                        Some(d) if Some(d.from) == sent => NetmapUpdate::Delta(*d),
+                        _ => NetmapUpdate::Full((*full).clone()),
+                    };
+                    sent = Some(full.version);
+                    if let Err(e) = frame::write(&mut send, &ServerMsg::Netmap(update)).await {
+                        break format!("push failed: {e}");
+                    }
+                }
+                Some(SessionEvent::Close(err)) => {
+                    info!(code = %err.code, "closing control channel");
+                    close_with(&conn, &mut send, err).await;
+                    break "closed by the coordinator".into();
+                }
+                None => break "session dropped".into(),
+            },
+            msg = messages.recv() => match msg {
+                Some(Ok(m)) => {
+                    if let Err(err) = on_message(&hub, &node, remote, &mut send, m).await {
+                        close_with(&conn, &mut send, err).await;
+                        break "protocol error".into();
+                    }
+                }
+                Some(Err(e)) => {
+                    let err = refuse("protocol", format!("unreadable message: {e}"));
+                    close_with(&conn, &mut send, err).await;
+                    break "unreadable message".into();
+                }
+                None => break "stream ended".into(),
+            },
+            e = conn.closed() => break format!("connection closed: {e}"),
+        }
+    };
+    hub.detach(node.id, conn_id);
+    if let Err(e) = nodes::touch(&hub.store, node.id).await {
+        debug!(error = %e, "last_seen not stored");
+    }
+    info!(%reason, "control channel lost");
+}
+
+async fn on_message(
+    hub: &Hub,
+    node: &Node,
+    remote: SocketAddr,
+    send: &mut SendStream,
+    msg: NodeMsg,
+) -> Result<(), ControlError> {
+    let internal = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "database failed");
+        refuse("internal", "database failure".into())
+    };
+    match msg {
+        NodeMsg::Ack { version } => {
+            debug!(version = version.0, "netmap acknowledged");
+            nodes::record_ack(&hub.store, node.id, version.0)
+                .await
+                .map_err(internal)?;
+        }
+        NodeMsg::Report(report) => {
+            let changed = record_report(hub, node, remote, &report)
+                .await
+                .map_err(internal)?;
+            if changed {
+                debug!("endpoints changed");
+                hub.recompute(node.network).await.map_err(internal)?;
+            }
+        }
+        NodeMsg::Renew { csr_pem } => {
+            let cert = hub
+                .ca
+                .issue_node(&csr_pem, &node.spiffe_id)
+                .map_err(|e| refuse("bad-request", e.to_string()))?;
+            let mut tx = hub.store.write().await.map_err(internal)?;
+            nodes::add_cert(&mut tx, node.id, &cert.serial, cert.not_after)
+                .await
+                .map_err(internal)?;
+            tx.commit().await.map_err(|e| internal(e.into()))?;
+            info!(not_after = cert.not_after, "node certificate renewed");
+            let answer = ServerMsg::Renewed {
+                cert_pem: cert.pem,
+                ca_pem: hub.ca.ca_pem().to_string(),
+            };
+            frame::write(send, &answer)
+                .await
+                .map_err(|e| refuse("protocol", e.to_string()))?;
+        }
+        NodeMsg::Enroll(_) | NodeMsg::Hello(_) => {
+            return Err(refuse(
+                "protocol",
+                "enroll and hello are only valid as the first message".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn record_report(
+    hub: &Hub,
+    node: &Node,
+    remote: SocketAddr,
+    report: &ztnet_proto::control::Report,
+) -> Result<bool, crate::store::StoreError> {
+    let endpoints = netmap::endpoints(remote.ip(), report.listen_port, &report.endpoints);
+    let version: String = report.version.chars().take(64).collect();
+    nodes::record_report(
+        &hub.store,
+        node.id,
+        report.listen_port,
+        &endpoints,
+        &version,
+    )
+    .await
+}
+
+/// Reads frames on their own task: `frame::read` is not cancel-safe, so it must not sit in a
+/// `select!` next to the pushes.
+fn spawn_reader(mut recv: RecvStream) -> mpsc::Receiver<Result<NodeMsg, frame::FrameError>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let msg = frame::read::<_, NodeMsg>(&mut recv).await;
+            let end = !matches!(msg, Ok(Some(_)));
+            let item = match msg {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Sends a refusal, lets the node read it, then closes the connection.
+async fn close_with(conn: &Connection, send: &mut SendStream, err: ControlError) {
+    let _ = frame::write(send, &ServerMsg::Error(err)).await;
+    linger(conn, send).await;
+    conn.close(1u32.into(), b"refused");
+}
+
+async fn linger(conn: &Connection, send: &mut SendStream) {
+    let _ = send.finish();
+    tokio::select! {
+        _ = timeout(LINGER, send.stopped()) => {}
+        _ = conn.closed() => {}
+    }
+}

@@ -1,0 +1,267 @@
+//! The coordinator's live state: the policy in force per network, the connected control
+//! sessions, and the recompute that turns any change into new netmaps and pushes them.
+//!
+//! Order rule: a recompute and a session's attach both hold `recompute` while they read and
+//! write netmaps, so a session always gets its full netmap before any delta that follows it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use ztnet_proto::admin::PendingAck;
+use ztnet_proto::control::{ControlError, Netmap, NetmapDelta, NetmapVersion};
+
+use crate::ca::Ca;
+use crate::netmap;
+use crate::policy::{self, Effective};
+use crate::store::nodes::Node;
+use crate::store::{NetworkId, NodeId, Store, StoreError, networks, nodes, policies, unix_now};
+
+/// How long a netmap is valid.
+pub const NETMAP_LIFETIME_SECS: u64 = 24 * 3600;
+/// A netmap with less than this left is re-issued with a fresh expiry.
+pub const NETMAP_REFRESH_SECS: u64 = 12 * 3600;
+
+/// What a session task is told to do.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// Send this netmap: the delta when the node runs `delta.from`, else the full one.
+    Netmap {
+        /// The full netmap.
+        full: Arc<Netmap>,
+        /// The change from the node's previous netmap, when there was one.
+        delta: Option<Box<NetmapDelta>>,
+    },
+    /// Send this error and close the connection.
+    Close(ControlError),
+}
+
+struct Session {
+    conn_id: u64,
+    tx: mpsc::UnboundedSender<SessionEvent>,
+}
+
+/// Everything the admin API and the control server share.
+pub struct Hub {
+    /// The database.
+    pub store: Store,
+    /// The CA.
+    pub ca: Ca,
+    /// Trust domain of SPIFFE IDs.
+    pub trust_domain: String,
+    /// Address written into join tokens.
+    pub advertise: String,
+    policies: Mutex<HashMap<NetworkId, Effective>>,
+    problems: Mutex<BTreeMap<String, String>>,
+    sessions: Mutex<HashMap<NodeId, Session>>,
+    recompute: tokio::sync::Mutex<()>,
+    /// Held by a policy apply from storing to putting in force.
+    pub apply_lock: tokio::sync::Mutex<()>,
+}
+
+/// Locks a std mutex, carrying on with the data if a holder panicked (every critical section
+/// here only inserts or removes whole entries, so the data stays consistent).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Hub {
+    /// Makes the hub and chooses the policy in force for every stored network.
+    pub async fn new(
+        store: Store,
+        ca: Ca,
+        trust_domain: String,
+        advertise: String,
+    ) -> Result<Hub, StoreError> {
+        let hub = Hub {
+            store,
+            ca,
+            trust_domain,
+            advertise,
+            policies: Mutex::new(HashMap::new()),
+            problems: Mutex::new(BTreeMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            recompute: tokio::sync::Mutex::new(()),
+            apply_lock: tokio::sync::Mutex::new(()),
+        };
+        for network in networks::list(&hub.store).await? {
+            let history = policies::history(&hub.store, network.id).await?;
+            let (effective, problem) = policy::choose(&history);
+            if let Some(problem) = problem {
+                tracing::error!(network = %network.name, "{problem}");
+                hub.set_problem(&network.name, Some(problem));
+            } else if effective.version > 0 {
+                info!(network = %network.name, version = effective.version, "policy in force");
+            }
+            lock(&hub.policies).insert(network.id, effective);
+        }
+        Ok(hub)
+    }
+
+    /// The policy in force for a network.
+    pub fn effective(&self, network: NetworkId) -> Effective {
+        lock(&self.policies)
+            .get(&network)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Puts a new policy in force (after it was stored) and clears the network's problem.
+    pub fn set_effective(&self, network: NetworkId, name: &str, effective: Effective) {
+        lock(&self.policies).insert(network, effective);
+        self.set_problem(name, None);
+    }
+
+    /// Problems an operator must look at, one sentence each.
+    pub fn problems(&self) -> Vec<String> {
+        lock(&self.problems)
+            .iter()
+            .map(|(net, p)| format!("network {net}: {p}"))
+            .collect()
+    }
+
+    fn set_problem(&self, network: &str, problem: Option<String>) {
+        let mut problems = lock(&self.problems);
+        match problem {
+            Some(p) => problems.insert(network.to_string(), p),
+            None => problems.remove(network),
+        };
+    }
+
+    /// Whether a node has a control session now.
+    pub fn is_online(&self, node: NodeId) -> bool {
+        lock(&self.sessions).contains_key(&node)
+    }
+
+    /// Registers a session for a node and queues its full netmap first. A session already
+    /// registered for the node is replaced (its connection is told so and closes).
+    pub async fn attach(
+        &self,
+        node: &Node,
+        conn_id: u64,
+        tx: mpsc::UnboundedSender<SessionEvent>,
+    ) -> Result<(), StoreError> {
+        let _order = self.recompute.lock().await;
+        self.recompute_locked(node.network).await?;
+        let mut conn = self.store.pool().acquire().await?;
+        let current = nodes::find_in(&mut conn, node.id).await?;
+        let json = current.and_then(|n| n.netmap_json).ok_or_else(|| {
+            StoreError::Corrupt(format!("node {} has no netmap after recompute", node.name))
+        })?;
+        let full: Netmap = crate::store::from_json(&json, "stored netmap")?;
+        // The receiver is owned by the session task, which is running; a send error only
+        // means it already ended, and then there is nothing to deliver.
+        let _ = tx.send(SessionEvent::Netmap {
+            full: Arc::new(full),
+            delta: None,
+        });
+        let old = lock(&self.sessions).insert(node.id, Session { conn_id, tx });
+        if let Some(old) = old {
+            let _ = old.tx.send(SessionEvent::Close(ControlError {
+                code: "protocol".into(),
+                message: "a newer control connection of this node replaced this one".into(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Removes a session, unless a newer one replaced it already.
+    pub fn detach(&self, node: NodeId, conn_id: u64) {
+        let mut sessions = lock(&self.sessions);
+        if sessions.get(&node).is_some_and(|s| s.conn_id == conn_id) {
+            sessions.remove(&node);
+        }
+    }
+
+    /// Closes a node's session with an error (node deleted: `revoked`).
+    pub fn close_session(&self, node: NodeId, error: ControlError) {
+        if let Some(s) = lock(&self.sessions).remove(&node) {
+            let _ = s.tx.send(SessionEvent::Close(error));
+        }
+    }
+
+    /// Recomputes a network's netmaps, stores the changed ones with a higher version and
+    /// pushes them to connected nodes. Returns the nodes that must acknowledge.
+    pub async fn recompute(&self, network: NetworkId) -> Result<Vec<PendingAck>, StoreError> {
+        let _order = self.recompute.lock().await;
+        self.recompute_locked(network).await
+    }
+
+    /// Recomputes every network (used periodically to refresh expiring netmaps).
+    pub async fn recompute_all(&self) -> Result<(), StoreError> {
+        for network in networks::list(&self.store).await? {
+            self.recompute(network.id).await?;
+        }
+        Ok(())
+    }
+
+    async fn recompute_locked(&self, network_id: NetworkId) -> Result<Vec<PendingAck>, StoreError> {
+        let Some(network) = networks::by_id(&self.store, network_id).await? else {
+            return Ok(Vec::new());
+        };
+        let effective = self.effective(network_id);
+        let now = unix_now();
+        let expires_at = now + NETMAP_LIFETIME_SECS;
+
+        let mut tx = self.store.write().await?;
+        let members = nodes::active(&mut tx, network_id).await?;
+        let compiled = match &effective.policy {
+            Some(p) => netpolicy::compile(p, &netmap::inventory(&members)),
+            None => netpolicy::CompiledNetwork::default(),
+        };
+        let mut fresh = netmap::build(&network, &members, &compiled, expires_at);
+
+        let mut changed = Vec::new();
+        for node in &members {
+            let Some(mut new) = fresh.remove(&node.name) else {
+                continue;
+            };
+            let old: Option<Netmap> = match &node.netmap_json {
+                Some(json) => match serde_json::from_str(json) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        warn!(node = %node.name, error = %e, "stored netmap unreadable; replacing it");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let fresh_enough = |o: &Netmap| o.expires_at >= now + NETMAP_REFRESH_SECS;
+            if let Some(o) = &old
+                && netmap::same_content(o, &new)
+                && fresh_enough(o)
+            {
+                continue;
+            }
+            new.version = NetmapVersion(node.netmap_version + 1);
+            nodes::set_netmap(
+                &mut tx,
+                node.id,
+                new.version.0,
+                &crate::store::to_json(&new),
+            )
+            .await?;
+            changed.push((node.id, node.name.clone(), old, new));
+        }
+        tx.commit().await?;
+
+        let sessions = lock(&self.sessions);
+        let mut pending = Vec::with_capacity(changed.len());
+        for (id, name, old, new) in changed {
+            debug!(node = %name, version = new.version.0, peers = new.peers.len(), "netmap changed");
+            pending.push(PendingAck {
+                node: name,
+                netmap_version: new.version.0,
+            });
+            if let Some(s) = sessions.get(&id) {
+                let delta = old.as_ref().map(|o| Box::new(new.delta_from(o)));
+                let _ = s.tx.send(SessionEvent::Netmap {
+                    full: Arc::new(new),
+                    delta,
+                });
+            }
+        }
+        Ok(pending)
+    }
+}

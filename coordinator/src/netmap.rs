@@ -1,0 +1,192 @@
+//! Building each node's netmap from the network's nodes and its compiled policy. Pure: no I/O,
+//! no clock (the expiry comes in as an argument).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use netpolicy::{CompiledNetwork, Inventory, NodeIdentity};
+use ztnet_proto::control::{Identity, Netmap, NetmapVersion, PeerInfo, SelfInfo};
+
+use crate::store::networks::Network;
+use crate::store::nodes::Node;
+
+/// Most endpoints kept per node.
+pub const MAX_ENDPOINTS: usize = 16;
+
+/// The inventory that policy compiles over: every active node with its host prefixes.
+pub fn inventory(nodes: &[Node]) -> Inventory {
+    Inventory {
+        nodes: nodes
+            .iter()
+            .map(|n| NodeIdentity {
+                name: n.name.clone(),
+                namespace: n.namespace.clone(),
+                tags: n.tags.clone(),
+                spiffe_id: n.spiffe_id.clone(),
+                addresses: host_prefixes(n),
+                routes: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+/// Every node's netmap, by node name, with version 0 (the caller numbers them). A node's peers
+/// are exactly the keys of its compiled filter; a node without a filter gets no peers.
+pub fn build(
+    network: &Network,
+    nodes: &[Node],
+    compiled: &CompiledNetwork,
+    expires_at: u64,
+) -> BTreeMap<String, Netmap> {
+    let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut out = BTreeMap::new();
+    for node in nodes {
+        let filter = compiled
+            .filters
+            .get(&node.name)
+            .cloned()
+            .unwrap_or_default();
+        let mut peers: Vec<PeerInfo> = filter
+            .peers
+            .keys()
+            .filter(|name| name.as_str() != node.name)
+            .filter_map(|name| by_name.get(name.as_str()))
+            .map(|peer| PeerInfo {
+                name: peer.name.clone(),
+                public_key: peer.public_key,
+                endpoints: peer.endpoints.clone(),
+                allowed_ips: host_prefixes(peer),
+                identity: identity(peer),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        let netmap = Netmap {
+            version: NetmapVersion(0),
+            network: network.name.clone(),
+            node: SelfInfo {
+                name: node.name.clone(),
+                identity: identity(node),
+                addresses: vec![
+                    IpNet::V4(prefixed4(node.ipv4, network.cidr)),
+                    IpNet::V6(prefixed6(node.ipv6, network.cidr6)),
+                ],
+                routes: vec![IpNet::V4(network.cidr), IpNet::V6(network.cidr6)],
+            },
+            peers,
+            filter,
+            expires_at,
+        };
+        out.insert(node.name.clone(), netmap);
+    }
+    out
+}
+
+/// True when two netmaps say the same thing (versions and expiry aside).
+pub fn same_content(a: &Netmap, b: &Netmap) -> bool {
+    a.network == b.network && a.node == b.node && a.peers == b.peers && a.filter == b.filter
+}
+
+/// A node's endpoints, best first: the address the coordinator observed with the reported
+/// listen port, then the reported ones, without duplicates, unusable ones dropped.
+pub fn endpoints(observed: IpAddr, listen_port: u16, reported: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    let observed = canonical(observed);
+    let candidates = (listen_port != 0)
+        .then_some(SocketAddr::new(observed, listen_port))
+        .into_iter()
+        .chain(
+            reported
+                .iter()
+                .map(|a| SocketAddr::new(canonical(a.ip()), a.port())),
+        );
+    for addr in candidates {
+        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+            continue;
+        }
+        if !out.contains(&addr) && out.len() < MAX_ENDPOINTS {
+            out.push(addr);
+        }
+    }
+    out
+}
+
+/// The address at host offset `offset` of each prefix, or `None` when the IPv4 prefix has no
+/// room for it (the network address and the broadcast address are never issued).
+pub fn addresses_at(cidr: Ipv4Net, cidr6: Ipv6Net, offset: u64) -> Option<(Ipv4Addr, Ipv6Addr)> {
+    let hosts = (1u64 << (32 - u32::from(cidr.prefix_len()))).saturating_sub(2);
+    if offset == 0 || offset > hosts {
+        return None;
+    }
+    let v4 = u32::from(cidr.network()).checked_add(u32::try_from(offset).ok()?)?;
+    let v6 = u128::from(cidr6.network()).checked_add(u128::from(offset))?;
+    Some((Ipv4Addr::from(v4), Ipv6Addr::from(v6)))
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn identity(n: &Node) -> Identity {
+    Identity {
+        spiffe_id: n.spiffe_id.clone(),
+        namespace: n.namespace.clone(),
+        tags: n.tags.clone(),
+    }
+}
+
+fn host_prefixes(n: &Node) -> Vec<IpNet> {
+    vec![
+        IpNet::V4(Ipv4Net::from(n.ipv4)),
+        IpNet::V6(Ipv6Net::from(n.ipv6)),
+    ]
+}
+
+fn prefixed4(addr: Ipv4Addr, net: Ipv4Net) -> Ipv4Net {
+    // The prefix length comes from a parsed Ipv4Net, so it is at most 32.
+    Ipv4Net::new(addr, net.prefix_len()).expect("prefix length of a valid Ipv4Net")
+}
+
+fn prefixed6(addr: Ipv6Addr, net: Ipv6Net) -> Ipv6Net {
+    // The prefix length comes from a parsed Ipv6Net, so it is at most 128.
+    Ipv6Net::new(addr, net.prefix_len()).expect("prefix length of a valid Ipv6Net")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_put_observed_first_and_drop_duplicates() {
+        let reported: Vec<SocketAddr> = vec![
+            "192.0.2.7:51820".parse().unwrap(),
+            "10.0.0.1:51820".parse().unwrap(),
+            "0.0.0.0:51820".parse().unwrap(),
+            "10.0.0.1:0".parse().unwrap(),
+        ];
+        let observed: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let eps = endpoints(observed, 51820, &reported);
+        assert_eq!(
+            eps,
+            vec![
+                "192.0.2.7:51820".parse::<SocketAddr>().unwrap(),
+                "10.0.0.1:51820".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn addresses_skip_network_and_broadcast() {
+        let v4: Ipv4Net = "100.64.0.0/30".parse().unwrap();
+        let v6: Ipv6Net = "fd00:1:2:3::/64".parse().unwrap();
+        let (a, b) = addresses_at(v4, v6, 1).unwrap();
+        assert_eq!(a.to_string(), "100.64.0.1");
+        assert_eq!(b.to_string(), "fd00:1:2:3::1");
+        assert!(addresses_at(v4, v6, 2).is_some());
+        assert!(addresses_at(v4, v6, 3).is_none());
+        assert!(addresses_at(v4, v6, 0).is_none());
+    }
+}

@@ -1,0 +1,391 @@
+//! The `nodes` and `node_certs` tables. A deleted node keeps its row (state `deleted`), so its
+//! addresses are never issued again and its certificates keep mapping to a refused node.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use sqlx::SqliteConnection;
+use ztnet_proto::WgKey;
+
+use super::{NetworkId, NodeId, Store, StoreError, from_json, to_i64, to_json, to_u64, unix_now};
+
+/// A stored node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Row id.
+    pub id: NodeId,
+    /// Its network.
+    pub network: NetworkId,
+    /// Name as enrolled.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// WireGuard public key.
+    pub public_key: WgKey,
+    /// IPv4 overlay address.
+    pub ipv4: Ipv4Addr,
+    /// IPv6 overlay address.
+    pub ipv6: Ipv6Addr,
+    /// Token it enrolled with.
+    pub token_id: Option<String>,
+    /// WireGuard listen port it reported.
+    pub listen_port: u16,
+    /// Endpoints, best first: observed address first, then reported ones.
+    pub endpoints: Vec<SocketAddr>,
+    /// ztnet-node version it reported.
+    pub version: String,
+    /// `active` or `deleted`.
+    pub state: String,
+    /// Latest netmap version computed for it.
+    pub netmap_version: u64,
+    /// That netmap, JSON.
+    pub netmap_json: Option<String>,
+    /// Version it acknowledged.
+    pub applied_version: u64,
+    /// When it acknowledged it.
+    pub applied_at: Option<u64>,
+    /// Last message from it.
+    pub last_seen: Option<u64>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+impl Node {
+    /// Whether the node is active (not deleted).
+    pub fn is_active(&self) -> bool {
+        self.state == "active"
+    }
+}
+
+/// A node to insert.
+#[derive(Debug, Clone)]
+pub struct NewNode<'a> {
+    /// Network.
+    pub network: NetworkId,
+    /// Name.
+    pub name: &'a str,
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Tags.
+    pub tags: &'a [String],
+    /// SPIFFE ID.
+    pub spiffe_id: &'a str,
+    /// WireGuard public key.
+    pub public_key: WgKey,
+    /// Host offset in the network.
+    pub offset: u32,
+    /// IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// Token used.
+    pub token_id: &'a str,
+    /// Listen port.
+    pub listen_port: u16,
+    /// Endpoints.
+    pub endpoints: &'a [SocketAddr],
+    /// Node software version.
+    pub version: &'a str,
+}
+
+/// Why a node could not be inserted.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// An active node of the network has this name (ignoring case).
+    #[error("node name {0:?} is taken in this network")]
+    NameTaken(String),
+    /// An active node uses this WireGuard key.
+    #[error("this WireGuard public key is already used by node {0:?}")]
+    KeyInUse(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+const COLUMNS: &str = "id, network_id, name, namespace, tags, spiffe_id, public_key, ipv4, ipv6,
+    token_id, listen_port, endpoints, version, state, netmap_version, netmap_json,
+    applied_version, applied_at, last_seen, created_at";
+
+#[derive(sqlx::FromRow)]
+struct Raw {
+    id: i64,
+    network_id: i64,
+    name: String,
+    namespace: String,
+    tags: String,
+    spiffe_id: String,
+    public_key: String,
+    ipv4: String,
+    ipv6: String,
+    token_id: Option<String>,
+    listen_port: i64,
+    endpoints: String,
+    version: String,
+    state: String,
+    netmap_version: i64,
+    netmap_json: Option<String>,
+    applied_version: i64,
+    applied_at: Option<i64>,
+    last_seen: Option<i64>,
+    created_at: i64,
+}
+
+fn decode(r: Raw) -> Result<Node, StoreError> {
+    let bad = |what: &str, e: String| StoreError::Corrupt(format!("node {}: {what}: {e}", r.name));
+    Ok(Node {
+        id: NodeId(r.id),
+        network: NetworkId(r.network_id),
+        tags: from_json(&r.tags, "node tags")?,
+        public_key: WgKey::parse(&r.public_key).map_err(|e| bad("public key", e.to_string()))?,
+        ipv4: r
+            .ipv4
+            .parse()
+            .map_err(|e: std::net::AddrParseError| bad("ipv4", e.to_string()))?,
+        ipv6: r
+            .ipv6
+            .parse()
+            .map_err(|e: std::net::AddrParseError| bad("ipv6", e.to_string()))?,
+        listen_port: u16::try_from(r.listen_port).map_err(|e| bad("listen port", e.to_string()))?,
+        endpoints: from_json(&r.endpoints, "node endpoints")?,
+        netmap_version: to_u64(r.netmap_version, "netmap version")?,
+        applied_version: to_u64(r.applied_version, "applied version")?,
+        applied_at: r.applied_at.map(|v| to_u64(v, "applied_at")).transpose()?,
+        last_seen: r.last_seen.map(|v| to_u64(v, "last_seen")).transpose()?,
+        created_at: to_u64(r.created_at, "node created_at")?,
+        name: r.name,
+        namespace: r.namespace,
+        spiffe_id: r.spiffe_id,
+        token_id: r.token_id,
+        version: r.version,
+        state: r.state,
+        netmap_json: r.netmap_json,
+    })
+}
+
+/// The next host offset of a network: one past the highest ever issued, so a deleted node's
+/// addresses are never given to another.
+pub async fn next_offset(
+    conn: &mut SqliteConnection,
+    network: NetworkId,
+) -> Result<u64, StoreError> {
+    let (max,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MAX(addr_offset), 0) FROM nodes WHERE network_id = ?")
+            .bind(network.0)
+            .fetch_one(conn)
+            .await?;
+    Ok(to_u64(max, "addr_offset")? + 1)
+}
+
+/// Inserts a node in the caller's transaction, refusing a taken name or WireGuard key.
+pub async fn insert(conn: &mut SqliteConnection, n: &NewNode<'_>) -> Result<Node, InsertError> {
+    let key = n.name.to_ascii_lowercase();
+    let clash: Option<(String,)> = sqlx::query_as(
+        "SELECT name FROM nodes WHERE network_id = ? AND name_key = ? AND state = 'active'",
+    )
+    .bind(n.network.0)
+    .bind(&key)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(StoreError::from)?;
+    if let Some((existing,)) = clash {
+        return Err(InsertError::NameTaken(existing));
+    }
+    let holder: Option<(String,)> =
+        sqlx::query_as("SELECT name FROM nodes WHERE public_key = ? AND state = 'active'")
+            .bind(n.public_key.to_base64())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(StoreError::from)?;
+    if let Some((holder,)) = holder {
+        return Err(InsertError::KeyInUse(holder));
+    }
+
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO nodes (network_id, name, name_key, namespace, tags, spiffe_id, public_key,
+                            addr_offset, ipv4, ipv6, token_id, listen_port, endpoints, version,
+                            created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(n.network.0)
+    .bind(n.name)
+    .bind(&key)
+    .bind(n.namespace)
+    .bind(to_json(&n.tags))
+    .bind(n.spiffe_id)
+    .bind(n.public_key.to_base64())
+    .bind(i64::from(n.offset))
+    .bind(n.ipv4.to_string())
+    .bind(n.ipv6.to_string())
+    .bind(n.token_id)
+    .bind(i64::from(n.listen_port))
+    .bind(to_json(&n.endpoints))
+    .bind(n.version)
+    .bind(to_i64(unix_now()))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(StoreError::from)?;
+    let node = find_in(conn, NodeId(id)).await?;
+    node.ok_or_else(|| InsertError::Store(StoreError::Corrupt("inserted node vanished".into())))
+}
+
+/// Records a certificate issued to a node, in the caller's transaction.
+pub async fn add_cert(
+    conn: &mut SqliteConnection,
+    node: NodeId,
+    serial: &str,
+    not_after: u64,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO node_certs (serial, node_id, not_after) VALUES (?, ?, ?)")
+        .bind(serial)
+        .bind(node.0)
+        .bind(to_i64(not_after))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The node a certificate serial was issued to, whatever its state.
+pub async fn by_cert_serial(store: &Store, serial: &str) -> Result<Option<Node>, StoreError> {
+    let row: Option<Raw> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM nodes WHERE id = (SELECT node_id FROM node_certs WHERE serial = ?)"
+    ))
+    .bind(serial)
+    .fetch_optional(store.pool())
+    .await?;
+    row.map(decode).transpose()
+}
+
+/// A node by id, in the caller's transaction.
+pub async fn find_in(conn: &mut SqliteConnection, id: NodeId) -> Result<Option<Node>, StoreError> {
+    let row: Option<Raw> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM nodes WHERE id = ?"))
+        .bind(id.0)
+        .fetch_optional(conn)
+        .await?;
+    row.map(decode).transpose()
+}
+
+/// The active node of a network with this name (exact, as enrolled, or ignoring case).
+pub async fn by_name(
+    store: &Store,
+    network: NetworkId,
+    name: &str,
+) -> Result<Option<Node>, StoreError> {
+    let row: Option<Raw> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM nodes WHERE network_id = ? AND name_key = ? AND state = 'active'"
+    ))
+    .bind(network.0)
+    .bind(name.to_ascii_lowercase())
+    .fetch_optional(store.pool())
+    .await?;
+    row.map(decode).transpose()
+}
+
+/// Active nodes of a network, by name, in the caller's transaction or on the pool.
+pub async fn active(
+    conn: &mut SqliteConnection,
+    network: NetworkId,
+) -> Result<Vec<Node>, StoreError> {
+    let rows: Vec<Raw> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM nodes WHERE network_id = ? AND state = 'active' ORDER BY name"
+    ))
+    .bind(network.0)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(decode).collect()
+}
+
+/// Number of active nodes of a network.
+pub async fn count(store: &Store, network: NetworkId) -> Result<u64, StoreError> {
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM nodes WHERE network_id = ? AND state = 'active'")
+            .bind(network.0)
+            .fetch_one(store.pool())
+            .await?;
+    to_u64(n, "node count")
+}
+
+/// Marks a node deleted, in the caller's transaction.
+pub async fn mark_deleted(conn: &mut SqliteConnection, id: NodeId) -> Result<(), StoreError> {
+    sqlx::query("UPDATE nodes SET state = 'deleted', deleted_at = ? WHERE id = ?")
+        .bind(to_i64(unix_now()))
+        .bind(id.0)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Stores what a node reported. True when its endpoint list changed.
+pub async fn record_report(
+    store: &Store,
+    id: NodeId,
+    listen_port: u16,
+    endpoints: &[SocketAddr],
+    version: &str,
+) -> Result<bool, StoreError> {
+    let mut tx = store.write().await?;
+    let old: Option<(String,)> = sqlx::query_as("SELECT endpoints FROM nodes WHERE id = ?")
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let new = to_json(&endpoints);
+    let changed = old.is_some_and(|(old,)| old != new);
+    sqlx::query(
+        "UPDATE nodes SET listen_port = ?, endpoints = ?, version = ?, last_seen = ? WHERE id = ?",
+    )
+    .bind(i64::from(listen_port))
+    .bind(&new)
+    .bind(version)
+    .bind(to_i64(unix_now()))
+    .bind(id.0)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(changed)
+}
+
+/// Records that a node applied `version` (never lowering what was recorded before).
+pub async fn record_ack(store: &Store, id: NodeId, version: u64) -> Result<(), StoreError> {
+    let now = to_i64(unix_now());
+    sqlx::query(
+        "UPDATE nodes SET applied_version = ?, applied_at = ?, last_seen = ?
+         WHERE id = ? AND applied_version <= ? AND netmap_version >= ?",
+    )
+    .bind(to_i64(version))
+    .bind(now)
+    .bind(now)
+    .bind(id.0)
+    .bind(to_i64(version))
+    .bind(to_i64(version))
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}
+
+/// Records that a message came from a node.
+pub async fn touch(store: &Store, id: NodeId) -> Result<(), StoreError> {
+    sqlx::query("UPDATE nodes SET last_seen = ? WHERE id = ?")
+        .bind(to_i64(unix_now()))
+        .bind(id.0)
+        .execute(store.pool())
+        .await?;
+    Ok(())
+}
+
+/// Stores a node's new netmap, in the caller's transaction.
+pub async fn set_netmap(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    version: u64,
+    json: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE nodes SET netmap_version = ?, netmap_json = ? WHERE id = ?")
+        .bind(to_i64(version))
+        .bind(json)
+        .bind(id.0)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -128,11 +128,34 @@ impl PeerTable {
         counters: Arc<Counters>,
         first_index: u32,
     ) -> PeerTable {
+        let limit = HANDSHAKE_RATE_LIMIT;
+        Self::with_limit(
+            private_key,
+            peers,
+            previous,
+            filter,
+            counters,
+            first_index,
+            limit,
+        )
+    }
+
+    /// Like [`PeerTable::new`], with the number of handshakes per second above which the node
+    /// answers with cookies instead (when there is no previous table to take it from).
+    pub fn with_limit(
+        private_key: &PrivateKey,
+        peers: &[PeerConfig],
+        previous: Option<&PeerTable>,
+        filter: Arc<Mutex<Filter>>,
+        counters: Arc<Counters>,
+        first_index: u32,
+        handshake_limit: u64,
+    ) -> PeerTable {
         let private = StaticSecret::from(private_key.to_bytes());
         let public = PublicKey::from(&private);
         let rate_limiter = match previous {
             Some(p) => p.rate_limiter.clone(),
-            None => Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            None => Arc::new(RateLimiter::new(&public, handshake_limit)),
         };
         let mut table = PeerTable {
             private,
@@ -370,13 +393,11 @@ impl PeerTable {
         for (slot, peer) in self.peers.iter().enumerate() {
             for net in &peer.config.allowed_ips {
                 let net = net.trunc();
-                if let Some(prev) = owner.insert(net, slot) {
-                    if prev != slot {
-                        self.warnings.push(format!(
-                            "allowed ip {net} is claimed by peers {} and {}; {} wins (listed last)",
-                            self.peers[prev].config.name, peer.config.name, peer.config.name
-                        ));
-                    }
+                if let Some(prev) = owner.insert(net, slot).filter(|&p| p != slot) {
+                    let (a, b) = (&self.peers[prev].config.name, &peer.config.name);
+                    self.warnings.push(format!(
+                        "allowed ip {net} is claimed by peers {a} and {b}; {b} wins (listed last)"
+                    ));
                 }
                 self.routes.insert(net, slot);
             }
@@ -392,12 +413,9 @@ impl PeerTable {
         buf: &mut [u8],
         out: &mut impl Transmit,
     ) -> Option<(usize, Kind)> {
-        let parsed = match Tunn::parse_incoming_packet(datagram) {
-            Ok(p) => p,
-            Err(_) => {
-                self.counters.drop_packet(DropReason::MalformedDatagram);
-                return None;
-            }
+        let Ok(parsed) = Tunn::parse_incoming_packet(datagram) else {
+            self.counters.drop_packet(DropReason::MalformedDatagram);
+            return None;
         };
         let (receiver, kind) = match parsed {
             Packet::HandshakeInit(ref init) => {
@@ -504,5 +522,531 @@ fn engine_drop(e: &WireGuardError) -> DropReason {
             DropReason::MalformedDatagram
         }
         _ => DropReason::Engine,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Two or three peer tables wired together through an in-memory network.
+
+    use std::collections::VecDeque;
+
+    use ipnet::IpNet;
+    use netpolicy::{ConntrackConfig, Inventory, NodeIdentity, Policy};
+
+    use super::*;
+    use crate::dataplane::counters::FilterDrop;
+
+    /// Grants n1 ping and tcp:22 to n2, nothing back; n3 may ping n1.
+    const POLICY: &str = r#"
+[[grant]]
+from = ["node:n1"]
+to = ["node:n2"]
+ports = ["icmp", "tcp:22"]
+
+[[grant]]
+from = ["node:n3"]
+to = ["node:n1"]
+ports = ["icmp"]
+"#;
+
+    /// A compromised node's view: everything to everyone.
+    const ALLOW_ALL: &str = r#"
+[[grant]]
+from = ["*"]
+to = ["*"]
+ports = ["any"]
+"#;
+
+    #[derive(Default)]
+    struct Wire {
+        sent: Vec<(SocketAddr, Vec<u8>)>,
+        tun: Vec<Vec<u8>>,
+    }
+
+    impl Transmit for Wire {
+        fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) {
+            self.sent.push((to, datagram.to_vec()));
+        }
+        fn write_tun(&mut self, packet: &[u8]) {
+            self.tun.push(packet.to_vec());
+        }
+    }
+
+    struct Node {
+        name: String,
+        ip: IpAddr,
+        addr: SocketAddr,
+        key: PrivateKey,
+        table: PeerTable,
+        filter: Arc<Mutex<Filter>>,
+        tun: Vec<Vec<u8>>,
+    }
+
+    struct Mesh {
+        nodes: Vec<Node>,
+        in_flight: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+        /// Every datagram that crossed the network, for inspection.
+        seen: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+        now: Instant,
+        buf: Vec<u8>,
+    }
+
+    fn inventory(n: usize) -> Inventory {
+        Inventory {
+            nodes: (1..=n)
+                .map(|i| NodeIdentity {
+                    name: format!("n{i}"),
+                    namespace: "default".into(),
+                    tags: vec![],
+                    spiffe_id: format!("spiffe://test/ns/default/node/n{i}"),
+                    addresses: vec![IpNet::from(ip(i))],
+                    routes: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn ip(i: usize) -> IpAddr {
+        IpAddr::from([10, 90, 0, i as u8])
+    }
+
+    fn spec(policy: &str, n: usize, me: &str) -> netpolicy::FilterSpec {
+        let checked = Policy::parse(policy).expect("test policy parses");
+        let compiled = netpolicy::compile(&checked.policy, &inventory(n));
+        compiled.filters.get(me).cloned().unwrap_or_default()
+    }
+
+    fn peer_configs(keys: &[PrivateKey], me: usize) -> Vec<PeerConfig> {
+        (0..keys.len())
+            .filter(|&j| j != me)
+            .map(|j| PeerConfig {
+                name: format!("n{}", j + 1),
+                public_key: keys[j].public_key(),
+                endpoint: Some(underlay(j + 1)),
+                allowed_ips: vec![IpNet::from(ip(j + 1))],
+                persistent_keepalive: None,
+                identity: None,
+            })
+            .collect()
+    }
+
+    fn underlay(i: usize) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, i as u8], 51820))
+    }
+
+    impl Mesh {
+        /// `policies[i]` is the policy node i+1 compiled its filter from.
+        fn new(policies: &[&str]) -> Mesh {
+            Self::with_limit(policies, HANDSHAKE_RATE_LIMIT)
+        }
+
+        fn with_limit(policies: &[&str], limit: u64) -> Mesh {
+            let n = policies.len();
+            let keys: Vec<PrivateKey> = (0..n).map(|_| PrivateKey::generate()).collect();
+            let nodes = (0..n)
+                .map(|i| {
+                    let name = format!("n{}", i + 1);
+                    let filter = Arc::new(Mutex::new(Filter::new(
+                        spec(policies[i], n, &name),
+                        ConntrackConfig::default(),
+                    )));
+                    let table = PeerTable::with_limit(
+                        &keys[i],
+                        &peer_configs(&keys, i),
+                        None,
+                        filter.clone(),
+                        Arc::new(Counters::default()),
+                        (i as u32 + 1) * 1000,
+                        limit,
+                    );
+                    Node {
+                        name,
+                        ip: ip(i + 1),
+                        addr: underlay(i + 1),
+                        key: keys[i].clone(),
+                        table,
+                        filter,
+                        tun: vec![],
+                    }
+                })
+                .collect();
+            Mesh {
+                nodes,
+                in_flight: VecDeque::new(),
+                seen: vec![],
+                now: Instant::now(),
+                buf: vec![0; MIN_BUFFER],
+            }
+        }
+
+        fn node(&self, name: &str) -> usize {
+            self.nodes
+                .iter()
+                .position(|n| n.name == name)
+                .expect("test names a node that exists")
+        }
+
+        /// A packet from node `from`'s TUN; returns after the network is quiet.
+        fn send(&mut self, from: &str, packet: &[u8]) {
+            let i = self.node(from);
+            let mut wire = Wire::default();
+            self.nodes[i]
+                .table
+                .handle_tun_packet(packet, self.now, &mut self.buf, &mut wire);
+            self.absorb(i, wire);
+            self.pump();
+        }
+
+        /// Delivers a datagram as if it came from `from` (any address) to node `to`.
+        fn inject(&mut self, from: SocketAddr, to: &str, datagram: &[u8]) {
+            let i = self.node(to);
+            let mut wire = Wire::default();
+            self.nodes[i]
+                .table
+                .handle_datagram(from, datagram, self.now, &mut self.buf, &mut wire);
+            self.absorb(i, wire);
+        }
+
+        fn absorb(&mut self, i: usize, wire: Wire) {
+            let from = self.nodes[i].addr;
+            for (to, d) in wire.sent {
+                self.in_flight.push_back((from, to, d));
+            }
+            self.nodes[i].tun.extend(wire.tun);
+        }
+
+        fn pump(&mut self) {
+            let mut steps = 0;
+            while let Some((from, to, d)) = self.in_flight.pop_front() {
+                steps += 1;
+                assert!(steps < 1000, "the network never went quiet");
+                self.seen.push((from, to, d.clone()));
+                let Some(i) = self.nodes.iter().position(|n| n.addr == to) else {
+                    continue;
+                };
+                let mut wire = Wire::default();
+                self.nodes[i]
+                    .table
+                    .handle_datagram(from, &d, self.now, &mut self.buf, &mut wire);
+                self.absorb(i, wire);
+            }
+        }
+
+        fn take_tun(&mut self, name: &str) -> Vec<Vec<u8>> {
+            let i = self.node(name);
+            std::mem::take(&mut self.nodes[i].tun)
+        }
+
+        fn drops(&self, name: &str, reason: DropReason) -> u64 {
+            self.nodes[self.node(name)].table.counters().count(reason)
+        }
+
+        fn endpoint(&self, at: &str, peer: &str) -> Option<SocketAddr> {
+            self.nodes[self.node(at)]
+                .table
+                .snapshot()
+                .into_iter()
+                .find(|p| p.config.name == peer)
+                .and_then(|p| p.endpoint)
+        }
+
+        fn ip_of(&self, name: &str) -> IpAddr {
+            self.nodes[self.node(name)].ip
+        }
+
+        /// Rebuilds node `name`'s table from `peers`, keeping what is unchanged.
+        fn reconfigure(&mut self, name: &str, peers: &[PeerConfig]) {
+            let i = self.node(name);
+            let n = &self.nodes[i];
+            let next = PeerTable::new(
+                &n.key,
+                peers,
+                Some(&n.table),
+                n.filter.clone(),
+                n.table.counters().clone(),
+                0,
+            );
+            self.nodes[i].table = next;
+        }
+
+        fn peers_of(&self, name: &str) -> Vec<PeerConfig> {
+            self.nodes[self.node(name)]
+                .table
+                .snapshot()
+                .into_iter()
+                .map(|p| p.config)
+                .collect()
+        }
+    }
+
+    fn ipv4(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+            panic!("test builds IPv4 only");
+        };
+        let len = 20 + payload.len();
+        let mut p = vec![
+            0x45,
+            0,
+            (len >> 8) as u8,
+            len as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            proto,
+            0,
+            0,
+        ];
+        p.extend_from_slice(&s.octets());
+        p.extend_from_slice(&d.octets());
+        let sum = checksum(&p);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for c in bytes.chunks(2) {
+            let word = u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    fn echo(src: IpAddr, dst: IpAddr, reply: bool, marker: &[u8]) -> Vec<u8> {
+        let mut icmp = vec![if reply { 0 } else { 8 }, 0, 0, 0, 0x12, 0x34, 0, 1];
+        icmp.extend_from_slice(marker);
+        let sum = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        ipv4(src, dst, 1, &icmp)
+    }
+
+    fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+        tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02;
+        tcp[14] = 0xff;
+        ipv4(src, dst, 6, &tcp)
+    }
+
+    #[test]
+    fn allowed_ping_passes_and_its_reply_comes_back() {
+        let mut m = Mesh::new(&[POLICY, POLICY]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+
+        m.send("n1", &echo(a, b, false, b"hello"));
+        let at_n2 = m.take_tun("n2");
+        m.send("n2", &echo(b, a, true, b"hello"));
+        let at_n1 = m.take_tun("n1");
+
+        assert_eq!(
+            at_n2,
+            vec![echo(a, b, false, b"hello")],
+            "request delivered once"
+        );
+        assert_eq!(
+            at_n1,
+            vec![echo(b, a, true, b"hello")],
+            "FC-01: reply delivered"
+        );
+    }
+
+    #[test]
+    fn unsolicited_ping_from_the_other_side_is_dropped_by_the_receiver() {
+        // n2 is compromised: its own filter lets everything out. n1's inbound check decides.
+        let mut m = Mesh::new(&[POLICY, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+
+        m.send("n2", &echo(b, a, false, b"x"));
+
+        assert!(m.take_tun("n1").is_empty());
+        assert_eq!(m.drops("n1", DropReason::Inbound(FilterDrop::NoRule)), 1);
+    }
+
+    #[test]
+    fn denied_port_is_dropped_at_the_sender() {
+        let mut m = Mesh::new(&[POLICY, POLICY]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+
+        m.send("n1", &tcp_syn(a, b, 40000, 22));
+        m.send("n1", &tcp_syn(a, b, 40001, 23));
+
+        assert_eq!(m.take_tun("n2"), vec![tcp_syn(a, b, 40000, 22)]);
+        assert_eq!(m.drops("n1", DropReason::Outbound(FilterDrop::NoRule)), 1);
+    }
+
+    #[test]
+    fn spoofed_inner_source_is_dropped() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL, ALLOW_ALL]);
+        let (a, c) = (m.ip_of("n1"), m.ip_of("n3"));
+
+        // n2 is compromised: its own filter believes it owns n3's address too.
+        let mut lying = inventory(3);
+        lying.nodes[1].addresses.push(IpNet::from(c));
+        let checked = Policy::parse(ALLOW_ALL).expect("parses");
+        let spec = netpolicy::compile(&checked.policy, &lying).filters["n2"].clone();
+        let n2 = m.node("n2");
+        *lock(&m.nodes[n2].filter) = Filter::new(spec, ConntrackConfig::default());
+
+        m.send("n2", &echo(c, a, false, b"spoof"));
+
+        assert!(m.take_tun("n1").is_empty());
+        assert_eq!(m.drops("n1", DropReason::SpoofedSource), 1);
+    }
+
+    #[test]
+    fn no_route_is_counted_as_no_peer() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let a = m.ip_of("n1");
+
+        m.send("n1", &echo(a, IpAddr::from([10, 90, 9, 9]), false, b""));
+        m.send("n1", b"\x00garbage");
+
+        assert_eq!(m.drops("n1", DropReason::NoPeer), 1);
+        assert_eq!(m.drops("n1", DropReason::MalformedPacket), 1);
+    }
+
+    #[test]
+    fn endpoint_follows_authenticated_data_from_a_new_address() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        m.take_tun("n2");
+
+        // n2 roams: its next datagram leaves from a new address.
+        let roamed = SocketAddr::from(([203, 0, 113, 10], 4444));
+        let n2 = m.node("n2");
+        m.nodes[n2].addr = roamed;
+        m.send("n2", &echo(b, a, false, b"2"));
+
+        assert_eq!(m.take_tun("n1").len(), 1);
+        assert_eq!(m.endpoint("n1", "n2"), Some(roamed));
+    }
+
+    #[test]
+    fn cookie_reply_from_a_spoofed_source_does_not_move_the_endpoint() {
+        // n2 is under load from the start, so it answers n1's initiation with a cookie.
+        let mut m = Mesh::with_limit(&[ALLOW_ALL, ALLOW_ALL], 0);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        let cookie = m
+            .seen
+            .iter()
+            .find(|(_, to, d)| *to == underlay(1) && d[0] == 3)
+            .map(|(_, _, d)| d.clone())
+            .expect("n2 answered with a cookie reply");
+
+        let spoofed = SocketAddr::from(([203, 0, 113, 66], 51820));
+        m.inject(spoofed, "n1", &cookie);
+
+        assert_eq!(m.endpoint("n1", "n2"), Some(underlay(2)), "FC-25");
+        assert!(m.in_flight.iter().all(|(_, to, _)| *to != spoofed));
+    }
+
+    #[test]
+    fn reconfigure_keeps_the_session_of_an_unchanged_peer() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        m.take_tun("n2");
+        let mut peers = m.peers_of("n1");
+        peers[1]
+            .allowed_ips
+            .push("10.95.0.0/24".parse().expect("prefix"));
+
+        m.reconfigure("n1", &peers);
+        m.seen.clear();
+        m.send("n1", &echo(a, b, false, b"2"));
+
+        assert_eq!(m.take_tun("n2").len(), 1);
+        let kinds: Vec<u8> = m.seen.iter().map(|(_, _, d)| d[0]).collect();
+        assert_eq!(kinds, vec![4], "data at once, no new handshake");
+    }
+
+    #[test]
+    fn removed_peer_is_dropped_at_once() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL, ALLOW_ALL]);
+        let (a, b, c) = (m.ip_of("n1"), m.ip_of("n2"), m.ip_of("n3"));
+        m.send("n2", &echo(b, a, false, b"1"));
+        m.send("n3", &echo(c, a, false, b"1"));
+        assert_eq!(m.take_tun("n1").len(), 2);
+        let peers: Vec<PeerConfig> = m
+            .peers_of("n1")
+            .into_iter()
+            .filter(|p| p.name != "n2")
+            .collect();
+
+        m.reconfigure("n1", &peers);
+        m.send("n2", &echo(b, a, false, b"2"));
+        m.send("n3", &echo(c, a, false, b"2"));
+
+        assert_eq!(m.take_tun("n1"), vec![echo(c, a, false, b"2")]);
+        assert_eq!(m.drops("n1", DropReason::UnknownIndex), 1);
+    }
+
+    #[test]
+    fn garbage_and_strangers_are_counted_and_the_table_keeps_serving() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        let stranger = SocketAddr::from(([198, 51, 100, 7], 9999));
+
+        m.inject(stranger, "n1", b"");
+        m.inject(stranger, "n1", b"not wireguard at all");
+        let mut fake_init = vec![0u8; 148];
+        fake_init[0] = 1;
+        m.inject(stranger, "n1", &fake_init);
+        let mut fake_data = vec![0u8; 64];
+        fake_data[0] = 4;
+        m.inject(stranger, "n1", &fake_data);
+        m.send("n2", &echo(b, a, false, b"still here"));
+
+        assert_eq!(m.drops("n1", DropReason::MalformedDatagram), 2);
+        assert_eq!(m.drops("n1", DropReason::InvalidMac), 1);
+        assert_eq!(m.drops("n1", DropReason::UnknownIndex), 1);
+        assert_eq!(m.take_tun("n1").len(), 1);
+    }
+
+    #[test]
+    fn handshake_from_an_unknown_key_is_counted() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        // n2 forgets n1: n1's initiation now comes from a key n2 does not know.
+        m.reconfigure("n2", &[]);
+
+        m.send("n1", &echo(a, b, false, b"1"));
+
+        assert_eq!(m.drops("n2", DropReason::UnknownKey), 1);
+        assert!(m.take_tun("n2").is_empty());
+    }
+
+    #[test]
+    fn overlapping_allowed_ips_go_to_the_last_peer_with_a_warning() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL, ALLOW_ALL]);
+        let mut peers = m.peers_of("n1");
+        let shared: IpNet = "10.90.0.7/32".parse().expect("prefix");
+        peers[0].allowed_ips.push(shared);
+        peers[1].allowed_ips.push(shared);
+
+        m.reconfigure("n1", &peers);
+
+        let n1 = &m.nodes[m.node("n1")].table;
+        let w = n1.warnings().join("\n");
+        assert!(
+            w.contains("n2") && w.contains("n3") && w.contains("10.90.0.7/32"),
+            "{w}"
+        );
+        assert_eq!(
+            n1.routes.lookup(shared.addr()),
+            Some(&1),
+            "last listed wins"
+        );
     }
 }

@@ -1,0 +1,709 @@
+//! The node's data plane in static mode, in network namespaces made by each test: policy on
+//! every packet, only WireGuard on the wire, interop with wireguard-go, live reconfiguration,
+//! and garbage on the UDP port. Needs root.
+//!
+//! Layout of every test: one namespace per node, each with a veth `u0` into a shared link
+//! namespace where a bridge `br0` joins them (underlay 192.0.2.0/24); overlay 10.90.0.0/16 and
+//! fd00:90::/64 on the TUN.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use ztnet_integration::pcap::FrameKind;
+use ztnet_integration::topology::{ping, tcp_echo};
+use ztnet_integration::{Capture, Netns, Proc, bin, require_root, unique, veth, wait_for};
+
+const WG_PORT: u16 = 51820;
+
+/// One node of a static mesh.
+struct Node {
+    name: String,
+    /// 1-based index: underlay 192.0.2.i, overlay 10.90.0.i.
+    index: u8,
+    iface: String,
+    public_key: String,
+    /// Extra peer-level settings written into the others' configs.
+    tags: Vec<String>,
+    proc: Option<Proc>,
+    helpers: Vec<Proc>,
+    ns: Netns,
+}
+
+/// Nodes on one bridge. Fields drop in order: nodes (processes, namespaces), link, files.
+struct Mesh {
+    nodes: Vec<Node>,
+    link: Netns,
+    dir: tempfile::TempDir,
+    policy: String,
+}
+
+impl Node {
+    fn v4(&self) -> IpAddr {
+        IpAddr::from([10, 90, 0, self.index])
+    }
+
+    fn v6(&self) -> IpAddr {
+        format!("fd00:90::{}", self.index)
+            .parse()
+            .expect("valid v6")
+    }
+
+    fn underlay(&self) -> String {
+        format!("192.0.2.{}", self.index)
+    }
+}
+
+impl Mesh {
+    /// Makes the namespaces and links, and a key pair per node; starts nothing.
+    fn new(names: &[&str], policy: &str) -> Result<Mesh> {
+        require_root();
+        let dir = tempfile::tempdir()?;
+        let link = Netns::new("ztdl")?;
+        link.ip(&["link", "add", "br0", "type", "bridge"])?;
+        link.ip(&["link", "set", "br0", "up"])?;
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let index = i as u8 + 1;
+            let ns = Netns::new("ztdn")?;
+            let port = format!("b{index}");
+            veth(&ns, "u0", &link, &port)?;
+            link.ip(&["link", "set", &port, "master", "br0"])?;
+            ns.ip(&["addr", "add", &format!("192.0.2.{index}/24"), "dev", "u0"])?;
+            let key = dir.path().join(format!("{name}.key"));
+            let public_key = make_key(&key)?;
+            nodes.push(Node {
+                name: name.to_string(),
+                index,
+                iface: unique("ztd"),
+                public_key,
+                tags: vec![],
+                proc: None,
+                helpers: vec![],
+                ns,
+            });
+        }
+        let mesh = Mesh {
+            nodes,
+            link,
+            dir,
+            policy: policy.to_string(),
+        };
+        std::fs::write(mesh.dir.path().join("policy.toml"), policy)?;
+        Ok(mesh)
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    fn config_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.toml"))
+    }
+
+    /// Writes `name`'s config with the peers `peers` (all others when `None`), plus `extra`
+    /// peer blocks as written.
+    fn write_config(&self, name: &str, peers: Option<&[&str]>, extra: &str) -> Result<()> {
+        let me = self.node(name);
+        let mut text = format!(
+            "[interface]\nname = \"{}\"\nprivate_key_file = \"{name}.key\"\n\
+             addresses = [\"10.90.0.{i}/16\", \"fd00:90::{i}/64\"]\n\
+             listen_port = {WG_PORT}\npolicy_file = \"policy.toml\"\n\n\
+             [identity]\nname = \"{name}\"\nnamespace = \"test\"\ntags = {:?}\n",
+            me.iface,
+            me.tags,
+            i = me.index
+        );
+        for n in &self.nodes {
+            if n.name == name || peers.is_some_and(|p| !p.contains(&n.name.as_str())) {
+                continue;
+            }
+            text.push_str(&peer_block(n, ""));
+        }
+        text.push_str(extra);
+        std::fs::write(self.config_path(name), text)?;
+        Ok(())
+    }
+
+    /// Starts every node with a config naming all the others.
+    fn start_all(&mut self) -> Result<()> {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        for n in &names {
+            self.write_config(n, None, "")?;
+            self.start(n)?;
+        }
+        Ok(())
+    }
+
+    /// Starts `name`'s daemon from its config file and waits for its status socket.
+    fn start(&mut self, name: &str) -> Result<()> {
+        let config = self.config_path(name);
+        let log = self.dir.path().join(format!("{name}.log"));
+        let node = self.node(name);
+        let mut cmd = node.ns.command(bin("ztnet-node"));
+        cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
+        let proc = Proc::spawn(cmd, &log)?;
+        self.node_mut(name).proc = Some(proc);
+        wait_for(
+            &format!("{name}'s status socket"),
+            Duration::from_secs(15),
+            || {
+                if let Some(p) = self.node_mut(name).proc.as_mut() {
+                    if let Some(st) = p.try_wait() {
+                        bail!("ztnet-node {name} exited ({st}): {}", p.log());
+                    }
+                }
+                Ok(self.status(name).ok())
+            },
+        )?;
+        Ok(())
+    }
+
+    fn status(&self, name: &str) -> Result<Value> {
+        let path = Path::new("/var/run/ztnet").join(format!("{}.sock", self.node(name).iface));
+        let mut s = UnixStream::connect(&path).with_context(|| format!("{}", path.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"status\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    fn drops(&self, name: &str, reason: &str) -> u64 {
+        self.status(name)
+            .ok()
+            .and_then(|s| s["drops"][reason].as_u64())
+            .unwrap_or(0)
+    }
+
+    fn peer_count(&self, name: &str) -> usize {
+        self.status(name)
+            .ok()
+            .and_then(|s| s["peers"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGHUP to `name`'s daemon.
+    fn reload(&self, name: &str) {
+        if let Some(p) = &self.node(name).proc {
+            p.signal(libc::SIGHUP);
+        }
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Starts a TCP echo server on `port` in `name`'s namespace.
+    fn echo_server(&mut self, name: &str, port: u16) -> Result<()> {
+        let log = self.dir.path().join(format!("{name}.echo.log"));
+        let listen = format!("TCP6-LISTEN:{port},reuseaddr,fork,ipv6only=0");
+        let node = self.node_mut(name);
+        let p = node.ns.spawn("socat", &[&listen, "EXEC:cat"], &log)?;
+        node.helpers.push(p);
+        let ns = &self.node(name).ns;
+        wait_for("echo server", Duration::from_secs(10), || {
+            Ok(tcp_echo(ns, IpAddr::from([127, 0, 0, 1]), port, "ready")?.then_some(()))
+        })
+    }
+
+    /// Waits until `from` reaches `to` with ping (the first one waits for the handshake).
+    fn wait_ping(&self, from: &str, to: IpAddr) -> Result<()> {
+        let ns = &self.node(from).ns;
+        wait_for(
+            &format!("ping {from} -> {to}"),
+            Duration::from_secs(15),
+            || Ok(ping(ns, to)?.then_some(())),
+        )
+    }
+
+    fn dump(&self) {
+        for n in &self.nodes {
+            eprintln!("----- {} -----\n{}", n.name, self.log(&n.name));
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump();
+        }
+        for n in &mut self.nodes {
+            n.helpers.clear();
+            if let Some(mut p) = n.proc.take() {
+                p.stop(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn peer_block(n: &Node, extra: &str) -> String {
+    format!(
+        "\n[[peer]]\nname = \"{}\"\npublic_key = \"{}\"\nendpoint = \"{}:{WG_PORT}\"\n\
+         allowed_ips = [\"10.90.0.{i}/32\", \"fd00:90::{i}/128\"]\nnamespace = \"test\"\n\
+         tags = {:?}\n{extra}",
+        n.name,
+        n.public_key,
+        n.underlay(),
+        n.tags,
+        i = n.index
+    )
+}
+
+/// `ztnet-node genkey --output FILE`, then `ztnet-node pubkey < FILE`.
+fn make_key(path: &Path) -> Result<String> {
+    let node = bin("ztnet-node");
+    let out = std::process::Command::new(&node)
+        .args(["genkey", "--output"])
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        bail!("genkey failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let key = std::fs::File::open(path)?;
+    let out = std::process::Command::new(&node)
+        .arg("pubkey")
+        .stdin(key)
+        .output()?;
+    if !out.status.success() {
+        bail!("pubkey failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// A TCP connection kept open by socat; the far end echoes each line.
+struct Stream {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Stream {
+    fn open(ns: &Netns, to: IpAddr, port: u16) -> Result<Stream> {
+        let target = format!("TCP:{to}:{port},connect-timeout=5");
+        let mut child = ns
+            .command("socat")
+            .args(["-", &target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Stream {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    fn echo(&mut self, line: &str, timeout: Duration) -> Result<()> {
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(got) if got == line => return Ok(()),
+                Ok(_) => {}
+                Err(_) => bail!("no echo of {line:?} within {timeout:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const TWO_NODE_POLICY: &str = r#"
+[[grant]]
+from = ["node:n1"]
+to = ["node:n2"]
+ports = ["icmp", "tcp:5432"]
+"#;
+
+#[test]
+fn two_nodes_follow_the_policy_and_the_link_carries_only_wireguard() {
+    let mut m = Mesh::new(&["n1", "n2"], TWO_NODE_POLICY).expect("mesh");
+    let cap_file = m.dir.path().join("link.pcap");
+    let cap = Capture::start(&m.link, "br0", &cap_file).expect("capture");
+    m.start_all().expect("start");
+    m.echo_server("n2", 5432).expect("echo 5432");
+    m.echo_server("n2", 5433).expect("echo 5433");
+    m.echo_server("n1", 5432).expect("echo on n1");
+    let (n1, n2) = (m.node("n1").v4(), m.node("n2").v4());
+    let marker = format!("ZTNET-MARKER-{}", unique("m"));
+
+    m.wait_ping("n1", n2)
+        .expect("FC-01: n1 pings n2 and the echo reply comes back");
+    let tcp_ok = tcp_echo(&m.node("n1").ns, n2, 5432, &marker).expect("tcp");
+    let v6_ok = ping(&m.node("n1").ns, m.node("n2").v6()).expect("ping6");
+    let denied_port = tcp_echo(&m.node("n1").ns, n2, 5433, "denied").expect("tcp");
+    let reverse_ping = ping(&m.node("n2").ns, n1).expect("ping");
+    let reverse_tcp = tcp_echo(&m.node("n2").ns, n1, 5432, "reverse").expect("tcp");
+
+    assert!(
+        tcp_ok,
+        "tcp:5432 is granted; data flows both ways on the flow"
+    );
+    assert!(v6_ok, "IPv6 inside the tunnel");
+    assert!(!denied_port, "tcp:5433 is not granted");
+    assert!(
+        m.drops("n1", "outbound-no-rule") >= 1,
+        "denied port counted"
+    );
+    assert!(!reverse_ping, "n2 may not open a flow to n1 (ping)");
+    assert!(!reverse_tcp, "n2 may not open a flow to n1 (tcp)");
+    assert!(
+        m.drops("n2", "outbound-no-rule") >= 2,
+        "reverse flows counted at n2"
+    );
+
+    let wg = m.node("n1").ns.exec("wg", &["show", &m.node("n1").iface]);
+    let wg = wg.expect("wg show reads the node");
+    assert!(wg.contains(&m.node("n2").public_key), "{wg}");
+    assert!(
+        wg.contains("latest handshake") && wg.contains("transfer"),
+        "{wg}"
+    );
+
+    cap.wait_until("tunnel traffic on the link", Duration::from_secs(5), |f| {
+        f.iter().any(|f| matches!(f.kind, FrameKind::Udp { .. }))
+    })
+    .expect("capture");
+    let frames = cap.finish().expect("pcap");
+    let udp = frames
+        .iter()
+        .filter(|f| matches!(f.kind, FrameKind::Udp { .. }))
+        .count();
+    assert!(
+        udp >= 10,
+        "the traffic crossed the link as UDP ({udp} frames)"
+    );
+    for f in &frames {
+        match &f.kind {
+            FrameKind::Udp { src_port, dst_port } => {
+                assert!(*src_port == WG_PORT && *dst_port == WG_PORT, "{:?}", f.kind)
+            }
+            FrameKind::Arp | FrameKind::Icmp => {} // neighbour discovery on the bridge
+            other => panic!("unexpected frame on the link: {other:?}"),
+        }
+        assert!(
+            !f.contains(marker.as_bytes()),
+            "the marker crossed the link in clear"
+        );
+    }
+}
+
+#[test]
+fn garbage_on_the_udp_port_is_counted_and_the_node_keeps_serving() {
+    let mut m = Mesh::new(&["n1", "n2"], TWO_NODE_POLICY).expect("mesh");
+    m.start_all().expect("start");
+    let n2 = m.node("n2").v4();
+    m.wait_ping("n1", n2).expect("ping before");
+    let target = format!("UDP:{}:{WG_PORT}", m.node("n1").underlay());
+    let init = format!("\\x01{}", "\\x00".repeat(147));
+
+    let ns2 = &m.node("n2").ns;
+    ns2.sh(&format!(
+        "printf 'garbage from a stranger' | socat -u - {target}"
+    ))
+    .expect("garbage");
+    ns2.sh(&format!("printf '{init}' | socat -u - {target}"))
+        .expect("fake handshake");
+    ns2.sh(&format!(
+        "printf '\\x04\\x00\\x00\\x00{}' | socat -u - {target}",
+        "X".repeat(40)
+    ))
+    .expect("fake data");
+    wait_for("garbage counted", Duration::from_secs(5), || {
+        Ok((m.drops("n1", "malformed-datagram") >= 1
+            && m.drops("n1", "invalid-mac") >= 1
+            && m.drops("n1", "unknown-index") >= 1)
+            .then_some(()))
+    })
+    .expect("every kind of garbage counted");
+
+    assert!(ping(&m.node("n1").ns, n2).expect("ping"), "still serving");
+    assert!(
+        m.node_mut("n1")
+            .proc
+            .as_mut()
+            .expect("proc")
+            .try_wait()
+            .is_none()
+    );
+}
+
+const THREE_NODE_POLICY: &str = r#"
+[[grant]]
+from = ["node:n1"]
+to = ["node:n2"]
+ports = ["icmp", "tcp:5432"]
+
+[[grant]]
+from = ["node:n3"]
+to = ["*"]
+ports = ["any"]
+"#;
+
+#[test]
+fn reconfiguring_one_peer_leaves_another_alone_and_removal_is_immediate() {
+    let mut m = Mesh::new(&["n1", "n2", "n3"], THREE_NODE_POLICY).expect("mesh");
+    m.start_all().expect("start");
+    m.echo_server("n2", 5432).expect("echo");
+    let (n1, n2) = (m.node("n1").v4(), m.node("n2").v4());
+    m.wait_ping("n1", n2).expect("n1 -> n2");
+    m.wait_ping("n3", n1).expect("ops n3 -> n1");
+    m.wait_ping("n3", n2).expect("ops n3 -> n2");
+    let mut stream = Stream::open(&m.node("n1").ns, n2, 5432).expect("stream");
+    stream
+        .echo("before", Duration::from_secs(5))
+        .expect("stream up");
+
+    // Change n3's entry on n1 (a new keepalive and an extra prefix): n2's flow carries on.
+    let n3_changed = peer_block(m.node("n3"), "persistent_keepalive = 5\n").replace(
+        "\"fd00:90::3/128\"]",
+        "\"fd00:90::3/128\", \"10.95.0.0/24\"]",
+    );
+    m.write_config("n1", Some(&["n2"]), &n3_changed)
+        .expect("config");
+    m.reload("n1");
+    wait_for("n1 applied the change", Duration::from_secs(5), || {
+        let s = m.status("n1")?;
+        let peers = s["peers"].as_array().cloned().unwrap_or_default();
+        Ok(peers
+            .iter()
+            .any(|p| p["allowed_ips"].to_string().contains("10.95.0.0/24"))
+            .then_some(()))
+    })
+    .expect("reload");
+    stream
+        .echo("during", Duration::from_secs(5))
+        .expect("n2 flow untouched");
+    m.wait_ping("n3", n1)
+        .expect("n3 comes back after its change");
+
+    // A broken file at reload leaves the running configuration in force.
+    std::fs::write(m.config_path("n1"), "[interface\n").expect("write");
+    m.reload("n1");
+    wait_for("reload refused", Duration::from_secs(5), || {
+        Ok(m.log("n1").contains("reload refused").then_some(()))
+    })
+    .expect("log");
+    stream
+        .echo("after-bad-reload", Duration::from_secs(5))
+        .expect("still up");
+
+    // Remove n3: from the moment the reload is applied, nothing from n3 passes.
+    m.write_config("n1", Some(&["n2"]), "").expect("config");
+    let before = m.drops("n1", "unknown-index") + m.drops("n1", "unknown-key");
+    m.reload("n1");
+    wait_for("n1 dropped n3", Duration::from_secs(5), || {
+        Ok((m.peer_count("n1") == 1).then_some(()))
+    })
+    .expect("reload");
+    let n3_reaches = ping(&m.node("n3").ns, n1).expect("ping");
+    let after = m.drops("n1", "unknown-index") + m.drops("n1", "unknown-key");
+
+    assert!(!n3_reaches, "a removed peer's traffic stops at once");
+    assert!(
+        after > before,
+        "its packets are counted ({before} -> {after})"
+    );
+    stream
+        .echo("after", Duration::from_secs(5))
+        .expect("n2 flow untouched");
+    assert!(
+        ping(&m.node("n3").ns, n2).expect("ping"),
+        "n3 still reaches n2"
+    );
+}
+
+#[test]
+fn wireguard_go_peer_interoperates_and_is_still_filtered() {
+    let policy = r#"
+[[grant]]
+from = ["node:n1"]
+to = ["node:wg"]
+ports = ["icmp", "tcp:5432"]
+
+[[grant]]
+from = ["node:wg"]
+to = ["node:n1"]
+ports = ["tcp:7000"]
+"#;
+    // Node "wg" is the second namespace; it runs wireguard-go instead of ztnet-node.
+    let mut m = Mesh::new(&["n1", "wg"], policy).expect("mesh");
+    m.write_config("n1", None, "").expect("config");
+    m.start("n1").expect("start n1");
+    let wg_iface = m.node("wg").iface.clone();
+    let key = m.dir.path().join("wg.key");
+    let log = m.dir.path().join("wg.log");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let wgns = &m.node("wg").ns;
+    let mut cmd = wgns.command("wireguard-go");
+    cmd.arg(&wg_iface).env("WG_PROCESS_FOREGROUND", "1");
+    let wg_proc = Proc::spawn(cmd, &log).expect("wireguard-go");
+    wait_for("wireguard-go's interface", Duration::from_secs(10), || {
+        Ok(wgns.ip(&["link", "show", &wg_iface]).ok().map(|_| ()))
+    })
+    .expect("wireguard-go up");
+    let n1 = m.node("n1");
+    let allowed = format!("{}/32,{}/128", n1.v4(), n1.v6());
+    let endpoint = format!("{}:{WG_PORT}", n1.underlay());
+    let key_arg = key.to_string_lossy().into_owned();
+    wgns.exec(
+        "wg",
+        &[
+            "set",
+            &wg_iface,
+            "private-key",
+            &key_arg,
+            "listen-port",
+            "51820",
+            "peer",
+            &n1.public_key,
+            "endpoint",
+            &endpoint,
+            "allowed-ips",
+            &allowed,
+        ],
+    )
+    .expect("wg set");
+    wgns.sh(&format!(
+        "ip addr add 10.90.0.2/16 dev {wg_iface} && ip addr add fd00:90::2/64 dev {wg_iface} \
+         nodad && ip link set {wg_iface} mtu 1420 up"
+    ))
+    .expect("addresses");
+    m.node_mut("wg").helpers.push(wg_proc);
+    m.echo_server("wg", 5432).expect("echo on wg");
+    m.echo_server("wg", 5433).expect("echo on wg");
+    m.echo_server("n1", 7000).expect("echo on n1");
+    m.echo_server("n1", 7001).expect("echo on n1");
+    let (n1, wg) = (m.node("n1").v4(), m.node("wg").v4());
+    let (ns1, nsw) = (&m.node("n1").ns, &m.node("wg").ns);
+
+    m.wait_ping("n1", wg).expect("n1 pings wireguard-go");
+    assert!(
+        tcp_echo(ns1, wg, 5432, "to-wg").expect("tcp"),
+        "n1 -> wg tcp:5432"
+    );
+    assert!(
+        ping(ns1, m.node("wg").v6()).expect("ping6"),
+        "n1 -> wg over IPv6"
+    );
+    assert!(
+        tcp_echo(nsw, n1, 7000, "from-wg").expect("tcp"),
+        "wg -> n1 tcp:7000"
+    );
+
+    // wireguard-go sends anything; n1's inbound filter refuses what is not granted.
+    let before = m.drops("n1", "inbound-no-rule");
+    assert!(
+        !tcp_echo(nsw, n1, 7001, "nope").expect("tcp"),
+        "wg -> n1 tcp:7001 refused"
+    );
+    assert!(!ping(nsw, n1).expect("ping"), "wg may not ping n1");
+    assert!(m.drops("n1", "inbound-no-rule") > before, "counted at n1");
+    assert!(
+        !tcp_echo(ns1, wg, 5433, "nope").expect("tcp"),
+        "n1 -> wg tcp:5433 refused"
+    );
+}
+
+#[test]
+fn config_errors_name_the_file_and_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("k.key");
+    make_key(&key).expect("key");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[interface]\nprivate_key_file = \"k.key\"\n\n[identity]\nname = \"n1\"\n\n[[peer]]\n\
+         name = \"n2\"\npublic_key = \"YAnz9Y8PjnnuEmBN2dQmZNWPtnHnLgoy2o+aR1ib5G=\"\n",
+    )
+    .expect("write");
+
+    let out = std::process::Command::new(bin("ztnet-node"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run");
+
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bad.toml:9:"), "{err}");
+    assert!(err.contains("43 characters"), "{err}");
+}
+
+#[test]
+fn pubkey_matches_wg_and_bad_keys_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("k.key");
+    let ours = make_key(&key).expect("key");
+    let theirs = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::fs::File::open(&key).expect("open"))
+        .output()
+        .expect("wg pubkey");
+    let mode = std::fs::metadata(&key).expect("stat").permissions().mode() & 0o777;
+
+    assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout).trim());
+    assert_eq!(mode, 0o600);
+    for bad in [
+        "",
+        "\"abc\"",
+        "YAnz9Y8PjnnuEmBN2dQmZNWPtnHnLgoy2o+aR1ib5GJ=",
+    ] {
+        let mut child = std::process::Command::new(bin("ztnet-node"))
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(bad.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(!out.status.success(), "{bad:?} refused");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("key"),
+            "{bad:?}"
+        );
+    }
+}

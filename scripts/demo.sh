@@ -278,39 +278,51 @@ tcp_probe() { # from to port
         "TCP:${NODE_OVERLAY[$2]}:$3,connect-timeout=2" 2>/dev/null | grep -q ztnet-demo
 }
 ping_probe() { ip netns exec "$P-$1" ping -c 1 -W 2 "${NODE_OVERLAY[$2]}"; }
-expect() { # allow|deny description command...
-    local want=$1 what=$2 got=deny
+drops_of() { "$BIN/ztnet" status --interface "${NODE_IFACE[$1]}" --output json | jq -c .drops; }
+# The counters that rose between two snapshots: "reason+N ...".
+drops_diff() {
+    jq -rn --argjson a "$1" --argjson b "$2" \
+        '$b | to_entries | map(select(.value > ($a[.key] // 0)))
+            | map("\(.key)+\(.value - ($a[.key] // 0))") | join(" ")'
+}
+expect() { # allow|deny description command from ...
+    local want=$1 what=$2 got=deny from=$4 before after note=''
     shift 2
+    before=$(drops_of "$from")
     if [[ $want == allow ]]; then
         wait_for 10 "$@" && got=allow
     else
         "$@" >/dev/null 2>&1 && got=allow
     fi
+    if [[ $got == deny ]]; then
+        after=$(drops_of "$from")
+        note="  dropped at $from: $(drops_diff "$before" "$after")"
+    fi
     if [[ $got == "$want" ]]; then
-        printf '  %s%-6s%s %s\n' "$GREEN" "$got" "$RESET" "$what"
+        printf '  %s%-6s%s %-52s%s%s%s\n' "$GREEN" "$got" "$RESET" "$what" "$DIM" "$note" "$RESET"
     else
         printf '  %s%-6s%s %s  (expected %s)\n' "$RED" "$got" "$RESET" "$what" "$want"
         failures=$((failures + 1))
     fi
 }
-expect allow "web1 -> db1   tcp:5432   (grant tag:web -> tag:db)" tcp_probe web1 db1 5432
-expect allow "web2 -> db1   tcp:5432" tcp_probe web2 db1 5432
-expect deny "web1 -> db1   tcp:22     (no grant)" tcp_probe web1 db1 22
-expect deny "web1 -> db1   icmp" ping_probe web1 db1
-expect deny "db1  -> web1  tcp:5432   (grants are one-way)" tcp_probe db1 web1 5432
-expect deny "web1 -> web2  tcp:8080" tcp_probe web1 web2 8080
-expect allow "ops1 -> web1  tcp:8080   (grant ns:ops -> *)" tcp_probe ops1 web1 8080
-expect allow "ops1 -> db1   tcp:22" tcp_probe ops1 db1 22
-expect allow "ops1 -> stray1 icmp" ping_probe ops1 stray1
-expect deny "stray1 -> db1 tcp:5432   (stray1 has no grant)" tcp_probe stray1 db1 5432
-expect deny "stray1 -> ops1 icmp" ping_probe stray1 ops1
+expect allow "web1   -> db1    tcp:5432  (grant tag:web -> tag:db)" tcp_probe web1 db1 5432
+expect allow "web2   -> db1    tcp:5432" tcp_probe web2 db1 5432
+expect deny "web1   -> db1    tcp:22    (no grant)" tcp_probe web1 db1 22
+expect deny "web1   -> db1    icmp" ping_probe web1 db1
+expect deny "db1    -> web1   tcp:5432  (grants are one-way)" tcp_probe db1 web1 5432
+expect deny "web1   -> web2   tcp:8080" tcp_probe web1 web2 8080
+expect allow "ops1   -> web1   tcp:8080  (grant ns:ops -> *)" tcp_probe ops1 web1 8080
+expect allow "ops1   -> db1    tcp:22" tcp_probe ops1 db1 22
+expect allow "ops1   -> stray1 icmp" ping_probe ops1 stray1
+expect deny "stray1 -> db1    tcp:5432  (stray1 has no grant)" tcp_probe stray1 db1 5432
+expect deny "stray1 -> ops1   icmp      (replies only, never opens)" ping_probe stray1 ops1
 
 # ---------------------------------------------------------------------------------------------
 step "9. What the nodes see"
 zt_show node list --network prod-vpc
 show "ztnet status --interface ${NODE_IFACE[web1]}    # on web1"
 "$BIN/ztnet" status --interface "${NODE_IFACE[web1]}"
-show "ztnet status --interface ${NODE_IFACE[stray1]}    # on stray1: no peers at all"
+show "ztnet status --interface ${NODE_IFACE[stray1]}    # on stray1: it knows only ops1"
 "$BIN/ztnet" status --interface "${NODE_IFACE[stray1]}"
 say ""
 say "drop counters by reason, per node:"

@@ -238,7 +238,8 @@ Examples:
     /// Answers "can A reach B on this port, and why", offline.
     #[command(after_help = "\
 Identity syntax: NAME[,ns=NAMESPACE][,tags=TAG+TAG...][,ip=ADDR+ADDR...][,spiffe=ID]
-  ns defaults to \"default\"; spiffe defaults to spiffe://TRUST-DOMAIN/ns/NS/node/NAME.
+  the same fields as a [[test]] entry; a missing ns or spiffe is empty (matches no ns: or
+  spiffe: selector); with --trust-domain and ns, spiffe is spiffe://TD/ns/NS/node/NAME.
 
 Examples:
   ztnet policy explain policy.toml --from web-1,ns=production,tags=web \\
@@ -289,8 +290,8 @@ pub struct PolicyExplainArgs {
     #[arg(long, value_name = "ADDR")]
     pub dst: Option<std::net::IpAddr>,
     /// Trust domain used to build SPIFFE IDs not given with spiffe=.
-    #[arg(long, default_value = "ztnet.local", value_name = "DOMAIN")]
-    pub trust_domain: String,
+    #[arg(long, value_name = "DOMAIN")]
+    pub trust_domain: Option<String>,
 }
 
 /// `ztnet audit`.

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use netpolicy::{
-    Checked, CompiledNetwork, ConntrackConfig, Filter, FilterSpec, Inventory, NodeIdentity,
-    Policy, Verdict,
+    Checked, CompiledNetwork, ConntrackConfig, Filter, FilterSpec, Inventory, NodeIdentity, Policy,
+    Verdict,
 };
 
 pub const TCP: u8 = 6;
@@ -53,7 +53,9 @@ pub fn v6(n: &NodeIdentity) -> IpAddr {
 }
 
 pub fn inventory(nodes: &[NodeIdentity]) -> Inventory {
-    Inventory { nodes: nodes.to_vec() }
+    Inventory {
+        nodes: nodes.to_vec(),
+    }
 }
 
 pub fn compiled(source: &str, nodes: &[NodeIdentity]) -> CompiledNetwork {
@@ -76,9 +78,18 @@ impl Mesh {
         let net = compiled(source, nodes);
         let filters = nodes
             .iter()
-            .map(|n| (n.name.clone(), Filter::new(spec_of(&net, &n.name), ConntrackConfig::default())))
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    Filter::new(spec_of(&net, &n.name), ConntrackConfig::default()),
+                )
+            })
             .collect();
-        Mesh { net, filters, now: Instant::now() }
+        Mesh {
+            net,
+            filters,
+            now: Instant::now(),
+        }
     }
 
     /// Sends `pkt` from `a` to `b`: outbound at `a`, then inbound at `b` if it passed. Returns
@@ -94,17 +105,26 @@ impl Mesh {
 
     /// Whether `pkt` from `a` reaches `b` through both filters.
     pub fn passes(&mut self, a: &str, b: &str, pkt: &[u8]) -> bool {
-        matches!(self.send(a, b, pkt), (Verdict::Allow(_), Some(Verdict::Allow(_))))
+        matches!(
+            self.send(a, b, pkt),
+            (Verdict::Allow(_), Some(Verdict::Allow(_)))
+        )
     }
 
     /// The receiver's verdict alone.
     pub fn inbound(&mut self, at: &str, from: &str, pkt: &[u8]) -> Verdict {
-        self.filters.get_mut(at).unwrap().inbound(from, pkt, self.now)
+        self.filters
+            .get_mut(at)
+            .unwrap()
+            .inbound(from, pkt, self.now)
     }
 
     /// The sender's verdict alone.
     pub fn outbound(&mut self, at: &str, to: &str, pkt: &[u8]) -> Verdict {
-        self.filters.get_mut(at).unwrap().outbound(to, pkt, self.now)
+        self.filters
+            .get_mut(at)
+            .unwrap()
+            .outbound(to, pkt, self.now)
     }
 }
 
@@ -116,7 +136,20 @@ fn ip_header(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let total = 20 + payload.len();
-            let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0];
+            let mut p = vec![
+                0x45,
+                0,
+                (total >> 8) as u8,
+                total as u8,
+                0,
+                1,
+                0x40,
+                0,
+                64,
+                proto,
+                0,
+                0,
+            ];
             p.extend(s.octets());
             p.extend(d.octets());
             p.extend(payload);
@@ -187,7 +220,13 @@ pub fn icmp_other(src: IpAddr, dst: IpAddr, kind: u8) -> Vec<u8> {
 }
 
 /// An IPv6 packet with extension headers (hop-by-hop, destination options) before TCP.
-pub fn tcp6_with_extensions(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Vec<u8> {
+pub fn tcp6_with_extensions(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
     let inner = tcp(src, sport, dst, dport, flags);
     let tcp_part = &inner[40..];
     let mut payload = Vec::new();
@@ -241,5 +280,8 @@ pub fn udp6_fragments(src: IpAddr, dst: IpAddr, dport: u16, id: u32) -> (Vec<u8>
         p.extend(frag);
         p
     };
-    (make(0, true, &payload[..16]), make(2, false, &payload[16..]))
+    (
+        make(0, true, &payload[..16]),
+        make(2, false, &payload[16..]),
+    )
 }

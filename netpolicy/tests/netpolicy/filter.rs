@@ -54,7 +54,13 @@ fn a_granted_tcp_flow_opens_and_its_replies_pass_both_ways() {
         other => panic!("{other:?}"),
     }
     let synack = tcp(v4(&db), 5432, v4(&web), 40000, SYN | ACK);
-    assert_eq!(m.send("db1", "web1", &synack), (Verdict::Allow(AllowReason::Established), Some(Verdict::Allow(AllowReason::Established))));
+    assert_eq!(
+        m.send("db1", "web1", &synack),
+        (
+            Verdict::Allow(AllowReason::Established),
+            Some(Verdict::Allow(AllowReason::Established))
+        )
+    );
     let ack = tcp(v4(&web), 40000, v4(&db), 5432, ACK);
     assert!(m.passes("web1", "db1", &ack));
 }
@@ -64,8 +70,14 @@ fn the_reverse_direction_stays_closed() {
     let (web, db, mut m) = web_db();
     let syn = tcp(v4(&db), 40000, v4(&web), 5432, SYN);
 
-    assert_eq!(m.outbound("db1", "web1", &syn), Verdict::Deny(DenyReason::NoRule));
-    assert_eq!(m.inbound("web1", "db1", &syn), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.outbound("db1", "web1", &syn),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    assert_eq!(
+        m.inbound("web1", "db1", &syn),
+        Verdict::Deny(DenyReason::NoRule)
+    );
 }
 
 #[test]
@@ -73,14 +85,20 @@ fn the_receiver_checks_even_when_the_sender_let_it_out() {
     // A compromised sender skips its own filter: the receiver still refuses.
     let (web, db, mut m) = web_db();
     let syn = tcp(v4(&web), 40000, v4(&db), 22, SYN);
-    assert_eq!(m.inbound("db1", "web1", &syn), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("db1", "web1", &syn),
+        Verdict::Deny(DenyReason::NoRule)
+    );
 }
 
 #[test]
 fn a_source_address_outside_the_peer_is_not_granted() {
     let (_, db, mut m) = web_db();
     let spoofed = tcp("10.90.0.99".parse().unwrap(), 40000, v4(&db), 5432, SYN);
-    assert_eq!(m.inbound("db1", "web1", &spoofed), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("db1", "web1", &spoofed),
+        Verdict::Deny(DenyReason::NoRule)
+    );
 }
 
 #[test]
@@ -94,7 +112,10 @@ fn a_packet_of_a_flow_opened_by_another_peer_is_not_established() {
 
     // The same tuple arriving from web2 is judged as new: web2 may not use web1's address.
     let ack = tcp(v4(&web), 40000, v4(&db), 5432, ACK);
-    assert_eq!(m.inbound("db1", "web2", &ack), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("db1", "web2", &ack),
+        Verdict::Deny(DenyReason::NoRule)
+    );
 }
 
 #[test]
@@ -110,7 +131,11 @@ fn udp_replies_pass_and_udp_is_matched_by_port() {
 fn ipv6_flows_work_like_ipv4() {
     let (web, db, mut m) = web_db();
     assert!(m.passes("web1", "db1", &tcp(v6(&web), 40000, v6(&db), 5432, SYN)));
-    assert!(m.passes("db1", "web1", &tcp(v6(&db), 5432, v6(&web), 40000, SYN | ACK)));
+    assert!(m.passes(
+        "db1",
+        "web1",
+        &tcp(v6(&db), 5432, v6(&web), 40000, SYN | ACK)
+    ));
     assert!(m.passes("web1", "db1", &echo(v6(&web), v6(&db), true, 9)));
     assert!(m.passes("db1", "web1", &echo(v6(&db), v6(&web), false, 9)));
     assert!(!m.passes("web1", "db1", &tcp(v6(&web), 40000, v6(&db), 5433, SYN)));
@@ -119,8 +144,16 @@ fn ipv6_flows_work_like_ipv4() {
 #[test]
 fn ipv6_extension_headers_are_walked_to_the_transport_header() {
     let (web, db, mut m) = web_db();
-    assert!(m.passes("web1", "db1", &tcp6_with_extensions(v6(&web), 40000, v6(&db), 5432, SYN)));
-    assert!(!m.passes("web1", "db1", &tcp6_with_extensions(v6(&web), 40000, v6(&db), 22, SYN)));
+    assert!(m.passes(
+        "web1",
+        "db1",
+        &tcp6_with_extensions(v6(&web), 40000, v6(&db), 5432, SYN)
+    ));
+    assert!(!m.passes(
+        "web1",
+        "db1",
+        &tcp6_with_extensions(v6(&web), 40000, v6(&db), 22, SYN)
+    ));
 }
 
 #[test]
@@ -142,7 +175,14 @@ fn icmp_errors_of_an_open_flow_are_related() {
 
     for (kind, code) in [(3, 3), (3, 4), (11, 0), (12, 0)] {
         let err = icmp_error(v4(&db), v4(&web), kind, code, &sent);
-        assert_eq!(m.send("db1", "web1", &err), (Verdict::Allow(AllowReason::Related), Some(Verdict::Allow(AllowReason::Related))), "{kind}/{code}");
+        assert_eq!(
+            m.send("db1", "web1", &err),
+            (
+                Verdict::Allow(AllowReason::Related),
+                Some(Verdict::Allow(AllowReason::Related))
+            ),
+            "{kind}/{code}"
+        );
     }
 
     let sent6 = tcp(v6(&web), 40001, v6(&db), 5432, SYN);
@@ -166,12 +206,18 @@ fn icmp_errors_without_a_flow_are_denied() {
     let (web, db, mut m) = web_db();
     let never_sent = udp(v4(&web), 5000, v4(&db), 53);
     let err = icmp_error(v4(&db), v4(&web), 3, 3, &never_sent);
-    assert_eq!(m.inbound("web1", "db1", &err), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("web1", "db1", &err),
+        Verdict::Deny(DenyReason::NoRule)
+    );
 
     // An error about a flow of web1's, sent to someone else, is not related.
     assert!(m.passes("web1", "db1", &never_sent));
     let misdirected = icmp_error(v4(&db), "10.90.0.50".parse().unwrap(), 3, 3, &never_sent);
-    assert_eq!(m.inbound("web1", "db1", &misdirected), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("web1", "db1", &misdirected),
+        Verdict::Deny(DenyReason::NoRule)
+    );
 }
 
 #[test]
@@ -180,7 +226,10 @@ fn an_error_this_node_sends_about_a_received_flow_is_related() {
     let dns = udp(v4(&web), 5000, v4(&db), 53);
     assert!(m.passes("web1", "db1", &dns));
     let unreachable = icmp_error(v4(&db), v4(&web), 3, 3, &dns);
-    assert_eq!(m.outbound("db1", "web1", &unreachable), Verdict::Allow(AllowReason::Related));
+    assert_eq!(
+        m.outbound("db1", "web1", &unreachable),
+        Verdict::Allow(AllowReason::Related)
+    );
 }
 
 #[test]
@@ -197,7 +246,10 @@ fn other_icmp_types_and_protocols_need_any() {
     assert!(m.passes("web1", "db1", &gre));
     let mut gre_back = tcp(v4(&db), 2, v4(&web), 1, 0);
     gre_back[9] = 47;
-    assert_eq!(m.inbound("web1", "db1", &gre_back), Verdict::Allow(AllowReason::Established));
+    assert_eq!(
+        m.inbound("web1", "db1", &gre_back),
+        Verdict::Allow(AllowReason::Established)
+    );
 }
 
 #[test]
@@ -205,7 +257,13 @@ fn later_fragments_follow_their_first_fragment() {
     let (web, db, mut m) = web_db();
     let (first, second) = udp4_fragments(v4(&web), v4(&db), 53, 0x1234);
     assert!(m.passes("web1", "db1", &first));
-    assert_eq!(m.send("web1", "db1", &second), (Verdict::Allow(AllowReason::Related), Some(Verdict::Allow(AllowReason::Related))));
+    assert_eq!(
+        m.send("web1", "db1", &second),
+        (
+            Verdict::Allow(AllowReason::Related),
+            Some(Verdict::Allow(AllowReason::Related))
+        )
+    );
 
     let (first, second) = udp6_fragments(v6(&web), v6(&db), 53, 0xdead_beef);
     assert!(m.passes("web1", "db1", &first));
@@ -217,9 +275,15 @@ fn fragments_of_a_denied_datagram_are_denied() {
     let (web, db, mut m) = web_db();
     let (first, second) = udp4_fragments(v4(&web), v4(&db), 54, 0x4321);
     assert!(!m.passes("web1", "db1", &first));
-    assert_eq!(m.inbound("db1", "web1", &second), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("db1", "web1", &second),
+        Verdict::Deny(DenyReason::NoRule)
+    );
     let (_, orphan) = udp6_fragments(v6(&web), v6(&db), 53, 5);
-    assert_eq!(m.inbound("db1", "web1", &orphan), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("db1", "web1", &orphan),
+        Verdict::Deny(DenyReason::NoRule)
+    );
 }
 
 #[test]
@@ -287,7 +351,11 @@ fn every_prefix_of_a_packet_is_handled_without_panic() {
 #[test]
 fn deny_reasons_have_stable_counter_names() {
     use netpolicy::{RuleId, RuleKind};
-    let id = RuleId { kind: RuleKind::Deny, index: 0, line: 1 };
+    let id = RuleId {
+        kind: RuleKind::Deny,
+        index: 0,
+        line: 1,
+    };
     let names: Vec<&str> = [
         DenyReason::NoRule,
         DenyReason::Rule(id),
@@ -298,12 +366,23 @@ fn deny_reasons_have_stable_counter_names() {
     .iter()
     .map(DenyReason::as_str)
     .collect();
-    assert_eq!(names, ["no-rule", "denied-by-rule", "unknown-peer", "malformed", "table-full"]);
+    assert_eq!(
+        names,
+        [
+            "no-rule",
+            "denied-by-rule",
+            "unknown-peer",
+            "malformed",
+            "table-full"
+        ]
+    );
 }
 
 #[test]
 fn a_deny_names_itself_in_the_verdict() {
-    let src = format!("{WEB_DB}\n[[deny]]\nfrom = [\"tag:contractor\"]\nto = [\"*\"]\nports = [\"tcp:5432\"]\n");
+    let src = format!(
+        "{WEB_DB}\n[[deny]]\nfrom = [\"tag:contractor\"]\nto = [\"*\"]\nports = [\"tcp:5432\"]\n"
+    );
     let c = node("c1", 5, "p", &["web", "contractor"]);
     let db = node("db1", 2, "p", &["db"]);
     let mut m = Mesh::new(&src, &[c.clone(), db.clone()]);
@@ -320,7 +399,10 @@ fn unreplied_udp_flows_time_out() {
     let (web, db, mut m) = web_db();
     assert!(m.passes("web1", "db1", &udp(v4(&web), 5000, v4(&db), 53)));
     m.now += netpolicy::UDP_UNREPLIED_TIMEOUT + Duration::from_secs(1);
-    assert_eq!(m.inbound("web1", "db1", &udp(v4(&db), 53, v4(&web), 5000)), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("web1", "db1", &udp(v4(&db), 53, v4(&web), 5000)),
+        Verdict::Deny(DenyReason::NoRule)
+    );
 }
 
 #[test]
@@ -364,7 +446,11 @@ fn an_unanswered_syn_times_out() {
     let (web, db, mut m) = web_db();
     assert!(m.passes("web1", "db1", &tcp(v4(&web), 40000, v4(&db), 5432, SYN)));
     m.now += netpolicy::TCP_OPENING_TIMEOUT + Duration::from_secs(1);
-    assert!(!m.passes("db1", "web1", &tcp(v4(&db), 5432, v4(&web), 40000, SYN | ACK)));
+    assert!(!m.passes(
+        "db1",
+        "web1",
+        &tcp(v4(&db), 5432, v4(&web), 40000, SYN | ACK)
+    ));
 }
 
 #[test]
@@ -375,16 +461,34 @@ fn the_flow_table_is_bounded() {
     let mut f = Filter::new(spec_of(&net, "db1"), ConntrackConfig { max_flows: 2 });
     let now = std::time::Instant::now();
 
-    assert!(allowed(&f.inbound("web1", &udp(v4(&web), 1, v4(&db), 53), now)));
-    assert!(allowed(&f.inbound("web1", &udp(v4(&web), 2, v4(&db), 53), now)));
-    assert_eq!(f.inbound("web1", &udp(v4(&web), 3, v4(&db), 53), now), Verdict::Deny(DenyReason::TableFull));
+    assert!(allowed(&f.inbound(
+        "web1",
+        &udp(v4(&web), 1, v4(&db), 53),
+        now
+    )));
+    assert!(allowed(&f.inbound(
+        "web1",
+        &udp(v4(&web), 2, v4(&db), 53),
+        now
+    )));
+    assert_eq!(
+        f.inbound("web1", &udp(v4(&web), 3, v4(&db), 53), now),
+        Verdict::Deny(DenyReason::TableFull)
+    );
     assert_eq!(f.flow_count(), 2);
     // Open flows keep passing.
-    assert_eq!(f.outbound("web1", &udp(v4(&db), 53, v4(&web), 1), now), Verdict::Allow(AllowReason::Established));
+    assert_eq!(
+        f.outbound("web1", &udp(v4(&db), 53, v4(&web), 1), now),
+        Verdict::Allow(AllowReason::Established)
+    );
 
     // Once they expire, the sweep makes room.
     let later = now + netpolicy::UDP_TIMEOUT + Duration::from_secs(5);
-    assert!(allowed(&f.inbound("web1", &udp(v4(&web), 3, v4(&db), 53), later)));
+    assert!(allowed(&f.inbound(
+        "web1",
+        &udp(v4(&web), 3, v4(&db), 53),
+        later
+    )));
     assert_eq!(f.flow_count(), 1);
 }
 
@@ -394,7 +498,11 @@ fn a_policy_change_cuts_open_flows_it_no_longer_allows() {
     let fwd = tcp(v4(&web), 40000, v4(&db), 5432, SYN);
     let dns = udp(v4(&web), 5000, v4(&db), 53);
     assert!(m.passes("web1", "db1", &fwd));
-    assert!(m.passes("db1", "web1", &tcp(v4(&db), 5432, v4(&web), 40000, SYN | ACK)));
+    assert!(m.passes(
+        "db1",
+        "web1",
+        &tcp(v4(&db), 5432, v4(&web), 40000, SYN | ACK)
+    ));
     assert!(m.passes("web1", "db1", &dns));
 
     // The new policy keeps DNS and drops postgres.
@@ -402,12 +510,24 @@ fn a_policy_change_cuts_open_flows_it_no_longer_allows() {
     let net = compiled(narrower, &[web.clone(), db.clone()]);
     let now = m.now;
     for name in ["web1", "db1"] {
-        m.filters.get_mut(name).unwrap().install(spec_of(&net, name), now);
+        m.filters
+            .get_mut(name)
+            .unwrap()
+            .install(spec_of(&net, name), now);
     }
 
-    assert_eq!(m.inbound("db1", "web1", &tcp(v4(&web), 40000, v4(&db), 5432, ACK)), Verdict::Deny(DenyReason::NoRule));
-    assert_eq!(m.inbound("web1", "db1", &tcp(v4(&db), 5432, v4(&web), 40000, ACK)), Verdict::Deny(DenyReason::NoRule));
-    assert_eq!(m.inbound("web1", "db1", &udp(v4(&db), 53, v4(&web), 5000)), Verdict::Allow(AllowReason::Established));
+    assert_eq!(
+        m.inbound("db1", "web1", &tcp(v4(&web), 40000, v4(&db), 5432, ACK)),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    assert_eq!(
+        m.inbound("web1", "db1", &tcp(v4(&db), 5432, v4(&web), 40000, ACK)),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    assert_eq!(
+        m.inbound("web1", "db1", &udp(v4(&db), 53, v4(&web), 5000)),
+        Verdict::Allow(AllowReason::Established)
+    );
 }
 
 #[test]
@@ -416,19 +536,38 @@ fn a_new_deny_cuts_open_flows_and_a_removed_peer_cuts_everything() {
     assert!(m.passes("web1", "db1", &udp(v4(&web), 5000, v4(&db), 53)));
     assert!(m.passes("web1", "db1", &echo(v4(&web), v4(&db), true, 3)));
 
-    let with_deny = format!("{WEB_DB}[[deny]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"udp:53\"]\n");
+    let with_deny =
+        format!("{WEB_DB}[[deny]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"udp:53\"]\n");
     let net = compiled(&with_deny, &[web.clone(), db.clone()]);
     let now = m.now;
-    m.filters.get_mut("web1").unwrap().install(spec_of(&net, "web1"), now);
+    m.filters
+        .get_mut("web1")
+        .unwrap()
+        .install(spec_of(&net, "web1"), now);
     // The flow is gone: the reply is judged as a new flow, which nothing grants.
-    assert_eq!(m.inbound("web1", "db1", &udp(v4(&db), 53, v4(&web), 5000)), Verdict::Deny(DenyReason::NoRule));
+    assert_eq!(
+        m.inbound("web1", "db1", &udp(v4(&db), 53, v4(&web), 5000)),
+        Verdict::Deny(DenyReason::NoRule)
+    );
     // And the deny names itself for a new flow it matches.
     let dns = udp(v4(&web), 5001, v4(&db), 53);
-    assert!(matches!(m.outbound("web1", "db1", &dns), Verdict::Deny(DenyReason::Rule(_))));
-    assert_eq!(m.inbound("web1", "db1", &echo(v4(&db), v4(&web), false, 3)), Verdict::Allow(AllowReason::Established));
+    assert!(matches!(
+        m.outbound("web1", "db1", &dns),
+        Verdict::Deny(DenyReason::Rule(_))
+    ));
+    assert_eq!(
+        m.inbound("web1", "db1", &echo(v4(&db), v4(&web), false, 3)),
+        Verdict::Allow(AllowReason::Established)
+    );
 
-    m.filters.get_mut("web1").unwrap().install(FilterSpec::default(), now);
-    assert_eq!(m.inbound("web1", "db1", &echo(v4(&db), v4(&web), false, 3)), Verdict::Deny(DenyReason::UnknownPeer));
+    m.filters
+        .get_mut("web1")
+        .unwrap()
+        .install(FilterSpec::default(), now);
+    assert_eq!(
+        m.inbound("web1", "db1", &echo(v4(&db), v4(&web), false, 3)),
+        Verdict::Deny(DenyReason::UnknownPeer)
+    );
     assert_eq!(m.filters["web1"].flow_count(), 0);
 }
 

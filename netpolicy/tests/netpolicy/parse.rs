@@ -40,7 +40,11 @@ expect = "deny"
 fn errors(source: &str) -> Vec<Diagnostic> {
     match Policy::parse(source) {
         Ok(c) => panic!("accepted, warnings: {:#?}", c.warnings),
-        Err(e) => e.diagnostics.into_iter().filter(|d| d.severity == Severity::Error).collect(),
+        Err(e) => e
+            .diagnostics
+            .into_iter()
+            .filter(|d| d.severity == Severity::Error)
+            .collect(),
     }
 }
 
@@ -88,7 +92,10 @@ fn a_failing_test_is_reported_with_its_line() {
     assert!(!report.passed());
     assert_eq!(report.results[0].line, 6);
     assert_eq!(report.results[0].decided_by, "default deny");
-    assert_eq!(report.results[0].description, "a -> b tcp:22 (expect allow)");
+    assert_eq!(
+        report.results[0].description,
+        "a -> b tcp:22 (expect allow)"
+    );
 }
 
 #[test]
@@ -103,7 +110,11 @@ fn unknown_top_level_key_is_an_error_with_its_span() {
     let d = error("[[grants]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n");
     assert_eq!((d.line, d.column), (1, 3));
     assert_eq!(d.text, "grants");
-    assert!(d.message.contains("unknown field `grants`"), "{}", d.message);
+    assert!(
+        d.message.contains("unknown field `grants`"),
+        "{}",
+        d.message
+    );
 }
 
 #[test]
@@ -124,20 +135,33 @@ fn a_missing_key_is_an_error() {
 #[test]
 fn a_test_that_misses_a_key_is_an_error() {
     let d = error("[[test]]\nfrom = { name = \"a\" }\nto = { name = \"b\" }\nport = \"tcp:1\"\n");
-    assert!(d.message.contains("missing field `expect`"), "{}", d.message);
-    let d = error("[[test]]\nfrom = { namespace = \"x\" }\nto = { name = \"b\" }\nport = \"tcp:1\"\nexpect = \"deny\"\n");
+    assert!(
+        d.message.contains("missing field `expect`"),
+        "{}",
+        d.message
+    );
+    let d = error(
+        "[[test]]\nfrom = { namespace = \"x\" }\nto = { name = \"b\" }\nport = \"tcp:1\"\nexpect = \"deny\"\n",
+    );
     assert!(d.message.contains("missing field `name`"), "{}", d.message);
 }
 
 #[test]
 fn a_test_with_bad_values_is_refused() {
-    let base = "[[test]]\nfrom = { name = \"a\" }\nto = { name = \"b\", addresses = [\"10.0.0.1\"] }\n";
+    let base =
+        "[[test]]\nfrom = { name = \"a\" }\nto = { name = \"b\", addresses = [\"10.0.0.1\"] }\n";
     let d = error(&format!("{base}port = \"tcp:1\"\nexpect = \"maybe\"\n"));
     assert_eq!((d.line, d.column, d.text.as_str()), (5, 10, "\"maybe\""));
     let d = error(&format!("{base}port = \"tcp:1-5\"\nexpect = \"deny\"\n"));
     assert!(d.message.contains("a probe is one flow"), "{}", d.message);
-    let d = error(&format!("{base}port = \"tcp:1\"\nexpect = \"deny\"\ndst = \"10.0.0.2\"\n"));
-    assert!(d.message.contains("not one of `to`'s addresses"), "{}", d.message);
+    let d = error(&format!(
+        "{base}port = \"tcp:1\"\nexpect = \"deny\"\ndst = \"10.0.0.2\"\n"
+    ));
+    assert!(
+        d.message.contains("not one of `to`'s addresses"),
+        "{}",
+        d.message
+    );
 }
 
 #[test]
@@ -146,13 +170,21 @@ fn unknown_selector_kind_is_an_error_at_the_selector() {
     let d = error(&src);
     assert_eq!((d.line, d.column), (2, 9));
     assert_eq!(d.text, "\"user:op\"");
-    assert!(d.message.contains("unknown selector kind `user`"), "{}", d.message);
+    assert!(
+        d.message.contains("unknown selector kind `user`"),
+        "{}",
+        d.message
+    );
 }
 
 #[test]
 fn undefined_group_is_an_error() {
     let d = error(&rule_with("\"group:nope\"", "\"*\"", "\"any\""));
-    assert!(d.message.contains("group `nope` is not defined"), "{}", d.message);
+    assert!(
+        d.message.contains("group `nope` is not defined"),
+        "{}",
+        d.message
+    );
     assert_eq!(d.line, 2);
 }
 
@@ -164,9 +196,15 @@ fn cyclic_groups_are_an_error_naming_the_cycle() {
     );
     let errs = errors(&src);
     assert!(!errs.is_empty());
-    assert!(errs.iter().all(|d| d.message.contains("includes itself")), "{errs:#?}");
-    assert!(errs.iter().any(|d| d.message.contains("group:a -> group:b -> group:a")
-        || d.message.contains("group:b -> group:a -> group:b")));
+    assert!(
+        errs.iter().all(|d| d.message.contains("includes itself")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|d| d.message.contains("group:a -> group:b -> group:a")
+                || d.message.contains("group:b -> group:a -> group:b"))
+    );
     let d = error("[groups]\na = [\"group:a\"]\n");
     assert_eq!((d.line, d.column), (2, 6));
 }
@@ -183,18 +221,27 @@ fn nested_groups_expand() {
 
 #[test]
 fn an_empty_group_used_in_a_rule_can_never_match() {
-    let src = format!("[groups]\nnobody = []\n{}", rule_with("\"group:nobody\"", "\"*\"", "\"any\""));
+    let src = format!(
+        "[groups]\nnobody = []\n{}",
+        rule_with("\"group:nobody\"", "\"*\"", "\"any\"")
+    );
     let d = error(&src);
     assert!(d.message.contains("can never match"), "{}", d.message);
 }
 
 #[test]
 fn an_unused_group_is_a_warning() {
-    let src = format!("[groups]\nspare = [\"tag:x\"]\n{}", rule_with("\"*\"", "\"*\"", "\"any\""));
+    let src = format!(
+        "[groups]\nspare = [\"tag:x\"]\n{}",
+        rule_with("\"*\"", "\"*\"", "\"any\"")
+    );
     let checked = parse(&src);
     assert_eq!(checked.warnings.len(), 1);
     assert!(checked.warnings[0].message.contains("not used"));
-    assert_eq!((checked.warnings[0].line, checked.warnings[0].column), (2, 1));
+    assert_eq!(
+        (checked.warnings[0].line, checked.warnings[0].column),
+        (2, 1)
+    );
 }
 
 #[test]
@@ -203,7 +250,10 @@ fn out_of_range_ports_and_reversed_ranges_are_errors() {
         ("\"tcp:0\"", "port 0"),
         ("\"tcp:65536\"", "out of range"),
         ("\"udp:70000\"", "out of range"),
-        ("\"tcp:5000-4000\"", "reversed range in `tcp:5000-4000`: write `tcp:4000-5000`"),
+        (
+            "\"tcp:5000-4000\"",
+            "reversed range in `tcp:5000-4000`: write `tcp:4000-5000`",
+        ),
         ("\"tcp\"", "needs a port"),
         ("\"http:80\"", "unknown protocol `http`"),
     ] {
@@ -233,8 +283,14 @@ fn invalid_prefixes_are_errors() {
         ("\"cidr:fd00::/129\"", "not between 0 and 128"),
         ("\"cidr:10.0.0/8\"", "not an IPv4 or IPv6 address"),
         ("\"cidr:10.0.0.1\"", "needs a prefix length"),
-        ("\"cidr:10.91.1.113/25\"", "the prefix is `cidr:10.91.1.0/25`"),
-        ("\"cidr:fd00:90::5/64\"", "the prefix is `cidr:fd00:90::/64`"),
+        (
+            "\"cidr:10.91.1.113/25\"",
+            "the prefix is `cidr:10.91.1.0/25`",
+        ),
+        (
+            "\"cidr:fd00:90::5/64\"",
+            "the prefix is `cidr:fd00:90::/64`",
+        ),
     ] {
         let d = error(&rule_with("\"*\"", sel, "\"any\""));
         assert!(d.message.contains(want), "{sel}: {}", d.message);
@@ -270,21 +326,41 @@ fn spiffe_selectors_are_accepted() {
 #[test]
 fn wildcard_beside_other_selectors_is_a_warning_that_says_what_it_means() {
     // FC-09: selectors in a list are OR'ed; `*` swallows the group, and the check says so.
-    let src = format!("[groups]\nteam1 = [\"tag:t1\"]\n{}", rule_with("\"*\", \"group:team1\"", "\"node:svc1\"", "\"any\""));
+    let src = format!(
+        "[groups]\nteam1 = [\"tag:t1\"]\n{}",
+        rule_with("\"*\", \"group:team1\"", "\"node:svc1\"", "\"any\"")
+    );
     let checked = parse(&src);
     assert_eq!(checked.warnings.len(), 1, "{:#?}", checked.warnings);
     let w = &checked.warnings[0];
-    assert_eq!((w.line, w.column, w.text.as_str()), (4, 14, "\"group:team1\""));
+    assert_eq!(
+        (w.line, w.column, w.text.as_str()),
+        (4, 14, "\"group:team1\"")
+    );
     assert!(w.message.contains("OR'ed"), "{}", w.message);
     assert!(w.message.contains("every node"), "{}", w.message);
 }
 
 #[test]
 fn duplicates_and_any_beside_ports_are_warnings() {
-    let checked = parse(&rule_with("\"tag:a\", \"tag:a\"", "\"*\"", "\"any\", \"tcp:22\""));
+    let checked = parse(&rule_with(
+        "\"tag:a\", \"tag:a\"",
+        "\"*\"",
+        "\"any\", \"tcp:22\"",
+    ));
     assert_eq!(checked.warnings.len(), 2, "{:#?}", checked.warnings);
-    assert!(checked.warnings.iter().any(|w| w.message.contains("appears twice")));
-    assert!(checked.warnings.iter().any(|w| w.message.contains("`any` in the same list")));
+    assert!(
+        checked
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("appears twice"))
+    );
+    assert!(
+        checked
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("`any` in the same list"))
+    );
 }
 
 #[test]
@@ -343,7 +419,9 @@ fn an_ambiguous_ipv6_address_without_length_is_refused() {
 #[test]
 fn the_renderer_points_at_the_offending_text() {
     let src = rule_with("\"*\"", "\"*\"", "\"tcp:0\"");
-    let Err(err) = Policy::parse(&src) else { panic!("accepted") };
+    let Err(err) = Policy::parse(&src) else {
+        panic!("accepted")
+    };
 
     let text = render_diagnostics(&src, "policy.toml", &err.diagnostics);
 
@@ -358,12 +436,23 @@ fn columns_count_characters_not_bytes() {
     let d = error(src);
     assert_eq!((d.line, d.column, d.text.as_str()), (3, 1, "\"é\""));
     let text = render_diagnostics(src, "p.toml", &[d]);
-    assert!(text.contains("3 | \"é\" = [\"tag:x\"]\n  | ^^^\n"), "{text}");
+    assert!(
+        text.contains("3 | \"é\" = [\"tag:x\"]\n  | ^^^\n"),
+        "{text}"
+    );
 }
 
 #[test]
 fn garbage_never_panics() {
-    for src in ["\u{0}", "[[", "a = 1", "[groups]\nx = 5", "[[test]]\nfrom = 1", "grant = 3", "\u{feff}[[grant]]"] {
+    for src in [
+        "\u{0}",
+        "[[",
+        "a = 1",
+        "[groups]\nx = 5",
+        "[[test]]\nfrom = 1",
+        "grant = 3",
+        "\u{feff}[[grant]]",
+    ] {
         let _ = Policy::parse(src);
     }
 }

@@ -50,6 +50,20 @@ to = ["tag:web"]
 ports = ["tcp:8080"]
 "#;
 
+/// Only the ops grant: web loses its access to db.
+const POLICY_V3: &str = r#"
+[[grant]]
+from = ["ns:ops"]
+to = ["*"]
+ports = ["any"]
+
+[[test]]
+from = { name = "web1", namespace = "production", tags = ["web"] }
+to = { name = "db1", namespace = "production", tags = ["db"] }
+port = "tcp:5432"
+expect = "deny"
+"#;
+
 const TCP_PORTS: &[u16] = &[5432, 22, 8080];
 const UDP_PORTS: &[u16] = &[5432];
 
@@ -215,13 +229,72 @@ fn policy_allows_exactly_what_it_grants_across_two_clouds() {
         "v2 must still deny {still_denied:?}: {results:?}"
     );
 
+    // The stock WireGuard tool reads the node's interface.
+    let web1 = topo.node("web1");
+    let wg = web1
+        .ns
+        .exec("wg", &["show", &web1.iface, "peers"])
+        .expect("wg show IFACE peers");
+    let db1_key = topo.status("db1").expect("db1 status")["public_key"].clone();
+    assert!(
+        db1_key.as_str().is_some_and(|k| wg.contains(k)),
+        "`wg show` on web1 lists db1's key {db1_key}: {wg}"
+    );
+
+    // Removing a grant cuts the flows it allowed that are already open, not only new ones.
+    let mut stream = topo.open_stream("web1", db1, 5432).expect("open a stream");
+    stream
+        .echo("open before v3", Duration::from_secs(10))
+        .expect("the stream carries data under v2");
+    let took = topo
+        .apply_policy(POLICY_V3, &["web1", "db1"], Duration::from_secs(30))
+        .expect("apply policy v3, without the web grant");
+    eprintln!("policy v3: from apply to the last node's acknowledgement: {took:?}");
+    assert!(
+        stream.echo("after v3", Duration::from_secs(3)).is_err(),
+        "an open flow that the new policy no longer allows must stop passing"
+    );
+    assert!(
+        !tcp_echo(&topo.node("web1").ns, db1, 5432, "v3").expect("probe"),
+        "a new flow under v3 is denied"
+    );
+
+    // Deleting a node takes it out of every netmap: ops1 can no longer reach it.
+    let stray1 = topo.overlay_v4("stray1").expect("stray1 address");
+    let deleted_at = Instant::now();
+    topo.ztnet(&["node", "delete", "--network", NETWORK, "stray1"])
+        .expect("ztnet node delete");
+    wait_for(
+        "ops1 to lose stray1 as a peer",
+        Duration::from_secs(10),
+        || {
+            let peers = topo.status("ops1")?["peers"].clone();
+            let names: Vec<&str> = peers
+                .as_array()
+                .map(|ps| ps.iter().filter_map(|p| p["name"].as_str()).collect())
+                .unwrap_or_default();
+            Ok((!names.contains(&"stray1")).then_some(()))
+        },
+    )
+    .expect("the deleted node leaves its peers' netmaps");
+    eprintln!(
+        "node delete: stray1 gone from ops1's peers after {:?}",
+        deleted_at.elapsed()
+    );
+    assert!(
+        !ping(&topo.node("ops1").ns, stray1).expect("ping"),
+        "ops1 no longer reaches the deleted stray1"
+    );
+
     let audit = topo
         .ztnet(&["audit", "--network", NETWORK])
         .expect("ztnet audit");
-    assert!(
-        audit.contains("policy.apply"),
-        "the audit log records the applies:\n{audit}"
-    );
+    for action in ["policy.apply", "node.enroll", "node.delete"] {
+        assert!(
+            audit.contains(action),
+            "the audit log records {action}:\n{audit}"
+        );
+    }
 }
 
 #[test]

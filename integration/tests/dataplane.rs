@@ -42,7 +42,6 @@ struct Mesh {
     nodes: Vec<Node>,
     link: Netns,
     dir: tempfile::TempDir,
-    policy: String,
 }
 
 impl Node {
@@ -90,12 +89,7 @@ impl Mesh {
                 ns,
             });
         }
-        let mesh = Mesh {
-            nodes,
-            link,
-            dir,
-            policy: policy.to_string(),
-        };
+        let mesh = Mesh { nodes, link, dir };
         std::fs::write(mesh.dir.path().join("policy.toml"), policy)?;
         Ok(mesh)
     }
@@ -165,10 +159,10 @@ impl Mesh {
             &format!("{name}'s status socket"),
             Duration::from_secs(15),
             || {
-                if let Some(p) = self.node_mut(name).proc.as_mut() {
-                    if let Some(st) = p.try_wait() {
-                        bail!("ztnet-node {name} exited ({st}): {}", p.log());
-                    }
+                if let Some(p) = self.node_mut(name).proc.as_mut()
+                    && let Some(st) = p.try_wait()
+                {
+                    bail!("ztnet-node {name} exited ({st}): {}", p.log());
                 }
                 Ok(self.status(name).ok())
             },

@@ -95,6 +95,17 @@ pub fn story_nodes() -> Vec<NodeSpec> {
     ]
 }
 
+/// A web server that joins late, to try enrolling with a token that was already used.
+pub fn late_node() -> NodeSpec {
+    NodeSpec {
+        name: "late1",
+        cloud: Cloud::A,
+        host: 13,
+        namespace: "production",
+        tags: &["web"],
+    }
+}
+
 /// One node: its namespace, its TUN interface and its `ztnet-node` process.
 #[derive(Debug)]
 pub struct Node {
@@ -391,6 +402,20 @@ impl Topology {
                     .then_some(()))
             },
         )
+    }
+
+    /// Waits until `name`'s daemon exits by itself; returns its exit status and its log.
+    pub fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let node = self.node_mut(name);
+        let status = wait_for(&format!("ztnet-node {name} to exit"), timeout, || {
+            Ok(node.proc.as_mut().and_then(Proc::try_wait))
+        })?;
+        let log = node.proc.take().map(|p| p.log()).unwrap_or_default();
+        Ok((status, log))
     }
 
     /// The coordinator's node list.

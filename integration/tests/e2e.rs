@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use ztnet_integration::pcap::{Frame, FrameKind};
 use ztnet_integration::topology::{
-    COORDINATOR_PORT, Cloud, NETWORK, NodeSpec, Topology, WIREGUARD_PORT, ping, story_nodes,
-    tcp_echo, udp_echo,
+    COORDINATOR_PORT, Cloud, NETWORK, NodeSpec, Topology, WIREGUARD_PORT, late_node, ping,
+    story_nodes, tcp_echo, udp_echo,
 };
 use ztnet_integration::{Capture, require_root, unique, wait_for};
 
@@ -304,7 +304,7 @@ fn mesh_keeps_running_without_the_coordinator_and_restarts_from_state() {
         .into_iter()
         .filter(|s| s.name == "web1" || s.name == "db1")
         .collect();
-    let mut topo = enrolled_topology(&specs);
+    let (mut topo, tokens) = enrolled_topology_with(&specs, &[late_node()]);
     topo.start_echo_servers("db1", &[5432], &[])
         .expect("echo server");
     let took = topo
@@ -383,18 +383,45 @@ fn mesh_keeps_running_without_the_coordinator_and_restarts_from_state() {
         "nodes reconnected {:?} after the coordinator came back",
         back.elapsed()
     );
+
+    // A used one-use token enrolls nothing more: the late node is refused and says so.
+    topo.start_node("late1", Some(&tokens[0]))
+        .expect("start late1 with web1's used token");
+    let (status, log) = topo
+        .wait_exit("late1", Duration::from_secs(60))
+        .expect("a refused enrollment ends the daemon");
+    assert!(
+        !status.success(),
+        "refused enrollment exits non-zero: {log}"
+    );
+    assert!(log.contains("token"), "the refusal names the token: {log}");
+    let names: Vec<String> = topo
+        .node_list()
+        .expect("node list")
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        names,
+        ["db1", "web1"],
+        "nothing was enrolled with the used token"
+    );
 }
 
-/// Builds the topology for `specs`, starts the coordinator, creates the network, enrolls every
-/// node with its own token, and waits until all are online.
-fn enrolled_topology(specs: &[NodeSpec]) -> Topology {
-    let mut topo = Topology::build(specs).expect("build the topology");
+/// Builds the topology for `specs` (plus `idle`, built but not started), starts the
+/// coordinator, creates the network, enrolls every node of `specs` with its own one-use token,
+/// and waits until all are online. Returns the tokens too (all used).
+fn enrolled_topology_with(specs: &[NodeSpec], idle: &[NodeSpec]) -> (Topology, Vec<String>) {
+    let all: Vec<NodeSpec> = specs.iter().chain(idle).cloned().collect();
+    let mut topo = Topology::build(&all).expect("build the topology");
     topo.start_coordinator().expect("start the coordinator");
     topo.create_network().expect("create the network");
     let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+    let mut tokens = Vec::new();
     for name in &names {
         let token = topo.token_for(name).expect("make a join token");
         topo.start_node(name, Some(&token)).expect("start the node");
+        tokens.push(token);
     }
     topo.wait_online(&names, Duration::from_secs(90))
         .expect("every node enrolls and connects");
@@ -402,7 +429,11 @@ fn enrolled_topology(specs: &[NodeSpec]) -> Topology {
         .ztnet(&["node", "list", "--network", NETWORK])
         .expect("ztnet node list");
     eprintln!("$ ztnet node list --network {NETWORK}\n{list}");
-    topo
+    (topo, tokens)
+}
+
+fn enrolled_topology(specs: &[NodeSpec]) -> Topology {
+    enrolled_topology_with(specs, &[]).0
 }
 
 fn probe_once(topo: &Topology, from: &str, to: &str, probe: Probe, payload: &str) -> Result<bool> {

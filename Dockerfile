@@ -16,19 +16,11 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 
-# Manifests first, so that a change to the sources alone reuses the fetched dependencies.
-COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
-COPY netpolicy/Cargo.toml netpolicy/
-COPY proto/Cargo.toml proto/
-COPY node/Cargo.toml node/
-COPY coordinator/Cargo.toml coordinator/
-COPY cli/Cargo.toml cli/
-COPY integration/Cargo.toml integration/
-RUN rustup show active-toolchain || rustup toolchain install
-RUN cargo fetch --locked
-
+# The whole tree at once: a manifests-only layer would need stub sources for every target.
+# BuildKit cache mounts keep the registry and the target directory between builds instead.
 COPY . .
-RUN --mount=type=cache,target=/src/target,sharing=locked \
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked --bins \
         -p ztnet-coordinator -p ztnet-node -p ztnet-cli \
     && mkdir -p /out \

@@ -395,6 +395,10 @@ fn mesh_keeps_running_without_the_coordinator_and_restarts_from_state() {
         "refused enrollment exits non-zero: {log}"
     );
     assert!(log.contains("token"), "the refusal names the token: {log}");
+    eprintln!(
+        "late1 with a used token: {}",
+        log.lines().last().unwrap_or_default()
+    );
     let names: Vec<String> = topo
         .node_list()
         .expect("node list")

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# Data-plane benchmark: plain veth, ztnet-node (filter on), boringtun-cli 0.7.1 (defaults and
+# --threads 1) and wireguard-go, each between two network namespaces joined by a veth pair with
+# offloads off, every WireGuard pair configured alike (MTU 1420).
+#
+# Measures in one run: iperf3 TCP throughput (1 and 4 streams, $SECS s), 64-byte UDP packets
+# received per second, ping latency, the daemons' CPU seconds per GB moved (single-stream
+# test), and UdpRcvbufErrors. Prints each figure with its ratio to boringtun-cli's defaults.
+#
+# Needs root. Traffic stays inside the two namespaces it makes; it removes them and the
+# processes it started when it ends, on failure too.
+#
+#   sudo bench/dataplane.sh            # everything
+#   SECS=5 ONLY="ztnet boringtun" bench/dataplane.sh
+set -euo pipefail
+
+SECS=${SECS:-10}
+UDP_SECS=${UDP_SECS:-5}
+ONLY=${ONLY:-"veth ztnet boringtun boringtun-1t wireguard-go"}
+CACHE=${ZTNET_BENCH_CACHE:-$HOME/.cache/ztnet-bench}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TAG=zb$$
+NS_A=${TAG}a
+NS_B=${TAG}b
+WORK=$(mktemp -d /tmp/ztnet-bench.XXXXXX)
+PIDS=()
+
+[ "$(id -u)" = 0 ] || { echo "bench/dataplane.sh needs root (namespaces, TUN)" >&2; exit 1; }
+
+cleanup() {
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+    ip netns del "$NS_A" 2>/dev/null || true
+    ip netns del "$NS_B" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() {
+    local missing=()
+    for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+need iperf3 jq ethtool wireguard-go wg bc
+command -v ethtool >/dev/null || echo "warning: no ethtool; veth offloads stay on" >&2
+
+echo "== building ztnet-node (release)" >&2
+(cd "$ROOT" && cargo build --release -q -p ztnet-node)
+ZTNET="$ROOT/target/release/ztnet-node"
+BTUN="$CACHE/bin/boringtun-cli"
+if [ ! -x "$BTUN" ]; then
+    echo "== installing boringtun-cli 0.7.1 into $CACHE" >&2
+    cargo install -q boringtun-cli --version 0.7.1 --locked --root "$CACHE"
+fi
+
+in_a() { ip netns exec "$NS_A" "$@"; }
+in_b() { ip netns exec "$NS_B" "$@"; }
+
+setup_link() {
+    ip netns add "$NS_A"
+    ip netns add "$NS_B"
+    in_a ip link set lo up
+    in_b ip link set lo up
+    ip -n "$NS_A" link add va type veth peer name vb netns "$NS_B"
+    for side in a b; do
+        local ns=$NS_A dev=va addr=192.0.2.1
+        [ $side = b ] && ns=$NS_B dev=vb addr=192.0.2.2
+        ip -n "$ns" addr add $addr/24 dev $dev
+        ip -n "$ns" link set $dev up
+        if command -v ethtool >/dev/null; then
+            ip netns exec "$ns" ethtool -K $dev tso off gso off gro off tx off rx off \
+                >/dev/null 2>&1 || true
+        fi
+    done
+}
+
+teardown_link() {
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+    PIDS=()
+    ip netns del "$NS_A" 2>/dev/null || true
+    ip netns del "$NS_B" 2>/dev/null || true
+}
+
+# Waits until a file exists or a command succeeds (deadline 15 s).
+wait_until() {
+    local i
+    for i in $(seq 1 150); do
+        if eval "$1" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    echo "timed out waiting for: $1" >&2
+    return 1
+}
+
+# Configures the overlay address of a `wg`-configured interface in one namespace.
+wg_side() { # ns iface key peer_pub my_addr peer_underlay peer_overlay
+    local ns=$1 ifc=$2 key=$3 peer=$4 me=$5 under=$6 over=$7
+    ip netns exec "$ns" wg set "$ifc" private-key "$key" listen-port 51820 \
+        peer "$peer" endpoint "$under:51820" allowed-ips "$over/32"
+    ip -n "$ns" addr add "$me/24" dev "$ifc"
+    ip -n "$ns" link set "$ifc" mtu 1420 up
+}
+
+keys() {
+    wg genkey >"$WORK/a.key"; wg genkey >"$WORK/b.key"
+    chmod 600 "$WORK"/*.key
+    A_PUB=$(wg pubkey <"$WORK/a.key"); B_PUB=$(wg pubkey <"$WORK/b.key")
+}
+
+start_wg_impl() { # name: boringtun | boringtun-1t | wireguard-go
+    keys
+    local side ns ifc
+    for side in a b; do
+        # Both namespaces share /var/run/wireguard, so each side has its own name.
+        ns=$NS_A; ifc=${TAG}w$side
+        [ $side = b ] && ns=$NS_B
+        case $1 in
+        boringtun) ip netns exec "$ns" "$BTUN" --foreground --disable-drop-privileges "$ifc" \
+            >>"$WORK/$1.log" 2>&1 & ;;
+        boringtun-1t) ip netns exec "$ns" "$BTUN" --foreground --disable-drop-privileges \
+            --threads 1 "$ifc" >>"$WORK/$1.log" 2>&1 & ;;
+        wireguard-go) WG_PROCESS_FOREGROUND=1 ip netns exec "$ns" wireguard-go "$ifc" \
+            >>"$WORK/$1.log" 2>&1 & ;;
+        esac
+        PIDS+=($!)
+        wait_until "[ -S /var/run/wireguard/$ifc.sock ]"
+        if [ $side = a ]; then
+            wg_side "$NS_A" "$ifc" "$WORK/a.key" "$B_PUB" 10.99.0.1 192.0.2.2 10.99.0.2
+        else
+            wg_side "$NS_B" "$ifc" "$WORK/b.key" "$A_PUB" 10.99.0.2 192.0.2.1 10.99.0.1
+        fi
+    done
+}
+
+start_ztnet() {
+    local ifc=${TAG}z
+    keys
+    cat >"$WORK/policy.toml" <<'EOF'
+[[grant]]
+from = ["*"]
+to = ["*"]
+ports = ["any"]
+EOF
+    for side in a b; do
+        local me=1 peer=2 peer_pub=$B_PUB ns=$NS_A
+        [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; }
+        cat >"$WORK/$side.toml" <<EOF
+[interface]
+name = "$ifc$side"
+private_key_file = "$side.key"
+addresses = ["10.99.0.$me/24"]
+policy_file = "policy.toml"
+[identity]
+name = "n$me"
+[[peer]]
+name = "n$peer"
+public_key = "$peer_pub"
+endpoint = "192.0.2.$peer:51820"
+allowed_ips = ["10.99.0.$peer/32"]
+EOF
+        RUST_LOG=warn ip netns exec "$ns" "$ZTNET" --config "$WORK/$side.toml" \
+            >>"$WORK/ztnet.log" 2>&1 &
+        PIDS+=($!)
+        wait_until "[ -S /var/run/ztnet/$ifc$side.sock ]"
+    done
+}
+
+cpu_ticks() { # sum of utime+stime of the started daemons
+    local t=0 p
+    for p in "${PIDS[@]}"; do
+        [ -r /proc/$p/stat ] || continue
+        t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat)))
+    done
+    echo $t
+}
+
+rcvbuf_errors() {
+    local n=0 ns v
+    for ns in "$NS_A" "$NS_B"; do
+        v=$(ip netns exec "$ns" awk '/^Udp:/ { if (h) { print $(i) } else { for (i=1;i<=NF;i++) if ($i=="RcvbufErrors") break; h=1 } }' /proc/net/snmp)
+        n=$((n + ${v:-0}))
+    done
+    echo $n
+}
+
+declare -A R
+measure() { # name target
+    local name=$1 dst=$2 hz ticks0 ticks1 bytes j
+    hz=$(getconf CLK_TCK)
+    in_b iperf3 -s -D -I "$WORK/iperf.pid" >/dev/null
+    wait_until "[ -s $WORK/iperf.pid ]"
+    wait_until "in_a ping -c1 -W1 $dst"
+    local drops0; drops0=$(rcvbuf_errors)
+
+    ticks0=$(cpu_ticks)
+    j=$(in_a iperf3 -c "$dst" -t "$SECS" -J)
+    ticks1=$(cpu_ticks)
+    R[$name,tcp1]=$(jq '.end.sum_received.bits_per_second / 1e9' <<<"$j")
+    bytes=$(jq '.end.sum_received.bytes' <<<"$j")
+    if [ "$name" = veth ]; then
+        R[$name,cpu]="-"
+    else
+        R[$name,cpu]=$(echo "scale=2; ($ticks1 - $ticks0) / $hz / ($bytes / 1000000000)" | bc)
+    fi
+    j=$(in_a iperf3 -c "$dst" -t "$SECS" -P 4 -J)
+    R[$name,tcp4]=$(jq '.end.sum_received.bits_per_second / 1e9' <<<"$j")
+    j=$(in_a iperf3 -c "$dst" -u -b 0 -l 64 -t "$UDP_SECS" -J)
+    R[$name,udp]=$(jq '(.end.sum.packets - .end.sum.lost_packets) / .end.sum.seconds / 1000' <<<"$j")
+    R[$name,ping]=$(in_a ping -q -c 20 -i 0.05 "$dst" | awk -F/ '/^rtt/ {print $5}')
+    R[$name,drops]=$(( $(rcvbuf_errors) - drops0 ))
+    kill "$(cat "$WORK/iperf.pid")" 2>/dev/null || true
+    rm -f "$WORK/iperf.pid"
+}
+
+for impl in $ONLY; do
+    echo "== $impl" >&2
+    setup_link
+    case $impl in
+    veth) measure veth 192.0.2.2 ;;
+    ztnet) start_ztnet; measure ztnet 10.99.0.2 ;;
+    boringtun | boringtun-1t | wireguard-go) start_wg_impl "$impl"; measure "$impl" 10.99.0.2 ;;
+    *) echo "unknown implementation $impl" >&2; exit 1 ;;
+    esac
+    teardown_link
+done
+
+ratio() { # value base
+    if [ -z "${2:-}" ] || [ "$2" = "-" ] || [ "$1" = "-" ]; then echo "-"; return; fi
+    echo "scale=2; $1 / $2" | bc 2>/dev/null || echo "-"
+}
+
+base=boringtun
+printf '\n%-13s %16s %16s %18s %14s %14s %12s\n' implementation "tcp 1 (Gbit/s)" \
+    "tcp 4 (Gbit/s)" "udp 64B (kpkt/s)" "ping (ms)" "cpu s/GB" "rcvbuf drops"
+for impl in $ONLY; do
+    cell() { # metric
+        local v=${R[$impl,$1]:-"-"} r
+        r=$(ratio "$v" "${R[$base,$1]:-}")
+        printf '%.3f (x%s)' "$v" "$r" 2>/dev/null || printf '%s' "$v"
+    }
+    printf '%-13s %16s %16s %18s %14s %14s %12s\n' "$impl" "$(cell tcp1)" "$(cell tcp4)" \
+        "$(cell udp)" "$(cell ping)" "$(cell cpu)" "${R[$impl,drops]:-"-"}"
+done
+echo "(ratios are against boringtun-cli 0.7.1 with its defaults; SECS=$SECS)"

@@ -613,7 +613,6 @@ impl PortIndex {
                     last = i;
                 }
             }
-            flat.dedup();
             slices.push((begin, flat.len() as u32));
             if flat.len() > budget {
                 // Too many overlapping ranges to index: one segment holding every entry.

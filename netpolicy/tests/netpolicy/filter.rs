@@ -597,3 +597,54 @@ ports = ["tcp:443"]
     assert!(m.passes("ops1", "router1", &tcp(v4(&ops), 1, v4(&router), 443, SYN)));
     assert!(!m.passes("ops1", "router1", &tcp(v4(&ops), 1, v4(&router), 22, SYN)));
 }
+
+#[test]
+fn any_beside_a_port_range_covers_every_port() {
+    // Found by the reference property: overlapping ranges of one entry once left holes in the
+    // port index.
+    let src = "[[grant]]\nfrom = [\"ns:x\"]\nto = [\"*\"]\nports = [\"tcp:20-21\", \"any\", \"udp:5-6\"]\n";
+    let a = node("n0", 1, "x", &[]);
+    let b = node("n1", 2, "x", &[]);
+    let mut m = Mesh::new(src, &[a.clone(), b.clone()]);
+    for port in [1, 19, 20, 21, 22, 65535] {
+        assert!(
+            m.passes("n0", "n1", &tcp(v4(&a), 40000, v4(&b), port, SYN)),
+            "tcp {port}"
+        );
+        assert!(
+            m.passes("n0", "n1", &udp(v4(&a), 40000, v4(&b), port)),
+            "udp {port}"
+        );
+    }
+}
+
+#[test]
+fn many_overlapping_ranges_still_decide_exactly() {
+    // Past the index budget the table falls back to one segment; decisions stay the same.
+    let mut src = String::new();
+    for i in 0..300u32 {
+        src += &format!(
+            "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp:{}-{}\"]\n",
+            1000 + i,
+            60000 - i
+        );
+    }
+    src += "[[deny]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp:30000\"]\n";
+    let a = node("n0", 1, "x", &[]);
+    let b = node("n1", 2, "x", &[]);
+    let mut m = Mesh::new(&src, &[a.clone(), b.clone()]);
+    for (port, want) in [
+        (999, false),
+        (1000, true),
+        (30000, false),
+        (59999, true),
+        (60000, true),
+        (60001, false),
+    ] {
+        assert_eq!(
+            m.passes("n0", "n1", &tcp(v4(&a), 40000, v4(&b), port, SYN)),
+            want,
+            "tcp {port}"
+        );
+    }
+}

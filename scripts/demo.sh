@@ -36,6 +36,19 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BOLD=$'\e[1m' DIM=$'\e[2m' GREEN=$'\e[32m' RED=$'\e[31m' RESET=$'\e[0m'
 if [[ ! -t 1 ]]; then BOLD='' DIM='' GREEN='' RED='' RESET=''; fi
 
+# Under sudo, PATH loses the invoking user's ~/.cargo/bin: find their rustup toolchain there.
+find_cargo() {
+    command -v cargo >/dev/null 2>&1 && return 0
+    local home
+    if [[ -n ${SUDO_USER:-} ]] && home=$(getent passwd "$SUDO_USER" | cut -d: -f6) &&
+        [[ -x $home/.cargo/bin/cargo ]]; then
+        export PATH="$home/.cargo/bin:$PATH" CARGO_HOME="$home/.cargo" RUSTUP_HOME="$home/.rustup"
+        return 0
+    fi
+    echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then rerun." >&2
+    return 1
+}
+
 step() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$RESET"; }
 say() { printf '%s\n' "$*"; }
 show() { printf '%s$ %s%s\n' "$DIM" "$*" "$RESET"; }
@@ -54,10 +67,7 @@ if ((${#need[@]})); then
 else
     say "iproute2, iputils-ping, socat, jq and tcpdump are present"
 fi
-if ! command -v cargo >/dev/null 2>&1; then
-    echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then rerun." >&2
-    exit 1
-fi
+find_cargo
 if [[ ! -e /dev/net/tun ]]; then
     mkdir -p /dev/net && mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun
 fi

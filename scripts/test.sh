@@ -8,6 +8,20 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+
+# Under sudo, PATH loses the invoking user's ~/.cargo/bin: find their rustup toolchain there.
+find_cargo() {
+    command -v cargo >/dev/null 2>&1 && return 0
+    local home
+    if [[ -n ${SUDO_USER:-} ]] && home=$(getent passwd "$SUDO_USER" | cut -d: -f6) &&
+        [[ -x $home/.cargo/bin/cargo ]]; then
+        export PATH="$home/.cargo/bin:$PATH" CARGO_HOME="$home/.cargo" RUSTUP_HOME="$home/.rustup"
+        return 0
+    fi
+    echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then rerun." >&2
+    return 1
+}
+find_cargo
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-auto}
 
 # System tools the tests drive: ip, ping, socat, nc, tcpdump, wg, wireguard-go, nft, iperf3.
@@ -41,11 +55,14 @@ echo "== cargo build --workspace --bins --locked"
 cargo build --workspace --bins --locked
 
 if [[ $EUID -eq 0 ]]; then
-    echo "== cargo test --workspace --locked"
-    cargo test --workspace --locked
+    echo "== cargo test --workspace --locked --no-fail-fast"
+    cargo test --workspace --locked --no-fail-fast
+    # The README's first command must keep working: run the demo on the debug build.
+    echo "== scripts/demo.sh"
+    "$ROOT/scripts/demo.sh"
 else
     echo "== not root: the integration tests (ztnet-integration) need root and are skipped;"
     echo "   run 'sudo ./scripts/test.sh' for the whole suite"
-    echo "== cargo test --workspace --exclude ztnet-integration --locked"
-    cargo test --workspace --exclude ztnet-integration --locked
+    echo "== cargo test --workspace --exclude ztnet-integration --locked --no-fail-fast"
+    cargo test --workspace --exclude ztnet-integration --locked --no-fail-fast
 fi

@@ -5,7 +5,8 @@
 #
 # Measures in one run: iperf3 TCP throughput (1 and 4 streams, $SECS s), 64-byte UDP packets
 # received per second, ping latency, the daemons' CPU seconds per GB moved (single-stream
-# test), and UdpRcvbufErrors. Prints each figure with its ratio to boringtun-cli's defaults.
+# test), and receive-buffer drops of the WireGuard sockets (UdpRcvbufErrors of port 51820).
+# Prints each figure with its ratio to boringtun-cli's defaults.
 #
 # Needs root. Traffic stays inside the two namespaces it makes; it removes them and the
 # processes it started when it ends, on failure too.
@@ -105,6 +106,7 @@ wg_side() { # ns iface key peer_pub my_addr peer_underlay peer_overlay
 }
 
 keys() {
+    umask 077
     wg genkey >"$WORK/a.key"; wg genkey >"$WORK/b.key"
     chmod 600 "$WORK"/*.key
     A_PUB=$(wg pubkey <"$WORK/a.key"); B_PUB=$(wg pubkey <"$WORK/b.key")
@@ -177,10 +179,13 @@ cpu_ticks() { # sum of utime+stime of the started daemons
     echo $t
 }
 
+# Receive-buffer drops of the WireGuard sockets (local port 51820) in both namespaces, from the
+# per-socket "drops" column of /proc/net/udp{,6}; other UDP sockets (iperf3's) are not counted.
 rcvbuf_errors() {
     local n=0 ns v
     for ns in "$NS_A" "$NS_B"; do
-        v=$(ip netns exec "$ns" awk '/^Udp:/ { if (h) { print $(i) } else { for (i=1;i<=NF;i++) if ($i=="RcvbufErrors") break; h=1 } }' /proc/net/snmp)
+        v=$(ip netns exec "$ns" awk 'FNR > 1 && $2 ~ /:C96C$/ { d += $NF } END { print d + 0 }' \
+            /proc/net/udp /proc/net/udp6)
         n=$((n + ${v:-0}))
     done
     echo $n

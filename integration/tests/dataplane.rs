@@ -708,3 +708,32 @@ fn pubkey_matches_wg_and_bad_keys_are_refused() {
         );
     }
 }
+
+#[test]
+fn peer_roams_to_a_new_address_after_an_authenticated_packet() {
+    let policy = "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+    let mut m = Mesh::new(&["n1", "n2"], policy).expect("mesh");
+    m.start_all().expect("start");
+    let (n1, n2) = (m.node("n1").v4(), m.node("n2").v4());
+    m.wait_ping("n1", n2).expect("ping before");
+
+    // n2's underlay address changes (a new uplink); n1 still has the old endpoint.
+    let ns2 = &m.node("n2").ns;
+    // Without promotion, deleting the primary address would take the new one with it.
+    ns2.exec("sysctl", &["-qw", "net.ipv4.conf.u0.promote_secondaries=1"])
+        .expect("sysctl");
+    ns2.ip(&["addr", "add", "192.0.2.20/24", "dev", "u0"])
+        .expect("new address");
+    ns2.ip(&["addr", "del", "192.0.2.2/24", "dev", "u0"])
+        .expect("old address gone");
+    m.wait_ping("n2", n1)
+        .expect("n2 reaches n1 from its new address");
+
+    let status = m.status("n1").expect("status");
+    let endpoint = status["peers"][0]["endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(endpoint, "192.0.2.20:51820", "n1 learnt the new endpoint");
+    assert!(ping(&m.node("n1").ns, n2).expect("ping"), "and uses it");
+}

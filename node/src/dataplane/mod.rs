@@ -300,14 +300,21 @@ struct Io<'a> {
     tun: &'a File,
 }
 
-impl Transmit for Io<'_> {
-    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) {
-        let to = match to {
+impl Io<'_> {
+    /// An IPv4 destination as the dual-stack socket wants it (IPv4-mapped IPv6).
+    fn map(&self, to: SocketAddr) -> SocketAddr {
+        match to {
             SocketAddr::V4(a) if self.socket_v6 => {
                 SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
             }
             other => other,
-        };
+        }
+    }
+}
+
+impl Transmit for Io<'_> {
+    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) {
+        let to = self.map(to);
         if let Err(e) = self.socket.send_to(datagram, to) {
             tracing::trace!(%to, error = %e, "send failed");
         }
@@ -325,18 +332,36 @@ fn tun_loop(s: &Shared) {
     let mut packet = vec![0u8; 65_535];
     let mut buf = vec![0u8; peers::MIN_BUFFER];
     let mut tun = &s.tun;
-    let mut io = Io {
-        socket: &s.socket,
-        socket_v6: s.socket_v6,
-        tun: &s.tun,
+    let mut out = Batched {
+        io: Io {
+            socket: &s.socket,
+            socket_v6: s.socket_v6,
+            tun: &s.tun,
+        },
+        batch: Vec::with_capacity(GSO_MAX_BYTES),
+        to: None,
+        segment: 0,
+        count: 0,
+        closed: false,
+        gso: true,
     };
+    let mut burst = 0;
     while !s.stopping() {
         match tun.read(&mut packet) {
             Ok(n) => {
                 let table = s.table.read().unwrap_or_else(|p| p.into_inner());
-                table.handle_tun_packet(&packet[..n], Instant::now(), &mut buf, &mut io);
+                table.handle_tun_packet(&packet[..n], Instant::now(), &mut buf, &mut out);
+                drop(table);
+                burst += 1;
+                if burst >= GSO_MAX_SEGMENTS {
+                    out.flush();
+                    burst = 0;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The TUN queue is empty: send what this burst encrypted, then wait.
+                out.flush();
+                burst = 0;
                 if let Err(e) = sys::wait_readable(s.tun.as_raw_fd(), STOP_POLL) {
                     tracing::error!(error = %e, "TUN poll failed; data plane stops");
                     return;
@@ -348,6 +373,84 @@ fn tun_loop(s: &Shared) {
                 return;
             }
         }
+    }
+}
+
+/// Most datagrams sent in one GSO call (the kernel allows 64).
+const GSO_MAX_SEGMENTS: usize = 32;
+
+/// Most bytes in one GSO call (one UDP payload at most).
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// The TUN thread's output: datagrams of one burst that go to the same endpoint with the same
+/// size are sent in one system call with UDP segmentation offload.
+struct Batched<'a> {
+    io: Io<'a>,
+    batch: Vec<u8>,
+    to: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    /// A shorter datagram ended the batch; the next one starts a new batch.
+    closed: bool,
+    /// Cleared when the kernel refuses UDP_SEGMENT; then every datagram goes alone.
+    gso: bool,
+}
+
+impl Batched<'_> {
+    fn flush(&mut self) {
+        let Some(to) = self.to.take() else {
+            return;
+        };
+        if self.count == 1 || !self.gso {
+            for d in self.batch.chunks(self.segment.max(1)) {
+                self.io.send_udp(to, d);
+            }
+        } else {
+            let addr = socket2::SockAddr::from(self.io.map(to));
+            let seg = u16::try_from(self.segment).unwrap_or(u16::MAX);
+            let fd = self.io.socket.as_raw_fd();
+            if let Err(e) = sys::send_segments(fd, &addr, &self.batch, seg) {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                ) {
+                    tracing::debug!(error = %e, "no UDP segmentation offload; sending singly");
+                    self.gso = false;
+                    for d in self.batch.chunks(self.segment.max(1)) {
+                        self.io.send_udp(to, d);
+                    }
+                } else {
+                    tracing::trace!(%to, error = %e, "send failed");
+                }
+            }
+        }
+        self.batch.clear();
+        self.count = 0;
+        self.closed = false;
+    }
+}
+
+impl Transmit for Batched<'_> {
+    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) {
+        let fits = self.to == Some(to)
+            && !self.closed
+            && datagram.len() <= self.segment
+            && self.batch.len() + datagram.len() <= GSO_MAX_BYTES
+            && self.count < GSO_MAX_SEGMENTS;
+        if !fits {
+            self.flush();
+            self.to = Some(to);
+            self.segment = datagram.len();
+        }
+        self.batch.extend_from_slice(datagram);
+        self.count += 1;
+        if datagram.len() < self.segment {
+            self.closed = true;
+        }
+    }
+
+    fn write_tun(&mut self, packet: &[u8]) {
+        self.io.write_tun(packet);
     }
 }
 

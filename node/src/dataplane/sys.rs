@@ -99,3 +99,47 @@ pub fn force_buffers(fd: RawFd, bytes: usize) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `UDP_SEGMENT` from `linux/udp.h` (the libc crate defines it for uclibc only).
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Sends `data` to `to` as datagrams of `segment` bytes each (the last may be shorter) in one
+/// system call, with UDP generic segmentation offload (Linux 4.18+).
+pub fn send_segments(
+    fd: RawFd,
+    to: &socket2::SockAddr,
+    data: &[u8],
+    segment: u16,
+) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // Room for one cmsg carrying a u16, aligned as cmsghdr requires.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    debug_assert!(space <= size_of_val(&control));
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = to.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = to.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points at `control`, large enough for one cmsg of a u16 (checked
+    // above); CMSG_FIRSTHDR and CMSG_DATA stay inside it.
+    let rc = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment);
+        libc::sendmsg(fd, &msg, 0)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as usize)
+}

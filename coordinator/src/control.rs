@@ -63,7 +63,13 @@ async fn handle(conn: Connection, hub: Arc<Hub>) {
         Ok(Ok(Some(m))) => m,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
-            let err = refuse("protocol", format!("first message unreadable: {e}"));
+            // A well-framed message with a bad field (a non-canonical key, say) is the
+            // sender's mistake in content; anything else breaks the protocol itself.
+            let code = match e {
+                frame::FrameError::Malformed(_) => "bad-request",
+                _ => "protocol",
+            };
+            let err = refuse(code, format!("first message refused: {e}"));
             return close_with(&conn, &mut send, err).await;
         }
         Err(_) => {

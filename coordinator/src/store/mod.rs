@@ -54,6 +54,14 @@ pub enum StoreError {
         /// One line per offending row.
         rows: String,
     },
+    /// Migrating an existing database failed after its backup was made.
+    #[error("{source}\nThe database as it was before this start is backed up at {}", backup.display())]
+    AfterBackup {
+        /// Where the backup is.
+        backup: PathBuf,
+        /// The failure.
+        source: Box<StoreError>,
+    },
     /// The backup before migrating could not be made.
     #[error("backup of the database to {path} failed: {source}")]
     Backup {
@@ -117,12 +125,37 @@ impl Store {
         if !pending.is_empty() && !applied_before.is_empty() {
             let schema_version = applied_before.iter().copied().max().unwrap_or(0);
             backup = Some(store.backup(dir, schema_version).await?);
-            for version in &pending {
-                store.preflight(*version).await?;
+        }
+        if let Err(e) = store.migrate(migrator, &pending, backup.is_some()).await {
+            store.close().await;
+            return Err(match backup {
+                Some(backup) => StoreError::AfterBackup {
+                    backup,
+                    source: Box::new(e),
+                },
+                None => e,
+            });
+        }
+        Ok(Opened {
+            store,
+            backup,
+            applied: pending,
+        })
+    }
+
+    async fn migrate(
+        &self,
+        migrator: &Migrator,
+        pending: &[i64],
+        existing: bool,
+    ) -> Result<(), StoreError> {
+        if existing {
+            for version in pending {
+                self.preflight(*version).await?;
             }
         }
-        if let Err(source) = migrator.run(&store.pool).await {
-            let schema_version = store
+        if let Err(source) = migrator.run(&self.pool).await {
+            let schema_version = self
                 .applied_versions()
                 .await?
                 .into_iter()
@@ -133,11 +166,7 @@ impl Store {
                 source,
             });
         }
-        Ok(Opened {
-            store,
-            backup,
-            applied: pending,
-        })
+        Ok(())
     }
 
     /// Starts a write transaction. `BEGIN IMMEDIATE` takes the write lock at once, so two
@@ -179,7 +208,10 @@ impl Store {
             path: backups.display().to_string(),
             source: sqlx::Error::Io(e),
         })?;
-        let path = backups.join(format!("{DB_FILE}.schema-v{schema_version}.{}", unix_now()));
+        let path = backups.join(format!(
+            "{DB_FILE}.schema-v{schema_version}.{}",
+            unix_now_ms()
+        ));
         let target = path.display().to_string();
         sqlx::query("VACUUM INTO ?")
             .bind(&target)

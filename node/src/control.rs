@@ -75,7 +75,7 @@ pub fn deny_all_config(node_name: Option<String>) -> DataplaneConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CachedNetmap {
     /// Not expired: start the data plane from it at once.
-    Usable(Netmap),
+    Usable(Box<Netmap>),
     /// Expired: not used; the node passes nothing until the coordinator sends a new one.
     Expired {
         /// Its version.
@@ -95,7 +95,7 @@ pub fn judge_cached(netmap: Option<Netmap>, now: u64) -> CachedNetmap {
             version: n.version,
             expires_at: n.expires_at,
         },
-        Some(n) => CachedNetmap::Usable(n),
+        Some(n) => CachedNetmap::Usable(Box::new(n)),
     }
 }
 
@@ -404,7 +404,7 @@ mod tests {
         let n = netmap(4, 100, vec![]);
         assert_eq!(
             judge_cached(Some(n.clone()), 99),
-            CachedNetmap::Usable(n.clone())
+            CachedNetmap::Usable(Box::new(n.clone()))
         );
         assert_eq!(
             judge_cached(Some(n), 100),

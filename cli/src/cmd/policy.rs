@@ -172,17 +172,16 @@ fn waiting_nodes<'a>(
 
 /// Prints a refused apply's diagnostics against the local file, then passes the error on.
 fn with_rendered_diagnostics(e: anyhow::Error, file: &Path, source: &str) -> anyhow::Error {
-    if let Some(ApiFailure(api)) = e.downcast_ref::<ApiFailure>() {
-        if !api.diagnostics.is_empty() {
+    match e.downcast_ref::<ApiFailure>() {
+        Some(ApiFailure(api)) if !api.diagnostics.is_empty() => {
             eprint!(
                 "{}",
                 render_diagnostics(file, Some(source), &api.diagnostics)
             );
-            let msg = api.message.clone();
-            return anyhow!("coordinator refused the policy: {msg}");
+            anyhow!("coordinator refused the policy: {}", api.message)
         }
+        _ => e,
     }
-    e
 }
 
 /// What `policy check --output json` prints.

@@ -492,7 +492,7 @@ impl Applier {
                         peers = n.peers.len(),
                         "started from the netmap on disk"
                     );
-                    self.lock().commit(n);
+                    self.lock().commit(*n);
                 }
                 Err(e) => error!("the data plane refused the netmap on disk: {e:#}"),
             },

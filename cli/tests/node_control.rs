@@ -1,0 +1,396 @@
+//! The node's control client (coordinator mode without TUN) against a real coordinator: the
+//! data-plane configurations it would apply are recorded by a sink, everything else is real
+//! (QUIC, mutual TLS, the state directory, the coordinator process, the `ztnet` CLI).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Coordinator, WEB_DB_POLICY, wait_for};
+use tokio::sync::oneshot;
+use ztnet_node::control::DataplaneSink;
+use ztnet_node::control::client::{self, EnrollError, Exit, NodeOptions};
+use ztnet_node::netconfig::DataplaneConfig;
+use ztnet_node::state::StateDir;
+use ztnet_proto::JoinToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Records every configuration the control client applies.
+#[derive(Default)]
+struct RecordingSink {
+    configs: Mutex<Vec<DataplaneConfig>>,
+    connected: AtomicBool,
+}
+
+impl RecordingSink {
+    fn last(&self) -> Option<DataplaneConfig> {
+        self.configs.lock().expect("lock").last().cloned()
+    }
+
+    fn peers(&self) -> Vec<String> {
+        self.last()
+            .map(|c| c.peers.into_iter().map(|p| p.name).collect())
+            .unwrap_or_default()
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.last().and_then(|c| c.version)
+    }
+}
+
+impl DataplaneSink for RecordingSink {
+    fn apply(&self, config: DataplaneConfig) -> anyhow::Result<()> {
+        self.configs.lock().expect("lock").push(config);
+        Ok(())
+    }
+
+    fn listen_port(&self) -> u16 {
+        51820
+    }
+
+    fn local_endpoints(&self) -> Vec<SocketAddr> {
+        vec!["127.0.0.1:51820".parse().expect("addr")]
+    }
+
+    fn set_control_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::SeqCst);
+    }
+}
+
+/// A control client running in the background.
+struct Node {
+    sink: Arc<RecordingSink>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<Exit>>,
+}
+
+impl Node {
+    fn start(state: &Path, name: &str, token: Option<String>) -> Node {
+        let sink = Arc::new(RecordingSink::default());
+        let opts = NodeOptions {
+            state: StateDir::open(state).expect("state dir"),
+            coordinator: None,
+            token,
+            name: name.into(),
+            version: "test".into(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let dyn_sink: Arc<dyn DataplaneSink> = sink.clone();
+        let task = tokio::spawn(client::run(opts, dyn_sink, async move {
+            let _ = stopped.await;
+        }));
+        Node {
+            sink,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn shutdown(mut self) -> Exit {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.expect("task").expect("clean exit")
+    }
+}
+
+fn token(c: &Coordinator, network: &str, tag: &str) -> String {
+    let out = c
+        .cli()
+        .args([
+            "token",
+            "create",
+            "--network",
+            network,
+            "--namespace",
+            "production",
+        ])
+        .args(["--tag", tag])
+        .output()
+        .expect("ztnet runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
+fn node_json(c: &Coordinator, network: &str, name: &str) -> serde_json::Value {
+    c.json(&["node", "show", "--network", network, name])
+}
+
+fn acknowledged(c: &Coordinator, network: &str, name: &str) -> bool {
+    let n = node_json(c, network, name);
+    n["online"] == true && n["applied_version"] == n["netmap_version"] && n["applied_version"] != 0
+}
+
+fn apply_policy(c: &Coordinator, network: &str, source: &str, wait: bool) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, source).expect("write");
+    let file = file.to_str().expect("utf-8").to_string();
+    let mut args = vec!["policy", "apply", "--network", network, "-f", &file];
+    if wait {
+        args.extend(["--wait", "--timeout", "30s"]);
+    }
+    c.ok(&args)
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("exists").permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_enroll_follow_policy_and_a_deleted_node_stops() {
+    let c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "prod-vpc", "--zero-trust"]);
+    apply_policy(&c, "prod-vpc", WEB_DB_POLICY, false);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let (web_dir, db_dir) = (dirs.path().join("web"), dirs.path().join("db"));
+
+    let web = Node::start(&web_dir, "web-1", Some(token(&c, "prod-vpc", "web")));
+    let db_token = token(&c, "prod-vpc", "db");
+    let db = Node::start(&db_dir, "db-1", Some(db_token.clone()));
+
+    wait_for("web-1 to learn db-1", WAIT, || web.sink.peers() == ["db-1"]);
+    wait_for("db-1 to learn web-1", WAIT, || db.sink.peers() == ["web-1"]);
+    wait_for("both acknowledgements", WAIT, || {
+        acknowledged(&c, "prod-vpc", "web-1") && acknowledged(&c, "prod-vpc", "db-1")
+    });
+    assert!(web.sink.connected.load(Ordering::SeqCst));
+
+    // What the node applied is what the coordinator holds for it.
+    let cfg = web.sink.last().expect("a config");
+    let db_info = node_json(&c, "prod-vpc", "db-1");
+    let peer = &cfg.peers[0];
+    assert_eq!(
+        peer.public_key.to_base64(),
+        db_info["public_key"].as_str().expect("key")
+    );
+    assert_eq!(peer.persistent_keepalive, Some(25));
+    assert!(peer.endpoint.is_some(), "the first endpoint is used");
+    assert_eq!(
+        peer.identity.as_ref().map(|i| i.tags.clone()),
+        Some(vec!["db".to_string()])
+    );
+    assert!(!cfg.addresses.is_empty() && !cfg.routes.is_empty());
+    assert!(!cfg.filter.peers.is_empty());
+
+    // The state directory: private keys private, the netmap persisted.
+    assert_eq!(mode(&web_dir), 0o700);
+    assert_eq!(mode(&web_dir.join("wg.key")), 0o600);
+    assert_eq!(mode(&web_dir.join("tls.key")), 0o600);
+    let state = StateDir::open(&web_dir).expect("state");
+    let saved = state.netmap().expect("reads").expect("netmap.json written");
+    assert_eq!(Some(saved.version.0), web.sink.version());
+    let enrollment = state.enrollment().expect("reads").expect("enrollment.json");
+    assert_eq!(enrollment.network, "prod-vpc");
+    assert_eq!(enrollment.coordinator, c.addr.to_string());
+    // The private key never left: the coordinator knows only the public half.
+    let wg_key = std::fs::read_to_string(web_dir.join("wg.key")).expect("read");
+    assert!(!c.log().contains(wg_key.trim()));
+
+    // A used-up token is refused with a reason that says what to do.
+    let again = dirs.path().join("again");
+    let opts = NodeOptions {
+        state: StateDir::open(&again).expect("state"),
+        coordinator: None,
+        token: Some(db_token),
+        name: "db-2".into(),
+        version: "test".into(),
+    };
+    let err = client::enroll(
+        &opts,
+        opts.token.as_deref().expect("token"),
+        db.sink.as_ref(),
+    )
+    .await
+    .expect_err("used up");
+    assert!(matches!(err, EnrollError::Refused(_)), "{err}");
+    assert!(err.to_string().contains("needs a new token"), "{err}");
+    assert!(!again.join("node.pem").exists());
+
+    // Deleting db-1: it stops passing traffic, forgets its netmap and exits; web-1 drops it.
+    c.ok(&["node", "delete", "--network", "prod-vpc", "db-1"]);
+    let exit = tokio::time::timeout(WAIT, db.task)
+        .await
+        .expect("db-1 exits in time")
+        .expect("task")
+        .expect("no error");
+    assert!(matches!(exit, Exit::Revoked(_)), "{exit:?}");
+    let last = db.sink.last().expect("a config");
+    assert!(
+        last.peers.is_empty() && last.filter.peers.is_empty(),
+        "deny all after revocation"
+    );
+    assert!(!db_dir.join("netmap.json").exists());
+    wait_for("web-1 to drop db-1", WAIT, || web.sink.peers().is_empty());
+
+    // A policy change reaches the remaining node; --wait reports the acknowledgement time.
+    let out = apply_policy(&c, "prod-vpc", &WEB_DB_POLICY.replace("5432", "5433"), true);
+    assert!(out.contains("acknowledged in"), "{out}");
+    assert!(matches!(web.shutdown().await, Exit::Shutdown));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_the_coordinator_starts_from_disk_then_reconnects() {
+    let mut c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "lab", "--zero-trust"]);
+    apply_policy(&c, "lab", WEB_DB_POLICY, false);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let (web_dir, db_dir) = (dirs.path().join("web"), dirs.path().join("db"));
+    let web = Node::start(&web_dir, "web-1", Some(token(&c, "lab", "web")));
+    let db = Node::start(&db_dir, "db-1", Some(token(&c, "lab", "db")));
+    wait_for("web-1 to learn db-1", WAIT, || web.sink.peers() == ["db-1"]);
+    let version = web.sink.version();
+    assert!(matches!(web.shutdown().await, Exit::Shutdown));
+    assert!(matches!(db.shutdown().await, Exit::Shutdown));
+
+    c.stop();
+    let web = Node::start(&web_dir, "web-1", None);
+    wait_for("the netmap on disk to be applied", WAIT, || {
+        web.sink.version() == version
+    });
+    assert_eq!(
+        web.sink.peers(),
+        ["db-1"],
+        "fail-static: the mesh comes back"
+    );
+    assert!(!web.sink.connected.load(Ordering::SeqCst));
+
+    c.restart();
+    wait_for(
+        "the control channel to come back",
+        Duration::from_secs(60),
+        || web.sink.connected.load(Ordering::SeqCst) && acknowledged(&c, "lab", "web-1"),
+    );
+    assert!(matches!(web.shutdown().await, Exit::Shutdown));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_with_another_ca_fingerprint_is_refused_before_the_secret_is_sent() {
+    let c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "lab", "--zero-trust"]);
+    let real = JoinToken::parse(&token(&c, "lab", "web")).expect("parses");
+    let forged = JoinToken {
+        coordinator: real.coordinator.clone(),
+        ca_fingerprint: "ab".repeat(32),
+        secret: real.secret.clone(),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = NodeOptions {
+        state: StateDir::open(dir.path()).expect("state"),
+        coordinator: None,
+        token: None,
+        name: "web-1".into(),
+        version: "test".into(),
+    };
+    let sink = RecordingSink::default();
+    let err = client::enroll(&opts, &forged.encode(), &sink)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("fingerprint"), "{err}");
+    let tokens = c.json(&["token", "list", "--network", "lab"]);
+    assert_eq!(tokens[0]["uses_left"], 1, "the token was not spent");
+
+    let err = client::enroll(&opts, "ztjoin1_garbage", &sink)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("needs a new token"), "{err}");
+
+    let enrollment = client::enroll(&opts, &real.encode(), &sink)
+        .await
+        .expect("enrolls");
+    assert_eq!(enrollment.name, "web-1");
+}
+
+/// FC-22: a node whose certificate expired while it was away says so plainly and keeps
+/// retrying (it does not exit or crash-loop), while it passes nothing from an expired netmap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_node_certificate_is_reported_and_retried() {
+    let c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "lab", "--zero-trust"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("node");
+    let node = Node::start(&state_dir, "web-1", Some(token(&c, "lab", "web")));
+    wait_for("enrollment and a netmap", WAIT, || {
+        node.sink.version().is_some()
+    });
+    node.shutdown().await;
+
+    // Age the state: the certificate and the netmap both expired a day ago.
+    let state = StateDir::open(&state_dir).expect("state");
+    let mut certs = state.certs().expect("reads").expect("enrolled");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["web-1".into()]).expect("params");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+    certs.cert_pem = params.self_signed(&key).expect("cert").pem();
+    state.save_certs(&certs).expect("saved");
+    let mut netmap = state.netmap().expect("reads").expect("saved");
+    netmap.expires_at = 1;
+    state.save_netmap(&netmap).expect("saved");
+
+    let logs = capture_logs();
+    let node = Node::start(&state_dir, "web-1", None);
+    wait_for("two reports of the expired certificate", WAIT, || {
+        logs.text()
+            .matches("node certificate expired at 2020-01-02T00:00:00Z")
+            .count()
+            >= 2
+    });
+    assert!(!node.task.is_finished(), "the node keeps retrying");
+    assert!(
+        node.sink.last().is_none(),
+        "an expired netmap is never applied"
+    );
+    assert!(
+        logs.text()
+            .contains("expired at 1970-01-01T00:00:01Z: not used")
+    );
+    assert!(!node.sink.connected.load(Ordering::SeqCst));
+    node.shutdown().await;
+}
+
+/// Log lines captured from every thread of this test process.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() -> Logs {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .try_init()
+        .expect("only this test installs a subscriber");
+    logs
+}

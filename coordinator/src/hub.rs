@@ -227,11 +227,7 @@ impl Hub {
                 },
                 None => None,
             };
-            let fresh_enough = |o: &Netmap| o.expires_at >= now + NETMAP_REFRESH_SECS;
-            if let Some(o) = &old
-                && netmap::same_content(o, &new)
-                && fresh_enough(o)
-            {
+            if !netmap::must_reissue(old.as_ref(), &new, now, NETMAP_REFRESH_SECS) {
                 continue;
             }
             new.version = NetmapVersion(node.netmap_version + 1);

@@ -87,6 +87,15 @@ pub fn same_content(a: &Netmap, b: &Netmap) -> bool {
     a.network == b.network && a.node == b.node && a.peers == b.peers && a.filter == b.filter
 }
 
+/// Whether `new` must be issued as a new version in place of `old`: when there is no old one,
+/// when the content changed, or when the old one has less than `refresh_secs` left at `now`.
+pub fn must_reissue(old: Option<&Netmap>, new: &Netmap, now: u64, refresh_secs: u64) -> bool {
+    match old {
+        None => true,
+        Some(o) => !same_content(o, new) || o.expires_at < now.saturating_add(refresh_secs),
+    }
+}
+
 /// A node's endpoints, best first: the address the coordinator observed with the reported
 /// listen port, then the reported ones, without duplicates, unusable ones dropped.
 pub fn endpoints(observed: IpAddr, listen_port: u16, reported: &[SocketAddr]) -> Vec<SocketAddr> {
@@ -176,6 +185,37 @@ mod tests {
                 "10.0.0.1:51820".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn netmaps_are_reissued_on_change_or_near_expiry_only() {
+        let map = Netmap {
+            version: NetmapVersion(3),
+            network: "n".into(),
+            node: SelfInfo {
+                name: "a".into(),
+                identity: Identity {
+                    spiffe_id: "spiffe://td/ns/x/node/a".into(),
+                    namespace: "x".into(),
+                    tags: vec![],
+                },
+                addresses: vec![],
+                routes: vec![],
+            },
+            peers: vec![],
+            filter: Default::default(),
+            expires_at: 1_000 + 24 * 3600,
+        };
+        let mut same = map.clone();
+        same.version = NetmapVersion(0);
+        same.expires_at = 5_000 + 24 * 3600;
+        assert!(must_reissue(None, &same, 1_000, 12 * 3600));
+        assert!(!must_reissue(Some(&map), &same, 1_000, 12 * 3600));
+        let later = 1_000 + 12 * 3600 + 1;
+        assert!(must_reissue(Some(&map), &same, later, 12 * 3600));
+        let mut changed = same.clone();
+        changed.node.identity.tags = vec!["web".into()];
+        assert!(must_reissue(Some(&map), &changed, 1_000, 12 * 3600));
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod common;
 
 mod admin;
 mod control;
+mod inprocess;
 mod migrate;
 mod netmaps;
 mod policy;

@@ -230,6 +230,37 @@ fn policy_allows_exactly_what_it_grants_across_two_clouds() {
         "v2 must still deny {still_denied:?}: {results:?}"
     );
 
+    // A refused apply (FC-12) changes nothing: same netmaps, the v2 grants still in force.
+    let versions = topo.netmap_versions().expect("versions");
+    let broken = topo.dir.path().join("broken.toml");
+    let broken_policy = "[[grant]]\nfrom = [\"tag:web\"]\nto = [\"group:missing\"]\n\
+                         ports = [\"any\"]\n";
+    std::fs::write(&broken, broken_policy).expect("write the broken policy");
+    let refused = topo.ztnet(&[
+        "policy",
+        "apply",
+        "--network",
+        NETWORK,
+        "-f",
+        &broken.to_string_lossy(),
+    ]);
+    let err = refused.expect_err("a policy naming an undefined group is refused");
+    let err = format!("{err:#}");
+    eprintln!("refused apply: {}", err.lines().next().unwrap_or_default());
+    assert!(
+        err.contains("missing"),
+        "the refusal names the undefined group: {err}"
+    );
+    assert_eq!(
+        topo.netmap_versions().expect("versions"),
+        versions,
+        "a refused policy pushes nothing"
+    );
+    assert!(
+        probe_once(&topo, "web1", "db1", Probe::Tcp(22), "still v2").expect("probe"),
+        "after a refused apply, the policy in force still applies"
+    );
+
     // The stock WireGuard tool reads the node's interface.
     let web1 = topo.node("web1");
     let wg = web1

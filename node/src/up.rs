@@ -39,11 +39,17 @@ pub struct UpArgs {
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let state = StateDir::open(&args.state_dir)
         .with_context(|| format!("state directory {}", args.state_dir.display()))?;
-    let name = match args.name.clone() {
-        Some(n) => n,
-        None => hostname().context("no --name given and the hostname cannot be read")?,
+    let enrollment = state.enrollment()?;
+    let enrolled = enrollment.is_some();
+    let name = match (&enrollment, args.name.clone()) {
+        (Some(e), Some(n)) if !n.eq_ignore_ascii_case(&e.name) => {
+            warn!(enrolled = %e.name, "already enrolled under another name: --name {n} is not used");
+            e.name.clone()
+        }
+        (Some(e), _) => e.name.clone(),
+        (None, Some(n)) => n,
+        (None, None) => hostname().context("no --name given and the hostname cannot be read")?,
     };
-    let enrolled = state.enrollment()?.is_some();
     if !enrolled && args.token.is_none() {
         bail!(
             "{} holds no enrollment: start once with --token (from `ztnet token create`)",

@@ -29,6 +29,8 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(30);
 const RENEW_RETRY: Duration = Duration::from_secs(60);
 /// How long enrollment waits for the coordinator's answer.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a QUIC handshake may take before the attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
@@ -115,6 +117,7 @@ where
 {
     tokio::pin!(shutdown);
     let state = opts.state.clone();
+    sink.set_control_connected(false);
 
     let enrollment = match (state.enrollment()?, state.certs()?) {
         (Some(e), Some(_)) => e,
@@ -584,10 +587,13 @@ async fn connect(
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket for QUIC")?;
-    let conn = endpoint
+    let connecting = endpoint
         .connect_with(config, addr, COORDINATOR_SERVER_NAME)
-        .context("starting the QUIC handshake")?
+        .context("starting the QUIC handshake")?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
+        .map_err(|_| anyhow!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))
+        .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to the coordinator at {coordinator} ({addr})"))?;
     Ok((endpoint, conn))
 }

@@ -191,6 +191,17 @@ rcvbuf_errors() {
     echo $n
 }
 
+# UdpRcvbufErrors of both namespaces (every UDP socket, iperf3's own included).
+snmp_rcvbuf() {
+    local n=0 ns v
+    for ns in "$NS_A" "$NS_B"; do
+        v=$(ip netns exec "$ns" awk '/^Udp:/ { if (h) print $i; else { for (i = 1; i <= NF; i++)
+            if ($i == "RcvbufErrors") break; h = 1 } }' /proc/net/snmp)
+        n=$((n + ${v:-0}))
+    done
+    echo $n
+}
+
 declare -A R
 measure() { # name target
     local name=$1 dst=$2 hz ticks0 ticks1 bytes j
@@ -198,7 +209,9 @@ measure() { # name target
     in_b iperf3 -s -D -I "$WORK/iperf.pid" >/dev/null
     wait_until "[ -s $WORK/iperf.pid ]"
     wait_until "in_a ping -c1 -W1 $dst"
-    local drops0; drops0=$(rcvbuf_errors)
+    # Latency first, on an idle tunnel.
+    R[$name,ping]=$(in_a ping -q -c 20 -i 0.05 "$dst" | awk -F/ '/^rtt/ {print $5}')
+    local drops0 snmp0; drops0=$(rcvbuf_errors); snmp0=$(snmp_rcvbuf)
 
     ticks0=$(cpu_ticks)
     j=$(in_a iperf3 -c "$dst" -t "$SECS" -J)
@@ -214,8 +227,8 @@ measure() { # name target
     R[$name,tcp4]=$(jq '.end.sum_received.bits_per_second / 1e9' <<<"$j")
     j=$(in_a iperf3 -c "$dst" -u -b 0 -l 64 -t "$UDP_SECS" -J)
     R[$name,udp]=$(jq '(.end.sum.packets - .end.sum.lost_packets) / .end.sum.seconds / 1000' <<<"$j")
-    R[$name,ping]=$(in_a ping -q -c 20 -i 0.05 "$dst" | awk -F/ '/^rtt/ {print $5}')
     R[$name,drops]=$(( $(rcvbuf_errors) - drops0 ))
+    R[$name,snmp]=$(( $(snmp_rcvbuf) - snmp0 ))
     kill "$(cat "$WORK/iperf.pid")" 2>/dev/null || true
     rm -f "$WORK/iperf.pid"
 }
@@ -238,15 +251,17 @@ ratio() { # value base
 }
 
 base=boringtun
-printf '\n%-13s %16s %16s %18s %14s %14s %12s\n' implementation "tcp 1 (Gbit/s)" \
-    "tcp 4 (Gbit/s)" "udp 64B (kpkt/s)" "ping (ms)" "cpu s/GB" "rcvbuf drops"
+printf '\n%-13s %16s %16s %18s %14s %14s %10s %10s\n' implementation "tcp 1 (Gbit/s)" \
+    "tcp 4 (Gbit/s)" "udp 64B (kpkt/s)" "ping (ms)" "cpu s/GB" "wg drops" "all drops"
 for impl in $ONLY; do
     cell() { # metric
         local v=${R[$impl,$1]:-"-"} r
         r=$(ratio "$v" "${R[$base,$1]:-}")
         printf '%.3f (x%s)' "$v" "$r" 2>/dev/null || printf '%s' "$v"
     }
-    printf '%-13s %16s %16s %18s %14s %14s %12s\n' "$impl" "$(cell tcp1)" "$(cell tcp4)" \
-        "$(cell udp)" "$(cell ping)" "$(cell cpu)" "${R[$impl,drops]:-"-"}"
+    printf '%-13s %16s %16s %18s %14s %14s %10s %10s\n' "$impl" "$(cell tcp1)" "$(cell tcp4)" \
+        "$(cell udp)" "$(cell ping)" "$(cell cpu)" "${R[$impl,drops]:-"-"}" \
+        "${R[$impl,snmp]:-"-"}"
 done
-echo "(ratios are against boringtun-cli 0.7.1 with its defaults; SECS=$SECS)"
+echo "(ratios against boringtun-cli 0.7.1 with its defaults; SECS=$SECS; wg drops: receive-buffer"
+echo " drops of the WireGuard sockets, port 51820; all drops: UdpRcvbufErrors of both namespaces)"

@@ -455,18 +455,29 @@ impl Transmit for Batched<'_> {
 }
 
 fn udp_loop(s: &Shared) {
-    let mut datagram = vec![0u8; 65_535];
+    // Room for the largest datagram this MTU produces, and some slack for a peer's larger one.
+    let size = usize::from(s.iface.mtu).max(1280) + 128;
+    let mut batch = sys::RecvBatch::new(RECV_BATCH, size);
     let mut buf = vec![0u8; peers::MIN_BUFFER];
     let mut io = Io {
         socket: &s.socket,
         socket_v6: s.socket_v6,
         tun: &s.tun,
     };
+    let fd = s.socket.as_raw_fd();
     while !s.stopping() {
-        match s.socket.recv_from(&mut datagram) {
-            Ok((n, from)) => {
+        match batch.recv(fd) {
+            Ok(n) => {
                 let table = s.table.read().unwrap_or_else(|p| p.into_inner());
-                table.handle_datagram(from, &datagram[..n], Instant::now(), &mut buf, &mut io);
+                let now = Instant::now();
+                for i in 0..n {
+                    match batch.get(i) {
+                        Some((from, d)) => table.handle_datagram(from, d, now, &mut buf, &mut io),
+                        None => s
+                            .counters
+                            .drop_packet(counters::DropReason::MalformedDatagram),
+                    }
+                }
             }
             Err(e)
                 if matches!(
@@ -483,6 +494,9 @@ fn udp_loop(s: &Shared) {
         }
     }
 }
+
+/// Most datagrams taken from the socket in one `recvmmsg` call.
+const RECV_BATCH: usize = 32;
 
 fn timer_loop(s: &Shared) {
     let mut buf = vec![0u8; peers::MIN_BUFFER];

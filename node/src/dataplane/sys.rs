@@ -143,3 +143,87 @@ pub fn send_segments(
     }
     Ok(rc as usize)
 }
+
+/// Buffers for receiving up to `count` datagrams in one `recvmmsg` call.
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    received: usize,
+}
+
+// SAFETY: the raw pointers inside `iovs` and `hdrs` point only into this struct's own heap
+// buffers, which move with it; nothing else holds them.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    /// Room for `count` datagrams of up to `size` bytes each.
+    pub fn new(count: usize, size: usize) -> RecvBatch {
+        RecvBatch {
+            bufs: (0..count).map(|_| vec![0u8; size]).collect(),
+            // SAFETY: sockaddr_storage and mmsghdr are plain data; all-zero is valid.
+            addrs: (0..count).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            iovs: (0..count)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            hdrs: (0..count).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            received: 0,
+        }
+    }
+
+    /// Waits for at least one datagram (up to the socket's receive timeout), then takes every
+    /// one already queued, up to the batch size. Returns how many arrived.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.received = 0;
+        for i in 0..self.bufs.len() {
+            self.iovs[i].iov_base = self.bufs[i].as_mut_ptr() as *mut libc::c_void;
+            self.iovs[i].iov_len = self.bufs[i].len();
+            let h = &mut self.hdrs[i];
+            h.msg_hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = std::ptr::null_mut();
+            h.msg_hdr.msg_controllen = 0;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+        }
+        let count = libc::c_uint::try_from(self.hdrs.len()).unwrap_or(libc::c_uint::MAX);
+        // SAFETY: every header points at a live buffer, address and iovec of this struct,
+        // with their true sizes; the kernel writes only within them.
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                count,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.received = rc as usize;
+        Ok(self.received)
+    }
+
+    /// Datagram `i` of the last `recv` with its sender; `None` when it was truncated (larger
+    /// than the buffers) or its address is not IP.
+    pub fn get(&self, i: usize) -> Option<(std::net::SocketAddr, &[u8])> {
+        if i >= self.received {
+            return None;
+        }
+        let h = &self.hdrs[i];
+        if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            return None;
+        }
+        // SAFETY: the kernel filled `addrs[i]` and set its length.
+        let addr = unsafe { socket2::SockAddr::new(self.addrs[i], h.msg_hdr.msg_namelen) };
+        let from = addr.as_socket()?;
+        Some((from, &self.bufs[i][..h.msg_len as usize]))
+    }
+}

@@ -33,10 +33,10 @@ pub struct Compiler<'p> {
     policy: &'p Policy,
     nodes: Vec<NodeIdentity>,
     by_name: HashMap<String, usize>,
-    /// Per rule: indices of the nodes its `from` side touches, ascending.
-    from_sets: Vec<Vec<u32>>,
-    /// Per rule: indices of the nodes its `to` side touches, ascending.
-    to_sets: Vec<Vec<u32>>,
+    /// Per rule: the nodes its `from` side touches, ascending, with the prefixes it covers.
+    from_sets: Vec<Vec<(u32, Vec<IpNet>)>>,
+    /// Per rule: the nodes its `to` side touches, ascending, with the prefixes it covers.
+    to_sets: Vec<Vec<(u32, Vec<IpNet>)>>,
     /// Per node: the rules whose `from` touches it.
     from_rules: Vec<Vec<u32>>,
     /// Per node: the rules whose `to` touches it.
@@ -72,12 +72,12 @@ impl<'p> Compiler<'p> {
         let mut affected: Vec<u32> = vec![idx];
         for &r in &self.from_rules[idx as usize] {
             if self.policy.rules[r as usize].id.kind.is_grant() {
-                affected.extend(&self.to_sets[r as usize]);
+                affected.extend(self.to_sets[r as usize].iter().map(|(n, _)| *n));
             }
         }
         for &r in &self.to_rules[idx as usize] {
             if self.policy.rules[r as usize].id.kind.is_grant() {
-                affected.extend(&self.from_sets[r as usize]);
+                affected.extend(self.from_sets[r as usize].iter().map(|(n, _)| *n));
             }
         }
         affected.sort_unstable();
@@ -92,35 +92,37 @@ impl<'p> Compiler<'p> {
 
     /// Compiles the filter of one node, or `None` when the inventory has no such node.
     pub fn filter_for(&self, name: &str) -> Option<FilterSpec> {
-        let &me = self.by_name.get(name)?;
-        let me_id = &self.nodes[me];
+        let me = *self.by_name.get(name)? as u32;
         let mut peers: BTreeMap<u32, PeerRules> = BTreeMap::new();
         // Rules are in RuleId order, so entries come out sorted.
-        let mut rules: Vec<(u32, bool)> = self.to_rules[me]
+        let mut rules: Vec<(u32, bool)> = self.to_rules[me as usize]
             .iter()
             .map(|&r| (r, true))
-            .chain(self.from_rules[me].iter().map(|&r| (r, false)))
+            .chain(self.from_rules[me as usize].iter().map(|&r| (r, false)))
             .collect();
         rules.sort_unstable();
         for (r, inbound) in rules {
             let rule = &self.policy.rules[r as usize];
-            let others = if inbound {
-                &self.from_sets[r as usize]
+            let (mine, others) = if inbound {
+                (&self.to_sets[r as usize], &self.from_sets[r as usize])
             } else {
-                &self.to_sets[r as usize]
+                (&self.from_sets[r as usize], &self.to_sets[r as usize])
             };
-            for &other in others {
-                if other as usize == me {
+            let Ok(at) = mine.binary_search_by_key(&me, |(n, _)| *n) else {
+                continue;
+            };
+            let my_nets = &mine[at].1;
+            for (other, other_nets) in others {
+                if *other == me {
                     continue;
                 }
-                let peer = &self.nodes[other as usize];
                 let entry = if inbound {
-                    entry(rule, peer, me_id)
+                    entry(rule, other_nets, my_nets)
                 } else {
-                    entry(rule, me_id, peer)
+                    entry(rule, my_nets, other_nets)
                 };
                 let Some(entry) = entry else { continue };
-                let rules = peers.entry(other).or_default();
+                let rules = peers.entry(*other).or_default();
                 if inbound {
                     rules.inbound.push(entry);
                 } else {
@@ -135,22 +137,21 @@ impl<'p> Compiler<'p> {
     pub fn compile(&self) -> CompiledNetwork {
         let mut per_node: Vec<BTreeMap<u32, PeerRules>> = vec![BTreeMap::new(); self.nodes.len()];
         for (r, rule) in self.policy.rules.iter().enumerate() {
-            for &a in &self.from_sets[r] {
-                for &b in &self.to_sets[r] {
+            for (a, a_nets) in &self.from_sets[r] {
+                for (b, b_nets) in &self.to_sets[r] {
                     if a == b {
                         continue;
                     }
-                    let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
-                    let Some(entry) = entry(rule, na, nb) else {
+                    let Some(entry) = entry(rule, a_nets, b_nets) else {
                         continue;
                     };
-                    per_node[b as usize]
-                        .entry(a)
+                    per_node[*b as usize]
+                        .entry(*a)
                         .or_default()
                         .inbound
                         .push(entry.clone());
-                    per_node[a as usize]
-                        .entry(b)
+                    per_node[*a as usize]
+                        .entry(*b)
                         .or_default()
                         .outbound
                         .push(entry);
@@ -186,11 +187,11 @@ impl<'p> Compiler<'p> {
         let mut to_rules = Vec::new();
         for (r, rule) in self.policy.rules.iter().enumerate() {
             if rule.from.iter().any(|s| s.touches(&node)) {
-                self.from_sets[r].push(idx);
+                self.from_sets[r].push((idx, side_prefixes(&rule.from, &node)));
                 from_rules.push(r as u32);
             }
             if rule.to.iter().any(|s| s.touches(&node)) {
-                self.to_sets[r].push(idx);
+                self.to_sets[r].push((idx, side_prefixes(&rule.to, &node)));
                 to_rules.push(r as u32);
             }
         }
@@ -207,18 +208,18 @@ pub(crate) fn compile(policy: &Policy, inventory: &Inventory) -> CompiledNetwork
     Compiler::new(policy, inventory).compile()
 }
 
-/// The entry of `rule` for flows from `src` to `dst`, or `None` when it covers no address.
-fn entry(rule: &Rule, src: &NodeIdentity, dst: &NodeIdentity) -> Option<RuleEntry> {
-    let src_nets = side_prefixes(&rule.from, src);
-    let dst_nets = side_prefixes(&rule.to, dst);
-    if src_nets.is_empty() || dst_nets.is_empty() {
+/// The entry of `rule` for flows between the given prefixes, or `None` when one side covers no
+/// address.
+fn entry(rule: &Rule, src: &[IpNet], dst: &[IpNet]) -> Option<RuleEntry> {
+    if src.is_empty() || dst.is_empty() {
         return None;
     }
+    let ports = rule.ports.clone();
     Some(RuleEntry {
         rule: rule.id,
-        src: src_nets,
-        dst: dst_nets,
-        ports: rule.ports.clone(),
+        src: src.to_vec(),
+        dst: dst.to_vec(),
+        ports,
     })
 }
 
@@ -230,7 +231,14 @@ fn side_prefixes(selectors: &[Selector], node: &NodeIdentity) -> Vec<IpNet> {
     out.sort_unstable();
     out.dedup();
     // Drop prefixes already inside another one of the list.
-    let all = out.clone();
-    out.retain(|p| !all.iter().any(|q| q != p && q.contains(p)));
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if out.iter().any(|q| *q != p && q.contains(&p)) {
+            out.remove(i);
+        } else {
+            i += 1;
+        }
+    }
     out
 }

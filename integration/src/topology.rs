@@ -32,6 +32,8 @@ pub const COORDINATOR_ADDR: &str = "192.0.2.10:7443";
 pub const COORDINATOR_PORT: u16 = 7443;
 /// The WireGuard port every node listens on (each in its own namespace).
 pub const WIREGUARD_PORT: u16 = 51820;
+/// Where nodes put their status sockets (shared by every namespace: one filesystem).
+pub const STATUS_DIR: &str = "/var/run/ztnet";
 /// The name of the network the topology's operator creates.
 pub const NETWORK: &str = "prod-vpc";
 
@@ -129,17 +131,13 @@ pub struct Node {
 impl Node {
     /// The path of its status socket.
     pub fn status_socket(&self) -> PathBuf {
-        Path::new(ztnet_status_dir()).join(format!("{}.sock", self.iface))
+        Path::new(STATUS_DIR).join(format!("{}.sock", self.iface))
     }
 
     /// Whether its daemon process is running.
     pub fn running(&mut self) -> bool {
         self.proc.as_mut().is_some_and(|p| p.try_wait().is_none())
     }
-}
-
-fn ztnet_status_dir() -> &'static str {
-    "/var/run/ztnet"
 }
 
 /// The whole topology. Fields drop in order: processes, then namespaces, then files.

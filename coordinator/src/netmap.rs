@@ -55,7 +55,7 @@ pub fn build(
             .map(|peer| PeerInfo {
                 name: peer.name.clone(),
                 public_key: peer.public_key,
-                endpoints: peer.endpoints.clone(),
+                endpoints: peer_endpoints(peer),
                 allowed_ips: host_prefixes(peer),
                 identity: identity(peer),
             })
@@ -130,6 +130,18 @@ pub fn addresses_at(cidr: Ipv4Net, cidr6: Ipv6Net, offset: u64) -> Option<(Ipv4A
     let v4 = u32::from(cidr.network()).checked_add(u32::try_from(offset).ok()?)?;
     let v6 = u128::from(cidr6.network()).checked_add(u128::from(offset))?;
     Some((Ipv4Addr::from(v4), Ipv6Addr::from(v6)))
+}
+
+/// What peers are told to try, best first: the operator's pin wins (FC-30), then the
+/// observed and reported endpoints.
+fn peer_endpoints(n: &Node) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = n.pinned_endpoint.into_iter().collect();
+    for e in &n.endpoints {
+        if !out.contains(e) && out.len() < MAX_ENDPOINTS {
+            out.push(*e);
+        }
+    }
+    out
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {

@@ -12,6 +12,7 @@
 //! | `GET /v1/networks/{net}/nodes` | | `Vec<NodeInfo>` |
 //! | `GET /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
 //! | `DELETE /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
+//! | `PUT /v1/networks/{net}/nodes/{name}/endpoint` | [`SetEndpoint`] | [`NodeInfo`] (409 when `expected_revision` is stale) |
 //! | `PUT /v1/networks/{net}/policy` | [`ApplyPolicy`] | [`PolicyApplied`] (422 with [`ApiError::diagnostics`] when refused) |
 //! | `GET /v1/networks/{net}/policy` | | [`PolicyRecord`] |
 //! | `GET /v1/networks/{net}/policy/history` | | `Vec<PolicyRecord>` |
@@ -135,6 +136,12 @@ pub struct NodeInfo {
     pub public_key: WgKey,
     /// Endpoints: the address the coordinator observed first, then the reported ones.
     pub endpoints: Vec<SocketAddr>,
+    /// Endpoint pinned by an operator; peers try it first, whatever the node reports.
+    #[serde(default)]
+    pub pinned_endpoint: Option<SocketAddr>,
+    /// Revision of `pinned_endpoint`, raised by every change (for [`SetEndpoint`]).
+    #[serde(default)]
+    pub endpoint_revision: u64,
     /// Whether its control channel is connected now.
     pub online: bool,
     /// Unix seconds of the last message, if any.
@@ -151,6 +158,17 @@ pub struct NodeInfo {
     pub state: String,
     /// Unix seconds.
     pub created_at: u64,
+}
+
+/// `PUT /v1/networks/{net}/nodes/{name}/endpoint`: pins (or with `None` clears) the endpoint
+/// that peers try first (FC-30: the operator's value wins over what the node reports).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetEndpoint {
+    /// The endpoint, or `None` to clear the pin.
+    pub endpoint: Option<SocketAddr>,
+    /// When given, the change applies only if the pin is still at this revision (else 409).
+    #[serde(default)]
+    pub expected_revision: Option<u64>,
 }
 
 /// `PUT /v1/networks/{net}/policy`.

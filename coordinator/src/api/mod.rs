@@ -45,6 +45,10 @@ pub fn router(hub: Arc<Hub>) -> Router {
             get(nodes::show).delete(nodes::delete),
         )
         .route(
+            "/v1/networks/{net}/nodes/{name}/endpoint",
+            axum::routing::put(nodes::set_endpoint),
+        )
+        .route(
             "/v1/networks/{net}/policy",
             axum::routing::put(policy::apply).get(policy::show),
         )

@@ -1,4 +1,4 @@
-//! Nodes: list, show, delete. Deleting a node removes it from every netmap at once and closes
+//! Nodes: list, show, delete, pin an endpoint. Deleting a node removes it from every netmap at once and closes
 //! its control connection with `revoked`.
 
 use std::sync::Arc;
@@ -6,10 +6,10 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use ztnet_proto::admin::NodeInfo;
+use ztnet_proto::admin::{NodeInfo, SetEndpoint};
 
 use super::Actor;
-use super::error::ApiErr;
+use super::error::{ApiErr, ApiJson};
 use super::networks::find;
 use crate::enroll::refuse;
 use crate::hub::Hub;
@@ -84,6 +84,57 @@ pub async fn delete(
     Ok(Json(gone))
 }
 
+/// `PUT /v1/networks/{net}/nodes/{name}/endpoint`: pins or clears the endpoint peers try
+/// first. With `expected_revision`, a pin changed meanwhile by someone else gives 409.
+pub async fn set_endpoint(
+    State(hub): State<Arc<Hub>>,
+    actor: Actor,
+    Path((net, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<SetEndpoint>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    let network = find(&hub, &net).await?;
+    let node = find_node(&hub, &network, &name).await?;
+    if let Some(e) = req.endpoint
+        && (e.port() == 0 || e.ip().is_unspecified() || e.ip().is_multicast())
+    {
+        return Err(ApiErr::BadRequest(format!(
+            "endpoint {e} is not usable: give a unicast address and a non-zero port"
+        )));
+    }
+    let mut tx = hub.store.write().await?;
+    let revision =
+        match nodes::set_pin(&mut tx, node.id, req.endpoint, req.expected_revision).await? {
+            Ok(r) => r,
+            Err(current) => {
+                return Err(ApiErr::Conflict(format!(
+                    "the endpoint of node {} changed meanwhile: revision {current}, not {}; \
+                 read it again",
+                    node.name,
+                    req.expected_revision.unwrap_or_default()
+                )));
+            }
+        };
+    let detail = match req.endpoint {
+        Some(e) => format!("pinned {e} (revision {revision})"),
+        None => format!("pin cleared (revision {revision})"),
+    };
+    audit::append(
+        &mut tx,
+        audit::Entry {
+            network: Some(network.id),
+            actor: &actor.0,
+            action: "node.set-endpoint",
+            target: &node.name,
+            detail,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    hub.recompute(network.id).await?;
+    let node = find_node(&hub, &network, &name).await?;
+    Ok(Json(info(&hub, &network, &node)))
+}
+
 async fn find_node(
     hub: &Hub,
     network: &networks::Network,
@@ -116,6 +167,8 @@ fn info(hub: &Hub, network: &networks::Network, n: &nodes::Node) -> NodeInfo {
         addresses,
         public_key: n.public_key,
         endpoints: n.endpoints.clone(),
+        pinned_endpoint: n.pinned_endpoint,
+        endpoint_revision: n.endpoint_revision,
         online: hub.is_online(n.id),
         last_seen: n.last_seen,
         netmap_version: n.netmap_version,

@@ -35,6 +35,10 @@ pub struct Node {
     pub listen_port: u16,
     /// Endpoints, best first: observed address first, then reported ones.
     pub endpoints: Vec<SocketAddr>,
+    /// Endpoint pinned by an operator, tried first by peers.
+    pub pinned_endpoint: Option<SocketAddr>,
+    /// Revision of the pin.
+    pub endpoint_revision: u64,
     /// ztnet-node version it reported.
     pub version: String,
     /// `active` or `deleted`.
@@ -106,8 +110,8 @@ pub enum InsertError {
 }
 
 const COLUMNS: &str = "id, network_id, name, namespace, tags, spiffe_id, public_key, ipv4, ipv6,
-    token_id, listen_port, endpoints, version, state, netmap_version, netmap_json,
-    applied_version, applied_at, last_seen, created_at";
+    token_id, listen_port, endpoints, pinned_endpoint, endpoint_revision, version, state,
+    netmap_version, netmap_json, applied_version, applied_at, last_seen, created_at";
 
 #[derive(sqlx::FromRow)]
 struct Raw {
@@ -123,6 +127,8 @@ struct Raw {
     token_id: Option<String>,
     listen_port: i64,
     endpoints: String,
+    pinned_endpoint: Option<String>,
+    endpoint_revision: i64,
     version: String,
     state: String,
     netmap_version: i64,
@@ -150,6 +156,15 @@ fn decode(r: Raw) -> Result<Node, StoreError> {
             .map_err(|e: std::net::AddrParseError| bad("ipv6", e.to_string()))?,
         listen_port: u16::try_from(r.listen_port).map_err(|e| bad("listen port", e.to_string()))?,
         endpoints: from_json(&r.endpoints, "node endpoints")?,
+        pinned_endpoint: r
+            .pinned_endpoint
+            .as_deref()
+            .map(|p| {
+                p.parse()
+                    .map_err(|e: std::net::AddrParseError| bad("pin", e.to_string()))
+            })
+            .transpose()?,
+        endpoint_revision: to_u64(r.endpoint_revision, "endpoint revision")?,
         netmap_version: to_u64(r.netmap_version, "netmap version")?,
         applied_version: to_u64(r.applied_version, "applied version")?,
         applied_at: r.applied_at.map(|v| to_u64(v, "applied_at")).transpose()?,
@@ -388,4 +403,33 @@ pub async fn set_netmap(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Sets or clears a node's pinned endpoint, in the caller's transaction. With `expected`, only
+/// when the pin is still at that revision. Returns the new revision, or `Err(current)` when
+/// the expected revision is stale.
+pub async fn set_pin(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    endpoint: Option<SocketAddr>,
+    expected: Option<u64>,
+) -> Result<Result<u64, u64>, StoreError> {
+    let row: Option<(i64,)> = sqlx::query_as(
+        "UPDATE nodes SET pinned_endpoint = ?, endpoint_revision = endpoint_revision + 1
+         WHERE id = ? AND (?3 IS NULL OR endpoint_revision = ?3)
+         RETURNING endpoint_revision",
+    )
+    .bind(endpoint.map(|e| e.to_string()))
+    .bind(id.0)
+    .bind(expected.map(to_i64))
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((rev,)) = row {
+        return Ok(Ok(to_u64(rev, "endpoint revision")?));
+    }
+    let (current,): (i64,) = sqlx::query_as("SELECT endpoint_revision FROM nodes WHERE id = ?")
+        .bind(id.0)
+        .fetch_one(conn)
+        .await?;
+    Ok(Err(to_u64(current, "endpoint revision")?))
 }

@@ -241,3 +241,105 @@ async fn endpoint_reports_and_deletions_reach_peers_as_deltas() {
             .any(|e| e["action"] == "node.delete")
     );
 }
+
+fn delta(update: ServerMsg) -> ztnet_proto::control::NetmapDelta {
+    match update {
+        ServerMsg::Netmap(NetmapUpdate::Delta(d)) => d,
+        other => panic!("expected a delta, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_pinned_endpoint_wins_over_reports_until_cleared() {
+    let mut f = Fixture::new().await;
+    let api = f.coord.api();
+    let (status, _) = api.policy("prod-vpc", WEB_DB_OPS).await;
+    assert_eq!(status, 200);
+    for s in f.sessions.iter_mut() {
+        s.next().await;
+    }
+    let (web1, db1) = (f.index("web1"), f.index("db1"));
+    let path = "/v1/networks/prod-vpc/nodes/db1/endpoint";
+
+    let pinned = api
+        .ok(
+            "PUT",
+            path,
+            Some(serde_json::json!({"endpoint": "[2001:db8::3]:51820", "expected_revision": 0})),
+        )
+        .await;
+    assert_eq!(pinned["pinned_endpoint"], "[2001:db8::3]:51820");
+    assert_eq!(pinned["endpoint_revision"], 1);
+    assert_eq!(
+        pinned["endpoints"][0], "127.0.0.1:51821",
+        "the node's own view is kept"
+    );
+    let d = delta(f.sessions[web1].next().await);
+    assert_eq!(
+        d.upsert_peers[0].endpoints[0].to_string(),
+        "[2001:db8::3]:51820"
+    );
+
+    // The node keeps reporting what it sees: the pin stays first.
+    let report = Report {
+        listen_port: 51821,
+        endpoints: vec!["198.51.100.7:51821".parse().unwrap()],
+        version: "test".into(),
+    };
+    f.sessions[db1].send(&NodeMsg::Report(report)).await;
+    let d = delta(f.sessions[web1].next().await);
+    let eps: Vec<String> = d.upsert_peers[0]
+        .endpoints
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        eps,
+        vec![
+            "[2001:db8::3]:51820",
+            "127.0.0.1:51821",
+            "198.51.100.7:51821"
+        ]
+    );
+
+    // Two operators change the pin from the same revision: one wins, the other is told.
+    let set = |ep: &'static str| {
+        api.call(
+            "PUT",
+            path,
+            Some(serde_json::json!({"endpoint": ep, "expected_revision": 1})),
+        )
+    };
+    let ((a, _), (b, body)) = tokio::join!(set("192.0.2.1:1"), set("192.0.2.2:2"));
+    let mut statuses = [a, b];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{body}");
+    let (status, _) = api
+        .call(
+            "PUT",
+            path,
+            Some(serde_json::json!({"endpoint": "0.0.0.0:1"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let _ = f.sessions[web1].next().await;
+
+    let cleared = api
+        .ok("PUT", path, Some(serde_json::json!({"endpoint": null})))
+        .await;
+    assert_eq!(cleared["pinned_endpoint"], serde_json::Value::Null);
+    assert_eq!(cleared["endpoint_revision"], 3);
+    let d = delta(f.sessions[web1].next().await);
+    assert_eq!(
+        d.upsert_peers[0].endpoints[0].to_string(),
+        "127.0.0.1:51821"
+    );
+    let audit = api.ok("GET", "/v1/networks/prod-vpc/audit", None).await;
+    let pins = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "node.set-endpoint")
+        .count();
+    assert_eq!(pins, 3);
+}

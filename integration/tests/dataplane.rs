@@ -390,6 +390,25 @@ fn two_nodes_follow_the_policy_and_the_link_carries_only_wireguard() {
         wg.contains("latest handshake") && wg.contains("transfer"),
         "{wg}"
     );
+    let iface = m.node("n1").iface.clone();
+    let conf = m
+        .node("n1")
+        .ns
+        .exec("wg", &["showconf", &iface])
+        .expect("showconf");
+    assert!(conf.contains("ListenPort = 51820"), "{conf}");
+    assert!(
+        conf.contains("AllowedIPs = 10.90.0.2/32, fd00:90::2/128"),
+        "{conf}"
+    );
+    let set = m
+        .node("n1")
+        .ns
+        .output("wg", &["set", &iface, "listen-port", "1"]);
+    assert!(
+        !set.expect("wg set runs").status.success(),
+        "set=1 is refused for now"
+    );
 
     cap.wait_until("tunnel traffic on the link", Duration::from_secs(5), |f| {
         f.iter().any(|f| matches!(f.kind, FrameKind::Udp { .. }))

@@ -72,6 +72,10 @@ struct Node {
 
 impl Node {
     fn start(state: &Path, name: &str, token: Option<String>) -> Node {
+        Node::start_with(state, name, token, 0.5)
+    }
+
+    fn start_with(state: &Path, name: &str, token: Option<String>, renew_fraction: f64) -> Node {
         let sink = Arc::new(RecordingSink::default());
         let opts = NodeOptions {
             state: StateDir::open(state).expect("state dir"),
@@ -79,6 +83,7 @@ impl Node {
             token,
             name: name.into(),
             version: "test".into(),
+            renew_fraction,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let dyn_sink: Arc<dyn DataplaneSink> = sink.clone();
@@ -208,6 +213,7 @@ async fn nodes_enroll_follow_policy_and_a_deleted_node_stops() {
         token: Some(db_token),
         name: "db-2".into(),
         version: "test".into(),
+        renew_fraction: 0.5,
     };
     let err = client::enroll(
         &opts,
@@ -294,6 +300,7 @@ async fn token_with_another_ca_fingerprint_is_refused_before_the_secret_is_sent(
         token: None,
         name: "web-1".into(),
         version: "test".into(),
+        renew_fraction: 0.5,
     };
     let sink = RecordingSink::default();
     let err = client::enroll(&opts, &forged.encode(), &sink)
@@ -312,6 +319,50 @@ async fn token_with_another_ca_fingerprint_is_refused_before_the_secret_is_sent(
         .await
         .expect("enrolls");
     assert_eq!(enrollment.name, "web-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_certificate_is_renewed_and_the_new_one_is_used() {
+    let mut c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "lab", "--zero-trust"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = StateDir::open(dir.path()).expect("state");
+    let opts = NodeOptions {
+        state: state.clone(),
+        coordinator: None,
+        token: None,
+        name: "web-1".into(),
+        version: "test".into(),
+        renew_fraction: 0.0,
+    };
+    let sink = RecordingSink::default();
+    client::enroll(&opts, &token(&c, "lab", "web"), &sink)
+        .await
+        .expect("enrolls");
+    let first = state.certs().expect("reads").expect("enrolled");
+    let first_key = std::fs::read_to_string(dir.path().join("tls.key")).expect("key");
+
+    // Renew at once (0% of the life): the node asks as soon as it is connected.
+    let node = Node::start_with(dir.path(), "web-1", None, 0.0);
+    wait_for("a renewed certificate on disk", WAIT, || {
+        state
+            .certs()
+            .ok()
+            .flatten()
+            .is_some_and(|c| c.cert_pem != first.cert_pem)
+    });
+    let key = std::fs::read_to_string(dir.path().join("tls.key")).expect("key");
+    assert_ne!(key, first_key, "a renewal comes with a new TLS key");
+    assert_eq!(mode(&dir.path().join("tls.key")), 0o600);
+
+    // The coordinator accepts the renewed certificate on the next connection.
+    c.restart();
+    wait_for(
+        "a session with the renewed certificate",
+        Duration::from_secs(60),
+        || node.sink.connected.load(Ordering::SeqCst) && acknowledged(&c, "lab", "web-1"),
+    );
+    assert!(matches!(node.shutdown().await, Exit::Shutdown));
 }
 
 /// FC-22: a node whose certificate expired while it was away says so plainly and keeps

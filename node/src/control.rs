@@ -241,7 +241,13 @@ impl CertValidity {
 
     /// When to ask for a new certificate: half its life.
     pub fn renew_at(&self) -> u64 {
-        self.not_before + self.not_after.saturating_sub(self.not_before) / 2
+        self.renew_at_fraction(0.5)
+    }
+
+    /// When `fraction` (clamped to 0..=1) of its life has passed.
+    pub fn renew_at_fraction(&self, fraction: f64) -> u64 {
+        let life = self.not_after.saturating_sub(self.not_before);
+        self.not_before + (life as f64 * fraction.clamp(0.0, 1.0)) as u64
     }
 
     /// A plain sentence for an unusable certificate (FC-22), or `None` when it is valid.
@@ -506,6 +512,8 @@ mod tests {
         assert_eq!(v.judge(1000), CertTime::Valid);
         assert_eq!(v.judge(1000 + 86_400), CertTime::Expired);
         assert_eq!(v.renew_at(), 1000 + 43_200);
+        assert_eq!(v.renew_at_fraction(0.0), 1000);
+        assert_eq!(v.renew_at_fraction(2.0), 1000 + 86_400);
         assert!(v.problem(5000).is_none());
         let expired = v.problem(200_000).expect("expired");
         assert!(

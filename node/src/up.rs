@@ -81,6 +81,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         token: args.token.clone(),
         name,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        renew_fraction: 0.5,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

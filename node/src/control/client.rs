@@ -47,6 +47,8 @@ pub struct NodeOptions {
     pub name: String,
     /// ztnet-node version, sent in reports.
     pub version: String,
+    /// Share of the node certificate's life after which it is renewed; 0.5 in production.
+    pub renew_fraction: f64,
 }
 
 /// Why the control client stopped.
@@ -148,6 +150,7 @@ where
         coordinator,
         name: enrollment.name.clone(),
         version: opts.version.clone(),
+        renew_fraction: opts.renew_fraction,
         state,
         sink,
         applier,
@@ -280,6 +283,7 @@ struct Ctx {
     coordinator: String,
     name: String,
     version: String,
+    renew_fraction: f64,
     state: StateDir,
     sink: Arc<dyn DataplaneSink>,
     applier: Arc<Applier>,
@@ -334,7 +338,7 @@ async fn session(
 
     let mut report_tick =
         tokio::time::interval_at(Instant::now() + REPORT_INTERVAL, REPORT_INTERVAL);
-    let mut renew_deadline = instant_at(validity.renew_at());
+    let mut renew_deadline = instant_at(validity.renew_at_fraction(ctx.renew_fraction));
     let mut pending_key: Option<rcgen::KeyPair> = None;
     loop {
         tokio::select! {
@@ -352,7 +356,11 @@ async fn session(
                     }
                     ServerMsg::Renewed { cert_pem, ca_pem } => {
                         match finish_renewal(ctx, pending_key.take(), cert_pem, ca_pem) {
-                            Ok(v) => renew_deadline = instant_at(v.renew_at()),
+                            // Never sooner than the retry interval, whatever the fraction.
+                            Ok(v) => {
+                                let at = instant_at(v.renew_at_fraction(ctx.renew_fraction));
+                                renew_deadline = at.max(Instant::now() + RENEW_RETRY);
+                            }
                             Err(e) => warn!("certificate renewal answer not used: {e:#}"),
                         }
                     }

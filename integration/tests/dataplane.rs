@@ -76,6 +76,8 @@ impl Mesh {
             veth(&ns, "u0", &link, &port)?;
             link.ip(&["link", "set", &port, "master", "br0"])?;
             ns.ip(&["addr", "add", &format!("192.0.2.{index}/24"), "dev", "u0"])?;
+            let v6 = format!("2001:db8::{index}/64");
+            ns.ip(&["-6", "addr", "add", &v6, "dev", "u0", "nodad"])?;
             let key = dir.path().join(format!("{name}.key"));
             let public_key = make_key(&key)?;
             nodes.push(Node {
@@ -755,4 +757,33 @@ fn peer_roams_to_a_new_address_after_an_authenticated_packet() {
         .to_string();
     assert_eq!(endpoint, "192.0.2.20:51820", "n1 learnt the new endpoint");
     assert!(ping(&m.node("n1").ns, n2).expect("ping"), "and uses it");
+}
+
+#[test]
+fn ipv6_underlay_carries_the_tunnel() {
+    let policy = "[[grant]]\nfrom = [\"node:n1\"]\nto = [\"node:n2\"]\nports = [\"icmp\"]\n";
+    let mut m = Mesh::new(&["n1", "n2"], policy).expect("mesh");
+    for (name, other) in [("n1", 2), ("n2", 1)] {
+        m.write_config(name, None, "").expect("config");
+        let path = m.config_path(name);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let v4 = format!("\"192.0.2.{other}:{WG_PORT}\"");
+        let v6 = format!("\"[2001:db8::{other}]:{WG_PORT}\"");
+        std::fs::write(&path, text.replace(&v4, &v6)).expect("write");
+        m.start(name).expect("start");
+    }
+    let n2 = m.node("n2").v4();
+
+    m.wait_ping("n1", n2).expect("ping over an IPv6 underlay");
+
+    let status = m.status("n1").expect("status");
+    let endpoint = status["peers"][0]["endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(endpoint, format!("[2001:db8::2]:{WG_PORT}"));
+    assert!(
+        !ping(&m.node("n2").ns, m.node("n1").v4()).expect("ping"),
+        "still filtered"
+    );
 }

@@ -360,10 +360,8 @@ impl State {
             return Verdict::Deny(DenyReason::UnknownPeer);
         };
         match self.fragments.get(&key) {
+            // Kept until it expires: fragments may come in any order, and may be duplicated.
             Some(&(p, expires)) if p == idx && expires > now => {
-                if !frag.more {
-                    self.fragments.remove(&key);
-                }
                 Verdict::Allow(AllowReason::Related)
             }
             _ => Verdict::Deny(DenyReason::NoRule),

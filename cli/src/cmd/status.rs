@@ -128,3 +128,63 @@ fn bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ztnet_proto::WgKey;
+    use ztnet_proto::control::Identity;
+    use ztnet_proto::status::PeerStatus;
+
+    use super::*;
+
+    #[test]
+    fn report_renders_fields_then_one_row_per_peer() {
+        let report = StatusReport {
+            interface: "ztnet0".into(),
+            node: Some("web-1".into()),
+            mode: "coordinator".into(),
+            public_key: WgKey([7; 32]),
+            listen_port: 51820,
+            addresses: vec!["100.64.0.2/16".parse().expect("net")],
+            netmap_version: None,
+            control_connected: Some(false),
+            peers: vec![PeerStatus {
+                name: "db-1".into(),
+                identity: Some(Identity {
+                    spiffe_id: "spiffe://td/ns/prod/node/db-1".into(),
+                    namespace: "prod".into(),
+                    tags: vec!["db".into()],
+                }),
+                public_key: WgKey([8; 32]),
+                endpoint: Some("192.0.2.1:51820".parse().expect("addr")),
+                allowed_ips: vec!["100.64.0.3/32".parse().expect("net")],
+                last_handshake: None,
+                rx_bytes: 2048,
+                tx_bytes: 5,
+            }],
+            drops: BTreeMap::from([("no-rule".to_string(), 3)]),
+        };
+        let text = render(&report);
+        assert!(
+            text.contains("netmap:      none (passes nothing)"),
+            "{text}"
+        );
+        assert!(text.contains("control:     disconnected"), "{text}");
+        assert!(text.contains("drops:       no-rule=3"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("db-1"))
+            .expect("peer row");
+        for cell in [
+            "ns:prod tag:db",
+            "192.0.2.1:51820",
+            "never",
+            "2.0 KiB",
+            "5 B",
+        ] {
+            assert!(row.contains(cell), "{cell} missing: {row}");
+        }
+    }
+}

@@ -243,10 +243,15 @@ impl Drop for Mesh {
             self.dump();
         }
         for n in &mut self.nodes {
-            n.helpers.clear();
+            for mut h in n.helpers.drain(..) {
+                h.stop(Duration::from_secs(5));
+            }
             if let Some(mut p) = n.proc.take() {
                 p.stop(Duration::from_secs(5));
             }
+            // A daemon that was killed leaves its socket behind; the name is this test's own.
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", n.iface));
+            let _ = std::fs::remove_file(format!("/var/run/ztnet/{}.sock", n.iface));
         }
     }
 }

@@ -185,17 +185,14 @@ impl State {
         self.by_name.get(peer).copied()
     }
 
-    /// Looks up a live flow of this peer; an expired one is removed.
+    /// Looks up a live flow of this peer, in one hash lookup. An expired flow counts as absent;
+    /// it stays until a new flow with its key replaces it or a sweep removes it.
     fn live_flow(&mut self, key: &FlowKey, peer: &str, now: Instant) -> Option<&mut Flow> {
-        let flow = self.flows.get(key)?;
-        if flow.expires <= now {
-            self.flows.remove(key);
+        let flow = self.flows.get_mut(key)?;
+        if flow.expires <= now || *self.peers[flow.peer as usize].name != *peer {
             return None;
         }
-        if *self.peers[flow.peer as usize].name != *peer {
-            return None;
-        }
-        self.flows.get_mut(key)
+        Some(flow)
     }
 
     fn tcp(
@@ -322,10 +319,8 @@ impl State {
             Direction::Inbound => (inner.src, inner.dst, inner.src_port, inner.dst_port),
             Direction::Outbound => (inner.dst, inner.src, inner.dst_port, inner.src_port),
         };
-        let error_goes_back = match dir {
-            Direction::Inbound => pkt.dst == inner.src,
-            Direction::Outbound => pkt.dst == inner.src,
-        };
+        // Either way the error goes back to the quoted packet's sender.
+        let error_goes_back = pkt.dst == inner.src;
         let inner_echo = matches!(inner.proto, PROTO_ICMP | PROTO_ICMPV6);
         let (local_port, remote_port) = if inner_echo {
             (inner.src_port, 0)
@@ -416,7 +411,8 @@ impl State {
         let Some(idx) = self.peer_index(peer) else {
             return Verdict::Deny(DenyReason::UnknownPeer);
         };
-        if self.flows.len() >= self.max_flows {
+        // Replacing an expired flow with the same key needs no room.
+        if self.flows.len() >= self.max_flows && !self.flows.contains_key(&key) {
             if self.next_sweep.is_none_or(|t| now >= t) {
                 self.flows.retain(|_, f| f.expires > now);
                 self.next_sweep = Some(now + SWEEP_INTERVAL);

@@ -29,6 +29,8 @@ struct Node {
     /// 1-based index: underlay 192.0.2.i, overlay 10.90.0.i.
     index: u8,
     iface: String,
+    /// Underlay address of `u0`.
+    underlay: String,
     public_key: String,
     /// Extra peer-level settings written into the others' configs.
     tags: Vec<String>,
@@ -56,7 +58,7 @@ impl Node {
     }
 
     fn underlay(&self) -> String {
-        format!("192.0.2.{}", self.index)
+        self.underlay.clone()
     }
 }
 
@@ -84,6 +86,7 @@ impl Mesh {
                 name: name.to_string(),
                 index,
                 iface: unique("ztd"),
+                underlay: format!("192.0.2.{index}"),
                 public_key,
                 tags: vec![],
                 proc: None,
@@ -92,6 +95,54 @@ impl Mesh {
             });
         }
         let mesh = Mesh { nodes, link, dir };
+        std::fs::write(mesh.dir.path().join("policy.toml"), policy)?;
+        Ok(mesh)
+    }
+
+    /// Two nodes on two subnets joined by a router (the `link` namespace) whose side towards
+    /// n2 has an MTU of 1280 and which sends no ICMP errors: a path-MTU black hole for any
+    /// outer packet larger than 1280 bytes with DF set (FC-23).
+    fn black_hole_pair(policy: &str) -> Result<Mesh> {
+        require_root();
+        let dir = tempfile::tempdir()?;
+        let router = Netns::new("ztdr")?;
+        router.enable_forwarding()?;
+        let mut nodes = Vec::new();
+        for (index, net) in [(1u8, "192.0.2"), (2, "198.51.100")] {
+            let name = format!("n{index}");
+            let ns = Netns::new("ztdn")?;
+            let port = format!("r{index}");
+            veth(&ns, "u0", &router, &port)?;
+            ns.ip(&["addr", "add", &format!("{net}.{index}/24"), "dev", "u0"])?;
+            ns.ip(&["route", "add", "default", "via", &format!("{net}.254")])?;
+            router.ip(&["addr", "add", &format!("{net}.254/24"), "dev", &port])?;
+            if index == 2 {
+                router.ip(&["link", "set", &port, "mtu", "1280"])?;
+                ns.ip(&["link", "set", "u0", "mtu", "1280"])?;
+            }
+            let public_key = make_key(&dir.path().join(format!("{name}.key")))?;
+            nodes.push(Node {
+                name,
+                index,
+                iface: unique("ztd"),
+                underlay: format!("{net}.{index}"),
+                public_key,
+                tags: vec![],
+                proc: None,
+                helpers: vec![],
+                ns,
+            });
+        }
+        router.sh(
+            "nft add table ip blackhole && nft add chain ip blackhole out \
+             '{ type filter hook output priority 0; }' && \
+             nft add rule ip blackhole out icmp type destination-unreachable drop",
+        )?;
+        let mesh = Mesh {
+            nodes,
+            link: router,
+            dir,
+        };
         std::fs::write(mesh.dir.path().join("policy.toml"), policy)?;
         Ok(mesh)
     }
@@ -791,4 +842,61 @@ fn ipv6_underlay_carries_the_tunnel() {
         !ping(&m.node("n2").ns, m.node("n1").v4()).expect("ping"),
         "still filtered"
     );
+}
+
+#[test]
+fn bulk_transfer_survives_a_path_mtu_black_hole() {
+    let policy = "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+    let mut m = Mesh::black_hole_pair(policy).expect("topology");
+    m.start_all().expect("start");
+    let n2 = m.node("n2").v4();
+    m.wait_ping("n1", n2).expect("small packets pass");
+    let out = m.dir.path().join("received");
+    let sink = format!("wc -c > {}", out.display());
+    let log = m.dir.path().join("sink.log");
+    let p = m.node("n2").ns.spawn(
+        "socat",
+        &["-u", "TCP-LISTEN:5001,reuseaddr", &format!("SYSTEM:{sink}")],
+        &log,
+    );
+    m.node_mut("n2").helpers.push(p.expect("sink"));
+    let ns1 = &m.node("n1").ns;
+    wait_for("the sink to listen", Duration::from_secs(5), || {
+        Ok(m.node("n2")
+            .ns
+            .sh("ss -Hltn 'sport = :5001' | grep -q LISTEN")
+            .ok())
+    })
+    .expect("listen");
+
+    // Inner packets of 1420 bytes become outer packets of 1452 + 20 bytes: over the 1280 hop.
+    let big_ping = ns1
+        .output(
+            "ping",
+            &[
+                "-c",
+                "3",
+                "-W",
+                "2",
+                "-s",
+                "1372",
+                "-M",
+                "do",
+                &n2.to_string(),
+            ],
+        )
+        .expect("ping");
+    let send = format!("head -c 1048576 /dev/zero | timeout 20 socat -u - TCP:{n2}:5001");
+    ns1.sh(&send).expect("1 MiB sent");
+    let received = wait_for("the whole transfer", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        Ok(text.trim().parse::<u64>().ok())
+    })
+    .expect("transfer");
+
+    assert!(
+        big_ping.status.success(),
+        "a 1400-byte packet crosses the 1280 hop"
+    );
+    assert_eq!(received, 1_048_576, "FC-23: the bulk transfer completes");
 }

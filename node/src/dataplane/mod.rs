@@ -554,6 +554,9 @@ fn bind_udp(port: u16) -> anyhow::Result<(UdpSocket, bool)> {
         let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
         tracing::warn!("cannot force UDP socket buffers (not root?); packets may be lost");
     }
+    if let Err(e) = sys::allow_fragments(socket.as_raw_fd(), is_v6) {
+        tracing::warn!(error = %e, "cannot clear don't-fragment; narrow paths may drop packets");
+    }
     socket
         .set_read_timeout(Some(STOP_POLL))
         .context("UDP read timeout")?;

@@ -227,3 +227,38 @@ impl RecvBatch {
         Some((from, &self.bufs[i][..h.msg_len as usize]))
     }
 }
+
+/// Clears the don't-fragment bit on IPv4 datagrams (IP_PMTUDISC_DONT), as kernel WireGuard
+/// does, so that a router on a narrower path fragments the outer packet instead of dropping it
+/// when its ICMP error never reaches us (FC-23). On an IPv6 socket this also lets the node
+/// fragment IPv6 datagrams itself.
+pub fn allow_fragments(fd: RawFd, v6: bool) -> io::Result<()> {
+    let mut opts = vec![(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+    )];
+    if v6 {
+        opts.push((
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        ));
+    }
+    for (level, name, value) in opts {
+        // SAFETY: a c_int on the stack with its exact size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

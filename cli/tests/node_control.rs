@@ -284,6 +284,53 @@ async fn restart_without_the_coordinator_starts_from_disk_then_reconnects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_node_holds_up_wait_and_learns_of_its_deletion_at_next_start() {
+    let c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "lab", "--zero-trust"]);
+    apply_policy(&c, "lab", WEB_DB_POLICY, false);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let (web_dir, db_dir) = (dirs.path().join("web"), dirs.path().join("db"));
+    let web = Node::start(&web_dir, "web-1", Some(token(&c, "lab", "web")));
+    let db = Node::start(&db_dir, "db-1", Some(token(&c, "lab", "db")));
+    wait_for("both to learn each other", WAIT, || {
+        web.sink.peers() == ["db-1"] && db.sink.peers() == ["web-1"]
+    });
+    assert!(matches!(db.shutdown().await, Exit::Shutdown));
+    wait_for("db-1 offline", WAIT, || {
+        node_json(&c, "lab", "db-1")["online"] == false
+    });
+
+    // --wait names the node that did not acknowledge, and why.
+    let file = dirs.path().join("p2.toml");
+    std::fs::write(&file, WEB_DB_POLICY.replace("5432", "6432")).expect("write");
+    let mut cmd = c.cli();
+    cmd.args(["policy", "apply", "-n", "lab", "-f"])
+        .arg(&file)
+        .args(["--wait", "--timeout", "2s"]);
+    let stderr = common::expect_failure(&mut cmd, 1);
+    assert!(stderr.contains("did not acknowledge within 2s"), "{stderr}");
+    assert!(stderr.contains("db-1 (offline)"), "{stderr}");
+    assert!(!stderr.contains("web-1"), "web-1 acknowledged: {stderr}");
+
+    // Deleted while away: the next start passes nothing and exits with the reason.
+    c.ok(&["node", "delete", "--network", "lab", "db-1"]);
+    let db = Node::start(&db_dir, "db-1", None);
+    let exit = tokio::time::timeout(WAIT, db.task)
+        .await
+        .expect("exits in time")
+        .expect("task")
+        .expect("no error");
+    let Exit::Revoked(reason) = exit else {
+        panic!("expected a revocation, got {exit:?}");
+    };
+    assert!(!reason.message.is_empty());
+    let last = db.sink.last().expect("configs");
+    assert!(last.peers.is_empty(), "deny all after revocation");
+    assert!(!db_dir.join("netmap.json").exists());
+    assert!(matches!(web.shutdown().await, Exit::Shutdown));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_with_another_ca_fingerprint_is_refused_before_the_secret_is_sent() {
     let c = Coordinator::start();
     c.ok(&["network", "create", "--name", "lab", "--zero-trust"]);

@@ -14,8 +14,8 @@ use crate::dataplane::Dataplane;
 use crate::netconfig::{DataplaneConfig, InterfaceConfig};
 use crate::state::StateDir;
 
-/// Arguments of coordinator mode.
-#[derive(Debug, Clone)]
+/// Arguments of coordinator mode. Its `Debug` hides the token.
+#[derive(Clone)]
 pub struct UpArgs {
     /// `HOST:PORT` of the coordinator; taken from the token when absent.
     pub coordinator: Option<String>,
@@ -31,6 +31,20 @@ pub struct UpArgs {
     pub listen_port: u16,
     /// TUN MTU.
     pub mtu: u16,
+}
+
+impl std::fmt::Debug for UpArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpArgs")
+            .field("coordinator", &self.coordinator)
+            .field("token", &self.token.as_ref().map(|_| "redacted"))
+            .field("state_dir", &self.state_dir)
+            .field("name", &self.name)
+            .field("interface", &self.interface)
+            .field("listen_port", &self.listen_port)
+            .field("mtu", &self.mtu)
+            .finish()
+    }
 }
 
 /// Runs coordinator mode until a signal: enroll if needed, start the data plane from the last
@@ -153,4 +167,27 @@ fn hostname() -> anyhow::Result<String> {
     }
     // Only the first label: node names are single labels.
     Ok(name.split('.').next().unwrap_or(name).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_token() {
+        let args = UpArgs {
+            coordinator: None,
+            token: Some("ztjoin1_secret-material".into()),
+            state_dir: "/tmp/x".into(),
+            name: None,
+            interface: "ztnet0".into(),
+            listen_port: 51820,
+            mtu: 1420,
+        };
+        let text = format!("{args:?}");
+        assert!(
+            !text.contains("secret-material") && text.contains("redacted"),
+            "{text}"
+        );
+    }
 }

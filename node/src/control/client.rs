@@ -34,8 +34,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
-/// What the control client needs to run.
-#[derive(Debug, Clone)]
+/// What the control client needs to run. Its `Debug` hides the token.
+#[derive(Clone)]
 pub struct NodeOptions {
     /// The state directory.
     pub state: StateDir,
@@ -49,6 +49,19 @@ pub struct NodeOptions {
     pub version: String,
     /// Share of the node certificate's life after which it is renewed; 0.5 in production.
     pub renew_fraction: f64,
+}
+
+impl std::fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeOptions")
+            .field("state", &self.state)
+            .field("coordinator", &self.coordinator)
+            .field("token", &self.token.as_ref().map(|_| "redacted"))
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("renew_fraction", &self.renew_fraction)
+            .finish()
+    }
 }
 
 /// Why the control client stopped.

@@ -900,3 +900,21 @@ fn bulk_transfer_survives_a_path_mtu_black_hole() {
     );
     assert_eq!(received, 1_048_576, "FC-23: the bulk transfer completes");
 }
+
+#[test]
+fn node_without_ipv6_still_carries_ipv4() {
+    let policy = "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+    let mut m = Mesh::new(&["n1", "n2"], policy).expect("mesh");
+    let ns1 = &m.node("n1").ns;
+    for key in ["all", "default"] {
+        let setting = format!("net.ipv6.conf.{key}.disable_ipv6=1");
+        ns1.exec("sysctl", &["-qw", &setting]).expect("sysctl");
+    }
+
+    m.start_all()
+        .expect("both start, n1 without its IPv6 address");
+    let n2 = m.node("n2").v4();
+
+    m.wait_ping("n1", n2).expect("IPv4 through the tunnel");
+    assert!(m.log("n1").contains("IPv6 is disabled"), "{}", m.log("n1"));
+}

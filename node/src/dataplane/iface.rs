@@ -30,6 +30,10 @@ pub fn sync_addresses(
         args.push(&text);
         args.extend(["dev", name]);
         if a.addr().is_ipv6() {
+            if !ipv6_enabled(name) {
+                tracing::warn!(interface = name, address = %a, "IPv6 is disabled; address skipped");
+                continue;
+            }
             args.push("nodad");
         }
         ip(&args)?;
@@ -42,6 +46,9 @@ pub fn sync_addresses(
     let old_routes: BTreeSet<IpNet> = old.routes.iter().map(IpNet::trunc).collect();
     let new_routes: BTreeSet<IpNet> = new.routes.iter().map(IpNet::trunc).collect();
     for r in new_routes.difference(&old_routes) {
+        if r.addr().is_ipv6() && !ipv6_enabled(name) {
+            continue;
+        }
         let text = r.to_string();
         ip(&["route", "replace", &text, "dev", name])?;
     }
@@ -77,6 +84,12 @@ pub fn local_addresses(exclude: &str) -> Vec<IpAddr> {
         }
     }
     addrs
+}
+
+/// Whether the kernel lets the interface have IPv6 addresses.
+fn ipv6_enabled(name: &str) -> bool {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0")
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {

@@ -277,7 +277,7 @@ pub struct PolicyCheckArgs {
 pub struct PolicyExplainArgs {
     /// Policy document (TOML).
     pub file: PathBuf,
-    /// Source identity: NAME[,ns=NS][,tags=a+b][,ip=ADDR][,spiffe=ID].
+    /// Source identity: NAME, then ns=NS, tags=A+B, ip=ADDR, spiffe=ID, comma-separated.
     #[arg(long, value_name = "IDENTITY")]
     pub from: String,
     /// Destination identity, same syntax.

@@ -37,19 +37,26 @@ pub fn coordinator_bin() -> &'static Path {
             .parent()
             .expect("cli/ is inside the workspace");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
+        let build = |args: &[&str]| {
+            Command::new(&cargo)
+                .args(args)
+                .current_dir(workspace)
+                .status()
+                .expect("cargo runs")
+                .success()
+        };
+        // The same feature set as `cargo build --workspace --bins`, so that this is a no-op
+        // after it (as in scripts/test.sh); the coordinator alone if another crate is broken.
+        let built = build(&["build", "-q", "--workspace", "--bins"])
+            || build(&[
                 "build",
                 "-q",
                 "-p",
                 "ztnet-coordinator",
                 "--bin",
                 "ztnet-coordinator",
-            ])
-            .current_dir(workspace)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building ztnet-coordinator failed");
+            ]);
+        assert!(built, "building ztnet-coordinator failed");
         let bin = dir.join("ztnet-coordinator");
         assert!(bin.exists(), "{} was not built", bin.display());
         bin

@@ -100,9 +100,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
+/// Logs to stderr at `RUST_LOG` (default `info`). boringtun's own messages stay off unless
+/// `RUST_LOG` names it: it logs an expired session at error level, which is routine for a
+/// daemon (the node logs session up and down itself, at info).
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let spec = if spec.contains("boringtun") {
+        spec
+    } else {
+        format!("{spec},boringtun=off")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,boringtun=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

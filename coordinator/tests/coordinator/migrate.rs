@@ -15,6 +15,10 @@ use crate::common::{start, try_start};
 /// Builds `dir/coordinator.db` at schema version 1 with two active nodes whose names differ
 /// only in case, which migration 2 (case-insensitive names) refuses.
 async fn seed_v1(dir: &Path) {
+    seed_v1_with(dir, &["db1", "DB1", "web1"]).await;
+}
+
+async fn seed_v1_with(dir: &Path, names: &[&str]) {
     std::fs::create_dir_all(dir).unwrap();
     let v1 = Migrator {
         migrations: Cow::Owned(MIGRATOR.migrations[..1].to_vec()),
@@ -32,7 +36,7 @@ async fn seed_v1(dir: &Path) {
     let keys: Vec<String> = (0..3)
         .map(|_| ztnet_proto::PrivateKey::generate().public_key().to_base64())
         .collect();
-    for (i, name) in ["db1", "DB1", "web1"].iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         let n = i + 1;
         sqlx::query(
             "INSERT INTO nodes (network_id, name, namespace, tags, spiffe_id, public_key,
@@ -147,4 +151,87 @@ async fn a_failing_migration_rolls_back_every_step() {
         .unwrap();
     assert_eq!(count, 3);
     pool.close().await;
+}
+
+#[tokio::test]
+async fn a_migration_killed_half_way_leaves_the_old_schema_and_the_next_start_migrates() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    seed_v1_with(dir, &["db1", "web1"]).await;
+
+    // Play migration 2 by hand up to its second step in another process, then SIGKILL it
+    // before it commits: what a crash or an OOM kill half-way through does.
+    let sql: String = MIGRATOR
+        .iter()
+        .find(|m| m.version == 2)
+        .unwrap()
+        .sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let steps: Vec<&str> = sql
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut child = Command::new("sqlite3")
+        .arg(dir.join("coordinator.db"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("sqlite3 runs");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "BEGIN IMMEDIATE;\n{};\n{};\n\
+         SELECT 'added=' || count(*) FROM pragma_table_info('nodes') WHERE name = 'name_key';",
+        steps[0], steps[1]
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "added=1",
+        "sqlite3 did not run the first steps"
+    );
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    child.wait().unwrap();
+    drop(stdin);
+
+    let pool = open_raw(dir).await;
+    assert_eq!(schema_version(&pool).await, 1);
+    assert!(
+        !has_name_key(&pool).await,
+        "the killed migration left a column"
+    );
+    pool.close().await;
+
+    let coord = start(dir);
+    let pool = open_raw(dir).await;
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap();
+    assert_eq!(schema_version(&pool).await, latest);
+    assert!(has_name_key(&pool).await);
+    pool.close().await;
+    let nodes = coord
+        .api()
+        .ok("GET", "/v1/networks/prod-vpc/nodes", None)
+        .await;
+    assert_eq!(nodes.as_array().unwrap().len(), 2);
+    assert!(coord.log().contains("backed up"), "{}", coord.log());
 }

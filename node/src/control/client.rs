@@ -185,7 +185,6 @@ where
             Ok(SessionEnd::Lost(reason)) => {
                 warn!(coordinator = %ctx.coordinator, "control channel lost: {reason}");
             }
-            Ok(SessionEnd::CertUnusable(reason)) => error!("{reason}"),
             Err(e) => warn!(coordinator = %ctx.coordinator, "control channel: {e:#}"),
         }
         if started.elapsed() >= HEALTHY_SESSION {
@@ -308,8 +307,6 @@ enum SessionEnd {
     Revoked(ControlError),
     /// Lost for this reason: reconnect.
     Lost(String),
-    /// The node certificate cannot be used now (expired, or not yet valid): retry later.
-    CertUnusable(String),
 }
 
 async fn connect_and_serve(ctx: &Ctx) -> anyhow::Result<SessionEnd> {
@@ -318,12 +315,23 @@ async fn connect_and_serve(ctx: &Ctx) -> anyhow::Result<SessionEnd> {
         .certs()?
         .context("the node certificate is missing from the state directory")?;
     let validity = CertValidity::from_pem(&certs.cert_pem).map_err(|e| anyhow!(e))?;
-    if let Some(problem) = validity.problem(now_unix()) {
-        return Ok(SessionEnd::CertUnusable(problem));
+    // This node's clock may be the wrong one: say what it sees, then let the coordinator's
+    // check decide, so a skewed clock alone does not keep the node away.
+    let problem = validity.problem(now_unix());
+    if let Some(p) = &problem {
+        error!("{p}");
     }
     let key_pem = zeroize::Zeroizing::new(ctx.state.tls_key()?.serialize_pem());
     let config = tls::session_config(&certs.ca_pem, &certs.cert_pem, &key_pem)?;
-    let (_endpoint, conn) = connect(&ctx.coordinator, config).await?;
+    let (_endpoint, conn) = match connect(&ctx.coordinator, config).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(match problem {
+                Some(p) => e.context(p),
+                None => e,
+            });
+        }
+    };
     let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
     let end = session(ctx, send, recv, validity).await;
     conn.close(0u32.into(), b"bye");

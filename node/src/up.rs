@@ -57,7 +57,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let enrolled = enrollment.is_some();
     let name = match (&enrollment, args.name.clone()) {
         (Some(e), Some(n)) if !n.eq_ignore_ascii_case(&e.name) => {
-            warn!(enrolled = %e.name, "already enrolled under another name: --name {n} is not used");
+            warn!(enrolled = %e.name, "enrolled under another name: --name {n} is not used");
             e.name.clone()
         }
         (Some(e), _) => e.name.clone(),

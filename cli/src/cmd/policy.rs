@@ -364,8 +364,8 @@ fn count(diags: &[Diagnostic], sev: Severity) -> usize {
     diags.iter().filter(|d| d.severity == sev).count()
 }
 
-/// Renders findings against the source with netpolicy's renderer (`error: ...`, `--> file:line:col`,
-/// the line and a caret). Without the source, only the message and position.
+/// Renders findings against the source with netpolicy's renderer (`error: ...`,
+/// `--> file:line:col`, the line and a caret). Without the source, the message and position.
 pub fn render_diagnostics(file: &Path, source: Option<&str>, diags: &[Diagnostic]) -> String {
     netpolicy::render_diagnostics(source.unwrap_or(""), &file.display().to_string(), diags)
 }

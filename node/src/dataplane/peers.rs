@@ -932,6 +932,30 @@ ports = ["any"]
     }
 
     #[test]
+    fn reapplying_the_same_endpoint_keeps_the_one_learnt_from_the_peer() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        let roamed = SocketAddr::from(([203, 0, 113, 10], 4444));
+        let n2 = m.node("n2");
+        m.nodes[n2].addr = roamed;
+        m.send("n2", &echo(b, a, false, b"2"));
+        let peers = m.peers_of("n1");
+
+        // The same configuration again (a netmap repeating the old endpoint): no change.
+        m.reconfigure("n1", &peers);
+        let kept = m.endpoint("n1", "n2");
+        // A configuration that names a new endpoint: the operator's word wins.
+        let mut moved = peers.clone();
+        let pinned = SocketAddr::from(([198, 51, 100, 2], 51820));
+        moved[0].endpoint = Some(pinned);
+        m.reconfigure("n1", &moved);
+
+        assert_eq!(kept, Some(roamed), "FC-24: the learnt endpoint survives");
+        assert_eq!(m.endpoint("n1", "n2"), Some(pinned));
+    }
+
+    #[test]
     fn cookie_reply_from_a_spoofed_source_does_not_move_the_endpoint() {
         // n2 is under load from the start, so it answers n1's initiation with a cookie.
         let mut m = Mesh::with_limit(&[ALLOW_ALL, ALLOW_ALL], 0);

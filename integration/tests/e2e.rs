@@ -72,6 +72,8 @@ const UDP_PORTS: &[u16] = &[5432];
 #[derive(Debug, Clone, Copy)]
 enum Probe {
     Tcp(u16),
+    /// TCP to the overlay IPv6 address.
+    Tcp6(u16),
     Udp(u16),
     Icmp,
     Icmp6,
@@ -113,8 +115,10 @@ fn policy_allows_exactly_what_it_grants_across_two_clouds() {
     let marker = format!("ZTNET-MARKER-{}", unique(""));
     let allowed: Vec<(&str, &str, Probe)> = vec![
         ("web1", "db1", Probe::Tcp(5432)),
+        ("web1", "db1", Probe::Tcp6(5432)),
         ("web2", "db1", Probe::Tcp(5432)),
         ("ops1", "web1", Probe::Tcp(22)),
+        ("ops1", "web1", Probe::Tcp6(8080)),
         ("ops1", "web1", Probe::Tcp(8080)),
         ("ops1", "web1", Probe::Udp(5432)),
         ("ops1", "web1", Probe::Icmp),
@@ -138,12 +142,14 @@ fn policy_allows_exactly_what_it_grants_across_two_clouds() {
     // Denied: probed in parallel; each must fail and be counted as a drop by someone.
     let denied: Vec<(&str, &str, Probe)> = vec![
         ("web1", "db1", Probe::Tcp(22)),
+        ("web1", "db1", Probe::Tcp6(22)),
         ("web1", "db1", Probe::Udp(5432)),
         ("web1", "db1", Probe::Icmp),
         ("web1", "db1", Probe::Icmp6),
         ("web1", "web2", Probe::Tcp(8080)),
         ("web1", "ops1", Probe::Tcp(22)),
         ("db1", "web1", Probe::Tcp(5432)),
+        ("db1", "web1", Probe::Tcp6(5432)),
         ("db1", "web1", Probe::Tcp(22)),
         ("db1", "web1", Probe::Udp(5432)),
         ("db1", "web1", Probe::Icmp),
@@ -477,6 +483,7 @@ fn probe_once(topo: &Topology, from: &str, to: &str, probe: Probe, payload: &str
     let v4 = || topo.overlay_v4(to);
     match probe {
         Probe::Tcp(port) => tcp_echo(ns, v4()?, port, payload),
+        Probe::Tcp6(port) => tcp_echo(ns, topo.overlay_v6(to)?, port, payload),
         Probe::Udp(port) => udp_echo(ns, v4()?, port, payload),
         Probe::Icmp => ping(ns, v4()?),
         Probe::Icmp6 => ping(ns, topo.overlay_v6(to)?),

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use crate::compile::RuleEntry;
 use crate::model::{PacketClass, PortSpec};
 use crate::packet::{
-    self, Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, Transport, addr_bits,
+    self, Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, Transport,
 };
 use crate::{AllowReason, ConntrackConfig, DenyReason, FilterSpec, RuleId, RuleKind, Verdict};
 
@@ -157,7 +157,10 @@ impl State {
                 };
                 self.echo(dir, peer, &pkt, key, request, now)
             }
-            Transport::Error { inner } => self.icmp_error(dir, peer, &pkt, &inner, now),
+            Transport::Error => match packet::quoted(buf, &pkt) {
+                Ok(inner) => self.icmp_error(dir, peer, &pkt, &inner, now),
+                Err(reason) => Verdict::Deny(DenyReason::Malformed(reason)),
+            },
             Transport::Fragment => self.later_fragment(peer, &pkt, now),
             Transport::IcmpOther => self.stateless(dir, peer, &pkt, PacketClass::Other),
             Transport::Other => {
@@ -187,6 +190,7 @@ impl State {
 
     /// Looks up a live flow of this peer, in one hash lookup. An expired flow counts as absent;
     /// it stays until a new flow with its key replaces it or a sweep removes it.
+    #[inline]
     fn live_flow(&mut self, key: &FlowKey, peer: &str, now: Instant) -> Option<&mut Flow> {
         let flow = self.flows.get_mut(key)?;
         if flow.expires <= now || *self.peers[flow.peer as usize].name != *peer {
@@ -550,7 +554,7 @@ impl RuleTable {
         v4: bool,
         class: PacketClass,
     ) -> Option<(RuleKind, RuleId)> {
-        let (s, d) = (addr_bits(src), addr_bits(dst));
+        let (s, d) = (*src, *dst);
         let candidates: &[u32] = match class {
             PacketClass::Tcp(port) => self.tcp.lookup(port),
             PacketClass::Udp(port) => self.udp.lookup(port),
@@ -680,8 +684,8 @@ impl FlowKey {
 
 impl Hash for FlowKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u128(u128::from_ne_bytes(self.local));
-        state.write_u128(u128::from_ne_bytes(self.remote));
+        state.write_u128(self.local);
+        state.write_u128(self.remote);
         let rest = u64::from(self.proto)
             | u64::from(self.v4) << 8
             | u64::from(self.local_port) << 16
@@ -700,8 +704,8 @@ struct FragmentKey {
 
 impl Hash for FragmentKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u128(u128::from_ne_bytes(self.src));
-        state.write_u128(u128::from_ne_bytes(self.dst));
+        state.write_u128(self.src);
+        state.write_u128(self.dst);
         state.write_u64(u64::from(self.id) | u64::from(self.proto) << 32);
     }
 }
@@ -777,8 +781,9 @@ impl Flow {
     }
 }
 
-/// A small multiplicative hasher for flow keys: the keys are fixed-size numbers, not
-/// attacker-chosen strings of any length, and a peer can only vary its own ports and ids.
+/// A small hasher for flow keys: each word is mixed by a folded 64x64->128 multiply, so that
+/// every input bit reaches the low bits hashbrown takes its bucket from. The keys are fixed-size
+/// numbers; a peer can only vary its own ports and ids within what the policy lets it open.
 #[derive(Debug, Default, Clone, Copy)]
 struct FastHasher {
     hash: u64,
@@ -786,12 +791,14 @@ struct FastHasher {
 
 type FastHash = BuildHasherDefault<FastHasher>;
 
-const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+const SEED: u64 = 0x243f_6a88_85a3_08d3;
 
 impl FastHasher {
     #[inline]
     fn add(&mut self, word: u64) {
-        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(SEED);
+        let product = u128::from(self.hash ^ word ^ SEED) * u128::from(MULTIPLIER);
+        self.hash = (product as u64) ^ ((product >> 64) as u64);
     }
 }
 
@@ -802,6 +809,7 @@ impl Hasher for FastHasher {
             word[..chunk.len()].copy_from_slice(chunk);
             self.add(u64::from_ne_bytes(word));
         }
+        self.add(bytes.len() as u64);
     }
 
     fn write_u64(&mut self, n: u64) {
@@ -814,7 +822,6 @@ impl Hasher for FastHasher {
     }
 
     fn finish(&self) -> u64 {
-        // Fold the high bits down: hashbrown takes its bucket from the low bits.
-        self.hash ^ (self.hash >> 29)
+        self.hash
     }
 }

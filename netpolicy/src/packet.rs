@@ -11,8 +11,8 @@ pub(crate) const PROTO_ICMPV6: u8 = 58;
 /// The most IPv6 extension headers walked before the packet is refused.
 const MAX_EXTENSION_HEADERS: usize = 16;
 
-/// An address as 16 bytes; IPv4 is marked by `v4`.
-pub(crate) type Addr = [u8; 16];
+/// An address as a 128-bit number, IPv4 mapped into `::ffff:0:0/96`; the family is kept apart.
+pub(crate) type Addr = u128;
 
 /// The transport part of a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +27,9 @@ pub(crate) enum Transport {
     Udp { src_port: u16, dst_port: u16 },
     /// ICMP or ICMPv6 echo request or reply.
     Echo { request: bool, id: u16 },
-    /// ICMP or ICMPv6 error quoting the start of the packet it is about.
-    Error { inner: Quoted },
+    /// ICMP or ICMPv6 error quoting the start of the packet it is about; read the quoted packet
+    /// with [`quoted`]. Kept out of this enum so that the common case stays small.
+    Error,
     /// Any other ICMP type.
     IcmpOther,
     /// A non-first fragment: no transport header.
@@ -58,6 +59,8 @@ pub(crate) struct Packet {
     pub(crate) dst: Addr,
     pub(crate) proto: u8,
     pub(crate) transport: Transport,
+    /// Offset of the transport header in the packet.
+    pub(crate) l4: u32,
     /// Fragment identification when the packet is a fragment (first or later).
     pub(crate) fragment: Option<FragmentInfo>,
 }
@@ -73,6 +76,7 @@ pub(crate) struct FragmentInfo {
 }
 
 /// Reads a packet; the error is a stable, short reason.
+#[inline]
 pub(crate) fn classify(buf: &[u8]) -> Result<Packet, &'static str> {
     let Some(&first) = buf.first() else {
         return Err("empty");
@@ -89,21 +93,19 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 }
 
 fn v4_addr(b: &[u8]) -> Addr {
-    let mut a = [0u8; 16];
-    a[10] = 0xff;
-    a[11] = 0xff;
-    a[12..].copy_from_slice(&b[..4]);
-    a
+    let v4 = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    0xffff_u128 << 32 | u128::from(v4)
 }
 
 fn v6_addr(b: &[u8]) -> Addr {
     let mut a = [0u8; 16];
     a.copy_from_slice(&b[..16]);
-    a
+    u128::from_be_bytes(a)
 }
 
 /// `quoted` is true inside an ICMP error: the quoted packet is cut short, so its length fields
 /// are not checked against the buffer.
+#[inline]
 fn classify_v4(buf: &[u8], quoted: bool) -> Result<Packet, &'static str> {
     if buf.len() < 20 {
         return Err("truncated-ip");
@@ -144,6 +146,7 @@ fn classify_v4(buf: &[u8], quoted: bool) -> Result<Packet, &'static str> {
         dst,
         proto,
         transport,
+        l4: ihl as u32,
         fragment,
     })
 }
@@ -228,6 +231,7 @@ fn classify_v6(buf: &[u8], quoted: bool) -> Result<Packet, &'static str> {
                     dst,
                     proto: next,
                     transport,
+                    l4: at as u32,
                     fragment,
                 });
             }
@@ -240,6 +244,7 @@ fn classify_v6(buf: &[u8], quoted: bool) -> Result<Packet, &'static str> {
                 dst,
                 proto: next,
                 transport: Transport::Fragment,
+                l4: at as u32,
                 fragment,
             });
         }
@@ -247,6 +252,7 @@ fn classify_v6(buf: &[u8], quoted: bool) -> Result<Packet, &'static str> {
     Err("too-many-ipv6-extension-headers")
 }
 
+#[inline]
 fn transport(proto: u8, p: &[u8], v4: bool, quoted: bool) -> Result<Transport, &'static str> {
     match proto {
         PROTO_TCP => {
@@ -316,7 +322,17 @@ fn icmp(p: &[u8], v4: bool, quoted: bool) -> Result<Transport, &'static str> {
         // An error quoting an error is never generated; refuse rather than recurse.
         return Err("icmp-error-in-icmp-error");
     }
-    let inner = &p[8..];
+    parse_quoted(&p[8..], v4)?;
+    Ok(Transport::Error)
+}
+
+/// The flow an ICMP error packet quotes; `pkt` is its classification.
+pub(crate) fn quoted(buf: &[u8], pkt: &Packet) -> Result<Quoted, &'static str> {
+    let at = pkt.l4 as usize + 8;
+    parse_quoted(buf.get(at..).unwrap_or(&[]), pkt.v4)
+}
+
+fn parse_quoted(inner: &[u8], v4: bool) -> Result<Quoted, &'static str> {
     let quoted_packet = match inner.first().map(|b| b >> 4) {
         Some(4) if v4 => classify_v4(inner, true),
         Some(6) if !v4 => classify_v6(inner, true),
@@ -331,19 +347,12 @@ fn icmp(p: &[u8], v4: bool, quoted: bool) -> Result<Transport, &'static str> {
         Transport::Echo { request, id } => (id, 0, request),
         _ => (0, 0, false),
     };
-    Ok(Transport::Error {
-        inner: Quoted {
-            src: quoted_packet.src,
-            dst: quoted_packet.dst,
-            proto: quoted_packet.proto,
-            src_port,
-            dst_port,
-            echo_request,
-        },
+    Ok(Quoted {
+        src: quoted_packet.src,
+        dst: quoted_packet.dst,
+        proto: quoted_packet.proto,
+        src_port,
+        dst_port,
+        echo_request,
     })
-}
-
-/// An [`Addr`] as a number, for prefix checks.
-pub(crate) fn addr_bits(a: &Addr) -> u128 {
-    u128::from_be_bytes(*a)
 }

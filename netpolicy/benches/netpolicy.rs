@@ -106,6 +106,23 @@ fn decision(c: &mut Criterion) {
         })
     });
 
+    // The same decision with a small flow table: 64 keys in turn, each expired when it comes
+    // back, so every packet is a new flow but the table stays in cache.
+    let mut filter = Filter::new(spec.clone(), ConntrackConfig::default());
+    let mut t = Instant::now();
+    let mut port: u16 = 0;
+    c.bench_function(
+        "new flow, 1000 grants, allowed (UDP, last grant), 64-flow table",
+        |b| {
+            b.iter(|| {
+                port = (port + 1) % 64;
+                pkt[20..22].copy_from_slice(&port.to_be_bytes());
+                t += Duration::from_secs(1);
+                filter.inbound(black_box("web1"), black_box(&pkt), t)
+            })
+        },
+    );
+
     let mut filter = Filter::new(spec, ConntrackConfig::default());
     let denied = v4_packet(web_ip, db_ip, TCP, 40000, 22, 0x02);
     c.bench_function("new flow, 1000 grants, default deny", |b| {

@@ -34,23 +34,37 @@ fn node(name: &str, n: u8, tags: &[&str]) -> NodeIdentity {
         spiffe_id: String::new(),
         addresses: vec![
             format!("10.90.0.{n}/32").parse().expect("a valid address"),
-            format!("fd00:90::{n}/128").parse().expect("a valid address"),
+            format!("fd00:90::{n}/128")
+                .parse()
+                .expect("a valid address"),
         ],
-        routes: if n == 2 { vec!["10.95.0.0/24".parse().expect("a valid prefix")] } else { vec![] },
+        routes: if n == 2 {
+            vec!["10.95.0.0/24".parse().expect("a valid prefix")]
+        } else {
+            vec![]
+        },
     }
 }
 
 fn spec() -> &'static FilterSpec {
     static SPEC: OnceLock<FilterSpec> = OnceLock::new();
     SPEC.get_or_init(|| {
-        let policy = Policy::parse(POLICY).expect("the fuzz policy is valid").policy;
-        let nodes = vec![node("web1", 1, &["web"]), node("db1", 2, &["db"]), node("ops1", 3, &["ops"])];
+        let policy = Policy::parse(POLICY)
+            .expect("the fuzz policy is valid")
+            .policy;
+        let nodes = vec![
+            node("web1", 1, &["web"]),
+            node("db1", 2, &["db"]),
+            node("ops1", 3, &["ops"]),
+        ];
         compile(&policy, &Inventory { nodes }).filters["db1"].clone()
     })
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, packet)) = data.split_first() else { return };
+    let Some((&selector, packet)) = data.split_first() else {
+        return;
+    };
     let mut filter = Filter::new(spec().clone(), ConntrackConfig { max_flows: 4 });
     let now = Instant::now();
     let peer = ["web1", "ops1", "stranger"][usize::from(selector % 3)];
@@ -73,5 +87,8 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     filter.install(FilterSpec::default(), later);
-    assert!(matches!(filter.inbound(peer, packet, later), netpolicy::Verdict::Deny(_)));
+    assert!(matches!(
+        filter.inbound(peer, packet, later),
+        netpolicy::Verdict::Deny(_)
+    ));
 });

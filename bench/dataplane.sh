@@ -256,8 +256,9 @@ printf '\n%-13s %16s %16s %18s %14s %14s %10s %10s\n' implementation "tcp 1 (Gbi
 for impl in $ONLY; do
     cell() { # metric
         local v=${R[$impl,$1]:-"-"} r
+        if [ "$v" = "-" ]; then printf '%s' "-"; return; fi
         r=$(ratio "$v" "${R[$base,$1]:-}")
-        printf '%.3f (x%s)' "$v" "$r" 2>/dev/null || printf '%s' "$v"
+        printf '%.3f (x%s)' "$v" "$r"
     }
     printf '%-13s %16s %16s %18s %14s %14s %10s %10s\n' "$impl" "$(cell tcp1)" "$(cell tcp4)" \
         "$(cell udp)" "$(cell ping)" "$(cell cpu)" "${R[$impl,drops]:-"-"}" \

@@ -71,11 +71,15 @@ const UDP_PORTS: &[u16] = &[5432];
 /// What a probe opens.
 #[derive(Debug, Clone, Copy)]
 enum Probe {
+    /// A TCP echo to the overlay IPv4 address.
     Tcp(u16),
-    /// TCP to the overlay IPv6 address.
+    /// A TCP echo to the overlay IPv6 address.
     Tcp6(u16),
+    /// A UDP echo to the overlay IPv4 address.
     Udp(u16),
+    /// A ping to the overlay IPv4 address.
     Icmp,
+    /// A ping to the overlay IPv6 address.
     Icmp6,
 }
 

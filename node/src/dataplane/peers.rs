@@ -16,7 +16,7 @@
 //! shared mutex, so the TUN and UDP threads run side by side. The table itself is immutable
 //! once built; a new configuration is a new table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -179,6 +179,7 @@ impl PeerTable {
             })
             .unwrap_or_default();
 
+        let taken: HashSet<u32> = old.values().map(|p| p.index).collect();
         for config in peers {
             if table.by_key.contains_key(&config.public_key.0) {
                 table.warnings.push(format!(
@@ -203,7 +204,7 @@ impl PeerTable {
                         state: p.state.clone(),
                     }
                 }
-                None => table.new_peer(config),
+                None => table.new_peer(config, &taken),
             };
             let slot = table.peers.len();
             table.by_key.insert(config.public_key.0, slot);
@@ -363,9 +364,11 @@ impl PeerTable {
         &self.counters
     }
 
-    fn new_peer(&mut self, config: &PeerConfig) -> Peer {
+    /// Makes a peer with a fresh session. Its index is unused in this table and in `taken`
+    /// (every index of the previous table, kept or not).
+    fn new_peer(&mut self, config: &PeerConfig, taken: &HashSet<u32>) -> Peer {
         let mut index = self.next_index;
-        while self.by_index.contains_key(&index) {
+        while self.by_index.contains_key(&index) || taken.contains(&index) {
             index = (index + 1) & 0x00ff_ffff;
         }
         self.next_index = (index + 1) & 0x00ff_ffff;

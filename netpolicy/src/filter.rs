@@ -71,7 +71,7 @@ impl State {
             peers,
             by_name,
             flows: HashMap::with_capacity_and_hasher(capacity, FastHash::default()),
-            fragments: HashMap::with_hasher(FastHash::default()),
+            fragments: HashMap::with_capacity_and_hasher(MAX_FRAGMENTS, FastHash::default()),
             max_flows: config.max_flows,
             next_sweep: None,
         }

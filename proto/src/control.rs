@@ -70,7 +70,8 @@ pub enum ServerMsg {
 }
 
 /// An enrollment request. The private keys stay on the node: only public keys and a CSR go.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Its `Debug` hides the token secret.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct EnrollRequest {
     /// Protocol version of the node.
     pub protocol: u32,
@@ -88,6 +89,20 @@ pub struct EnrollRequest {
     pub endpoints: Vec<SocketAddr>,
     /// ztnet-node version string.
     pub version: String,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("protocol", &self.protocol)
+            .field("token_secret", &"redacted")
+            .field("name", &self.name)
+            .field("wg_public_key", &self.wg_public_key)
+            .field("listen_port", &self.listen_port)
+            .field("endpoints", &self.endpoints)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an enrolled node gets back.

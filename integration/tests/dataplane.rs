@@ -449,6 +449,26 @@ fn two_nodes_follow_the_policy_and_the_link_carries_only_wireguard() {
         "{wg}"
     );
     let iface = m.node("n1").iface.clone();
+    let ztnet = |args: &[&str]| {
+        let out = std::process::Command::new(bin("ztnet"))
+            .args(["status", "-i", &iface])
+            .args(args)
+            .output()
+            .expect("ztnet status runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = ztnet(&[]);
+    assert!(
+        table.contains("n2") && table.contains("outbound-no-rule"),
+        "{table}"
+    );
+    let json: Value = serde_json::from_str(&ztnet(&["--output", "json"])).expect("json");
+    assert_eq!(json["peers"][0]["name"], "n2", "{json}");
     let conf = m
         .node("n1")
         .ns

@@ -648,3 +648,44 @@ fn many_overlapping_ranges_still_decide_exactly() {
         );
     }
 }
+
+#[test]
+fn an_icmpv6_error_quoting_a_packet_with_extension_headers_is_related() {
+    let (web, db, mut m) = web_db();
+    let sent = tcp6_with_extensions(v6(&web), 40002, v6(&db), 5432, SYN);
+    assert!(m.passes("web1", "db1", &sent));
+    let mut quoted = sent.clone();
+    quoted.truncate(40 + 24 + 8);
+    let err = icmp_error(v6(&db), v6(&web), 2, 0, &quoted);
+    // The builder keeps 48 quoted bytes; give it the whole cut packet instead.
+    let mut full = err[..48].to_vec();
+    full.extend(&quoted);
+    let len = (full.len() - 40) as u16;
+    full[4..6].copy_from_slice(&len.to_be_bytes());
+    assert_eq!(
+        m.send("db1", "web1", &full).1,
+        Some(Verdict::Allow(AllowReason::Related))
+    );
+}
+
+#[test]
+fn a_new_syn_on_a_closed_flow_is_judged_again() {
+    let (web, db, mut m) = web_db();
+    let fwd = |f| tcp(v4(&web), 40000, v4(&db), 5432, f);
+    let back = |f| tcp(v4(&db), 5432, v4(&web), 40000, f);
+    assert!(m.passes("web1", "db1", &fwd(SYN)));
+    assert!(m.passes("db1", "web1", &back(SYN | ACK)));
+    assert!(m.passes("web1", "db1", &fwd(RST)));
+
+    // The port is reused by a new connection: a SYN opens it again, by the rules.
+    assert!(matches!(
+        m.send("web1", "db1", &fwd(SYN)).1,
+        Some(Verdict::Allow(AllowReason::Rule(_)))
+    ));
+    // And a SYN the other way on the same ports is not a new flow db1 may open.
+    assert!(m.passes("web1", "db1", &fwd(RST)));
+    assert_eq!(
+        m.outbound("db1", "web1", &back(SYN)),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+}

@@ -397,6 +397,9 @@ fn addresses_with_ports_glued_on_are_errors_naming_the_token() {
         "::/0:*",
         "[fd00:90::5]:1000-2000",
         "10.0.0.1:22",
+        "[fd00:90::5:22",
+        "[::1]:",
+        "[::1]:99999",
     ] {
         let quoted = format!("\"{sel}\"");
         let d = error(&rule_with("\"*\"", &quoted, "\"any\""));

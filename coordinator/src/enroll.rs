@@ -130,6 +130,7 @@ async fn enroll_tx(
         })?;
     let offset = u32::try_from(offset).map_err(|_| StoreError::Corrupt("offset".into()))?;
     let endpoints = netmap::endpoints(observed.ip(), req.listen_port, &req.endpoints);
+    let version: String = req.version.chars().take(64).collect();
     let new = NewNode {
         network: network.id,
         name: &req.name,
@@ -143,7 +144,7 @@ async fn enroll_tx(
         token_id: &grant.id,
         listen_port: req.listen_port,
         endpoints: &endpoints,
-        version: &req.version,
+        version: &version,
     };
     let node = match nodes::insert(&mut tx, &new).await {
         Ok(n) => n,

@@ -167,9 +167,14 @@ pub(crate) fn parse(source: &str) -> Result<(Policy, Vec<Diagnostic>), PolicyErr
     Ok((Policy { rules, tests }, diagnostics))
 }
 
-/// The groups of a document, expanded on demand with cycle detection.
+/// The most levels of groups inside groups.
+const MAX_GROUP_DEPTH: usize = 32;
+
+/// The groups of a document, each expanded once (memoised) with cycle and depth checks.
 struct Groups<'r> {
     raw: &'r RawGroups,
+    /// Group name to its expansion; `None` when its body has an error (already reported).
+    expanded: std::cell::RefCell<BTreeMap<String, Option<Vec<Selector>>>>,
     used: std::cell::RefCell<BTreeSet<String>>,
 }
 
@@ -188,94 +193,104 @@ impl<'r> Groups<'r> {
         }
         let groups = Groups {
             raw,
+            expanded: Default::default(),
             used: Default::default(),
         };
-        // Validate every group body once, so that errors inside an unused group are reported.
+        // Expand every group once, so that errors inside an unused group are reported too.
         for name in raw.keys() {
-            let mut out = Vec::new();
-            let mut stack = vec![name.get_ref().clone()];
-            groups.expand_body(name.get_ref(), &mut stack, &mut out, findings);
+            groups.expand(name.get_ref(), &mut Vec::new(), findings);
         }
         groups
     }
 
-    fn lookup(&self, name: &str) -> Option<(&'r Spanned<String>, &'r SpannedList)> {
-        self.raw.iter().find(|(k, _)| k.get_ref() == name)
+    fn lookup(&self, name: &str) -> Option<&'r SpannedList> {
+        // Spanned keys compare by value only, so a lookup by name finds them.
+        self.raw.get(name)
     }
 
-    /// Expands the members of group `name` into `out`; `stack` holds the groups being expanded.
-    /// Returns false when an error was found.
-    fn expand_body(
+    /// The selectors group `name` stands for, sorted and deduplicated; `stack` holds the groups
+    /// being expanded. Each body is checked once; its errors are reported then.
+    fn expand(
         &self,
         name: &str,
         stack: &mut Vec<String>,
-        out: &mut Vec<Selector>,
         findings: &mut Findings<'_>,
-    ) -> bool {
-        let Some((_, body)) = self.lookup(name) else {
-            return false;
-        };
+    ) -> Option<Vec<Selector>> {
+        if let Some(done) = self.expanded.borrow().get(name) {
+            return done.clone();
+        }
+        let body = self.lookup(name)?;
+        if stack.len() >= MAX_GROUP_DEPTH {
+            findings.error(
+                body.span(),
+                format!("group `{name}` is nested more than {MAX_GROUP_DEPTH} groups deep"),
+            );
+            self.expanded.borrow_mut().insert(name.to_string(), None);
+            return None;
+        }
+        stack.push(name.to_string());
+        let mut out = Vec::new();
         let mut ok = true;
         for member in body.get_ref() {
             let text = member.get_ref();
-            if let Some(inner) = text.strip_prefix("group:") {
-                if let Some(pos) = stack.iter().position(|g| g == inner) {
-                    let mut path: Vec<String> =
-                        stack[pos..].iter().map(|g| format!("group:{g}")).collect();
-                    path.push(format!("group:{inner}"));
-                    findings.error(
-                        member.span(),
-                        format!("group `{}` includes itself: {}", inner, path.join(" -> ")),
-                    );
-                    ok = false;
-                    continue;
+            let Some(inner) = text.strip_prefix("group:") else {
+                match parse_selector(text) {
+                    Ok(sel) => out.push(sel),
+                    Err(message) => {
+                        findings.error(member.span(), message);
+                        ok = false;
+                    }
                 }
-                if self.lookup(inner).is_none() {
-                    findings.error(
-                        member.span(),
-                        format!("group `{inner}` is not defined in [groups]"),
-                    );
-                    ok = false;
-                    continue;
-                }
-                stack.push(inner.to_string());
-                ok &= self.expand_body(inner, stack, out, findings);
-                stack.pop();
+                continue;
+            };
+            if let Some(pos) = stack.iter().position(|g| g == inner) {
+                let mut path: Vec<String> =
+                    stack[pos..].iter().map(|g| format!("group:{g}")).collect();
+                path.push(format!("group:{inner}"));
+                findings.error(
+                    member.span(),
+                    format!("group `{}` includes itself: {}", inner, path.join(" -> ")),
+                );
+                ok = false;
                 continue;
             }
-            match parse_selector(text) {
-                Ok(sel) => out.push(sel),
-                Err(message) => {
-                    findings.error(member.span(), message);
-                    ok = false;
-                }
+            if self.lookup(inner).is_none() {
+                findings.error(
+                    member.span(),
+                    format!("group `{inner}` is not defined in [groups]"),
+                );
+                ok = false;
+                continue;
+            }
+            match self.expand(inner, stack, findings) {
+                Some(selectors) => out.extend(selectors),
+                None => ok = false,
             }
         }
-        ok
+        stack.pop();
+        out.sort();
+        out.dedup();
+        let result = ok.then_some(out);
+        self.expanded
+            .borrow_mut()
+            .insert(name.to_string(), result.clone());
+        result
     }
 
-    /// Expands `group:NAME` as used in a rule. Errors were reported when the group was checked,
-    /// except for a missing or empty group, reported here at the use.
+    /// Expands `group:NAME` as used in a rule. Errors inside the group were reported when it
+    /// was checked; a missing or empty group is reported here, at the use.
     fn expand_use(
         &self,
         name: &str,
         span: Range<usize>,
         findings: &mut Findings<'_>,
     ) -> Option<Vec<Selector>> {
-        self.used.borrow_mut().insert(name.to_string());
         if self.lookup(name).is_none() {
             findings.error(span, format!("group `{name}` is not defined in [groups]"));
             return None;
         }
-        let mut out = Vec::new();
-        let mut scratch = Findings {
-            source: findings.source,
-            list: Vec::new(),
-        };
-        let mut stack = vec![name.to_string()];
-        if !self.expand_body(name, &mut stack, &mut out, &mut scratch) {
-            return None;
-        }
+        self.mark_used(name);
+        let out = self.expand(name, &mut Vec::new(), findings)?;
         if out.is_empty() {
             findings.error(
                 span,
@@ -283,27 +298,24 @@ impl<'r> Groups<'r> {
             );
             return None;
         }
-        // Groups used by this group count as used too.
-        for k in self.raw.keys() {
-            if self.reaches(name, k.get_ref(), &mut Vec::new()) {
-                self.used.borrow_mut().insert(k.get_ref().clone());
-            }
-        }
         Some(out)
     }
 
-    fn reaches(&self, from: &str, target: &str, seen: &mut Vec<String>) -> bool {
-        if seen.iter().any(|s| s == from) {
-            return false;
+    /// Marks a group and every group it includes as used.
+    fn mark_used(&self, name: &str) {
+        let mut todo = vec![name.to_string()];
+        while let Some(g) = todo.pop() {
+            if !self.used.borrow_mut().insert(g.clone()) {
+                continue;
+            }
+            if let Some(body) = self.lookup(&g) {
+                let inner = body
+                    .get_ref()
+                    .iter()
+                    .filter_map(|m| m.get_ref().strip_prefix("group:"));
+                todo.extend(inner.map(str::to_string));
+            }
         }
-        seen.push(from.to_string());
-        let Some((_, body)) = self.lookup(from) else {
-            return false;
-        };
-        body.get_ref()
-            .iter()
-            .filter_map(|m| m.get_ref().strip_prefix("group:"))
-            .any(|inner| inner == target || self.reaches(inner, target, seen))
     }
 
     fn warn_unused(&self, findings: &mut Findings<'_>) {

@@ -459,3 +459,40 @@ fn garbage_never_panics() {
         let _ = Policy::parse(src);
     }
 }
+
+#[test]
+fn deep_or_wide_group_graphs_are_refused_or_expanded_without_blowing_up() {
+    // A chain deeper than the limit is an error, not a stack overflow.
+    let mut deep = String::from("[groups]\n");
+    for i in 0..5000 {
+        deep += &format!("g{i} = [\"group:g{}\", \"tag:t{i}\"]\n", i + 1);
+    }
+    deep += "g5000 = [\"tag:end\"]\n";
+    deep += &rule_with("\"group:g0\"", "\"*\"", "\"any\"");
+    let errs = errors(&deep);
+    assert!(
+        errs.iter()
+            .any(|d| d.message.contains("nested more than 32")),
+        "{:?}",
+        errs.first()
+    );
+
+    // A diamond that doubles at every level expands once per group.
+    let mut wide = String::from("[groups]\n");
+    for i in 0..30 {
+        wide += &format!(
+            "d{i} = [\"group:d{}\", \"group:e{}\"]\ne{i} = [\"group:d{}\"]\n",
+            i + 1,
+            i,
+            i + 1
+        );
+    }
+    wide += "d30 = [\"tag:leaf\"]\n";
+    wide += &rule_with("\"group:d0\"", "\"*\"", "\"any\"");
+    let checked = parse(&wide);
+    assert!(
+        checked.warnings.is_empty(),
+        "{:?}",
+        checked.warnings.first()
+    );
+}

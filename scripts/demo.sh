@@ -104,14 +104,20 @@ COORD_ADDR=192.0.2.10:7443
 PIDS=()
 NAMESPACES=()
 
+# The terminal, kept so that cleanup can report even when a signal arrives inside a command
+# whose output goes to /dev/null (a trap runs with the interrupted command's redirections).
+exec 3>&1 4>&2
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    exec 1>&3 2>&4
     printf '\n%s== cleaning up (namespaces %s-*, %s)%s\n' "$BOLD" "$P" "$WORK" "$RESET"
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     for ns in "${NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-    if ((rc != 0)) && [[ -d $WORK ]]; then
+    if ((rc == 130)); then
+        say "interrupted"
+    elif ((rc != 0)) && [[ -d $WORK ]]; then
         say "the demo failed (exit $rc); last lines of each log:"
         for log in "$WORK"/*.log; do
             [[ -f $log ]] || continue

@@ -166,6 +166,48 @@ impl Ca {
             not_after: params_not_after(now),
         })
     }
+
+    /// Signs an X.509-SVID for the public key in `csr_pem`: exactly one URI SAN (`spiffe_id`),
+    /// digitalSignature only, not a CA, server and client auth, back-dated 60 s, valid for
+    /// `lifetime`. Nothing in the request but its key is used.
+    pub fn issue_svid(
+        &self,
+        csr_pem: &str,
+        spiffe_id: &str,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        if csr_pem.len() > 16 * 1024 {
+            return Err(CaError::BadCsr("request is over 16 KiB".into()));
+        }
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::BadCsr(format!("not a valid signed PEM request ({e})")))?;
+        let uri = rcgen::Ia5String::try_from(spiffe_id.to_string())
+            .map_err(|e| CaError::BadCsr(format!("spiffe id is not ASCII: {e}")))?;
+
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "ztnet workload");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + lifetime;
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&csr.public_key, &self.cert, &self.key)?;
+        Ok(IssuedCert {
+            pem: cert.pem(),
+            serial: hex::encode(serial.as_ref()),
+            not_after: u64::try_from((now + lifetime).unix_timestamp()).unwrap_or(0),
+        })
+    }
 }
 
 /// Serial number of a DER certificate in the form [`IssuedCert::serial`] uses.

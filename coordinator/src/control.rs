@@ -292,6 +292,22 @@ async fn on_message(
                 .await
                 .map_err(|e| refuse("protocol", e.to_string()))?;
         }
+        NodeMsg::WorkloadList { request_id } => {
+            let answer = crate::workload::list(hub, node, request_id).await;
+            frame::write(send, &answer)
+                .await
+                .map_err(|e| refuse("protocol", e.to_string()))?;
+        }
+        NodeMsg::SignSvid {
+            request_id,
+            spiffe_id,
+            csr_pem,
+        } => {
+            let answer = crate::workload::sign(hub, node, request_id, &spiffe_id, &csr_pem).await;
+            frame::write(send, &answer)
+                .await
+                .map_err(|e| refuse("protocol", e.to_string()))?;
+        }
         NodeMsg::Enroll(_) | NodeMsg::Hello(_) => {
             return Err(refuse(
                 "protocol",

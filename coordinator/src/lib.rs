@@ -16,6 +16,7 @@ pub mod names;
 pub mod netmap;
 pub mod policy;
 pub mod store;
+pub mod workload;
 
 use std::fs;
 use std::io::ErrorKind;

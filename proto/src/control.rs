@@ -48,6 +48,21 @@ pub enum NodeMsg {
         /// PEM certificate signing request.
         csr_pem: String,
     },
+    /// Asks for the workload registrations of this node.
+    WorkloadList {
+        /// Echoed in the answer.
+        request_id: u64,
+    },
+    /// Asks for an X.509-SVID for a key made on the node; the coordinator signs only a SPIFFE
+    /// ID registered for this node.
+    SignSvid {
+        /// Echoed in the answer.
+        request_id: u64,
+        /// The SPIFFE ID wanted.
+        spiffe_id: String,
+        /// PEM certificate signing request for the workload's key.
+        csr_pem: String,
+    },
 }
 
 /// Messages from the coordinator.
@@ -67,6 +82,29 @@ pub enum ServerMsg {
     },
     /// The request was refused; the connection closes after this.
     Error(ControlError),
+    /// The answer to [`NodeMsg::WorkloadList`].
+    Workloads {
+        /// From the request.
+        request_id: u64,
+        /// Every registration for this node.
+        entries: Vec<crate::workload::WorkloadEntry>,
+    },
+    /// The answer to [`NodeMsg::SignSvid`].
+    Svid {
+        /// From the request.
+        request_id: u64,
+        /// PEM X.509-SVID, leaf first.
+        cert_pem: String,
+        /// PEM CA certificate(s) of the trust domain.
+        bundle_pem: String,
+    },
+    /// A [`NodeMsg::WorkloadList`] or [`NodeMsg::SignSvid`] refused; the session goes on.
+    WorkloadRefused {
+        /// From the request.
+        request_id: u64,
+        /// Why.
+        error: ControlError,
+    },
 }
 
 /// An enrollment request. The private keys stay on the node: only public keys and a CSR go.

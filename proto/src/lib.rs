@@ -12,6 +12,7 @@ pub mod frame;
 pub mod key;
 pub mod status;
 pub mod token;
+pub mod workload;
 
 pub use key::{KeyError, PrivateKey, WgKey};
 pub use token::{JoinToken, TokenError};

@@ -6,6 +6,7 @@ pub mod error;
 mod networks;
 mod nodes;
 mod policy;
+mod workloads;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,14 @@ pub fn router(hub: Arc<Hub>) -> Router {
         )
         .route("/v1/networks/{net}/policy/history", get(policy::history))
         .route("/v1/networks/{net}/audit", get(policy::audit))
+        .route(
+            "/v1/networks/{net}/workloads",
+            post(workloads::register).get(workloads::list),
+        )
+        .route(
+            "/v1/networks/{net}/workloads/{id}",
+            get(workloads::show).delete(workloads::delete),
+        )
         .fallback(error::not_found)
         .with_state(hub)
 }

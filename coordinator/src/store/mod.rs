@@ -12,6 +12,7 @@ pub mod networks;
 pub mod nodes;
 pub mod policies;
 pub mod tokens;
+pub mod workloads;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

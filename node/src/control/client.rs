@@ -651,6 +651,9 @@ fn msg_kind(m: &ServerMsg) -> &'static str {
         ServerMsg::Netmap(_) => "netmap",
         ServerMsg::Renewed { .. } => "renewed",
         ServerMsg::Error(_) => "error",
+        ServerMsg::Workloads { .. } => "workloads",
+        ServerMsg::Svid { .. } => "svid",
+        ServerMsg::WorkloadRefused { .. } => "workload-refused",
     }
 }
 

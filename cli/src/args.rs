@@ -90,6 +90,13 @@ Examples:
     /// WireGuard keys: check a public key the way every ztnet component parses it.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Workload registrations (SPIFFE IDs for processes on a node): register, list, show,
+    /// delete.
+    #[command(subcommand)]
+    Workload(crate::cmd::workload::WorkloadCmd),
+    /// This process's workload identity, fetched from the local node.
+    #[command(subcommand)]
+    Identity(crate::cmd::identity::IdentityCmd),
 }
 
 /// `ztnet login`: takes the global `--coordinator`, `--api-key-file` and `--ca-cert`.

@@ -24,7 +24,10 @@ pub async fn list(hub: &Hub, node: &Node, request_id: u64) -> ServerMsg {
         }
         Err(e) => {
             tracing::error!(error = %e, "workload lookup failed");
-            refused(request_id, refuse("internal", "workload lookup failed".into()))
+            refused(
+                request_id,
+                refuse("internal", "workload lookup failed".into()),
+            )
         }
     }
 }
@@ -49,11 +52,17 @@ pub async fn sign(
         }
         Err(e) => {
             tracing::error!(error = %e, "workload lookup failed");
-            return refused(request_id, refuse("internal", "workload lookup failed".into()));
+            return refused(
+                request_id,
+                refuse("internal", "workload lookup failed".into()),
+            );
         }
     };
     let lifetime = Duration::from_secs(registration.ttl_secs);
-    match hub.ca.issue_svid(csr_pem, registration.spiffe_id.as_str(), lifetime) {
+    match hub
+        .ca
+        .issue_svid(csr_pem, registration.spiffe_id.as_str(), lifetime)
+    {
         Ok(cert) => {
             info!(%spiffe_id, serial = %cert.serial, not_after = cert.not_after, "SVID issued");
             ServerMsg::Svid {

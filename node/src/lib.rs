@@ -6,6 +6,7 @@
 //! - [`static_config`]: static mode, `ztnet-node --config node.toml`.
 //! - [`up`], [`control`], [`state`]: coordinator mode: enrollment, the QUIC control channel and
 //!   the state directory.
+//! - [`workload`]: the workload API that hands SPIFFE X.509-SVIDs to local processes.
 
 pub mod control;
 pub mod dataplane;
@@ -13,3 +14,4 @@ pub mod netconfig;
 pub mod state;
 pub mod static_config;
 pub mod up;
+pub mod workload;

@@ -102,8 +102,20 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let exit = runtime.block_on(client::run(opts, sink.clone(), shutdown_signal()));
+    let workload_socket = crate::workload::api::socket_path(&args.interface);
+    let broker = crate::workload::Broker::new();
+    let exit = runtime.block_on(async {
+        let listener = crate::workload::api::bind(&workload_socket)
+            .context("starting the workload API socket")?;
+        info!(socket = %workload_socket.display(), "workload API listening");
+        let server = tokio::spawn(crate::workload::api::serve(listener, broker.clone()));
+        let exit =
+            client::run_with_workloads(opts, sink.clone(), Some(broker), shutdown_signal()).await;
+        server.abort();
+        exit
+    });
     drop(runtime);
+    let _ = std::fs::remove_file(&workload_socket);
     drop(sink);
     match exit? {
         Exit::Shutdown => {

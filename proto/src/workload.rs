@@ -213,7 +213,8 @@ impl Selector {
             if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad("the id must be a decimal number"));
             }
-            v.parse::<u32>().map_err(|_| bad("the id is above 4294967295"))
+            v.parse::<u32>()
+                .map_err(|_| bad("the id is above 4294967295"))
         };
         match kind {
             "uid" => Ok(Selector::Uid(id(value)?)),
@@ -403,7 +404,10 @@ mod tests {
     #[test]
     fn spiffe_ids_follow_the_standard_rules() {
         let ok = SpiffeId::parse_workload("spiffe://corp.example/ns/prod/sa/api", "corp.example");
-        assert_eq!(ok.map(|i| i.path().to_string()), Ok("/ns/prod/sa/api".into()));
+        assert_eq!(
+            ok.map(|i| i.path().to_string()),
+            Ok("/ns/prod/sa/api".into())
+        );
         for bad in [
             "http://corp.example/a",
             "SPIFFE://corp.example/a",
@@ -423,7 +427,10 @@ mod tests {
     #[test]
     fn workload_ids_stay_in_the_trust_domain_and_off_node_ids() {
         let foreign = SpiffeId::parse_workload("spiffe://evil.example/ns/a/sa/b", "corp.example");
-        assert!(matches!(foreign, Err(IdentityError::ForeignTrustDomain { .. })));
+        assert!(matches!(
+            foreign,
+            Err(IdentityError::ForeignTrustDomain { .. })
+        ));
         let node = SpiffeId::parse_workload("spiffe://corp.example/ns/a/node/web1", "corp.example");
         assert!(node.unwrap_err().to_string().contains("node identities"));
     }
@@ -444,7 +451,13 @@ mod tests {
         };
         assert!(!matches_all(&sel, &other));
         assert!(!matches_all(&[], &caller));
-        for bad in ["uid:1", "unix:uid:", "unix:uid:-1", "unix:uid:99999999999", "unix:path:x"] {
+        for bad in [
+            "uid:1",
+            "unix:uid:",
+            "unix:uid:-1",
+            "unix:uid:99999999999",
+            "unix:path:x",
+        ] {
             assert!(Selector::parse(bad).is_err(), "{bad} accepted");
         }
         assert!(Selector::parse_all(&[]).is_err());

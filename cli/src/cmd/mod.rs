@@ -1,9 +1,11 @@
 //! One module per noun; [`run`] dispatches.
 
 pub mod admin;
+pub mod identity;
 pub mod key;
 pub mod policy;
 pub mod status;
+pub mod workload;
 
 use anyhow::Result;
 
@@ -20,6 +22,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Login(a) => return admin::login(&cli.global, a),
         Command::Status(a) => return status::run(fmt, a),
         Command::Key(KeyCmd::Check(a)) => return key::check(&a.key),
+        Command::Identity(identity::IdentityCmd::Fetch(a)) => return identity::fetch(a),
         Command::Policy(PolicyCmd::Check(a)) => return policy::check(fmt, &a.file),
         Command::Policy(PolicyCmd::Explain(a)) => return policy::explain(fmt, a),
         _ => {}
@@ -33,7 +36,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Node(c) => admin::node(&client, fmt, c),
         Command::Policy(c) => policy::online(&client, fmt, c),
         Command::Audit(a) => admin::audit(&client, fmt, &a.network),
-        Command::Login(_) | Command::Status(_) | Command::Key(_) => {
+        Command::Workload(c) => workload::run(&client, fmt, c),
+        Command::Login(_) | Command::Status(_) | Command::Key(_) | Command::Identity(_) => {
             unreachable!("handled above without a client")
         }
     }

@@ -130,6 +130,19 @@ pub async fn run<S>(
 where
     S: Future<Output = ()>,
 {
+    run_with_workloads(opts, sink, None, shutdown).await
+}
+
+/// [`run`], also serving the workload API's requests to the coordinator through `workloads`.
+pub async fn run_with_workloads<S>(
+    opts: NodeOptions,
+    sink: Arc<dyn DataplaneSink>,
+    workloads: Option<Arc<crate::workload::Broker>>,
+    shutdown: S,
+) -> anyhow::Result<Exit>
+where
+    S: Future<Output = ()>,
+{
     tokio::pin!(shutdown);
     let state = opts.state.clone();
     sink.set_control_connected(false);
@@ -167,6 +180,7 @@ where
         state,
         sink,
         applier,
+        workloads,
     };
     let mut backoff = Backoff::default();
     loop {
@@ -299,6 +313,7 @@ struct Ctx {
     state: StateDir,
     sink: Arc<dyn DataplaneSink>,
     applier: Arc<Applier>,
+    workloads: Option<Arc<crate::workload::Broker>>,
 }
 
 /// How one session ended.
@@ -361,6 +376,7 @@ async fn session(
         tokio::time::interval_at(Instant::now() + REPORT_INTERVAL, REPORT_INTERVAL);
     let mut renew_deadline = instant_at(validity.renew_at_fraction(ctx.renew_fraction));
     let mut pending_key: Option<rcgen::KeyPair> = None;
+    let mut workload_port = crate::workload::attach(ctx.workloads.as_ref()).await;
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -385,6 +401,13 @@ async fn session(
                             Err(e) => warn!("certificate renewal answer not used: {e:#}"),
                         }
                     }
+                    ServerMsg::Workloads { .. }
+                    | ServerMsg::Svid { .. }
+                    | ServerMsg::WorkloadRefused { .. } => {
+                        if let Some(port) = workload_port.as_mut() {
+                            port.handle_answer(&msg);
+                        }
+                    }
                     ServerMsg::Error(e) => {
                         if classify(&e) == Refusal::Revoked {
                             return Ok(SessionEnd::Revoked(e));
@@ -397,6 +420,9 @@ async fn session(
                         )));
                     }
                 }
+            }
+            request = crate::workload::next_message(&mut workload_port) => {
+                frame::write(&mut send, &request).await?;
             }
             _ = report_tick.tick() => {
                 let now = self::report(ctx);

@@ -1,0 +1,260 @@
+//! `ztnet identity fetch`: asks the local node's workload API for this process's X.509-SVID
+//! and writes the certificate chain, the private key (0600) and the trust bundle beside each
+//! other. Each file is replaced atomically (temporary file, fsync, rename, fsync of the
+//! directory) in the order bundle, key, certificate, so a workload that reloads when
+//! `svid.pem` changes finds all three new. `--watch` rewrites them at half of each SVID's life.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use ztnet_proto::status::STATUS_DIR;
+use ztnet_proto::workload::{WorkloadReply, WorkloadRequest, X509Svid};
+
+use crate::output::{time, write_stdout};
+
+/// How long to wait for the node's answer (it may wait 10 s on the coordinator).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest answer read.
+const MAX_ANSWER: u64 = 1 << 20;
+
+/// `ztnet identity ...`.
+#[derive(Debug, Subcommand)]
+pub enum IdentityCmd {
+    /// Fetches this process's SVID from the local node and writes it to files.
+    #[command(after_help = "\
+Examples:
+  ztnet identity fetch --format x509 --output /run/certs/svid.pem
+  ztnet identity fetch --output /run/certs/svid.pem --watch")]
+    Fetch(FetchArgs),
+}
+
+/// SVID formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SvidFormat {
+    /// X.509-SVID: PEM certificate chain, PKCS#8 key, PEM bundle.
+    X509,
+}
+
+/// `ztnet identity fetch`.
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// SVID format.
+    #[arg(long, value_enum, default_value_t = SvidFormat::X509)]
+    pub format: SvidFormat,
+    /// Where the certificate chain goes; svid.key and bundle.pem are written beside it.
+    #[arg(long = "output", value_name = "PATH")]
+    pub output: PathBuf,
+    /// Interface name of the node.
+    #[arg(long, short = 'i', default_value = "ztnet0")]
+    pub interface: String,
+    /// Workload socket (default /var/run/ztnet/INTERFACE.workload.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Which SPIFFE ID to write when the caller holds several (default: the first).
+    #[arg(long, value_name = "ID")]
+    pub spiffe_id: Option<String>,
+    /// Keep running: rewrite the files at half of each SVID's life.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+/// Runs `ztnet identity fetch`.
+pub fn fetch(args: &FetchArgs) -> Result<()> {
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| Path::new(STATUS_DIR).join(format!("{}.workload.sock", args.interface)));
+    let files = Files::beside(&args.output)?;
+    if !args.watch {
+        let svid = fetch_one(&socket, args.spiffe_id.as_deref())?;
+        files.write(&svid)?;
+        return write_stdout(&format!(
+            "{} written to {} (valid until {})\n",
+            svid.spiffe_id,
+            files.cert.display(),
+            time(svid.not_after)
+        ));
+    }
+
+    let mut current: Option<X509Svid> = None;
+    let mut retry = Duration::from_secs(1);
+    loop {
+        match fetch_one(&socket, args.spiffe_id.as_deref()).and_then(|s| {
+            files.write(&s)?;
+            Ok(s)
+        }) {
+            Ok(svid) => {
+                eprintln!(
+                    "{} written to {} (valid until {})",
+                    svid.spiffe_id,
+                    files.cert.display(),
+                    time(svid.not_after)
+                );
+                retry = Duration::from_secs(1);
+                let now = now_unix();
+                let half = svid.not_after.saturating_sub(now) / 2;
+                current = Some(svid);
+                std::thread::sleep(Duration::from_secs(half.max(1)));
+            }
+            Err(e) => {
+                let left = current
+                    .as_ref()
+                    .map_or(0, |s| s.not_after.saturating_sub(now_unix()));
+                eprintln!("error: {e:#}; retrying in {}s", retry.as_secs());
+                if current.is_some() && left == 0 {
+                    eprintln!("error: the SVID on disk has expired");
+                }
+                std::thread::sleep(retry);
+                retry = (retry * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Asks the node once.
+fn fetch_one(socket: &Path, want: Option<&str>) -> Result<X509Svid> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the node's workload API at {} (is ztnet-node running in coordinator \
+             mode on this machine?)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(ANSWER_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(ANSWER_TIMEOUT)))
+        .context("setting socket timeouts")?;
+    let mut line = serde_json::to_vec(&WorkloadRequest::FetchX509).context("encoding")?;
+    line.push(b'\n');
+    s.write_all(&line)
+        .with_context(|| format!("writing to {}", socket.display()))?;
+    let mut body = Vec::new();
+    s.take(MAX_ANSWER)
+        .read_to_end(&mut body)
+        .with_context(|| format!("reading the answer from {}", socket.display()))?;
+    let reply: WorkloadReply = serde_json::from_slice(&body)
+        .with_context(|| format!("the answer from {} does not parse", socket.display()))?;
+    let svids = match reply {
+        WorkloadReply::Svids { svids } => svids,
+        WorkloadReply::Refused { code, message } => {
+            bail!("the node refused to issue an identity: {message} ({code})")
+        }
+    };
+    let available: Vec<String> = svids.iter().map(|s| s.spiffe_id.to_string()).collect();
+    let chosen = match want {
+        Some(id) => svids.into_iter().find(|s| s.spiffe_id.as_str() == id),
+        None => svids.into_iter().next(),
+    };
+    chosen.with_context(|| {
+        format!(
+            "this caller holds no SVID for {}; it holds: {}",
+            want.unwrap_or("any SPIFFE ID"),
+            available.join(", ")
+        )
+    })
+}
+
+/// The three files of an SVID.
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: PathBuf,
+    dir: PathBuf,
+}
+
+impl Files {
+    fn beside(cert: &Path) -> Result<Files> {
+        let dir = match cert.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            bail!("the output directory {} does not exist", dir.display());
+        }
+        if cert.file_name().is_none() {
+            bail!("--output {} names no file", cert.display());
+        }
+        Ok(Files {
+            cert: cert.to_path_buf(),
+            key: dir.join("svid.key"),
+            bundle: dir.join("bundle.pem"),
+            dir,
+        })
+    }
+
+    fn write(&self, svid: &X509Svid) -> Result<()> {
+        replace(&self.bundle, svid.bundle_pem.as_bytes(), 0o644)?;
+        replace(&self.key, svid.key_pem.as_bytes(), 0o600)?;
+        replace(&self.cert, svid.cert_chain_pem.as_bytes(), 0o644)?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", self.dir.display()))
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path` with `mode`, fsyncs it, renames it over.
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let name = path
+        .file_name()
+        .context("the path names no file")?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed the mode; set it exactly before any byte lands.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_writes_the_key_owner_only_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = dir.path().join("svid.key");
+        fs::write(&key, "old").expect("write");
+        replace(&key, b"new", 0o600).expect("replace");
+        assert_eq!(fs::read_to_string(&key).expect("read"), "new");
+        let mode = fs::metadata(&key).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn output_in_a_missing_directory_is_refused() {
+        let e = Files::beside(Path::new("/nonexistent-ztnet-dir/svid.pem"))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+}

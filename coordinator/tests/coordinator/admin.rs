@@ -212,6 +212,10 @@ async fn tokens_carry_address_and_fingerprint_and_only_their_hash_is_stored() {
             .all(|e| e["actor"] == "admin")
     );
     assert!(!audit.to_string().contains(&token.secret));
+    assert!(
+        !coord.log().contains(&token.secret),
+        "the token secret was logged"
+    );
 
     coord.stop();
     for file in ["coordinator.db", "coordinator.db-wal"] {

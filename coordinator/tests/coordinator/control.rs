@@ -72,6 +72,12 @@ async fn enrollment_issues_addresses_and_a_spiffe_certificate() {
         .map(|e| e["actor"].clone())
         .collect();
     assert_eq!(enrolls, vec![json!("node:web1"), json!("node:web2")]);
+    let secret = ztnet_proto::JoinToken::parse(&token).unwrap().secret;
+    assert!(
+        !coord.log().contains(&secret),
+        "the token secret was logged"
+    );
+    assert!(!audit.to_string().contains(&secret));
 }
 
 #[tokio::test]

@@ -67,6 +67,8 @@ struct Shared {
     socket: UdpSocket,
     socket_v6: bool,
     table: RwLock<PeerTable>,
+    /// Held by whichever thread reads the TUN, so that packets are sent in the order read.
+    tun_turn: Mutex<()>,
     /// Serialises `apply` calls; holds the configuration in force.
     config: Mutex<DataplaneConfig>,
     filter: Arc<Mutex<Filter>>,
@@ -113,6 +115,7 @@ impl Dataplane {
             socket,
             socket_v6,
             table: RwLock::new(table),
+            tun_turn: Mutex::new(()),
             config: Mutex::new(DataplaneConfig::default()),
             filter,
             counters,
@@ -329,45 +332,19 @@ impl Transmit for Io<'_> {
 }
 
 fn tun_loop(s: &Shared) {
-    let mut packet = vec![0u8; 65_535];
-    let mut buf = vec![0u8; peers::MIN_BUFFER];
-    let mut tun = &s.tun;
-    let mut out = Batched {
-        io: Io {
-            socket: &s.socket,
-            socket_v6: s.socket_v6,
-            tun: &s.tun,
-        },
-        batch: Vec::with_capacity(GSO_MAX_BYTES),
-        to: None,
-        segment: 0,
-        count: 0,
-        closed: false,
-        gso: true,
-    };
-    let mut burst = 0;
+    let mut reader = TunReader::new(s);
     while !s.stopping() {
-        match tun.read(&mut packet) {
-            Ok(n) => {
-                let table = s.table.read().unwrap_or_else(|p| p.into_inner());
-                table.handle_tun_packet(&packet[..n], Instant::now(), &mut buf, &mut out);
-                drop(table);
-                burst += 1;
-                if burst >= GSO_MAX_SEGMENTS {
-                    out.flush();
-                    burst = 0;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The TUN queue is empty: send what this burst encrypted, then wait.
-                out.flush();
-                burst = 0;
+        let drained = {
+            let _turn = lock(&s.tun_turn);
+            reader.drain(s, usize::MAX)
+        };
+        match drained {
+            Ok(()) => {
                 if let Err(e) = sys::wait_readable(s.tun.as_raw_fd(), STOP_POLL) {
                     tracing::error!(error = %e, "TUN poll failed; data plane stops");
                     return;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::error!(interface = %s.iface.name, error = %e, "TUN lost");
                 return;
@@ -375,6 +352,72 @@ fn tun_loop(s: &Shared) {
         }
     }
 }
+
+/// Reads packets from the TUN, hands them to the table, and sends what comes out in bursts.
+/// Whoever holds `Shared::tun_turn` reads, so packets leave in the order they were read.
+struct TunReader<'a> {
+    packet: Vec<u8>,
+    buf: Vec<u8>,
+    out: Batched<'a>,
+}
+
+impl<'a> TunReader<'a> {
+    fn new(s: &'a Shared) -> TunReader<'a> {
+        TunReader {
+            packet: vec![0u8; 65_535],
+            buf: vec![0u8; peers::MIN_BUFFER],
+            out: Batched {
+                io: Io {
+                    socket: &s.socket,
+                    socket_v6: s.socket_v6,
+                    tun: &s.tun,
+                },
+                batch: Vec::with_capacity(GSO_MAX_BYTES),
+                to: None,
+                segment: 0,
+                count: 0,
+                closed: false,
+                gso: true,
+            },
+        }
+    }
+
+    /// Handles up to `limit` packets, until the TUN queue is empty; sends everything before it
+    /// returns. An error is fatal for the TUN.
+    fn drain(&mut self, s: &Shared, limit: usize) -> io::Result<()> {
+        let mut tun = &s.tun;
+        let mut burst = 0;
+        let mut handled = 0;
+        let result = loop {
+            if handled >= limit {
+                break Ok(());
+            }
+            match tun.read(&mut self.packet) {
+                Ok(n) => {
+                    let table = s.table.read().unwrap_or_else(|p| p.into_inner());
+                    let packet = &self.packet[..n];
+                    table.handle_tun_packet(packet, Instant::now(), &mut self.buf, &mut self.out);
+                    drop(table);
+                    handled += 1;
+                    burst += 1;
+                    if burst >= GSO_MAX_SEGMENTS {
+                        self.out.flush();
+                        burst = 0;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.out.flush();
+        result
+    }
+}
+
+/// Packets the UDP thread takes from the TUN right after writing to it: a reply the kernel
+/// made at once (a ping's echo reply, a TCP ACK) leaves without waking the TUN thread.
+const TUN_ASSIST: usize = 8;
 
 /// Most datagrams sent in one GSO call (the kernel allows 64).
 const GSO_MAX_SEGMENTS: usize = 32;
@@ -465,6 +508,7 @@ fn udp_loop(s: &Shared) {
         tun: &s.tun,
     };
     let fd = s.socket.as_raw_fd();
+    let mut assist = TunReader::new(s);
     while !s.stopping() {
         match batch.recv(fd) {
             Ok(n) => {
@@ -477,6 +521,11 @@ fn udp_loop(s: &Shared) {
                             .counters
                             .drop_packet(counters::DropReason::MalformedDatagram),
                     }
+                }
+                drop(table);
+                if let Ok(_turn) = s.tun_turn.try_lock() {
+                    // A TUN error here is left for the TUN thread to report.
+                    let _ = assist.drain(s, TUN_ASSIST);
                 }
             }
             Err(e)

@@ -94,9 +94,13 @@ Examples:
     /// delete.
     #[command(subcommand)]
     Workload(crate::cmd::workload::WorkloadCmd),
-    /// This process's workload identity, fetched from the local node.
-    #[command(subcommand)]
-    Identity(crate::cmd::identity::IdentityCmd),
+    /// This process's workload identity, fetched from the local node's workload API.
+    #[command(after_help = "\
+Examples:
+  ztnet identity fetch --format x509 --output /run/certs/svid.pem
+  ztnet identity fetch --output /run/certs/svid.pem --watch
+Run `ztnet identity fetch --help` for every option.")]
+    Identity(crate::cmd::identity::IdentityStub),
 }
 
 /// `ztnet login`: takes the global `--coordinator`, `--api-key-file` and `--ca-cert`.

@@ -18,6 +18,9 @@ use crate::args::Cli;
 use crate::client::ApiFailure;
 
 fn main() -> ExitCode {
+    if let Some(code) = cmd::identity::run_if_identity() {
+        return code;
+    }
     let cli = Cli::parse();
     match cmd::run(&cli) {
         Ok(()) => ExitCode::SUCCESS,

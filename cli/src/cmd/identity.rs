@@ -3,6 +3,9 @@
 //! other. Each file is replaced atomically (temporary file, fsync, rename, fsync of the
 //! directory) in the order bundle, key, certificate, so a workload that reloads when
 //! `svid.pem` changes finds all three new. `--watch` rewrites them at half of each SVID's life.
+//!
+//! Its `--output PATH` would clash with the global `--output FORMAT`, so `ztnet identity ...`
+//! is parsed by its own parser ([`run_if_identity`], called before the main one).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -12,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ztnet_proto::status::STATUS_DIR;
 use ztnet_proto::workload::{WorkloadReply, WorkloadRequest, X509Svid};
 
@@ -22,6 +25,40 @@ use crate::output::{time, write_stdout};
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest answer read.
 const MAX_ANSWER: u64 = 1 << 20;
+
+/// `ztnet identity ...`, parsed on its own.
+#[derive(Debug, Parser)]
+#[command(name = "ztnet identity", version)]
+pub struct IdentityCli {
+    #[command(subcommand)]
+    pub command: IdentityCmd,
+}
+
+/// `ztnet identity` in the main command line, for its help only; the arguments are parsed by
+/// [`IdentityCli`].
+#[derive(Debug, Args)]
+pub struct IdentityStub {
+    /// `fetch` and its options (see `ztnet identity fetch --help`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+/// Runs `ztnet identity ...` when that is the command line; `None` for any other command.
+pub fn run_if_identity() -> Option<std::process::ExitCode> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).and_then(|a| a.to_str()) != Some("identity") {
+        return None;
+    }
+    let cli = IdentityCli::parse_from(args.into_iter().skip(1));
+    let IdentityCmd::Fetch(a) = &cli.command;
+    Some(match fetch(a) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    })
+}
 
 /// `ztnet identity ...`.
 #[derive(Debug, Subcommand)]
@@ -248,6 +285,25 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn fetch_takes_output_as_a_path() {
+        use clap::CommandFactory;
+        IdentityCli::command().debug_assert();
+        let cli = IdentityCli::try_parse_from([
+            "identity",
+            "fetch",
+            "--format",
+            "x509",
+            "--output",
+            "/run/c/svid.pem",
+            "--watch",
+        ])
+        .expect("parses");
+        let IdentityCmd::Fetch(a) = cli.command;
+        assert_eq!(a.output, Path::new("/run/c/svid.pem"));
+        assert!(a.watch);
     }
 
     #[test]

@@ -22,7 +22,9 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Login(a) => return admin::login(&cli.global, a),
         Command::Status(a) => return status::run(fmt, a),
         Command::Key(KeyCmd::Check(a)) => return key::check(&a.key),
-        Command::Identity(identity::IdentityCmd::Fetch(a)) => return identity::fetch(a),
+        Command::Identity(_) => {
+            anyhow::bail!("put `identity` first, before any option: ztnet identity fetch ...")
+        }
         Command::Policy(PolicyCmd::Check(a)) => return policy::check(fmt, &a.file),
         Command::Policy(PolicyCmd::Explain(a)) => return policy::explain(fmt, a),
         _ => {}

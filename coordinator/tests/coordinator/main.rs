@@ -10,3 +10,4 @@ mod inprocess;
 mod migrate;
 mod netmaps;
 mod policy;
+mod workload;

@@ -187,13 +187,43 @@ fn fetch_one(socket: &Path, want: Option<&str>) -> Result<X509Svid> {
         Some(id) => svids.into_iter().find(|s| s.spiffe_id.as_str() == id),
         None => svids.into_iter().next(),
     };
-    chosen.with_context(|| {
+    let svid = chosen.with_context(|| {
         format!(
             "this caller holds no SVID for {}; it holds: {}",
             want.unwrap_or("any SPIFFE ID"),
             available.join(", ")
         )
-    })
+    })?;
+    if let Some(problem) = clock_problem(svid.not_before, svid.not_after, now_unix()) {
+        eprintln!("warning: {problem}");
+    }
+    Ok(svid)
+}
+
+/// A plain sentence when a freshly issued SVID is not valid by this machine's clock (FC-22):
+/// the coordinator back-dates by 60 s, so anything beyond that is clock skew.
+fn clock_problem(not_before: u64, not_after: u64, now: u64) -> Option<String> {
+    if now < not_before {
+        return Some(format!(
+            "clock skew: the SVID just issued is valid from {} but this machine's clock says              {}, {} s earlier (more than the 60 s back-dating); TLS peers on this machine              will call it not yet valid: fix this machine's clock",
+            rfc3339(not_before),
+            rfc3339(now),
+            not_before - now
+        ));
+    }
+    if now >= not_after {
+        return Some(format!(
+            "clock skew: the SVID just issued expired at {} by this machine's clock, which              says {} ({} s later); fix this machine's clock",
+            rfc3339(not_after),
+            rfc3339(now),
+            now - not_after
+        ));
+    }
+    None
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
 /// The three files of an SVID.
@@ -304,6 +334,21 @@ mod tests {
         let IdentityCmd::Fetch(a) = cli.command;
         assert_eq!(a.output, Path::new("/run/c/svid.pem"));
         assert!(a.watch);
+    }
+
+    #[test]
+    fn a_fresh_svid_outside_the_local_clock_is_called_clock_skew() {
+        assert_eq!(clock_problem(100, 200, 150), None);
+        let early = clock_problem(1000, 2000, 700).expect("not yet valid");
+        assert!(
+            early.contains("clock skew") && early.contains("300 s earlier"),
+            "{early}"
+        );
+        let late = clock_problem(1000, 2000, 2500).expect("expired");
+        assert!(
+            late.contains("clock skew") && late.contains("expired"),
+            "{late}"
+        );
     }
 
     #[test]

@@ -362,7 +362,7 @@ pub enum WorkloadReply {
     },
     /// No identity for this caller, or none could be issued now.
     Refused {
-        /// Stable code: `no-match`, `unavailable`, `refused`, `bad-request`.
+        /// Stable code: `no-match`, `unavailable`, `refused`, `bad-request`, `busy`.
         code: String,
         /// One readable sentence.
         message: String,

@@ -23,6 +23,8 @@ use super::Broker;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest request line read.
 const MAX_REQUEST: u64 = 4096;
+/// Callers served at once; more are refused as busy, so a local flood cannot queue without end.
+const MAX_CALLERS: usize = 32;
 
 /// The workload socket of an interface: `/var/run/ztnet/IFACE.workload.sock`.
 pub fn socket_path(iface: &str) -> PathBuf {
@@ -52,11 +54,20 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 
 /// Serves callers until the task is dropped.
 pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
+    let callers = Arc::new(tokio::sync::Semaphore::new(MAX_CALLERS));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
+                let Ok(permit) = callers.clone().try_acquire_owned() else {
+                    let busy = refused("busy", "the workload API is busy; retry".into());
+                    tokio::spawn(async move { reply(&mut stream, &busy).await });
+                    continue;
+                };
                 let broker = broker.clone();
-                tokio::spawn(async move { handle(stream, &broker).await });
+                tokio::spawn(async move {
+                    handle(stream, &broker).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 warn!(error = %e, "workload API accept failed");
@@ -67,11 +78,15 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
 }
 
 async fn handle(mut stream: UnixStream, broker: &Broker) {
-    let reply = match answer(&mut stream, broker).await {
+    let answer = match answer(&mut stream, broker).await {
         Ok(r) => r,
         Err(e) => refused("bad-request", format!("{e:#}")),
     };
-    let mut body = serde_json::to_vec(&reply).unwrap_or_default();
+    reply(&mut stream, &answer).await;
+}
+
+async fn reply(stream: &mut UnixStream, answer: &WorkloadReply) {
+    let mut body = serde_json::to_vec(answer).unwrap_or_default();
     body.push(b'\n');
     if let Err(e) = stream.write_all(&body).await {
         debug!(error = %e, "workload API answer not delivered");

@@ -204,3 +204,113 @@ pub async fn next_message(port: &mut Option<SessionPort<'_>>) -> NodeMsg {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ztnet_proto::workload::{Selector, SpiffeId};
+
+    use super::*;
+
+    fn entry() -> WorkloadEntry {
+        WorkloadEntry {
+            spiffe_id: SpiffeId::parse("spiffe://corp.example/ns/p/sa/api").expect("valid"),
+            selectors: vec![Selector::Uid(1001)],
+            ttl_secs: 60,
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_reach_the_request_that_asked_by_id() {
+        let broker = Broker::new();
+        let b = broker.clone();
+        let list = tokio::spawn(async move { b.list().await });
+        let b = broker.clone();
+        let sign =
+            tokio::spawn(async move { b.sign("spiffe://corp.example/x", "csr".into()).await });
+
+        let mut port = broker.attach().await;
+        let mut ids = std::collections::BTreeMap::new();
+        for _ in 0..2 {
+            match port.next_message().await {
+                NodeMsg::WorkloadList { request_id } => ids.insert("list", request_id),
+                NodeMsg::SignSvid {
+                    request_id,
+                    spiffe_id,
+                    csr_pem,
+                } => {
+                    assert_eq!(
+                        (spiffe_id.as_str(), csr_pem.as_str()),
+                        ("spiffe://corp.example/x", "csr")
+                    );
+                    ids.insert("sign", request_id)
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+        }
+        // An answer to nobody is ignored; the answers go to their own requests.
+        assert!(port.handle_answer(&ServerMsg::Workloads {
+            request_id: 99,
+            entries: vec![]
+        }));
+        assert!(port.handle_answer(&ServerMsg::WorkloadRefused {
+            request_id: ids["sign"],
+            error: ControlError {
+                code: "not-registered".into(),
+                message: "no".into()
+            },
+        }));
+        assert!(port.handle_answer(&ServerMsg::Workloads {
+            request_id: ids["list"],
+            entries: vec![entry()]
+        }));
+        assert_eq!(list.await.expect("task").expect("listed"), vec![entry()]);
+        let refused = sign.await.expect("task").expect_err("refused");
+        assert_eq!(refused.code, "not-registered");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_kind_of_answer_is_a_protocol_error() {
+        let broker = Broker::new();
+        let b = broker.clone();
+        let list = tokio::spawn(async move { b.list().await });
+        let mut port = broker.attach().await;
+        let NodeMsg::WorkloadList { request_id } = port.next_message().await else {
+            panic!("expected a list request");
+        };
+        let svid = ServerMsg::Svid {
+            request_id,
+            cert_pem: String::new(),
+            bundle_pem: String::new(),
+        };
+        assert!(port.handle_answer(&svid));
+        assert_eq!(
+            list.await.expect("task").expect_err("refused").code,
+            "protocol"
+        );
+        let netmap_like = ServerMsg::Error(ControlError {
+            code: "x".into(),
+            message: "y".into(),
+        });
+        assert!(!port.handle_answer(&netmap_like), "not a workload answer");
+    }
+
+    #[tokio::test]
+    async fn with_no_session_a_request_is_refused_as_unavailable() {
+        let broker = Broker::new();
+        let err = broker.list().await.expect_err("no session");
+        assert_eq!(err.code, "unavailable");
+        // The abandoned job is skipped when a session attaches later.
+        let b = broker.clone();
+        let list = tokio::spawn(async move { b.list().await });
+        let mut port = broker.attach().await;
+        let msg = port.next_message().await;
+        let NodeMsg::WorkloadList { request_id } = msg else {
+            panic!("expected a list request, got {msg:?}");
+        };
+        port.handle_answer(&ServerMsg::Workloads {
+            request_id,
+            entries: vec![],
+        });
+        assert_eq!(list.await.expect("task").expect("listed"), vec![]);
+    }
+}

@@ -112,8 +112,8 @@ fn caller(stream: &UnixStream) -> anyhow::Result<Caller> {
     let cred = stream
         .peer_cred()
         .context("reading the caller's credentials")?;
-    // The executable is read while the caller is connected; a pid reused after the caller
-    // exits cannot get an answer, since the answer goes down this connection only.
+    // Read once, while the caller is connected: a caller that exec()s another program or hands
+    // the connection on afterwards is judged by what /proc showed here (docs/identity.md).
     let path = cred.pid().and_then(|pid| {
         std::fs::read_link(format!("/proc/{pid}/exe"))
             .ok()

@@ -8,8 +8,8 @@
 #       ztnet-coordinator --data-dir /var/lib/ztnet-coordinator --trust-domain corp.example \
 #       --listen 0.0.0.0:7443 --advertise coordinator.corp.example:7443
 #   docker run -d --name ztnet-node --cap-add NET_ADMIN --device /dev/net/tun \
-#       --network host -v ztnet-node:/var/lib/ztnet-node ztnet \
-#       ztnet-node --coordinator coordinator.corp.example:7443 --token "$TOKEN" \
+#       --network host -v ztnet-node:/var/lib/ztnet-node -e ZTNET_TOKEN="$TOKEN" ztnet \
+#       ztnet-node --coordinator coordinator.corp.example:7443 \
 #       --state-dir /var/lib/ztnet-node --name web1
 
 # ---- build stage: the toolchain pinned in rust-toolchain.toml --------------------------------

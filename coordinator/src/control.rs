@@ -190,7 +190,7 @@ async fn run_session(
     }
     let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
     let (tx, mut events) = mpsc::unbounded_channel();
-    if let Err(e) = hub.attach(&node, conn_id, tx).await {
+    if let Err(e) = hub.attach(&node, conn_id, remote, tx).await {
         tracing::error!(error = %e, "netmap for the new session failed");
         let err = refuse(
             "internal",

@@ -5,6 +5,8 @@
 //! write netmaps, so a session always gets its full netmap before any delta that follows it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
@@ -39,6 +41,7 @@ pub enum SessionEvent {
 
 struct Session {
     conn_id: u64,
+    remote: SocketAddr,
     tx: mpsc::UnboundedSender<SessionEvent>,
 }
 
@@ -55,6 +58,7 @@ pub struct Hub {
     policies: Mutex<HashMap<NetworkId, Effective>>,
     problems: Mutex<BTreeMap<String, String>>,
     sessions: Mutex<HashMap<NodeId, Session>>,
+    identity_conflicts: AtomicU64,
     recompute: tokio::sync::Mutex<()>,
     /// Held by a policy apply from storing to putting in force.
     pub apply_lock: tokio::sync::Mutex<()>,
@@ -82,6 +86,7 @@ impl Hub {
             policies: Mutex::new(HashMap::new()),
             problems: Mutex::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            identity_conflicts: AtomicU64::new(0),
             recompute: tokio::sync::Mutex::new(()),
             apply_lock: tokio::sync::Mutex::new(()),
         };
@@ -134,12 +139,20 @@ impl Hub {
         lock(&self.sessions).contains_key(&node)
     }
 
+    /// Sessions that replaced a live session of the same node from another address.
+    pub fn identity_conflicts(&self) -> u64 {
+        self.identity_conflicts.load(Ordering::Relaxed)
+    }
+
     /// Registers a session for a node and queues its full netmap first. A session already
-    /// registered for the node is replaced (its connection is told so and closes).
+    /// registered for the node is replaced (its connection is told so and closes); when the
+    /// two came from different addresses this is logged at warn and counted, since two
+    /// machines sharing one state directory replace each other forever.
     pub async fn attach(
         &self,
         node: &Node,
         conn_id: u64,
+        remote: SocketAddr,
         tx: mpsc::UnboundedSender<SessionEvent>,
     ) -> Result<(), StoreError> {
         let _order = self.recompute.lock().await;
@@ -156,8 +169,27 @@ impl Hub {
             full: Arc::new(full),
             delta: None,
         });
-        let old = lock(&self.sessions).insert(node.id, Session { conn_id, tx });
+        let session = Session {
+            conn_id,
+            remote,
+            tx,
+        };
+        let old = lock(&self.sessions).insert(node.id, session);
         if let Some(old) = old {
+            if old.remote != remote {
+                self.identity_conflicts.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    node = %node.name,
+                    old_remote = %old.remote,
+                    new_remote = %remote,
+                    "a control session from {remote} replaced a live one from {}: two machines \
+                     are using node {}'s identity: a copied state directory?",
+                    old.remote,
+                    node.name
+                );
+            } else {
+                debug!(node = %node.name, %remote, "control session replaced by a newer one");
+            }
             let _ = old.tx.send(SessionEvent::Close(ControlError {
                 code: "protocol".into(),
                 message: "a newer control connection of this node replaced this one".into(),

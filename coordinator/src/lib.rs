@@ -288,9 +288,11 @@ fn quic_config(id: &ServerIdentity, ca: &Ca) -> Result<quinn::ServerConfig, Star
         .map_err(|e| StartError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    // Nodes use the same timers: a dead node (or, seen from a node, a dead coordinator) is
+    // noticed within 8 s of silence.
+    transport.keep_alive_interval(Some(Duration::from_secs(2)));
     transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(45))
+        quinn::IdleTimeout::try_from(Duration::from_secs(8))
             .map_err(|e| StartError::Tls(e.to_string()))?,
     ));
     transport.max_concurrent_uni_streams(0u32.into());

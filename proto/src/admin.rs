@@ -42,6 +42,7 @@ pub struct ApiError {
 
 /// `POST /v1/networks`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateNetwork {
     /// Name, `[a-z0-9-]`, 1 to 63 characters.
     pub name: String,
@@ -72,6 +73,7 @@ pub struct Network {
 
 /// `POST /v1/networks/{net}/tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// Namespace that enrolled nodes get.
     pub namespace: String,
@@ -163,6 +165,7 @@ pub struct NodeInfo {
 /// `PUT /v1/networks/{net}/nodes/{name}/endpoint`: pins (or with `None` clears) the endpoint
 /// that peers try first (FC-30: the operator's value wins over what the node reports).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SetEndpoint {
     /// The endpoint, or `None` to clear the pin.
     pub endpoint: Option<SocketAddr>,
@@ -173,6 +176,7 @@ pub struct SetEndpoint {
 
 /// `PUT /v1/networks/{net}/policy`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ApplyPolicy {
     /// The TOML document.
     pub source: String,
@@ -225,7 +229,7 @@ pub struct AuditEvent {
     /// Who: API key name, `node:NAME` or `coordinator`.
     pub actor: String,
     /// What: `network.create`, `token.create`, `token.revoke`, `node.enroll`, `node.delete`,
-    /// `policy.apply`, `policy.refuse`, ...
+    /// `node.set-endpoint`, `policy.apply`, `policy.refuse`, ...
     pub action: String,
     /// The object acted on.
     pub target: String,
@@ -242,4 +246,8 @@ pub struct Health {
     pub problems: Vec<String>,
     /// Coordinator version.
     pub version: String,
+    /// Control sessions that replaced a live session of the same node from another address
+    /// since start: a rising count means two machines share one node's identity.
+    #[serde(default)]
+    pub identity_conflicts: u64,
 }

@@ -146,6 +146,7 @@ pub async fn health(State(hub): State<Arc<Hub>>) -> Json<Health> {
         .into(),
         problems,
         version: env!("CARGO_PKG_VERSION").into(),
+        identity_conflicts: hub.identity_conflicts(),
     })
 }
 

@@ -31,6 +31,10 @@ const RENEW_RETRY: Duration = Duration::from_secs(60);
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a QUIC handshake may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive interval of the control channel.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Silence after which the control channel counts as lost.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
@@ -633,8 +637,9 @@ async fn expiry_watchdog(applier: Arc<Applier>) {
 /// Dials the coordinator over QUIC with a fresh client endpoint.
 async fn connect(
     coordinator: &str,
-    config: quinn::ClientConfig,
+    mut config: quinn::ClientConfig,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    config.transport_config(Arc::new(transport()?));
     let addr = resolve(coordinator).await?;
     let bind: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
@@ -651,6 +656,18 @@ async fn connect(
         .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to the coordinator at {coordinator} ({addr})"))?;
     Ok((endpoint, conn))
+}
+
+/// QUIC timers of the control channel: a keep-alive every 2 s and an idle timeout of 8 s, so a
+/// coordinator killed without closing its connections is noticed within 8 s (the coordinator
+/// sets the same values; the smaller of the two sides' idle timeouts applies).
+fn transport() -> anyhow::Result<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).context("control channel idle timeout")?,
+    ));
+    Ok(transport)
 }
 
 async fn resolve(coordinator: &str) -> anyhow::Result<SocketAddr> {

@@ -61,6 +61,7 @@ fn table(me: u8, key: &PrivateKey, peer_key: &PrivateKey) -> PeerTable {
         name: format!("n{other}"),
         public_key: peer_key.public_key(),
         endpoint: Some(underlay(other)),
+        endpoints: vec![],
         allowed_ips: vec![IpNet::from(ip(other))],
         persistent_keepalive: None,
         identity: None,

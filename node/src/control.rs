@@ -39,7 +39,7 @@ pub trait DataplaneSink: Send + Sync {
 }
 
 /// The data-plane configuration for a netmap: its addresses and routes, each peer with its
-/// first endpoint, and its filter.
+/// endpoints (the first preferred), and its filter.
 pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
     let peers = netmap
         .peers
@@ -48,6 +48,7 @@ pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
             name: p.name.clone(),
             public_key: p.public_key,
             endpoint: p.endpoints.first().copied(),
+            endpoints: p.endpoints.clone(),
             allowed_ips: p.allowed_ips.clone(),
             persistent_keepalive: Some(PERSISTENT_KEEPALIVE),
             identity: Some(p.identity.clone()),

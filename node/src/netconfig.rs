@@ -51,6 +51,9 @@ pub struct PeerConfig {
     pub public_key: WgKey,
     /// Endpoint to send to until the peer roams.
     pub endpoint: Option<SocketAddr>,
+    /// Further endpoints to try in turn, after `endpoint`, while handshakes go unanswered.
+    /// Empty in static mode; repeats of `endpoint` are ignored.
+    pub endpoints: Vec<SocketAddr>,
     /// Cryptokey routing: addresses this peer may send from and is routed to.
     pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive in seconds.

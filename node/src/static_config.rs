@@ -205,6 +205,7 @@ impl StaticConfig {
                 name: name.clone(),
                 public_key: *p.public_key.get_ref(),
                 endpoint: p.endpoint,
+                endpoints: Vec::new(),
                 allowed_ips: p.allowed_ips.clone(),
                 persistent_keepalive: p.persistent_keepalive.filter(|&k| k > 0),
                 identity: Some(Identity {

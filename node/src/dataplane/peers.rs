@@ -9,6 +9,11 @@
 //! - Feed inputs: [`PeerTable::handle_tun_packet`] for a packet read from the TUN,
 //!   [`PeerTable::handle_datagram`] for a UDP datagram, [`PeerTable::handle_timers`] every
 //!   100-250 ms. Each writes its outputs to the `Transmit` before it returns.
+//! - A peer that arrives with an endpoint and no session (a new table, a new peer, a changed
+//!   key) gets a handshake initiation on the next `handle_timers`, without waiting for traffic:
+//!   a restarted node so replaces the dead sessions its peers still hold. While a peer has no
+//!   session and its last initiation went unanswered, each retry goes to its next endpoint.
+//!   An authenticated packet from any address still moves the endpoint there (roaming).
 //! - Time: the filter runs on the `now` passed in. boringtun's `Tunn` reads its own clock for
 //!   the WireGuard timers; that is the only clock read, and it stays inside `Tunn`.
 //!
@@ -104,6 +109,14 @@ struct PeerState {
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
     session_up: bool,
+    /// The configured endpoints, tried in turn while handshakes go unanswered.
+    candidates: Vec<SocketAddr>,
+    /// Index in `candidates` of the one tried last.
+    cursor: usize,
+    /// An initiation went to `endpoint` and nothing authenticated came back since.
+    unanswered: bool,
+    /// Initiate a handshake on the next timer run (new peer with an endpoint).
+    initiate: bool,
 }
 
 /// The kind of an incoming WireGuard message, kept to decide what authenticates.
@@ -195,9 +208,24 @@ impl PeerTable {
                 .filter(|p| p.config.persistent_keepalive == config.persistent_keepalive);
             let peer = match reused {
                 Some(p) => {
+                    let mut state = lock(&p.state);
+                    let had_endpoint = state.endpoint.is_some();
                     if p.config.endpoint != config.endpoint && config.endpoint.is_some() {
-                        lock(&p.state).endpoint = config.endpoint;
+                        state.endpoint = config.endpoint.map(unmap);
+                        state.unanswered = false;
                     }
+                    let fresh = candidates(config);
+                    if state.candidates != fresh {
+                        state.cursor = 0;
+                        state.candidates = fresh;
+                    }
+                    if state.endpoint.is_none() {
+                        state.endpoint = state.candidates.first().copied();
+                    }
+                    if !had_endpoint && state.endpoint.is_some() {
+                        state.initiate = true;
+                    }
+                    drop(state);
                     Peer {
                         config: config.clone(),
                         index: p.index,
@@ -242,6 +270,11 @@ impl PeerTable {
 
         let mut state = lock(&peer.state);
         match state.tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(datagram) if is_initiation(datagram) => {
+                if !state.send_initiation(datagram, out) {
+                    self.counters.drop_packet(DropReason::NoEndpoint);
+                }
+            }
             TunnResult::WriteToNetwork(datagram) => match state.endpoint {
                 Some(to) => out.send_udp(to, datagram),
                 None => self.counters.drop_packet(DropReason::NoEndpoint),
@@ -277,38 +310,50 @@ impl PeerTable {
                 let authenticated = reply.first() != Some(&3);
                 out.send_udp(from, reply);
                 if authenticated {
-                    state.endpoint = Some(from);
+                    state.authenticated(from);
                     self.flush_queue(&mut state, buf, out);
                 }
             }
             TunnResult::WriteToTunnelV4(packet, src) => {
-                state.endpoint = Some(from);
+                state.authenticated(from);
                 drop(state);
                 self.deliver(slot, IpAddr::V4(src), packet, now, out);
             }
             TunnResult::WriteToTunnelV6(packet, src) => {
-                state.endpoint = Some(from);
+                state.authenticated(from);
                 drop(state);
                 self.deliver(slot, IpAddr::V6(src), packet, now, out);
             }
             TunnResult::Done => {
                 // A keepalive authenticates the sender; a cookie reply does not (FC-25).
                 if kind == Kind::Data {
-                    state.endpoint = Some(from);
+                    state.authenticated(from);
                 }
             }
             TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
         }
     }
 
-    /// Runs boringtun's timers for every peer: handshake retries, keepalives, rekeys,
-    /// expiry. Returns the sessions that came up or went down since the last call.
+    /// Runs boringtun's timers for every peer: first handshakes of new peers, handshake
+    /// retries (each to the next endpoint while unanswered), keepalives, rekeys, expiry.
+    /// Returns the sessions that came up or went down since the last call.
     pub fn handle_timers(&self, buf: &mut [u8], out: &mut impl Transmit) -> Vec<SessionEvent> {
         self.rate_limiter.reset_count();
         let mut events = Vec::new();
         for peer in &self.peers {
             let mut state = lock(&peer.state);
+            if std::mem::take(&mut state.initiate) && !has_session(&state.tunn) {
+                // Not forced: a handshake already under way is left to its own retries.
+                if let TunnResult::WriteToNetwork(d) =
+                    state.tunn.format_handshake_initiation(buf, false)
+                {
+                    state.send_initiation(d, out);
+                }
+            }
             match state.tunn.update_timers(buf) {
+                TunnResult::WriteToNetwork(datagram) if is_initiation(datagram) => {
+                    state.send_initiation(datagram, out);
+                }
                 TunnResult::WriteToNetwork(datagram) => {
                     if let Some(to) = state.endpoint {
                         out.send_udp(to, datagram);
@@ -317,7 +362,7 @@ impl PeerTable {
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 _ => {}
             }
-            let up = state.tunn.time_since_last_handshake().is_some() && !state.tunn.is_expired();
+            let up = has_session(&state.tunn);
             if up != state.session_up {
                 state.session_up = up;
                 let peer = peer.config.name.clone();
@@ -380,13 +425,19 @@ impl PeerTable {
             index,
             Some(self.rate_limiter.clone()),
         );
+        let candidates = candidates(config);
+        let endpoint = candidates.first().copied();
         Peer {
             config: config.clone(),
             index,
             state: Arc::new(Mutex::new(PeerState {
                 tunn,
-                endpoint: config.endpoint.map(unmap),
+                endpoint,
                 session_up: false,
+                candidates,
+                cursor: 0,
+                unanswered: false,
+                initiate: endpoint.is_some(),
             })),
         }
     }
@@ -489,6 +540,52 @@ impl PeerTable {
                 .drop_packet(DropReason::Inbound((&reason).into())),
         }
     }
+}
+
+impl PeerState {
+    /// Records an authenticated packet from `from`: the peer is there now (roaming).
+    fn authenticated(&mut self, from: SocketAddr) {
+        self.endpoint = Some(from);
+        self.unanswered = false;
+    }
+
+    /// Sends a handshake initiation. With no session and the last initiation to the current
+    /// endpoint unanswered, it goes to the next configured endpoint instead. Returns false
+    /// when there is no endpoint at all.
+    fn send_initiation(&mut self, datagram: &[u8], out: &mut impl Transmit) -> bool {
+        if self.unanswered && self.candidates.len() > 1 && !has_session(&self.tunn) {
+            self.cursor = (self.cursor + 1) % self.candidates.len();
+            self.endpoint = Some(self.candidates[self.cursor]);
+        }
+        let Some(to) = self.endpoint else {
+            return false;
+        };
+        out.send_udp(to, datagram);
+        self.unanswered = true;
+        true
+    }
+}
+
+/// A peer's endpoints in the order to try them: `endpoint`, then the others, no repeats.
+fn candidates(config: &PeerConfig) -> Vec<SocketAddr> {
+    let mut list: Vec<SocketAddr> = Vec::new();
+    for addr in config.endpoint.iter().chain(&config.endpoints) {
+        let addr = unmap(*addr);
+        if !list.contains(&addr) {
+            list.push(addr);
+        }
+    }
+    list
+}
+
+/// Whether boringtun holds a usable session with the peer.
+fn has_session(tunn: &Tunn) -> bool {
+    tunn.time_since_last_handshake().is_some() && !tunn.is_expired()
+}
+
+/// Whether a datagram boringtun produced is a handshake initiation (message type 1).
+fn is_initiation(datagram: &[u8]) -> bool {
+    datagram.first() == Some(&1)
 }
 
 /// Locks a mutex, going on with the data if a thread panicked while holding it: every value
@@ -627,6 +724,7 @@ ports = ["any"]
                 name: format!("n{}", j + 1),
                 public_key: keys[j].public_key(),
                 endpoint: Some(underlay(j + 1)),
+                endpoints: vec![],
                 allowed_ips: vec![IpNet::from(ip(j + 1))],
                 persistent_keepalive: None,
                 identity: None,
@@ -734,6 +832,48 @@ ports = ["any"]
                     .handle_datagram(from, &d, self.now, &mut self.buf, &mut wire);
                 self.absorb(i, wire);
             }
+        }
+
+        /// Runs node `name`'s timers once; returns after the network is quiet.
+        fn tick(&mut self, name: &str) {
+            let i = self.node(name);
+            let mut wire = Wire::default();
+            self.nodes[i].table.handle_timers(&mut self.buf, &mut wire);
+            self.absorb(i, wire);
+            self.pump();
+        }
+
+        /// Node `name` retries every handshake now, as boringtun does after 5 s unanswered.
+        fn retry(&mut self, name: &str) {
+            let i = self.node(name);
+            let mut wire = Wire::default();
+            let table = &self.nodes[i].table;
+            for peer in &table.peers {
+                let mut state = lock(&peer.state);
+                if let TunnResult::WriteToNetwork(d) =
+                    state.tunn.format_handshake_initiation(&mut self.buf, true)
+                {
+                    state.send_initiation(d, &mut wire);
+                }
+            }
+            self.absorb(i, wire);
+            self.pump();
+        }
+
+        /// Node `name` restarts from its state: same key and peers, every session lost.
+        fn restart(&mut self, name: &str) {
+            let i = self.node(name);
+            let peers = self.peers_of(name);
+            let n = &self.nodes[i];
+            let fresh = PeerTable::new(
+                &n.key,
+                &peers,
+                None,
+                n.filter.clone(),
+                Arc::new(Counters::default()),
+                7000,
+            );
+            self.nodes[i].table = fresh;
         }
 
         fn take_tun(&mut self, name: &str) -> Vec<Vec<u8>> {
@@ -1075,5 +1215,86 @@ ports = ["any"]
             Some(&1),
             "last listed wins"
         );
+    }
+
+    #[test]
+    fn new_peer_with_an_endpoint_gets_a_handshake_on_the_first_tick() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+
+        m.tick("n1");
+
+        let kinds: Vec<(SocketAddr, u8)> = m.seen.iter().map(|(_, to, d)| (*to, d[0])).collect();
+        assert_eq!(
+            kinds[..2],
+            [(underlay(2), 1), (underlay(1), 2)],
+            "{kinds:?}"
+        );
+        let n1 = m.node("n1");
+        let snap = m.nodes[n1].table.snapshot();
+        assert!(
+            snap[0].since_handshake.is_some(),
+            "session up without traffic"
+        );
+    }
+
+    #[test]
+    fn restarted_node_replaces_the_dead_session_its_peer_holds() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n2", &echo(b, a, false, b"before"));
+        assert_eq!(m.take_tun("n1").len(), 1);
+
+        m.restart("n1");
+        m.tick("n1");
+        m.send("n2", &echo(b, a, false, b"after"));
+
+        assert_eq!(
+            m.take_tun("n1"),
+            vec![echo(b, a, false, b"after")],
+            "n2 sends on the new session at once, not on the one n1 lost"
+        );
+        assert_eq!(m.drops("n1", DropReason::UnknownIndex), 0);
+    }
+
+    #[test]
+    fn unanswered_handshakes_move_to_the_next_endpoint() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let dead = SocketAddr::from(([198, 51, 100, 9], 51820));
+        let mut peers = m.peers_of("n1");
+        peers[0].endpoint = Some(dead);
+        peers[0].endpoints = vec![dead, underlay(2)];
+        m.reconfigure("n1", &peers);
+        m.restart("n1");
+
+        m.tick("n1");
+        let first = m.endpoint("n1", "n2");
+        m.retry("n1");
+
+        assert_eq!(first, Some(dead), "the first endpoint is tried first");
+        assert_eq!(m.endpoint("n1", "n2"), Some(underlay(2)));
+        let n1 = m.node("n1");
+        assert!(m.nodes[n1].table.snapshot()[0].since_handshake.is_some());
+        let to_dead = m.seen.iter().filter(|(_, to, _)| *to == dead).count();
+        assert_eq!(
+            to_dead, 1,
+            "one initiation to the dead endpoint, then the next"
+        );
+    }
+
+    #[test]
+    fn a_peer_with_a_session_stays_on_its_endpoint_when_a_retry_is_due() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let other = SocketAddr::from(([198, 51, 100, 9], 51820));
+        let mut peers = m.peers_of("n1");
+        peers[0].endpoints = vec![other];
+        m.reconfigure("n1", &peers);
+        m.restart("n1");
+        m.tick("n1");
+
+        // The first tick's handshake was answered; a rekey-style retry keeps the endpoint.
+        m.retry("n1");
+
+        assert_eq!(m.endpoint("n1", "n2"), Some(underlay(2)));
+        assert!(m.seen.iter().all(|(_, to, _)| *to != other));
     }
 }

@@ -94,6 +94,7 @@ mod tests {
                 name: "n2".into(),
                 public_key: peer_key,
                 endpoint: None,
+                endpoints: vec![],
                 allowed_ips: vec!["10.90.0.2/32".parse().expect("prefix")],
                 persistent_keepalive: Some(25),
                 identity: None,

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod control;
 pub mod frame;
 pub mod key;
+pub mod report;
 pub mod status;
 pub mod token;
 pub mod workload;

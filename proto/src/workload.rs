@@ -297,8 +297,10 @@ impl From<Selector> for String {
     }
 }
 
-/// `POST /v1/networks/{net}/workloads`.
+/// `POST /v1/networks/{net}/workloads`. Unknown fields are refused, so a misspelt one is not
+/// silently dropped.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RegisterWorkload {
     /// The SPIFFE ID to issue (in the coordinator's trust domain).
     pub spiffe_id: String,

@@ -95,6 +95,10 @@ async fn registrations_are_validated_listed_audited_and_deleted() {
         assert_eq!(got, status, "{req:?}: {v}");
         assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
     }
+    let typo = json!({"spiffe_id": "spiffe://corp.example/ns/p/sa/a", "node": "web1",
+        "selectors": ["unix:uid:1"], "ttl": 60});
+    let (status, v) = api.call("POST", path, Some(typo)).await;
+    assert_eq!(status, 400, "a misspelt field is refused: {v}");
     let (_, list) = api.get(path).await;
     assert_eq!(list, json!([]), "a refused registration stores nothing");
 

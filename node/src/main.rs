@@ -1,7 +1,7 @@
 //! `ztnet-node`: the daemon on every machine of a ztnet network.
 //!
 //! - `ztnet-node --config node.toml`: static mode (SIGHUP reloads the file).
-//! - `ztnet-node --coordinator HOST:PORT --token T --state-dir DIR`: coordinator mode.
+//! - `ZTNET_TOKEN=T ztnet-node --coordinator HOST:PORT --state-dir DIR`: coordinator mode.
 //! - `ztnet-node genkey` / `ztnet-node pubkey`: keys, like `wg genkey` / `wg pubkey`.
 
 use std::io::{IsTerminal, Read, Write};
@@ -22,7 +22,9 @@ use ztnet_proto::PrivateKey;
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  ztnet-node genkey --output node.key\n  \
                   ztnet-node pubkey < node.key\n  ztnet-node --config /etc/ztnet/node.toml\n  \
-                  ztnet-node --coordinator coord:7443 --token ztj_... --state-dir /var/lib/ztnet"
+                  ZTNET_TOKEN=ztjoin1_... ztnet-node --coordinator coord:7443 \\\n    \
+                  --state-dir /var/lib/ztnet\n\n\
+                  Pass the join token in ZTNET_TOKEN rather than --token: arguments show in ps."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -115,6 +117,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -227,5 +230,21 @@ fn reload(dataplane: &Dataplane, path: &Path, running: &mut StaticConfig) {
     match dataplane.apply(next.dataplane.clone()) {
         Ok(()) => *running = next,
         Err(e) => tracing::error!("reload failed, the running configuration stays: {e:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn help_passes_a_real_token_shape_through_the_environment() {
+        let help = Cli::command().render_long_help().to_string();
+
+        assert!(help.contains("ZTNET_TOKEN=ztjoin1_"), "{help}");
+        assert!(!help.contains("ztj_"), "{help}");
+        assert!(!help.contains("--token ztj"), "{help}");
     }
 }

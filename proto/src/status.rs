@@ -36,6 +36,10 @@ pub struct StatusReport {
     pub peers: Vec<PeerStatus>,
     /// Dropped packets by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Problems in the configuration in force (two peers claiming one prefix, a repeated
+    /// key). Absent from older nodes.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One peer's live state.

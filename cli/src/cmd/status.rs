@@ -76,6 +76,9 @@ fn render(r: &StatusReport) -> String {
         ("control", control.into()),
         ("drops", drops),
     ]);
+    for w in &r.warnings {
+        s.push_str(&format!("warning:     {w}\n"));
+    }
     s.push('\n');
 
     let now = output::now_unix();
@@ -165,6 +168,7 @@ mod tests {
                 tx_bytes: 5,
             }],
             drops: BTreeMap::from([("no-rule".to_string(), 3)]),
+            warnings: vec!["allowed ip 10.0.0.0/24 is claimed by peers a and b".into()],
         };
         let text = render(&report);
         assert!(
@@ -173,6 +177,10 @@ mod tests {
         );
         assert!(text.contains("control:     disconnected"), "{text}");
         assert!(text.contains("drops:       no-rule=3"), "{text}");
+        assert!(
+            text.contains("warning:     allowed ip 10.0.0.0/24 is claimed by peers a and b"),
+            "FC-27: {text}"
+        );
         let row = text
             .lines()
             .find(|l| l.starts_with("db-1"))

@@ -292,6 +292,7 @@ impl Shared {
             },
             peers,
             drops: self.counters.snapshot(),
+            warnings: lock(&self.warnings).clone(),
         }
     }
 }

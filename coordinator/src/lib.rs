@@ -87,6 +87,8 @@ pub struct Running {
     pub ca_fingerprint: String,
     /// Where the pre-migration backup went, when migrations ran on an existing database.
     pub backup: Option<PathBuf>,
+    /// The first admin key file, when it is still there.
+    pub admin_key: Option<PathBuf>,
     /// The live state.
     pub hub: Arc<Hub>,
     endpoint: quinn::Endpoint,
@@ -123,7 +125,8 @@ pub async fn run(config: Config) -> Result<Running, StartError> {
         info!(migrations = ?opened.applied, "database migrated");
     }
     let store = opened.store;
-    ensure_admin_key(&store, dir).await?;
+    check_stored_trust_domain(&store, &config.trust_domain).await?;
+    let admin_key = ensure_admin_key(&store, dir).await?;
 
     let (udp, tcp) = bind_pair(config.listen)?;
     let local_addr = udp.local_addr().map_err(io("reading the bound address"))?;
@@ -173,6 +176,7 @@ pub async fn run(config: Config) -> Result<Running, StartError> {
         local_addr,
         ca_fingerprint: fingerprint,
         backup: opened.backup,
+        admin_key,
         hub,
         endpoint,
         tasks,
@@ -225,12 +229,50 @@ fn make_data_dir(dir: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Makes the first admin key when the database has none. The key file is written first under
-/// a temporary name and renamed into place only once its hash is stored, so a crash never
-/// leaves a key file that does not work.
-async fn ensure_admin_key(store: &Store, dir: &Path) -> Result<(), StartError> {
+/// Stores the trust domain at the first start and refuses a later start with another one:
+/// SPIFFE IDs already issued carry the first, and the two would mix.
+async fn check_stored_trust_domain(store: &Store, trust_domain: &str) -> Result<(), StartError> {
+    let mut tx = store.write().await?;
+    let stored: Option<(String,)> =
+        sqlx::query_as("SELECT value FROM settings WHERE key = 'trust_domain'")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+    match stored {
+        Some((stored,)) if stored == trust_domain => Ok(()),
+        Some((stored,)) => Err(StartError::Config(format!(
+            "this data directory belongs to trust domain {stored:?}, not {trust_domain:?}: \
+             identities of the two would mix; start with --trust-domain {stored} or use \
+             another data directory"
+        ))),
+        None => {
+            sqlx::query("INSERT INTO settings (key, value) VALUES ('trust_domain', ?)")
+                .bind(trust_domain)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+            tx.commit().await.map_err(StoreError::from)?;
+            Ok(())
+        }
+    }
+}
+
+/// Makes the first admin key when the database has none, and returns the key file's path
+/// when it exists. The key file is written first under a temporary name and renamed into
+/// place only once its hash is stored, so a crash never leaves a key file that does not work.
+async fn ensure_admin_key(store: &Store, dir: &Path) -> Result<Option<PathBuf>, StartError> {
+    let path = dir.join(ADMIN_KEY_FILE);
     if keys::count(store).await? > 0 {
-        return Ok(());
+        if path.exists() {
+            return Ok(Some(path));
+        }
+        warn!(
+            path = %path.display(),
+            "the first admin key file is gone, but the database has admin keys: use another \
+             key you made, or restore admin.key from a backup (the database stores only hashes \
+             and cannot show it again)"
+        );
+        return Ok(None);
     }
     let key = keys::NewKey::generate();
     let tmp = dir.join(format!("{ADMIN_KEY_FILE}.tmp"));
@@ -241,10 +283,9 @@ async fn ensure_admin_key(store: &Store, dir: &Path) -> Result<(), StartError> {
     }
     ca::write_file(&tmp, format!("{}\n", key.expose()).as_bytes(), 0o600)?;
     keys::insert(store, "admin", &key).await?;
-    let path = dir.join(ADMIN_KEY_FILE);
     fs::rename(&tmp, &path).map_err(io("writing admin.key"))?;
     info!(path = %path.display(), "first admin API key written");
-    Ok(())
+    Ok(Some(path))
 }
 
 /// Binds UDP and TCP on the same port number. With port 0 the UDP socket picks the number and

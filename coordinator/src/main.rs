@@ -1,6 +1,7 @@
 //! `ztnet-coordinator`: starts the coordinator (see the `ztnet_coordinator` library) and runs
 //! it until SIGINT or SIGTERM.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -41,7 +42,9 @@ async fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = real_main().await {
-        eprintln!("ztnet-coordinator: error: {e:#}");
+        let text = ztnet_proto::report::chain(e.as_ref());
+        // Nothing is left to report a failed write of the last message to.
+        let _ = writeln!(std::io::stderr(), "ztnet-coordinator: error: {text}");
         std::process::exit(1);
     }
 }
@@ -56,11 +59,11 @@ async fn real_main() -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("starting with data directory {}", args.data_dir.display()))?;
-    tracing::info!(
-        admin_key = %args.data_dir.join(ztnet_coordinator::ADMIN_KEY_FILE).display(),
-        ca = %args.data_dir.join("ca.pem").display(),
-        "ready"
-    );
+    let ca = args.data_dir.join("ca.pem");
+    match &running.admin_key {
+        Some(key) => tracing::info!(admin_key = %key.display(), ca = %ca.display(), "ready"),
+        None => tracing::info!(ca = %ca.display(), "ready (no admin key file)"),
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -6,6 +6,7 @@ mod common;
 
 mod admin;
 mod control;
+mod datadir;
 mod inprocess;
 mod migrate;
 mod netmaps;

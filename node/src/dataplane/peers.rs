@@ -270,15 +270,19 @@ impl PeerTable {
 
         let mut state = lock(&peer.state);
         match state.tunn.encapsulate(packet, buf) {
-            TunnResult::WriteToNetwork(datagram) if is_initiation(datagram) => {
-                if !state.send_initiation(datagram, out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                let sent = if is_initiation(datagram) {
+                    state.send_initiation(datagram, out)
+                } else if let Some(to) = state.endpoint {
+                    out.send_udp(to, datagram);
+                    true
+                } else {
+                    false
+                };
+                if !sent {
                     self.counters.drop_packet(DropReason::NoEndpoint);
                 }
             }
-            TunnResult::WriteToNetwork(datagram) => match state.endpoint {
-                Some(to) => out.send_udp(to, datagram),
-                None => self.counters.drop_packet(DropReason::NoEndpoint),
-            },
             TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
             _ => {}
         }

@@ -16,9 +16,9 @@ Examples:
   ztnet policy check policy.toml
   ztnet status
 
-Configuration, strongest first: flags, then ZTNET_COORDINATOR, ZTNET_API_KEY (or
-ZTNET_API_KEY_FILE), ZTNET_CA_CERT, then the file written by `ztnet login`
-(~/.config/ztnet/config.toml, or $ZTNET_CONFIG).")]
+Configuration, strongest first: flags, then ZTNET_COORDINATOR, ZTNET_API_KEY_FILE, ZTNET_API_KEY,
+ZTNET_CA_CERT, then the file written by `ztnet login` (~/.config/ztnet/config.toml, or
+$ZTNET_CONFIG). When both ZTNET_API_KEY_FILE and ZTNET_API_KEY are set, the file wins.")]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -37,7 +37,7 @@ pub struct GlobalArgs {
         value_name = "HOST:PORT"
     )]
     pub coordinator: Option<String>,
-    /// File holding the admin API key (one line).
+    /// File holding the admin API key (one line); wins over ZTNET_API_KEY when both are set.
     #[arg(long, global = true, env = "ZTNET_API_KEY_FILE", value_name = "FILE")]
     pub api_key_file: Option<PathBuf>,
     /// The coordinator's CA certificate (its ca.pem): the only certificate trusted.
@@ -216,6 +216,33 @@ pub enum NodeCmd {
     /// Deletes a node: it leaves every netmap at once and its control channel is closed.
     #[command(after_help = "Example:\n  ztnet node delete --network prod-vpc web-1")]
     Delete(NodeNameArgs),
+    /// Pins the endpoint that peers try first for a node (it wins over what the node
+    /// reports), or clears the pin.
+    #[command(
+        after_help = "Examples:\n  ztnet node set-endpoint --network prod-vpc web-1 \
+                            198.51.100.7:51820\n  ztnet node set-endpoint --network prod-vpc \
+                            web-1 --clear --revision 3"
+    )]
+    SetEndpoint(NodeSetEndpointArgs),
+}
+
+/// `ztnet node set-endpoint`.
+#[derive(Debug, Args)]
+pub struct NodeSetEndpointArgs {
+    /// Network name.
+    #[arg(long, short = 'n')]
+    pub network: String,
+    /// Node name.
+    pub name: String,
+    /// The endpoint, ADDR:PORT.
+    #[arg(required_unless_present = "clear", conflicts_with = "clear")]
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// Clear the pin: peers use what the node reports.
+    #[arg(long)]
+    pub clear: bool,
+    /// Change only if the pin is still at this revision (see `ztnet node show`).
+    #[arg(long)]
+    pub revision: Option<u64>,
 }
 
 /// `--network N NAME`.
@@ -268,7 +295,8 @@ pub struct PolicyApplyArgs {
     /// Policy document (TOML).
     #[arg(long = "file", short = 'f', value_name = "FILE")]
     pub file: PathBuf,
-    /// Wait until every affected node acknowledged its new netmap, and print how long it took.
+    /// Wait until every affected node that is online now acknowledged its new netmap, and print
+    /// how long it took. Offline nodes are named and not waited for.
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.

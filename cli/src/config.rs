@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::args::GlobalArgs;
+use crate::output::noteln;
 
 /// Environment variable holding the API key itself.
 pub const API_KEY_ENV: &str = "ZTNET_API_KEY";
@@ -159,6 +160,17 @@ pub fn read_api_key_file(path: &Path) -> Result<Zeroizing<String>> {
     let line = text.strip_suffix('\n').unwrap_or(&text);
     let key = Zeroizing::new(line.to_string());
     check_api_key(&key).with_context(|| format!("API key file {} is invalid", path.display()))?;
+    if let Ok(meta) = fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            noteln!(
+                "warning: API key file {} is readable by others (mode {mode:o}); \
+                 run chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
+    }
     Ok(key)
 }
 

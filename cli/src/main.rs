@@ -16,6 +16,7 @@ use clap::Parser;
 
 use crate::args::Cli;
 use crate::client::ApiFailure;
+use crate::output::{note, noteln};
 
 fn main() -> ExitCode {
     if let Some(code) = cmd::identity::run_if_identity() {
@@ -25,10 +26,10 @@ fn main() -> ExitCode {
     match cmd::run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            noteln!("error: {}", ztnet_proto::report::chain(e.as_ref()));
             if let Some(ApiFailure(api)) = e.downcast_ref::<ApiFailure>() {
                 let file = std::path::Path::new("policy");
-                eprint!(
+                note!(
                     "{}",
                     cmd::policy::render_diagnostics(file, None, &api.diagnostics)
                 );

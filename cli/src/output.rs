@@ -35,6 +35,27 @@ pub fn write_stdout(text: &str) -> Result<()> {
     }
 }
 
+/// Writes to stderr like `eprint!`, but a closed stderr is not a panic (see [`write_stderr`]).
+macro_rules! note {
+    ($($arg:tt)*) => { $crate::output::write_stderr(format_args!($($arg)*)) };
+}
+pub(crate) use note;
+
+/// Writes one line to stderr like `eprintln!`, but a closed stderr is not a panic.
+macro_rules! noteln {
+    ($($arg:tt)*) => {
+        $crate::output::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use noteln;
+
+/// Writes to stderr, ignoring a failed write: stderr is where a failure would be reported, so
+/// a closed one leaves nobody to tell, and the exit code still says what happened.
+pub fn write_stderr(args: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.flush());
+}
+
 /// A table with a header row; columns padded to the widest cell.
 #[derive(Debug, Default)]
 pub struct Table {

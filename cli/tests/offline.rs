@@ -358,3 +358,41 @@ fn status_without_a_node_names_the_socket() {
     assert!(stderr.contains("cannot open the status socket"), "{stderr}");
     assert!(stderr.contains("none.sock"), "{stderr}");
 }
+
+/// `ztnet policy check x.toml 2>&1 | true`: stdout and stderr are a pipe nobody reads.
+#[test]
+fn a_closed_stderr_and_stdout_end_quietly_without_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.toml");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+
+    let status = isolated_cli(dir.path())
+        .args(["policy", "check"])
+        .arg(&missing)
+        .stdout(writer.try_clone().expect("clone"))
+        .stderr(writer)
+        .status()
+        .expect("runs");
+
+    assert_eq!(status.code(), Some(1), "{status}");
+}
+
+/// The same with a good policy: the report cannot be written, and that is no panic either.
+#[test]
+fn a_closed_stdout_on_success_is_no_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(&dir, "policy.toml", WEB_DB_POLICY);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+
+    let status = isolated_cli(dir.path())
+        .args(["policy", "check"])
+        .arg(&file)
+        .stdout(writer.try_clone().expect("clone"))
+        .stderr(writer)
+        .status()
+        .expect("runs");
+
+    assert_ne!(status.code(), Some(101), "{status}");
+}

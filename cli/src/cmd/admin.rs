@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use ztnet_proto::admin::{
-    AuditEvent, CreateNetwork, CreateToken, Network, NodeInfo, TokenCreated, TokenInfo,
+    AuditEvent, CreateNetwork, CreateToken, Network, NodeInfo, SetEndpoint, TokenCreated, TokenInfo,
 };
 
 use crate::args::{
@@ -10,7 +10,7 @@ use crate::args::{
 };
 use crate::client::ApiClient;
 use crate::config::{self, ConfigFile};
-use crate::output::{self, Table, emit, fields, list, time};
+use crate::output::{self, Table, emit, fields, list, noteln, time};
 
 /// `ztnet login`: checks the settings against the coordinator, then saves them.
 pub fn login(global: &GlobalArgs, args: &LoginArgs) -> Result<()> {
@@ -53,7 +53,7 @@ pub fn login(global: &GlobalArgs, args: &LoginArgs) -> Result<()> {
         ca_cert: Some(ca_file),
     };
     config::save_file(&path, &file)?;
-    eprintln!("saved to {}", path.display());
+    noteln!("saved to {}", path.display());
     Ok(())
 }
 
@@ -176,7 +176,7 @@ fn token_create(client: &ApiClient, fmt: OutputFormat, a: &TokenCreateArgs) -> R
         return emit(fmt, &created, |_| String::new());
     }
     // The token alone on stdout, so `TOKEN=$(ztnet token create ...)` works.
-    eprintln!(
+    noteln!(
         "token {} for network {}: {} use(s), expires {}",
         created.info.id,
         created.info.network,
@@ -250,6 +250,28 @@ pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> 
                 )
             })
         }
+        NodeCmd::SetEndpoint(a) => {
+            let path = format!(
+                "/v1/networks/{}/nodes/{}/endpoint",
+                segment(&a.network)?,
+                segment(&a.name)?
+            );
+            let body = SetEndpoint {
+                endpoint: if a.clear { None } else { a.endpoint },
+                expected_revision: a.revision,
+            };
+            let n: NodeInfo = client.put(&path, &body)?;
+            emit(fmt, &n, |n| match n.pinned_endpoint {
+                Some(e) => format!(
+                    "node {} in {}: endpoint pinned to {e} (revision {})\n",
+                    n.name, n.network, n.endpoint_revision
+                ),
+                None => format!(
+                    "node {} in {}: endpoint pin cleared (revision {})\n",
+                    n.name, n.network, n.endpoint_revision
+                ),
+            })
+        }
     }
 }
 
@@ -272,6 +294,15 @@ fn node_fields(n: &NodeInfo) -> String {
             format!(
                 "{} (observed by the coordinator first, then reported by the node)",
                 list(&n.endpoints)
+            ),
+        ),
+        (
+            "pinned endpoint",
+            format!(
+                "{} (revision {})",
+                n.pinned_endpoint
+                    .map_or_else(|| "-".to_string(), |e| e.to_string()),
+                n.endpoint_revision
             ),
         ),
         ("status", online(n)),

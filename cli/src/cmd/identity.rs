@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ztnet_proto::status::STATUS_DIR;
 use ztnet_proto::workload::{WorkloadReply, WorkloadRequest, X509Svid};
 
-use crate::output::{time, write_stdout};
+use crate::output::{noteln, time, write_stdout};
 
 /// How long to wait for the node's answer (it may wait 10 s on the coordinator).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -54,7 +54,7 @@ pub fn run_if_identity() -> Option<std::process::ExitCode> {
     Some(match fetch(a) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            noteln!("error: {}", ztnet_proto::report::chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     })
@@ -127,7 +127,7 @@ pub fn fetch(args: &FetchArgs) -> Result<()> {
             Ok(s)
         }) {
             Ok(svid) => {
-                eprintln!(
+                noteln!(
                     "{} written to {} (valid until {})",
                     svid.spiffe_id,
                     files.cert.display(),
@@ -143,9 +143,13 @@ pub fn fetch(args: &FetchArgs) -> Result<()> {
                 let left = current
                     .as_ref()
                     .map_or(0, |s| s.not_after.saturating_sub(now_unix()));
-                eprintln!("error: {e:#}; retrying in {}s", retry.as_secs());
+                noteln!(
+                    "error: {}; retrying in {}s",
+                    ztnet_proto::report::chain(e.as_ref()),
+                    retry.as_secs()
+                );
                 if current.is_some() && left == 0 {
-                    eprintln!("error: the SVID on disk has expired");
+                    noteln!("error: the SVID on disk has expired");
                 }
                 std::thread::sleep(retry);
                 retry = (retry * 2).min(Duration::from_secs(30));
@@ -195,7 +199,7 @@ fn fetch_one(socket: &Path, want: Option<&str>) -> Result<X509Svid> {
         )
     })?;
     if let Some(problem) = clock_problem(svid.not_before, svid.not_after, now_unix()) {
-        eprintln!("warning: {problem}");
+        noteln!("warning: {problem}");
     }
     Ok(svid)
 }

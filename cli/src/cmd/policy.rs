@@ -13,7 +13,7 @@ use ztnet_proto::admin::{ApplyPolicy, NodeInfo, PendingAck, PolicyApplied, Polic
 use crate::args::{OutputFormat, PolicyApplyArgs, PolicyCmd, PolicyExplainArgs};
 use crate::client::{ApiClient, ApiFailure};
 use crate::cmd::admin::{node_list, segment};
-use crate::output::{Table, emit, fields, time};
+use crate::output::{Table, emit, fields, note, noteln, time};
 
 /// Runs the policy commands that need the coordinator.
 pub fn online(client: &ApiClient, fmt: OutputFormat, cmd: &PolicyCmd) -> Result<()> {
@@ -67,6 +67,9 @@ struct ApplyOutcome {
     applied: PolicyApplied,
     /// Milliseconds from the apply request to the last acknowledgement, with `--wait`.
     acknowledged_ms: Option<u64>,
+    /// Nodes offline at apply time, not waited for: each gets the policy when it reconnects.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    not_waited_for: Vec<String>,
 }
 
 fn apply(client: &ApiClient, fmt: OutputFormat, a: &PolicyApplyArgs) -> Result<()> {
@@ -83,20 +86,21 @@ fn apply(client: &ApiClient, fmt: OutputFormat, a: &PolicyApplyArgs) -> Result<(
         Err(e) => return Err(with_rendered_diagnostics(e, &a.file, &source)),
     };
 
-    let acknowledged = if a.wait {
-        Some(wait_for_acks(
-            client,
-            &a.network,
-            &applied.pending,
-            started,
-            a.timeout,
-        )?)
+    let (acknowledged, offline) = if a.wait {
+        let nodes = node_list(client, &a.network)?;
+        let (online, offline) = split_online(&applied.pending, &nodes);
+        for name in &offline {
+            noteln!("{name} is offline; it gets the policy when it reconnects");
+        }
+        let elapsed = wait_for_acks(client, &a.network, &online, started, a.timeout)?;
+        (Some((elapsed, online.len())), offline)
     } else {
-        None
+        (None, Vec::new())
     };
     let outcome = ApplyOutcome {
         applied,
-        acknowledged_ms: acknowledged.map(|d| d.as_millis() as u64),
+        acknowledged_ms: acknowledged.map(|(d, _)| d.as_millis() as u64),
+        not_waited_for: offline,
     };
     emit(fmt, &outcome, |o| {
         let mut s = render_diagnostics(&a.file, Some(&source), &o.applied.warnings);
@@ -107,15 +111,29 @@ fn apply(client: &ApiClient, fmt: OutputFormat, a: &PolicyApplyArgs) -> Result<(
             o.applied.tests_passed,
             o.applied.pending.len()
         ));
-        if let Some(d) = acknowledged {
+        if let Some((d, waited)) = acknowledged {
             s.push_str(&format!(
-                "all {} node(s) acknowledged in {:.3}s\n",
-                o.applied.pending.len(),
+                "all {waited} online node(s) acknowledged in {:.3}s\n",
                 d.as_secs_f64()
             ));
         }
         s
     })
+}
+
+/// Splits pending acks into those of nodes online now (to wait for) and the names of nodes
+/// offline now, which get the policy when they reconnect. Deleted nodes are in neither.
+fn split_online(pending: &[PendingAck], nodes: &[NodeInfo]) -> (Vec<PendingAck>, Vec<String>) {
+    let mut online = Vec::new();
+    let mut offline = Vec::new();
+    for p in pending {
+        match nodes.iter().find(|n| n.name == p.node) {
+            Some(n) if n.online => online.push(p.clone()),
+            Some(_) => offline.push(p.node.clone()),
+            None => {}
+        }
+    }
+    (online, offline)
 }
 
 /// Polls the node list until every pending node applied its version; the time since `started`.
@@ -174,7 +192,7 @@ fn waiting_nodes<'a>(
 fn with_rendered_diagnostics(e: anyhow::Error, file: &Path, source: &str) -> anyhow::Error {
     match e.downcast_ref::<ApiFailure>() {
         Some(ApiFailure(api)) if !api.diagnostics.is_empty() => {
-            eprint!(
+            note!(
                 "{}",
                 render_diagnostics(file, Some(source), &api.diagnostics)
             );
@@ -264,7 +282,7 @@ pub fn explain(fmt: OutputFormat, a: &PolicyExplainArgs) -> Result<()> {
     let checked = match Policy::parse(&source) {
         Ok(c) => c,
         Err(e) => {
-            eprint!(
+            note!(
                 "{}",
                 render_diagnostics(&a.file, Some(&source), &e.diagnostics)
             );

@@ -10,7 +10,7 @@ use ztnet_proto::workload::{RegisterWorkload, Selector, SpiffeId, WorkloadInfo};
 use super::admin::segment;
 use crate::args::OutputFormat;
 use crate::client::ApiClient;
-use crate::output::{Table, emit, fields, time};
+use crate::output::{Table, emit, fields, noteln, time};
 
 /// `ztnet workload ...`.
 #[derive(Debug, Subcommand)]
@@ -114,9 +114,11 @@ pub fn run(client: &ApiClient, fmt: OutputFormat, cmd: &WorkloadCmd) -> Result<(
         WorkloadCmd::Delete(a) => {
             let path = format!("/v1/networks/{}/workloads/{}", segment(&a.network)?, a.id);
             let w: WorkloadInfo = client.delete(&path)?;
-            eprintln!(
+            noteln!(
                 "deleted registration {} ({} on {})",
-                w.id, w.spiffe_id, w.node
+                w.id,
+                w.spiffe_id,
+                w.node
             );
             emit(fmt, &w, workload_fields)
         }

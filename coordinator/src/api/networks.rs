@@ -162,10 +162,13 @@ pub async fn create_token(
             action: "token.create",
             target: &id,
             detail: format!(
-                "namespace {}, tags [{}], uses {}, expires at {expires_at}",
+                "namespace {}, tags [{}], uses {}, expires at {}",
                 req.namespace,
                 tags.join(","),
-                req.uses
+                req.uses,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires_at)
+                )
             ),
         },
     )

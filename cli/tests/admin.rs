@@ -309,3 +309,43 @@ fn login_saves_a_private_config_that_later_commands_use() {
     assert!(stderr.contains("checking the settings"), "{stderr}");
     assert!(!config.exists());
 }
+
+#[test]
+fn a_key_file_readable_by_others_is_warned_about_and_still_used() {
+    let c = Coordinator::start();
+    let loose = c.dir.path().join("loose.key");
+    std::fs::copy(c.admin_key(), &loose).expect("copy");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+
+    let out = c
+        .cli()
+        .env("ZTNET_API_KEY_FILE", &loose)
+        .args(["network", "list"])
+        .output()
+        .expect("runs");
+
+    assert_success(&out, &["network", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("readable by others (mode 644)"), "{stderr}");
+    let quiet = c.cli().args(["network", "list"]).output().expect("runs");
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+}
+
+#[test]
+fn the_key_file_wins_over_the_key_variable() {
+    let c = Coordinator::start();
+    let wrong = format!("ztkey_{}", "0".repeat(64));
+
+    let out = c
+        .cli()
+        .env("ZTNET_API_KEY", &wrong)
+        .args(["network", "list"])
+        .output()
+        .expect("runs");
+
+    assert_success(&out, &["network", "list"]);
+}

@@ -283,6 +283,63 @@ async fn restart_without_the_coordinator_starts_from_disk_then_reconnects() {
     assert!(matches!(web.shutdown().await, Exit::Shutdown));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_is_pinned_cleared_and_a_stale_revision_refused() {
+    let c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "lab", "--zero-trust"]);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let web = Node::start(
+        &dirs.path().join("web"),
+        "web-1",
+        Some(token(&c, "lab", "web")),
+    );
+    wait_for("web-1 enrolled", WAIT, || web.sink.version().is_some());
+
+    let pin = [
+        "node",
+        "set-endpoint",
+        "--network",
+        "lab",
+        "web-1",
+        "127.0.0.1:51999",
+    ];
+    let out = c.ok(&pin);
+    assert!(
+        out.contains("pinned to 127.0.0.1:51999 (revision 1)"),
+        "{out}"
+    );
+    let n = node_json(&c, "lab", "web-1");
+    assert_eq!(n["pinned_endpoint"], "127.0.0.1:51999");
+
+    let mut stale = c.cli();
+    stale.args([
+        "node",
+        "set-endpoint",
+        "-n",
+        "lab",
+        "web-1",
+        "--clear",
+        "--revision",
+        "0",
+    ]);
+    let stderr = common::expect_failure(&mut stale, 1);
+    assert!(stderr.contains("409"), "{stderr}");
+    let cleared = c.json(&[
+        "node",
+        "set-endpoint",
+        "-n",
+        "lab",
+        "web-1",
+        "--clear",
+        "--revision",
+        "1",
+    ]);
+    assert!(cleared["pinned_endpoint"].is_null(), "{cleared}");
+    let audit = c.ok(&["audit", "--network", "lab"]);
+    assert!(audit.contains("node.set-endpoint"), "{audit}");
+    assert!(matches!(web.shutdown().await, Exit::Shutdown));
+}
+
 /// A coordinator killed with SIGKILL closes nothing: the node must notice by the QUIC idle
 /// timeout (8 s), then come back through its backoff once the coordinator restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,3 +172,28 @@ async fn one_identity_from_two_addresses_is_warned_and_counted() {
     let health = api.ok("GET", "/v1/health", None).await;
     assert_eq!(health["identity_conflicts"], 1);
 }
+
+#[tokio::test]
+async fn audit_details_give_times_in_rfc_3339() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = start(tmp.path());
+    let api = coord.api();
+    api.network("lab").await;
+    api.token("lab", "production", &["web"], 1).await;
+
+    let audit = api.ok("GET", "/v1/networks/lab/audit", None).await;
+
+    let detail = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "token.create")
+        .and_then(|e| e["detail"].as_str())
+        .expect("a token.create entry")
+        .to_string();
+    let at = detail.split("expires at ").nth(1).expect("an expiry");
+    assert!(
+        at.len() == 20 && at.starts_with("20") && at.ends_with('Z') && at.contains('T'),
+        "{detail}"
+    );
+}

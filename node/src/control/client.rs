@@ -88,7 +88,7 @@ pub enum EnrollError {
     NoToken,
     /// The token string does not parse.
     #[error("{0}; this node needs a new token (`ztnet token create`)")]
-    Token(#[from] TokenError),
+    Token(TokenError),
     /// The coordinator said no.
     #[error("{}", refusal_sentence(.0))]
     Refused(ControlError),
@@ -96,13 +96,26 @@ pub enum EnrollError {
     #[error(transparent)]
     State(#[from] StateError),
     /// Connecting or talking failed.
-    #[error("enrollment with the coordinator at {coordinator} failed: {reason:#}")]
+    #[error("enrollment with the coordinator at {coordinator} failed: {}", causes(.reason))]
     Connect {
         /// Address dialled.
         coordinator: String,
         /// The cause.
         reason: anyhow::Error,
     },
+}
+
+// The token error is in the message, and is not also a `source()`, so that a printed cause
+// chain says it once.
+impl From<TokenError> for EnrollError {
+    fn from(e: TokenError) -> EnrollError {
+        EnrollError::Token(e)
+    }
+}
+
+/// An error and its causes on one line, each cause once.
+fn causes(e: &anyhow::Error) -> String {
+    ztnet_proto::report::chain(e.as_ref())
 }
 
 fn refusal_sentence(e: &ControlError) -> String {
@@ -203,7 +216,7 @@ where
             Ok(SessionEnd::Lost(reason)) => {
                 warn!(coordinator = %ctx.coordinator, "control channel lost: {reason}");
             }
-            Err(e) => warn!(coordinator = %ctx.coordinator, "control channel: {e:#}"),
+            Err(e) => warn!(coordinator = %ctx.coordinator, "control channel: {}", causes(&e)),
         }
         if started.elapsed() >= HEALTHY_SESSION {
             backoff.reset();
@@ -402,7 +415,7 @@ async fn session(
                                 let at = instant_at(v.renew_at_fraction(ctx.renew_fraction));
                                 renew_deadline = at.max(Instant::now() + RENEW_RETRY);
                             }
-                            Err(e) => warn!("certificate renewal answer not used: {e:#}"),
+                            Err(e) => warn!("certificate renewal answer not used: {}", causes(&e)),
                         }
                     }
                     ServerMsg::Workloads { .. }
@@ -467,7 +480,8 @@ async fn apply_update(
             Ok(None)
         }
         Err(HandleError::Dataplane(e)) => Ok(Some(SessionEnd::Lost(format!(
-            "the data plane refused the netmap: {e:#}"
+            "the data plane refused the netmap: {}",
+            causes(&e)
         )))),
     }
 }
@@ -556,7 +570,7 @@ impl Applier {
                     );
                     self.lock().commit(*n);
                 }
-                Err(e) => error!("the data plane refused the netmap on disk: {e:#}"),
+                Err(e) => error!("the data plane refused the netmap on disk: {}", causes(&e)),
             },
             CachedNetmap::Expired {
                 version,
@@ -606,7 +620,10 @@ impl Applier {
                 unix_to_rfc3339(old.expires_at)
             );
             if let Err(e) = self.sink.apply(deny_all_config(Some(self.name.clone()))) {
-                error!("the data plane refused the deny-all configuration: {e:#}");
+                error!(
+                    "the data plane refused the deny-all configuration: {}",
+                    causes(&e)
+                );
             }
         }
         tracker.expires_at()
@@ -616,7 +633,10 @@ impl Applier {
         let mut tracker = self.lock();
         tracker.clear();
         if let Err(e) = self.sink.apply(deny_all_config(Some(self.name.clone()))) {
-            error!("the data plane refused the deny-all configuration: {e:#}");
+            error!(
+                "the data plane refused the deny-all configuration: {}",
+                causes(&e)
+            );
         }
         if let Err(e) = self.state.remove_netmap() {
             error!("{e}; remove it by hand so that a restart passes nothing");

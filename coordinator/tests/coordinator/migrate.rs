@@ -155,7 +155,7 @@ async fn a_failing_migration_rolls_back_every_step() {
 
 #[tokio::test]
 async fn a_migration_killed_half_way_leaves_the_old_schema_and_the_next_start_migrates() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     use std::process::{Command, Stdio};
 
     let tmp = tempfile::tempdir().unwrap();
@@ -178,26 +178,44 @@ async fn a_migration_killed_half_way_leaves_the_old_schema_and_the_next_start_mi
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
+    // sqlite3 block-buffers stdout on a pipe, so the marker goes through `.once FILE`, which
+    // closes (and so flushes) the file after the one statement; the test polls for it.
+    let marker = dir.join("step2.marker");
     let mut child = Command::new("sqlite3")
+        .arg("-bail")
         .arg(dir.join("coordinator.db"))
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("sqlite3 runs");
     let mut stdin = child.stdin.take().unwrap();
     writeln!(
         stdin,
-        "BEGIN IMMEDIATE;\n{};\n{};\n\
+        ".timeout 10000\nBEGIN IMMEDIATE;\n{};\n{};\n.once {}\n\
          SELECT 'added=' || count(*) FROM pragma_table_info('nodes') WHERE name = 'name_key';",
-        steps[0], steps[1]
+        steps[0],
+        steps[1],
+        marker.display()
     )
     .unwrap();
     stdin.flush().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let line = loop {
+        let text = std::fs::read_to_string(&marker).unwrap_or_default();
+        if text.contains("added=") {
+            break text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("sqlite3 exited ({status}) before it ran the first steps");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sqlite3 did not run the first steps within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert_eq!(
         line.trim(),
         "added=1",

@@ -71,7 +71,7 @@ Example:
     /// Join tokens: create, list, revoke.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Enrolled nodes: list, show, delete.
+    /// Enrolled nodes: list, show, delete, revoke.
     #[command(subcommand)]
     Node(NodeCmd),
     /// Policies: apply, show, history, and the offline check and explain.
@@ -216,6 +216,14 @@ pub enum NodeCmd {
     /// Deletes a node: it leaves every netmap at once and its control channel is closed.
     #[command(after_help = "Example:\n  ztnet node delete --network prod-vpc web-1")]
     Delete(NodeNameArgs),
+    /// Revokes a node: it leaves every netmap at once, its control channel is closed with
+    /// `revoked`, and its certificate and WireGuard key are refused from then on. It stays in
+    /// `node list` as revoked; it can come back only as a new node, with a new token and key.
+    #[command(
+        after_help = "Example:\n  ztnet node revoke --network prod-vpc web-1 --reason \
+                            \"laptop stolen\""
+    )]
+    Revoke(NodeRevokeArgs),
     /// Pins the endpoint that peers try first for a node (it wins over what the node
     /// reports), or clears the pin.
     #[command(
@@ -224,6 +232,19 @@ pub enum NodeCmd {
                             web-1 --clear --revision 3"
     )]
     SetEndpoint(NodeSetEndpointArgs),
+}
+
+/// `ztnet node revoke`.
+#[derive(Debug, Args)]
+pub struct NodeRevokeArgs {
+    /// Network name.
+    #[arg(long, short = 'n')]
+    pub network: String,
+    /// Node name.
+    pub name: String,
+    /// Why, kept with the node and in the audit log.
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// `ztnet node set-endpoint`.

@@ -133,10 +133,15 @@ async fn authenticate(conn: &Connection, hub: &Hub) -> Result<Node, ControlError
             )
         })?;
     if !node.is_active() {
+        let why = match (&node.revoked_at, &node.revoke_reason) {
+            (Some(_), Some(reason)) if !reason.is_empty() => format!("revoked: {reason}"),
+            (Some(_), _) => "revoked".to_owned(),
+            _ => "deleted".to_owned(),
+        };
         return Err(refuse(
             "revoked",
             format!(
-                "node {} was deleted; enroll again with a new token",
+                "node {} was {why}; enroll again with a new token, as a new node",
                 node.name
             ),
         ));

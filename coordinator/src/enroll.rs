@@ -160,6 +160,9 @@ async fn enroll_tx(
         Err(e @ InsertError::KeyInUse(_)) => {
             return Err(EnrollFailure::Refused(refuse("bad-request", e.to_string())));
         }
+        Err(e @ InsertError::KeyRevoked(_)) => {
+            return Err(EnrollFailure::Refused(refuse("revoked", e.to_string())));
+        }
         Err(InsertError::Store(e)) => return Err(e.into()),
     };
     nodes::add_cert(&mut tx, node.id, &cert.serial, cert.not_after).await?;

@@ -12,6 +12,7 @@
 //! | `GET /v1/networks/{net}/nodes` | | `Vec<NodeInfo>` |
 //! | `GET /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
 //! | `DELETE /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
+//! | `POST /v1/networks/{net}/nodes/{name}/revoke` | [`RevokeNode`] | [`NodeInfo`] (state `revoked`) |
 //! | `PUT /v1/networks/{net}/nodes/{name}/endpoint` | [`SetEndpoint`] | [`NodeInfo`] (409 when `expected_revision` is stale) |
 //! | `PUT /v1/networks/{net}/policy` | [`ApplyPolicy`] | [`PolicyApplied`] (422 with [`ApiError::diagnostics`] when refused) |
 //! | `GET /v1/networks/{net}/policy` | | [`PolicyRecord`] |
@@ -156,10 +157,27 @@ pub struct NodeInfo {
     pub applied_at: Option<u64>,
     /// ztnet-node version it reported.
     pub version: String,
-    /// `active` (later also `revoked`, `quarantined`).
+    /// `active` or `revoked` (later also `quarantined`).
     pub state: String,
     /// Unix seconds.
     pub created_at: u64,
+    /// Unix seconds of the revocation, for a revoked node.
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+    /// The reason given for the revocation, for a revoked node.
+    #[serde(default)]
+    pub revoke_reason: Option<String>,
+}
+
+/// `POST /v1/networks/{net}/nodes/{name}/revoke`: the node leaves every netmap, its control
+/// channel is closed with `revoked`, and its certificate and WireGuard key are refused from
+/// then on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeNode {
+    /// Why, recorded in the node and the audit log.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// `PUT /v1/networks/{net}/nodes/{name}/endpoint`: pins (or with `None` clears) the endpoint
@@ -229,7 +247,7 @@ pub struct AuditEvent {
     /// Who: API key name, `node:NAME` or `coordinator`.
     pub actor: String,
     /// What: `network.create`, `token.create`, `token.revoke`, `node.enroll`, `node.delete`,
-    /// `node.set-endpoint`, `policy.apply`, `policy.refuse`, ...
+    /// `node.revoke`, `node.set-endpoint`, `policy.apply`, `policy.refuse`, ...
     pub action: String,
     /// The object acted on.
     pub target: String,

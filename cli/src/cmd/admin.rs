@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use ztnet_proto::admin::{
-    AuditEvent, CreateNetwork, CreateToken, Network, NodeInfo, SetEndpoint, TokenCreated, TokenInfo,
+    AuditEvent, CreateNetwork, CreateToken, Network, NodeInfo, RevokeNode, SetEndpoint,
+    TokenCreated, TokenInfo,
 };
 
 use crate::args::{
@@ -202,7 +203,7 @@ fn token_state(k: &TokenInfo, now: u64) -> &'static str {
 pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> {
     match cmd {
         NodeCmd::List(a) => {
-            let nodes = node_list(client, &a.network)?;
+            let nodes = all_nodes(client, &a.network)?;
             emit(fmt, &nodes, |nodes| {
                 let mut t = Table::new(&[
                     "NAME",
@@ -221,7 +222,11 @@ pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> 
                         list(&n.addresses),
                         online(n),
                         netmap_state(n),
-                        list(&n.endpoints),
+                        if n.state == "revoked" {
+                            "-".into()
+                        } else {
+                            list(&n.endpoints)
+                        },
                     ]);
                 }
                 t.render("no nodes")
@@ -246,6 +251,24 @@ pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> 
             emit(fmt, &n, |n| {
                 format!(
                     "deleted node {} from {}; its netmap peers were told\n",
+                    n.name, n.network
+                )
+            })
+        }
+        NodeCmd::Revoke(a) => {
+            let path = format!(
+                "/v1/networks/{}/nodes/{}/revoke",
+                segment(&a.network)?,
+                segment(&a.name)?
+            );
+            let body = RevokeNode {
+                reason: a.reason.clone(),
+            };
+            let n: NodeInfo = client.post(&path, &body)?;
+            emit(fmt, &n, |n| {
+                format!(
+                    "revoked node {} in {}: it left every netmap, its control channel was \
+                     closed, and its key is refused from now on\n",
                     n.name, n.network
                 )
             })
@@ -276,7 +299,15 @@ pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> 
 }
 
 /// `GET /v1/networks/N/nodes`.
+/// The active nodes of a network (revoked ones left out).
 pub fn node_list(client: &ApiClient, network: &str) -> Result<Vec<NodeInfo>> {
+    let mut nodes = all_nodes(client, network)?;
+    nodes.retain(|n| n.state != "revoked");
+    Ok(nodes)
+}
+
+/// Every node the coordinator lists, revoked ones included.
+fn all_nodes(client: &ApiClient, network: &str) -> Result<Vec<NodeInfo>> {
     client.get(&format!("/v1/networks/{}/nodes", segment(network)?))
 }
 
@@ -319,11 +350,21 @@ fn node_fields(n: &NodeInfo) -> String {
         ),
         ("state", n.state.clone()),
         ("enrolled", time(n.created_at)),
+        ("revoked", output::opt_time(n.revoked_at)),
+        (
+            "revoke reason",
+            n.revoke_reason.clone().unwrap_or_else(|| "-".into()),
+        ),
     ])
 }
 
 fn online(n: &NodeInfo) -> String {
-    if n.online {
+    if n.state == "revoked" {
+        match n.revoke_reason.as_deref() {
+            Some(r) if !r.is_empty() => format!("revoked ({r})"),
+            _ => "revoked".into(),
+        }
+    } else if n.online {
         "online".into()
     } else {
         "offline".into()

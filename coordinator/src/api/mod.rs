@@ -46,6 +46,10 @@ pub fn router(hub: Arc<Hub>) -> Router {
             get(nodes::show).delete(nodes::delete),
         )
         .route(
+            "/v1/networks/{net}/nodes/{name}/revoke",
+            post(nodes::revoke),
+        )
+        .route(
             "/v1/networks/{net}/nodes/{name}/endpoint",
             axum::routing::put(nodes::set_endpoint),
         )

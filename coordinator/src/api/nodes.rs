@@ -1,12 +1,13 @@
-//! Nodes: list, show, delete, pin an endpoint. Deleting a node removes it from every netmap at once and closes
-//! its control connection with `revoked`.
+//! Nodes: list, show, delete, revoke, pin an endpoint. Deleting or revoking a node removes it
+//! from every netmap at once and closes its control connection with `revoked`; a revoked node
+//! stays listed with its reason, and its WireGuard key is refused for any new enrollment.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use ztnet_proto::admin::{NodeInfo, SetEndpoint};
+use ztnet_proto::admin::{NodeInfo, RevokeNode, SetEndpoint};
 
 use super::Actor;
 use super::error::{ApiErr, ApiJson};
@@ -23,7 +24,8 @@ pub async fn list(
 ) -> Result<Json<Vec<NodeInfo>>, ApiErr> {
     let network = find(&hub, &net).await?;
     let mut conn = hub.store.pool().acquire().await?;
-    let all = nodes::active(&mut conn, network.id).await?;
+    let mut all = nodes::active(&mut conn, network.id).await?;
+    all.extend(nodes::revoked(&mut conn, network.id).await?);
     Ok(Json(all.iter().map(|n| info(&hub, &network, n)).collect()))
 }
 
@@ -65,7 +67,7 @@ pub async fn delete(
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(node = %node.name, network = %network.name, "node revoked");
+    tracing::info!(node = %node.name, network = %network.name, "node deleted");
 
     hub.close_session(
         node.id,
@@ -79,6 +81,73 @@ pub async fn delete(
     );
     hub.recompute(network.id).await?;
     let mut gone = info(&hub, &network, &node);
+    gone.state = "revoked".into();
+    gone.online = false;
+    Ok(Json(gone))
+}
+
+/// Longest revocation reason kept, in bytes.
+const MAX_REASON: usize = 512;
+
+/// `POST /v1/networks/{net}/nodes/{name}/revoke`: like delete, and the node stays listed as
+/// `revoked` with its reason; its certificate and WireGuard key are refused from then on.
+pub async fn revoke(
+    State(hub): State<Arc<Hub>>,
+    actor: Actor,
+    Path((net, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<RevokeNode>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    let reason = req.reason.unwrap_or_default();
+    let reason = reason.trim();
+    if reason.len() > MAX_REASON {
+        return Err(ApiErr::BadRequest(format!(
+            "the reason is {} bytes long; at most {MAX_REASON} are kept",
+            reason.len()
+        )));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(ApiErr::BadRequest(
+            "the reason holds a control character; give plain text on one line".into(),
+        ));
+    }
+    let network = find(&hub, &net).await?;
+    let node = find_node(&hub, &network, &name).await?;
+    let mut tx = hub.store.write().await?;
+    nodes::mark_revoked(&mut tx, node.id, reason).await?;
+    audit::append(
+        &mut tx,
+        audit::Entry {
+            network: Some(network.id),
+            actor: &actor.0,
+            action: "node.revoke",
+            target: &node.name,
+            detail: format!(
+                "reason {reason:?}, key {}, addresses {} {}",
+                node.public_key.short(),
+                node.ipv4,
+                node.ipv6
+            ),
+        },
+    )
+    .await?;
+    let revoked = nodes::find_in(&mut tx, node.id).await?;
+    tx.commit().await?;
+    tracing::info!(node = %node.name, network = %network.name, %reason, "node revoked");
+
+    let message = if reason.is_empty() {
+        format!(
+            "node {} was revoked from network {}",
+            node.name, network.name
+        )
+    } else {
+        format!(
+            "node {} was revoked from network {}: {reason}",
+            node.name, network.name
+        )
+    };
+    hub.close_session(node.id, refuse("revoked", message));
+    hub.recompute(network.id).await?;
+    let mut gone = info(&hub, &network, revoked.as_ref().unwrap_or(&node));
     gone.state = "revoked".into();
     gone.online = false;
     Ok(Json(gone))
@@ -177,5 +246,7 @@ fn info(hub: &Hub, network: &networks::Network, n: &nodes::Node) -> NodeInfo {
         version: n.version.clone(),
         state: n.state.clone(),
         created_at: n.created_at,
+        revoked_at: n.revoked_at,
+        revoke_reason: n.revoke_reason.clone(),
     }
 }

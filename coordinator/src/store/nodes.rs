@@ -1,5 +1,7 @@
 //! The `nodes` and `node_certs` tables. A deleted node keeps its row (state `deleted`), so its
-//! addresses are never issued again and its certificates keep mapping to a refused node.
+//! addresses are never issued again and its certificates keep mapping to a refused node. A
+//! revoked node is a deleted one with `revoked_at` set: it is reported as state `revoked`, and
+//! its WireGuard key is refused for every later enrollment.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -41,8 +43,12 @@ pub struct Node {
     pub endpoint_revision: u64,
     /// ztnet-node version it reported.
     pub version: String,
-    /// `active` or `deleted`.
+    /// `active`, `deleted` or `revoked`.
     pub state: String,
+    /// Unix seconds of its revocation.
+    pub revoked_at: Option<u64>,
+    /// Why it was revoked.
+    pub revoke_reason: Option<String>,
     /// Latest netmap version computed for it.
     pub netmap_version: u64,
     /// That netmap, JSON.
@@ -104,6 +110,12 @@ pub enum InsertError {
     /// An active node uses this WireGuard key.
     #[error("this WireGuard public key is already used by node {0:?}")]
     KeyInUse(String),
+    /// A revoked node had this WireGuard key; it is refused for good.
+    #[error(
+        "this WireGuard public key belonged to node {0:?}, which was revoked; \
+         enroll with a new key"
+    )]
+    KeyRevoked(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -111,7 +123,8 @@ pub enum InsertError {
 
 const COLUMNS: &str = "id, network_id, name, namespace, tags, spiffe_id, public_key, ipv4, ipv6,
     token_id, listen_port, endpoints, pinned_endpoint, endpoint_revision, version, state,
-    netmap_version, netmap_json, applied_version, applied_at, last_seen, created_at";
+    netmap_version, netmap_json, applied_version, applied_at, last_seen, created_at, revoked_at,
+    revoke_reason";
 
 #[derive(sqlx::FromRow)]
 struct Raw {
@@ -137,6 +150,8 @@ struct Raw {
     applied_at: Option<i64>,
     last_seen: Option<i64>,
     created_at: i64,
+    revoked_at: Option<i64>,
+    revoke_reason: Option<String>,
 }
 
 fn decode(r: Raw) -> Result<Node, StoreError> {
@@ -170,12 +185,18 @@ fn decode(r: Raw) -> Result<Node, StoreError> {
         applied_at: r.applied_at.map(|v| to_u64(v, "applied_at")).transpose()?,
         last_seen: r.last_seen.map(|v| to_u64(v, "last_seen")).transpose()?,
         created_at: to_u64(r.created_at, "node created_at")?,
+        revoked_at: r.revoked_at.map(|v| to_u64(v, "revoked_at")).transpose()?,
+        state: if r.revoked_at.is_some() {
+            "revoked".to_owned()
+        } else {
+            r.state
+        },
+        revoke_reason: r.revoke_reason,
         name: r.name,
         namespace: r.namespace,
         spiffe_id: r.spiffe_id,
         token_id: r.token_id,
         version: r.version,
-        state: r.state,
         netmap_json: r.netmap_json,
     })
 }
@@ -216,6 +237,16 @@ pub async fn insert(conn: &mut SqliteConnection, n: &NewNode<'_>) -> Result<Node
             .map_err(StoreError::from)?;
     if let Some((holder,)) = holder {
         return Err(InsertError::KeyInUse(holder));
+    }
+    let revoked: Option<(String,)> = sqlx::query_as(
+        "SELECT name FROM nodes WHERE public_key = ? AND revoked_at IS NOT NULL LIMIT 1",
+    )
+    .bind(n.public_key.to_base64())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(StoreError::from)?;
+    if let Some((name,)) = revoked {
+        return Err(InsertError::KeyRevoked(name));
     }
 
     let (id,): (i64,) = sqlx::query_as(
@@ -312,6 +343,21 @@ pub async fn active(
     rows.into_iter().map(decode).collect()
 }
 
+/// Revoked nodes of a network, by name, in the caller's transaction or on the pool.
+pub async fn revoked(
+    conn: &mut SqliteConnection,
+    network: NetworkId,
+) -> Result<Vec<Node>, StoreError> {
+    let rows: Vec<Raw> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM nodes WHERE network_id = ? AND revoked_at IS NOT NULL
+         ORDER BY name, id"
+    ))
+    .bind(network.0)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(decode).collect()
+}
+
 /// Number of active nodes of a network.
 pub async fn count(store: &Store, network: NetworkId) -> Result<u64, StoreError> {
     let (n,): (i64,) =
@@ -329,6 +375,27 @@ pub async fn mark_deleted(conn: &mut SqliteConnection, id: NodeId) -> Result<(),
         .bind(id.0)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// Marks a node revoked (and so no longer active), with the reason, in the caller's
+/// transaction.
+pub async fn mark_revoked(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let now = to_i64(unix_now());
+    sqlx::query(
+        "UPDATE nodes SET state = 'deleted', deleted_at = ?, revoked_at = ?, revoke_reason = ?
+         WHERE id = ?",
+    )
+    .bind(now)
+    .bind(now)
+    .bind(reason)
+    .bind(id.0)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

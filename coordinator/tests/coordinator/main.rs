@@ -11,4 +11,5 @@ mod inprocess;
 mod migrate;
 mod netmaps;
 mod policy;
+mod revoke;
 mod workload;

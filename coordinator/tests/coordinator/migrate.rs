@@ -200,7 +200,7 @@ async fn a_migration_killed_half_way_leaves_the_old_schema_and_the_next_start_mi
     )
     .unwrap();
     stdin.flush().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let line = loop {
         let text = std::fs::read_to_string(&marker).unwrap_or_default();
         if text.contains("added=") {
@@ -209,12 +209,12 @@ async fn a_migration_killed_half_way_leaves_the_old_schema_and_the_next_start_mi
         if let Ok(Some(status)) = child.try_wait() {
             panic!("sqlite3 exited ({status}) before it ran the first steps");
         }
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             panic!("sqlite3 did not run the first steps within 30 s");
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(
         line.trim(),

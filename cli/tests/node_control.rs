@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Coordinator, WEB_DB_POLICY, wait_for};
+use common::{Coordinator, WEB_DB_POLICY, expect_failure, wait_for};
 use tokio::sync::oneshot;
 use ztnet_node::control::DataplaneSink;
 use ztnet_node::control::client::{self, EnrollError, Exit, NodeOptions};
@@ -322,7 +322,7 @@ async fn an_endpoint_is_pinned_cleared_and_a_stale_revision_refused() {
         "--revision",
         "0",
     ]);
-    let stderr = common::expect_failure(&mut stale, 1);
+    let stderr = expect_failure(&mut stale, 1);
     assert!(stderr.contains("409"), "{stderr}");
     let cleared = c.json(&[
         "node",
@@ -588,4 +588,65 @@ fn capture_logs() -> Logs {
         .try_init()
         .expect("only this test installs a subscriber");
     logs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_exits_and_stays_listed_with_its_reason() {
+    let c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "rev", "--zero-trust"]);
+    apply_policy(&c, "rev", WEB_DB_POLICY, false);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let (web_dir, db_dir) = (dirs.path().join("web"), dirs.path().join("db"));
+    let web = Node::start(&web_dir, "web-1", Some(token(&c, "rev", "web")));
+    let db = Node::start(&db_dir, "db-1", Some(token(&c, "rev", "db")));
+    wait_for("web-1 to learn db-1", WAIT, || web.sink.peers() == ["db-1"]);
+
+    let out = c.ok(&[
+        "node",
+        "revoke",
+        "--network",
+        "rev",
+        "db-1",
+        "--reason",
+        "disk stolen",
+    ]);
+    assert!(out.contains("revoked node db-1"), "{out}");
+    let exit = tokio::time::timeout(WAIT, db.task)
+        .await
+        .expect("db-1 exits in time")
+        .expect("task")
+        .expect("no error");
+    match &exit {
+        Exit::Revoked(why) => assert!(why.message.contains("disk stolen"), "{why:?}"),
+        other => panic!("expected Revoked, got {other:?}"),
+    }
+    wait_for("web-1 to drop db-1", WAIT, || web.sink.peers().is_empty());
+
+    let table = c.ok(&["node", "list", "--network", "rev"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("db-1"))
+        .unwrap_or_else(|| panic!("db-1 not listed:\n{table}"));
+    assert!(row.contains("revoked (disk stolen)"), "{table}");
+    let listed = c.json(&["node", "list", "--network", "rev"]);
+    let db_row = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|n| n["name"] == "db-1")
+        .expect("db-1 in the JSON list");
+    assert_eq!(db_row["state"], "revoked");
+    assert_eq!(db_row["revoke_reason"], "disk stolen");
+    let audit = c.ok(&["audit", "--network", "rev"]);
+    assert!(
+        audit.contains("node.revoke") && audit.contains("disk stolen"),
+        "{audit}"
+    );
+    // A second revoke finds no active node of that name.
+    let err = expect_failure(
+        c.cli().args(["node", "revoke", "--network", "rev", "db-1"]),
+        1,
+    );
+    assert!(err.contains("no node named"), "{err}");
+    assert!(matches!(web.shutdown().await, Exit::Shutdown));
 }

@@ -305,6 +305,41 @@ Examples:
       --to db-1,ns=production,tags=db --port tcp:5432
   ztnet policy explain policy.toml --from ops-1,tags=ops --to db-1,tags=db --port icmp")]
     Explain(PolicyExplainArgs),
+    /// Lists every node that may open a flow to NODE on a port under the policy in force,
+    /// with the grant that allows each.
+    #[command(
+        name = "who-can-reach",
+        after_help = "Example:\n  ztnet policy who-can-reach --network prod-vpc db1 --port tcp:5432"
+    )]
+    WhoCanReach(PolicyWhoArgs),
+    /// Shows the access pairs a policy document would add and remove, compared with the policy
+    /// in force, over the network's current nodes. Changes nothing.
+    #[command(after_help = "Example:\n  ztnet policy diff --network prod-vpc -f new.toml")]
+    Diff(PolicyDiffArgs),
+}
+
+/// `ztnet policy who-can-reach`.
+#[derive(Debug, Args)]
+pub struct PolicyWhoArgs {
+    /// Network name.
+    #[arg(long, short = 'n')]
+    pub network: String,
+    /// The node flows go to.
+    pub node: String,
+    /// The flow: tcp:PORT, udp:PORT or icmp.
+    #[arg(long)]
+    pub port: String,
+}
+
+/// `ztnet policy diff`.
+#[derive(Debug, Args)]
+pub struct PolicyDiffArgs {
+    /// Network name.
+    #[arg(long, short = 'n')]
+    pub network: String,
+    /// The new policy document (TOML).
+    #[arg(long = "file", short = 'f', value_name = "FILE")]
+    pub file: PathBuf,
 }
 
 /// `ztnet policy apply`.

@@ -650,3 +650,113 @@ async fn a_revoked_node_exits_and_stays_listed_with_its_reason() {
     assert!(err.contains("no node named"), "{err}");
     assert!(matches!(web.shutdown().await, Exit::Shutdown));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_can_reach_and_diff_read_the_policy_in_force_and_the_nodes() {
+    let c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "rev2"]);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let mut nodes = Vec::new();
+    for (name, tag) in [("web-1", "web"), ("db-1", "db"), ("ops-1", "ops")] {
+        let t = token(&c, "rev2", tag);
+        nodes.push(Node::start(&dirs.path().join(name), name, Some(t)));
+    }
+    wait_for("three nodes enrolled", WAIT, || {
+        c.json(&["node", "list", "--network", "rev2"])
+            .as_array()
+            .is_some_and(|a| a.len() == 3)
+    });
+    let who = ["policy", "who-can-reach", "--network", "rev2", "db-1"];
+
+    // No policy yet: nobody.
+    let out = c.ok(&[&who[..], &["--port", "tcp:5432"]].concat());
+    assert!(out.contains("no policy in force"), "{out}");
+
+    apply_policy(&c, "rev2", WEB_DB_POLICY, false);
+    let out = c.ok(&[&who[..], &["--port", "tcp:5432"]].concat());
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("web-1"))
+        .unwrap_or_else(|| panic!("web-1 missing:\n{out}"));
+    assert!(row.contains("grant[0]"), "{out}");
+    assert!(!out.contains("ops-1"), "{out}");
+    let json = c.json(&[&who[..], &["--port", "tcp:5432"]].concat());
+    let names: Vec<&str> = json["reachers"]
+        .as_array()
+        .expect("reachers")
+        .iter()
+        .filter_map(|r| r["node"].as_str())
+        .collect();
+    assert_eq!(names, ["web-1"], "{json}");
+    let out = c.ok(&[&who[..], &["--port", "tcp:22"]].concat());
+    assert!(out.contains("no node may reach db-1 on tcp:22"), "{out}");
+    let err = expect_failure(
+        c.cli().args([
+            "policy",
+            "who-can-reach",
+            "--network",
+            "rev2",
+            "db-9",
+            "--port",
+            "tcp:5432",
+        ]),
+        1,
+    );
+    assert!(err.contains("db-9"), "{err}");
+    let err = expect_failure(
+        c.cli().args([&who[..], &["--port", "tcp:http"]].concat()),
+        1,
+    );
+    assert!(err.contains("--port"), "{err}");
+
+    // The diff against a document that gives ops everything and takes web's access away.
+    let new = dirs.path().join("new.toml");
+    std::fs::write(
+        &new,
+        "[[grant]]\nfrom = [\"tag:ops\"]\nto = [\"*\"]\nports = [\"any\"]\n",
+    )
+    .expect("write");
+    let new = new.to_str().expect("utf-8");
+    let diff = c.json(&["policy", "diff", "--network", "rev2", "-f", new]);
+    let pairs = |key: &str| -> Vec<(String, String, String)> {
+        diff[key]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|p| {
+                (
+                    p["from"].as_str().expect("from").to_owned(),
+                    p["to"].as_str().expect("to").to_owned(),
+                    p["ports"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        pairs("removed"),
+        [("web-1".into(), "db-1".into(), r#"["tcp:5432"]"#.into())],
+        "{diff}"
+    );
+    let added = pairs("added");
+    assert!(
+        added.contains(&("ops-1".into(), "db-1".into(), r#"["any"]"#.into()))
+            && added.contains(&("ops-1".into(), "web-1".into(), r#"["any"]"#.into())),
+        "{diff}"
+    );
+    let table = c.ok(&["policy", "diff", "--network", "rev2", "-f", new]);
+    assert!(
+        table.contains("- removed") && table.contains("+ added"),
+        "{table}"
+    );
+    // Nothing was applied.
+    let shown = c.ok(&["policy", "show", "--network", "rev2"]);
+    assert!(shown.contains("tag:web"), "{shown}");
+
+    // A revoked node reaches nobody any more.
+    c.ok(&["node", "revoke", "--network", "rev2", "web-1"]);
+    let out = c.ok(&[&who[..], &["--port", "tcp:5432"]].concat());
+    assert!(out.contains("no node may reach db-1"), "{out}");
+    for n in nodes {
+        let _ = tokio::time::timeout(WAIT, n.shutdown()).await;
+    }
+}

@@ -1,5 +1,6 @@
-//! `ztnet policy ...`: apply, show and history through the admin API; check and explain
-//! offline, with netpolicy alone.
+//! `ztnet policy ...`: apply, show and history through the admin API; who-can-reach and diff
+//! over the policy in force and the node list fetched from it; check and explain offline,
+//! with netpolicy alone.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -10,7 +11,9 @@ use netpolicy::{Diagnostic, NodeIdentity, Policy, Probe, Severity, TestReport};
 use serde::Serialize;
 use ztnet_proto::admin::{ApplyPolicy, NodeInfo, PendingAck, PolicyApplied, PolicyRecord};
 
-use crate::args::{OutputFormat, PolicyApplyArgs, PolicyCmd, PolicyExplainArgs};
+use crate::args::{
+    OutputFormat, PolicyApplyArgs, PolicyCmd, PolicyDiffArgs, PolicyExplainArgs, PolicyWhoArgs,
+};
 use crate::client::{ApiClient, ApiFailure};
 use crate::cmd::admin::{node_list, segment};
 use crate::output::{Table, emit, fields, note, noteln, time};
@@ -54,10 +57,153 @@ pub fn online(client: &ApiClient, fmt: OutputFormat, cmd: &PolicyCmd) -> Result<
                 t.render("no policy was ever applied (deny all)")
             })
         }
+        PolicyCmd::WhoCanReach(a) => who_can_reach(client, fmt, a),
+        PolicyCmd::Diff(a) => diff(client, fmt, a),
         PolicyCmd::Check(_) | PolicyCmd::Explain(_) => {
             unreachable!("offline policy commands are dispatched before a client is built")
         }
     }
+}
+
+/// The policy in force in a network (deny all when none was applied), and its version.
+fn policy_in_force(client: &ApiClient, network: &str) -> Result<(Policy, Option<u64>)> {
+    let path = format!("/v1/networks/{}/policy", segment(network)?);
+    let rec: PolicyRecord = match client.get(&path) {
+        Ok(r) => r,
+        Err(e) if matches!(e.downcast_ref::<ApiFailure>(), Some(ApiFailure(api)) if api.status == 404 && api.message.contains("no policy")) =>
+        {
+            return Ok((Policy::deny_all(), None));
+        }
+        Err(e) => return Err(e),
+    };
+    if !rec.active {
+        return Ok((Policy::deny_all(), None));
+    }
+    let checked = Policy::parse(&rec.source).map_err(|e| {
+        anyhow!(
+            "the policy in force (v{}) does not parse here: {}",
+            rec.version,
+            e.diagnostics
+                .first()
+                .map_or_else(|| "no diagnostic".to_string(), |d| d.message.clone())
+        )
+    })?;
+    Ok((checked.policy, Some(rec.version)))
+}
+
+/// The network's active nodes as the coordinator compiles policy over them: host prefixes of
+/// their overlay addresses, no routes.
+fn inventory(client: &ApiClient, network: &str) -> Result<netpolicy::Inventory> {
+    let nodes = node_list(client, network)?;
+    Ok(netpolicy::Inventory {
+        nodes: nodes
+            .into_iter()
+            .map(|n| NodeIdentity {
+                addresses: n
+                    .addresses
+                    .iter()
+                    .map(|a| match a {
+                        ipnet::IpNet::V4(v4) => ipnet::IpNet::V4(v4.addr().into()),
+                        ipnet::IpNet::V6(v6) => ipnet::IpNet::V6(v6.addr().into()),
+                    })
+                    .collect(),
+                name: n.name,
+                namespace: n.namespace,
+                tags: n.tags,
+                spiffe_id: n.spiffe_id,
+                routes: Vec::new(),
+            })
+            .collect(),
+    })
+}
+
+/// What `policy who-can-reach` reports.
+#[derive(Debug, Serialize)]
+struct WhoCanReach {
+    node: String,
+    port: String,
+    policy_version: Option<u64>,
+    reachers: Vec<netpolicy::Reacher>,
+}
+
+/// `ztnet policy who-can-reach --network N NODE --port P`.
+fn who_can_reach(client: &ApiClient, fmt: OutputFormat, a: &PolicyWhoArgs) -> Result<()> {
+    let probe = Probe::from_str(&a.port)
+        .map_err(|e| anyhow!("--port {:?}: {e} (try tcp:5432, udp:53 or icmp)", a.port))?;
+    let (policy, version) = policy_in_force(client, &a.network)?;
+    let inv = inventory(client, &a.network)?;
+    let reachers = netpolicy::who_can_reach(&policy, &inv, &a.node, probe).map_err(|e| {
+        anyhow!(
+            "{e}; `ztnet node list --network {}` shows its nodes",
+            a.network
+        )
+    })?;
+    let out = WhoCanReach {
+        node: a.node.clone(),
+        port: a.port.clone(),
+        policy_version: version,
+        reachers,
+    };
+    emit(fmt, &out, |w| {
+        let mut t = Table::new(&["NODE", "ALLOWED BY"]);
+        for r in &w.reachers {
+            t.row(vec![r.node.clone(), r.rule.clone()]);
+        }
+        let none = match w.policy_version {
+            Some(v) => format!(
+                "no node may reach {} on {} under policy v{v}",
+                w.node, w.port
+            ),
+            None => format!("no policy in force: no node may reach {}", w.node),
+        };
+        t.render(&none)
+    })
+}
+
+/// What `policy diff` reports.
+#[derive(Debug, Serialize)]
+struct PolicyDiff {
+    policy_version: Option<u64>,
+    #[serde(flatten)]
+    diff: netpolicy::AccessDiff,
+}
+
+/// `ztnet policy diff --network N -f FILE`.
+fn diff(client: &ApiClient, fmt: OutputFormat, a: &PolicyDiffArgs) -> Result<()> {
+    let source = read_source(&a.file)?;
+    let new = match Policy::parse(&source) {
+        Ok(c) => c.policy,
+        Err(e) => {
+            note!(
+                "{}",
+                render_diagnostics(&a.file, Some(&source), &e.diagnostics)
+            );
+            bail!("{}: policy has errors; fix them first", a.file.display());
+        }
+    };
+    let (old, version) = policy_in_force(client, &a.network)?;
+    let inv = inventory(client, &a.network)?;
+    let out = PolicyDiff {
+        policy_version: version,
+        diff: netpolicy::diff(&old, &new, &inv),
+    };
+    emit(fmt, &out, |d| {
+        if d.diff.is_empty() {
+            return "no change in access\n".to_string();
+        }
+        let mut t = Table::new(&["CHANGE", "FROM", "TO", "PORTS"]);
+        for (sign, changes) in [("+ added", &d.diff.added), ("- removed", &d.diff.removed)] {
+            for c in changes {
+                t.row(vec![
+                    sign.to_string(),
+                    c.from.clone(),
+                    c.to.clone(),
+                    c.ports.join(" "),
+                ]);
+            }
+        }
+        t.render("no change in access")
+    })
 }
 
 /// What `policy apply --wait` reports.

@@ -20,7 +20,7 @@ use ztnet_proto::control::{ControlError, Hello, NetmapUpdate, NodeMsg, ServerMsg
 use ztnet_proto::frame;
 
 use crate::enroll::{enroll, refuse};
-use crate::hub::{Hub, SessionEvent};
+use crate::hub::{Attached, Hub, SessionEvent};
 use crate::netmap;
 use crate::store::nodes::{self, Node};
 
@@ -195,13 +195,24 @@ async fn run_session(
     }
     let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
     let (tx, mut events) = mpsc::unbounded_channel();
-    if let Err(e) = hub.attach(&node, conn_id, remote, tx).await {
-        tracing::error!(error = %e, "netmap for the new session failed");
-        let err = refuse(
-            "internal",
-            "the coordinator could not build the netmap".into(),
-        );
-        return close_with(&conn, &mut send, err).await;
+    match hub.attach(&node, conn_id, remote, tx).await {
+        Ok(Attached::Live) => {}
+        Ok(Attached::Gone) => {
+            // Revoked or deleted after `authenticate`: the same check now gives the reason.
+            let err = match authenticate(&conn, &hub).await {
+                Err(err) => err,
+                Ok(_) => refuse("revoked", "node is no longer active".into()),
+            };
+            return close_with(&conn, &mut send, err).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "netmap for the new session failed");
+            let err = refuse(
+                "internal",
+                "the coordinator could not build the netmap".into(),
+            );
+            return close_with(&conn, &mut send, err).await;
+        }
     }
     info!(have = ?hello.have_version.map(|v| v.0), "control channel connected");
 

@@ -25,6 +25,15 @@ pub const NETMAP_LIFETIME_SECS: u64 = 24 * 3600;
 /// A netmap with less than this left is re-issued with a fresh expiry.
 pub const NETMAP_REFRESH_SECS: u64 = 12 * 3600;
 
+/// Whether [`Hub::attach`] registered a live session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// Registered; the full netmap is on its way.
+    Live,
+    /// The node was revoked or deleted while its session was being set up.
+    Gone,
+}
+
 /// What a session task is told to do.
 #[derive(Debug)]
 pub enum SessionEvent {
@@ -154,12 +163,29 @@ impl Hub {
         conn_id: u64,
         remote: SocketAddr,
         tx: mpsc::UnboundedSender<SessionEvent>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Attached, StoreError> {
         let _order = self.recompute.lock().await;
         self.recompute_locked(node.network).await?;
+        let session = Session {
+            conn_id,
+            remote,
+            tx: tx.clone(),
+        };
+        // Register first, read the node's state second: a revoke or delete commits before it
+        // closes sessions, so either it finds this session or this read sees it gone.
+        let old = lock(&self.sessions).insert(node.id, session);
+        if let Some(old) = old {
+            self.replaced(node, &old, remote);
+        }
         let mut conn = self.store.pool().acquire().await?;
-        let current = nodes::find_in(&mut conn, node.id).await?;
-        let json = current.and_then(|n| n.netmap_json).ok_or_else(|| {
+        let current = match nodes::find_in(&mut conn, node.id).await? {
+            Some(n) if n.is_active() => n,
+            _ => {
+                self.detach(node.id, conn_id);
+                return Ok(Attached::Gone);
+            }
+        };
+        let json = current.netmap_json.ok_or_else(|| {
             StoreError::Corrupt(format!("node {} has no netmap after recompute", node.name))
         })?;
         let full: Netmap = crate::store::from_json(&json, "stored netmap")?;
@@ -169,33 +195,29 @@ impl Hub {
             full: Arc::new(full),
             delta: None,
         });
-        let session = Session {
-            conn_id,
-            remote,
-            tx,
-        };
-        let old = lock(&self.sessions).insert(node.id, session);
-        if let Some(old) = old {
-            if old.remote != remote {
-                self.identity_conflicts.fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    node = %node.name,
-                    old_remote = %old.remote,
-                    new_remote = %remote,
-                    "a control session from {remote} replaced a live one from {}: two machines \
-                     are using node {}'s identity: a copied state directory?",
-                    old.remote,
-                    node.name
-                );
-            } else {
-                debug!(node = %node.name, %remote, "control session replaced by a newer one");
-            }
-            let _ = old.tx.send(SessionEvent::Close(ControlError {
-                code: "protocol".into(),
-                message: "a newer control connection of this node replaced this one".into(),
-            }));
+        Ok(Attached::Live)
+    }
+
+    /// Tells a replaced session to end, warning when the new one comes from elsewhere.
+    fn replaced(&self, node: &Node, old: &Session, remote: SocketAddr) {
+        if old.remote != remote {
+            self.identity_conflicts.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                node = %node.name,
+                old_remote = %old.remote,
+                new_remote = %remote,
+                "a control session from {remote} replaced a live one from {}: two machines \
+                 are using node {}'s identity: a copied state directory?",
+                old.remote,
+                node.name
+            );
+        } else {
+            debug!(node = %node.name, %remote, "control session replaced by a newer one");
         }
-        Ok(())
+        let _ = old.tx.send(SessionEvent::Close(ControlError {
+            code: "protocol".into(),
+            message: "a newer control connection of this node replaced this one".into(),
+        }));
     }
 
     /// Removes a session, unless a newer one replaced it already.

@@ -31,6 +31,8 @@ pub enum FrameKind {
     },
     /// ICMP or ICMPv6.
     Icmp,
+    /// IGMP: the multicast membership reports an interface sends when it comes up.
+    Igmp,
     /// ARP, or IPv6 neighbour discovery carried as ICMPv6 is reported as `Icmp`.
     Arp,
     /// Anything else (with its ethertype or IP protocol).
@@ -116,6 +118,7 @@ fn classify(linktype: u32, data: &[u8]) -> FrameKind {
             dst_port: d,
         }),
         1 | 58 => FrameKind::Icmp,
+        2 => FrameKind::Igmp,
         p => FrameKind::Other(u16::from(p)),
     }
 }

@@ -513,7 +513,7 @@ fn two_nodes_follow_the_policy_and_the_link_carries_only_wireguard() {
                 assert!(!v4, "IPv4 ICMP in clear on the link");
             }
             // ARP, IGMP/MLD and bridge control frames.
-            FrameKind::Arp | FrameKind::Other(_) => {}
+            FrameKind::Arp | FrameKind::Igmp | FrameKind::Other(_) => {}
         }
         assert!(
             !f.contains(marker.as_bytes()),

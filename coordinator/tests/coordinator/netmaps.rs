@@ -78,6 +78,15 @@ impl Fixture {
         }
     }
 
+    /// Applies `WEB_DB_OPS` and reads the netmap update it pushes to every session.
+    pub async fn apply_web_db_ops(&mut self) {
+        let (status, body) = self.coord.api().policy("prod-vpc", WEB_DB_OPS).await;
+        assert_eq!(status, 200, "{body}");
+        for s in self.sessions.iter_mut() {
+            s.next().await;
+        }
+    }
+
     pub fn index(&self, name: &str) -> usize {
         self.nodes.iter().position(|n| n.name == name).unwrap()
     }
@@ -189,11 +198,7 @@ async fn a_reconnecting_node_gets_its_full_netmap_with_self_info() {
 async fn endpoint_reports_and_deletions_reach_peers_as_deltas() {
     let mut f = Fixture::new().await;
     let api = f.coord.api();
-    let (status, _) = api.policy("prod-vpc", WEB_DB_OPS).await;
-    assert_eq!(status, 200);
-    for s in f.sessions.iter_mut() {
-        s.next().await;
-    }
+    f.apply_web_db_ops().await;
     let (web1, db1) = (f.index("web1"), f.index("db1"));
 
     // db1 roams: web1, which may reach it, hears of its new endpoint.
@@ -253,11 +258,7 @@ fn delta(update: ServerMsg) -> ztnet_proto::control::NetmapDelta {
 async fn a_pinned_endpoint_wins_over_reports_until_cleared() {
     let mut f = Fixture::new().await;
     let api = f.coord.api();
-    let (status, _) = api.policy("prod-vpc", WEB_DB_OPS).await;
-    assert_eq!(status, 200);
-    for s in f.sessions.iter_mut() {
-        s.next().await;
-    }
+    f.apply_web_db_ops().await;
     let (web1, db1) = (f.index("web1"), f.index("db1"));
     let path = "/v1/networks/prod-vpc/nodes/db1/endpoint";
 

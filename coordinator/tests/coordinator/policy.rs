@@ -37,11 +37,7 @@ expect = "allow"
 async fn refused_policies_leave_the_current_one_in_force() {
     let mut f = Fixture::new().await;
     let api = f.coord.api();
-    let (status, _) = api.policy("prod-vpc", WEB_DB_OPS).await;
-    assert_eq!(status, 200);
-    for s in f.sessions.iter_mut() {
-        s.next().await;
-    }
+    f.apply_web_db_ops().await;
 
     for (source, needle) in [
         (UNDEFINED_GROUP, "old-db"),

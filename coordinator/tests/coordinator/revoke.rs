@@ -6,7 +6,7 @@ use serde_json::json;
 use ztnet_proto::control::{NetmapUpdate, NodeMsg, ServerMsg};
 
 use crate::common::{TestNode, send_first};
-use crate::netmaps::{Fixture, WEB_DB_OPS};
+use crate::netmaps::Fixture;
 
 fn refusal(msg: &ServerMsg) -> (String, String) {
     match msg {
@@ -19,11 +19,7 @@ fn refusal(msg: &ServerMsg) -> (String, String) {
 async fn a_revoked_node_leaves_every_netmap_and_its_key_stays_refused() {
     let mut f = Fixture::new().await;
     let api = f.coord.api();
-    let (status, _) = api.policy("prod-vpc", WEB_DB_OPS).await;
-    assert_eq!(status, 200);
-    for s in f.sessions.iter_mut() {
-        s.next().await;
-    }
+    f.apply_web_db_ops().await;
     let (web1, db1) = (f.index("web1"), f.index("db1"));
 
     // A control character in the reason is refused, and nothing changes.

@@ -49,7 +49,9 @@ command -v ethtool >/dev/null || echo "warning: no ethtool; veth offloads stay o
 
 echo "== building ztnet-node (release)" >&2
 (cd "$ROOT" && cargo build --release -q -p ztnet-node)
-ZTNET="$ROOT/target/release/ztnet-node"
+# A private copy: another checkout sharing the target directory may rebuild it mid-run.
+cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/ztnet-node" "$WORK/ztnet-node"
+ZTNET="$WORK/ztnet-node"
 BTUN="$CACHE/bin/boringtun-cli"
 if [ ! -x "$BTUN" ]; then
     echo "== installing boringtun-cli 0.7.1 into $CACHE" >&2

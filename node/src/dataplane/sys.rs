@@ -1,9 +1,10 @@
-//! The one place where the node talks to the kernel through raw calls: opening a TUN device,
-//! forcing socket buffer sizes as root, and waiting for a file descriptor to become readable.
+//! The one place where the node talks to the kernel through raw calls: opening a TUN device
+//! (with its offloads), forcing socket buffer sizes as root, batched UDP sends and receives,
+//! and waiting for a file descriptor to become readable.
 //!
 //! `unsafe` is allowed here only: each call passes pointers to values that live on the stack
 //! for the whole call, with the sizes the kernel expects. A raw TUN device (rather than the
-//! `tun-tap` crate) keeps room for `IFF_VNET_HDR` offloads and multi-queue later.
+//! `tun-tap` crate) is what lets the node open it with `IFF_VNET_HDR` and `TUNSETOFFLOAD`.
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -20,9 +21,31 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// `IFF_VNET_HDR` from `linux/if_tun.h`: every packet carries a virtio-net header.
+const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// `TUNSETOFFLOAD`, `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `TUNSETVNETHDRSZ`, `_IOW('T', 216, int)`.
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+
+/// `TUN_F_*` offload flags, as `TUNSETOFFLOAD` takes them.
+pub mod tun_f {
+    /// The device may leave checksums partial (needed by all the others).
+    pub const CSUM: u32 = 0x01;
+    /// TCP segmentation offload over IPv4.
+    pub const TSO4: u32 = 0x02;
+    /// TCP segmentation offload over IPv6.
+    pub const TSO6: u32 = 0x04;
+    /// UDP segmentation offload over IPv4 (Linux 6.2+).
+    pub const USO4: u32 = 0x20;
+    /// UDP segmentation offload over IPv6 (Linux 6.2+).
+    pub const USO6: u32 = 0x40;
+}
+
 /// Opens `/dev/net/tun` as a layer-3 TUN interface named `name` without packet information,
-/// in non-blocking mode. Returns the device and the name the kernel gave it.
-pub fn open_tun(name: &str) -> io::Result<(File, String)> {
+/// in non-blocking mode, with a virtio-net header before every packet when `vnet_hdr` is set.
+/// Returns the device and the name the kernel gave it.
+pub fn open_tun(name: &str, vnet_hdr: bool) -> io::Result<(File, String)> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -34,9 +57,13 @@ pub fn open_tun(name: &str) -> io::Result<(File, String)> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
+    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    if vnet_hdr {
+        flags |= IFF_VNET_HDR;
+    }
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+        flags: flags as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -45,6 +72,14 @@ pub fn open_tun(name: &str) -> io::Result<(File, String)> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
+    if vnet_hdr {
+        let size: libc::c_int = super::offload::VNET_HDR_LEN as libc::c_int;
+        // SAFETY: a c_int on the stack, read by the kernel during the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &size as *const _) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     let end = req
         .name
         .iter()
@@ -52,6 +87,16 @@ pub fn open_tun(name: &str) -> io::Result<(File, String)> {
         .unwrap_or(req.name.len());
     let actual = String::from_utf8_lossy(&req.name[..end]).into_owned();
     Ok((file, actual))
+}
+
+/// Tells the kernel which offloads the reader of a `IFF_VNET_HDR` TUN handles (`TUN_F_*`).
+pub fn set_tun_offload(fd: RawFd, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    let rc = unsafe { libc::ioctl(fd, TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Waits until `fd` is readable or `timeout` passes. Returns true when readable.

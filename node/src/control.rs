@@ -52,6 +52,7 @@ pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
             allowed_ips: p.allowed_ips.clone(),
             persistent_keepalive: Some(PERSISTENT_KEEPALIVE),
             identity: Some(p.identity.clone()),
+            preshared_key: None,
         })
         .collect();
     DataplaneConfig {
@@ -61,6 +62,7 @@ pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
         routes: netmap.node.routes.clone(),
         peers,
         filter: netmap.filter.clone(),
+        private_key: None,
     }
 }
 

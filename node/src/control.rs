@@ -375,6 +375,7 @@ mod tests {
             peers,
             filter: FilterSpec::default(),
             expires_at,
+            bundle_pem: None,
         }
     }
 
@@ -441,6 +442,7 @@ mod tests {
             filter: None,
             node: None,
             expires_at: 2000,
+            bundle_pem: None,
         };
         let next = t
             .prepare(&NetmapUpdate::Delta(delta), 10)
@@ -474,6 +476,7 @@ mod tests {
             filter: None,
             node: None,
             expires_at: 2000,
+            bundle_pem: None,
         };
         let update = NetmapUpdate::Delta(delta);
         assert!(matches!(

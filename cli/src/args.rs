@@ -94,6 +94,9 @@ Examples:
     /// delete.
     #[command(subcommand)]
     Workload(crate::cmd::workload::WorkloadCmd),
+    /// The coordinator's CAs: status, list, rotate, activate, bundle.
+    #[command(subcommand)]
+    Ca(crate::cmd::ca::CaCmd),
     /// This process's workload identity, fetched from the local node's workload API.
     #[command(after_help = "\
 Examples:

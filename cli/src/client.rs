@@ -2,7 +2,9 @@
 //! the certificate against the name `ztnet-coordinator`, whatever address was dialled.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -36,12 +38,15 @@ pub struct ApiClient {
     http: Client,
     base: String,
     api_key: zeroize::Zeroizing<String>,
+    ca_path: PathBuf,
+    stale_ca: Arc<AtomicBool>,
+    warned: AtomicBool,
 }
 
 impl ApiClient {
     /// Builds the client; nothing is dialled yet.
     pub fn new(config: &Resolved) -> Result<ApiClient> {
-        let tls = tls_config(&config.ca_pem)
+        let (tls, stale_ca) = tls_config(&config.ca_pem)
             .with_context(|| format!("CA certificate {}", config.ca_path.display()))?;
         let http = Client::builder()
             .use_preconfigured_tls(tls)
@@ -54,6 +59,9 @@ impl ApiClient {
             http,
             base: format!("https://{}", config.coordinator),
             api_key: config.api_key.clone(),
+            ca_path: config.ca_path.clone(),
+            stale_ca,
+            warned: AtomicBool::new(false),
         })
     }
 
@@ -70,6 +78,11 @@ impl ApiClient {
     /// `PUT path` with a JSON body.
     pub fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         self.send(self.request(Method::PUT, path).json(body))
+    }
+
+    /// `PATCH path` with a JSON body.
+    pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send(self.request(Method::PATCH, path).json(body))
     }
 
     /// `DELETE path`.
@@ -90,6 +103,7 @@ impl ApiClient {
             .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
         let status = resp.status();
         let body = resp.bytes().context("reading the coordinator's answer")?;
+        self.warn_stale_ca();
         if !status.is_success() {
             let err = serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| ApiError {
                 status: status.as_u16(),
@@ -108,6 +122,21 @@ impl ApiClient {
     }
 }
 
+impl ApiClient {
+    /// Says once, on stderr, that the pinned `ca.pem` lacks the CA that signs now.
+    fn warn_stale_ca(&self) {
+        if self.stale_ca.load(Ordering::Relaxed) && !self.warned.swap(true, Ordering::Relaxed) {
+            crate::output::noteln!(
+                "warning: {} does not hold the CA that now signs the coordinator's certificate \
+                 (a CA rotation is under way); it keeps working only until the old CA retires \
+                 (`ztnet ca status` says when). Refresh it now: ztnet ca bundle --output {}",
+                self.ca_path.display(),
+                self.ca_path.display()
+            );
+        }
+    }
+}
+
 /// Parses a PEM bundle of CA certificates.
 pub fn parse_ca(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
@@ -120,8 +149,10 @@ pub fn parse_ca(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 /// A rustls client config that trusts exactly `ca_pem` and verifies the server as
-/// `ztnet-coordinator`.
-pub fn tls_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig> {
+/// `ztnet-coordinator`, with a flag that is set when the server's chain verified only through
+/// an intermediate: the leaf is signed by a CA that `ca_pem` lacks, cross-signed by one it
+/// holds (the coordinator is in the middle of a CA rotation).
+fn tls_config(ca_pem: &[u8]) -> Result<(rustls::ClientConfig, Arc<AtomicBool>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for cert in parse_ca(ca_pem)? {
@@ -132,14 +163,18 @@ pub fn tls_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig> {
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .context("building the certificate verifier")?;
-    let verifier = Arc::new(FixedNameVerifier { inner });
+    let stale = Arc::new(AtomicBool::new(false));
+    let verifier = Arc::new(FixedNameVerifier {
+        inner,
+        stale: stale.clone(),
+    });
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    Ok(config)
+    Ok((config, stale))
 }
 
 /// Checks the chain with webpki as usual, but always against the coordinator's fixed name:
@@ -148,6 +183,7 @@ pub fn tls_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig> {
 #[derive(Debug)]
 struct FixedNameVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    stale: Arc<AtomicBool>,
 }
 
 impl ServerCertVerifier for FixedNameVerifier {
@@ -161,8 +197,18 @@ impl ServerCertVerifier for FixedNameVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let name = ServerName::try_from(COORDINATOR_SERVER_NAME)
             .map_err(|_| rustls::Error::General("invalid fixed server name".into()))?;
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)?;
+        if !intermediates.is_empty()
+            && self
+                .inner
+                .verify_server_cert(end_entity, &[], &name, ocsp_response, now)
+                .is_err()
+        {
+            self.stale.store(true, Ordering::Relaxed);
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -203,7 +249,8 @@ fn describe_transport_error(e: &reqwest::Error) -> String {
     if all.contains("UnknownIssuer") || all.contains("invalid peer certificate") {
         return format!(
             "{all} (the coordinator's certificate does not chain to the configured CA: \
-             is --ca-cert the ca.pem of this coordinator?)"
+             is --ca-cert the ca.pem of this coordinator? If its CA was rotated and the old \
+             one has retired, copy its current DATA_DIR/ca.pem again)"
         );
     }
     all

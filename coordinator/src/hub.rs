@@ -265,6 +265,10 @@ impl Hub {
             None => netpolicy::CompiledNetwork::default(),
         };
         let mut fresh = netmap::build(&network, &members, &compiled, expires_at);
+        let bundle = self.ca.ca_pem();
+        for map in fresh.values_mut() {
+            map.bundle_pem = Some(bundle.clone());
+        }
 
         let mut changed = Vec::new();
         for node in &members {

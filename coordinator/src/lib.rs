@@ -27,11 +27,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::crypto::ring::default_provider;
-use rustls::server::WebPkiClientVerifier;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::ca::{Ca, CaError, ServerIdentity};
+use crate::ca::{Ca, CaError};
 use crate::hub::Hub;
 use crate::store::{Store, StoreError, keys};
 
@@ -142,9 +141,8 @@ pub async fn run(config: Config) -> Result<Running, StartError> {
         );
     }
 
-    let identity = ca.issue_server()?;
-    let quic = quic_config(&identity, &ca)?;
-    let admin = admin_tls(&identity)?;
+    let quic = quic_config(&ca)?;
+    let admin = admin_tls(&ca)?;
     let hub = Arc::new(Hub::new(store, ca, config.trust_domain.clone(), advertise).await?);
 
     let endpoint = quinn::Endpoint::new(
@@ -160,6 +158,7 @@ pub async fn run(config: Config) -> Result<Running, StartError> {
     tasks.push(tokio::spawn(control::serve(endpoint.clone(), hub.clone())));
     let app = api::router(hub.clone());
     tasks.push(tokio::spawn(api::serve(listener, admin, app)));
+    tasks.push(tokio::spawn(api::drive_ca_rotation(hub.clone())));
     let refresher = hub.clone();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(REFRESH_EVERY);
@@ -308,22 +307,15 @@ fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, StdTcpListener), StartErr
     Err(io("binding the TCP (admin API) socket")(e))
 }
 
-fn quic_config(id: &ServerIdentity, ca: &Ca) -> Result<quinn::ServerConfig, StartError> {
+/// The control channel's TLS: the server certificate and the client verifier both follow the
+/// CA's rotation steps (see [`ca`]).
+fn quic_config(ca: &Ca) -> Result<quinn::ServerConfig, StartError> {
     let provider = Arc::new(default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(ca.ca_der().clone())
-        .map_err(|e| StartError::Tls(format!("CA certificate refused: {e}")))?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| StartError::Tls(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        .with_client_cert_verifier(ca.client_verifier())
+        .with_cert_resolver(ca.server_resolver());
     tls.alpn_protocols = vec![ztnet_proto::CONTROL_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
         .map_err(|e| StartError::Tls(e.to_string()))?;
@@ -342,13 +334,12 @@ fn quic_config(id: &ServerIdentity, ca: &Ca) -> Result<quinn::ServerConfig, Star
     Ok(config)
 }
 
-fn admin_tls(id: &ServerIdentity) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+fn admin_tls(ca: &Ca) -> Result<tokio_rustls::TlsAcceptor, StartError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| StartError::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        .with_cert_resolver(ca.server_resolver());
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }

@@ -76,6 +76,7 @@ pub fn build(
             peers,
             filter,
             expires_at,
+            bundle_pem: None,
         };
         out.insert(node.name.clone(), netmap);
     }
@@ -84,7 +85,11 @@ pub fn build(
 
 /// True when two netmaps say the same thing (versions and expiry aside).
 pub fn same_content(a: &Netmap, b: &Netmap) -> bool {
-    a.network == b.network && a.node == b.node && a.peers == b.peers && a.filter == b.filter
+    a.network == b.network
+        && a.node == b.node
+        && a.peers == b.peers
+        && a.filter == b.filter
+        && a.bundle_pem == b.bundle_pem
 }
 
 /// Whether `new` must be issued as a new version in place of `old`: when there is no old one,
@@ -217,6 +222,7 @@ mod tests {
             peers: vec![],
             filter: Default::default(),
             expires_at: 1_000 + 24 * 3600,
+            bundle_pem: None,
         };
         let mut same = map.clone();
         same.version = NetmapVersion(0);
@@ -228,6 +234,9 @@ mod tests {
         let mut changed = same.clone();
         changed.node.identity.tags = vec!["web".into()];
         assert!(must_reissue(Some(&map), &changed, 1_000, 12 * 3600));
+        let mut rebundled = same.clone();
+        rebundled.bundle_pem = Some("two CAs".into());
+        assert!(must_reissue(Some(&map), &rebundled, 1_000, 12 * 3600));
     }
 
     #[test]

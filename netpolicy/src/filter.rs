@@ -1,14 +1,21 @@
 //! The stateful per-packet filter of one node: rule tables indexed by protocol and port, and
-//! a bounded connection-tracking table. No I/O, no clock of its own, no allocation per packet
-//! once a flow is open.
+//! a bounded connection-tracking table ([`crate::flows`]). No I/O, no clock of its own, no
+//! allocation per packet once a flow is open.
+//!
+//! Peers live in slots whose index stays the same across `install`s for as long as the peer
+//! stays in the spec; a [`PeerRef`] names a slot and the generation it was given out in, so that
+//! a handle to a peer that left never reaches the peer that took its slot.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
 use crate::compile::RuleEntry;
+pub(crate) use crate::flows::Direction;
+use crate::flows::{Find, Flow, FlowKey, FlowTable, TcpState};
 use crate::model::{PacketClass, PortSpec};
 use crate::packet::{
     self, Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, Transport,
@@ -45,70 +52,140 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
-/// Which way a packet goes, seen from this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
-    Outbound,
-    Inbound,
+/// A duration in the filter's clock: nanoseconds. 2^64 ns is 584 years.
+const fn ns(d: Duration) -> u64 {
+    d.as_nanos() as u64
+}
+
+/// Gives every filter its own id, so that a [`PeerRef`] of one filter is refused by another.
+static NEXT_FILTER_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A peer of one [`crate::Filter`], resolved from its name once by [`crate::Filter::peer`], so
+/// that deciding a packet costs no name lookup.
+///
+/// A handle stays valid across [`crate::Filter::install`] for as long as the peer stays in the
+/// installed spec. Once an install drops the peer, its handle is refused for good (every packet
+/// through it is denied with [`DenyReason::UnknownPeer`]), even if a later spec brings a peer of
+/// that name back: resolve the name again then. A handle of another filter is refused likewise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerRef {
+    filter: u32,
+    slot: u32,
+    generation: u32,
 }
 
 /// The filter's state; see [`crate::Filter`].
 #[derive(Debug)]
 pub(crate) struct State {
-    peers: Vec<PeerTable>,
+    id: u32,
+    peers: Vec<PeerSlot>,
+    /// Slots that no peer holds.
+    free: Vec<u32>,
     by_name: HashMap<Box<str>, u32, FastHash>,
-    flows: HashMap<FlowKey, Flow, FastHash>,
-    fragments: HashMap<FragmentKey, (u32, Instant), FastHash>,
-    max_flows: usize,
-    next_sweep: Option<Instant>,
+    flows: FlowTable,
+    fragments: HashMap<FragmentKey, (u32, u64), FastHash>,
+    /// What the filter's clock counts from: the first `now` it was given.
+    epoch: Option<Instant>,
+}
+
+/// One peer slot: its name and rules while a peer holds it.
+#[derive(Debug)]
+struct PeerSlot {
+    name: Box<str>,
+    /// Raised each time a peer leaves the slot.
+    generation: u32,
+    tables: Option<PeerTable>,
 }
 
 impl State {
     pub(crate) fn new(spec: FilterSpec, config: ConntrackConfig) -> Self {
-        let (peers, by_name) = tables(&spec);
-        let capacity = config.max_flows.min(1 << 16);
-        State {
-            peers,
-            by_name,
-            flows: HashMap::with_capacity_and_hasher(capacity, FastHash::default()),
+        let mut state = State {
+            id: NEXT_FILTER_ID.fetch_add(1, Ordering::Relaxed),
+            peers: Vec::with_capacity(spec.peers.len()),
+            free: Vec::new(),
+            by_name: HashMap::with_capacity_and_hasher(spec.peers.len(), FastHash::default()),
+            flows: FlowTable::new(config.max_flows),
             fragments: HashMap::with_capacity_and_hasher(MAX_FRAGMENTS, FastHash::default()),
-            max_flows: config.max_flows,
-            next_sweep: None,
+            epoch: None,
+        };
+        state.place_peers(&spec);
+        state
+    }
+
+    /// Gives every peer of the spec its slot: the one it had, or a free or new one.
+    fn place_peers(&mut self, spec: &FilterSpec) {
+        for (name, rules) in &spec.peers {
+            let tables = PeerTable {
+                inbound: RuleTable::new(&rules.inbound),
+                outbound: RuleTable::new(&rules.outbound),
+            };
+            if let Some(&slot) = self.by_name.get(name.as_str()) {
+                self.peers[slot as usize].tables = Some(tables);
+                continue;
+            }
+            let slot = match self.free.pop() {
+                Some(slot) => {
+                    let p = &mut self.peers[slot as usize];
+                    p.name = Box::from(name.as_str());
+                    p.tables = Some(tables);
+                    slot
+                }
+                None => {
+                    self.peers.push(PeerSlot {
+                        name: Box::from(name.as_str()),
+                        generation: 0,
+                        tables: Some(tables),
+                    });
+                    (self.peers.len() - 1) as u32
+                }
+            };
+            self.by_name.insert(Box::from(name.as_str()), slot);
         }
     }
 
     pub(crate) fn install(&mut self, spec: FilterSpec, now: Instant) {
-        let (peers, by_name) = tables(&spec);
-        let old = std::mem::replace(&mut self.peers, peers);
-        self.by_name = by_name;
-        let (new_peers, new_names) = (&self.peers, &self.by_name);
+        let now = self.ticks(now);
+        // Peers that leave free their slots first; their flows go below.
+        let mut kept = vec![true; self.peers.len()];
+        for (slot, p) in self.peers.iter_mut().enumerate() {
+            if p.tables.is_some() && !spec.peers.contains_key(&*p.name) {
+                self.by_name.remove(&p.name);
+                p.tables = None;
+                p.generation = p.generation.wrapping_add(1);
+                self.free.push(slot as u32);
+                kept[slot] = false;
+            }
+        }
+        self.place_peers(&spec);
+        let peers = &self.peers;
         self.flows.retain(|key, flow| {
-            if flow.expires <= now {
+            if flow.expires <= now || !kept.get(flow.peer as usize).copied().unwrap_or(false) {
                 return false;
             }
-            let Some(&idx) = new_names.get(&*old[flow.peer as usize].name) else {
+            let Some(tables) = peers
+                .get(flow.peer as usize)
+                .and_then(|p| p.tables.as_ref())
+            else {
                 return false;
             };
             let table = match flow.origin {
-                Direction::Outbound => &new_peers[idx as usize].outbound,
-                Direction::Inbound => &new_peers[idx as usize].inbound,
+                Direction::Outbound => &tables.outbound,
+                Direction::Inbound => &tables.inbound,
             };
             let (src, dst, port) = match flow.origin {
-                Direction::Outbound => (&key.local, &key.remote, key.remote_port),
-                Direction::Inbound => (&key.remote, &key.local, key.local_port),
+                Direction::Outbound => (key.local(), key.remote(), key.remote_port()),
+                Direction::Inbound => (key.remote(), key.local(), key.local_port()),
             };
-            let class = match key.proto {
+            let class = match key.proto() {
                 PROTO_TCP => PacketClass::Tcp(port),
                 PROTO_UDP => PacketClass::Udp(port),
                 _ if flow.echo => PacketClass::IcmpEcho,
                 _ => PacketClass::Other,
             };
-            let allowed = matches!(
-                table.decide(src, dst, key.v4, class),
+            matches!(
+                table.decide(&src, &dst, key.v4(), class),
                 Some((RuleKind::Grant, _))
-            );
-            flow.peer = idx;
-            allowed
+            )
         });
         // Fragments in flight are re-checked by their next first fragment.
         self.fragments.clear();
@@ -118,17 +195,79 @@ impl State {
         self.flows.len()
     }
 
-    pub(crate) fn decide(
+    /// The handle of a peer, if the installed spec has it.
+    pub(crate) fn peer(&self, name: &str) -> Option<PeerRef> {
+        let slot = *self.by_name.get(name)?;
+        Some(PeerRef {
+            filter: self.id,
+            slot,
+            generation: self.peers[slot as usize].generation,
+        })
+    }
+
+    /// The name of the peer a handle names, while it is valid.
+    pub(crate) fn peer_name(&self, peer: PeerRef) -> Option<&str> {
+        let slot = self.resolve(peer)?;
+        Some(&self.peers[slot as usize].name)
+    }
+
+    /// The slot of a valid handle.
+    #[inline]
+    fn resolve(&self, peer: PeerRef) -> Option<u32> {
+        let p = self.peers.get(peer.slot as usize)?;
+        let valid = peer.filter == self.id && p.generation == peer.generation;
+        (valid && p.tables.is_some()).then_some(peer.slot)
+    }
+
+    /// Nanoseconds from the epoch to `now`; a time before the epoch counts as the epoch.
+    #[inline]
+    fn ticks(&mut self, now: Instant) -> u64 {
+        let epoch = *self.epoch.get_or_insert(now);
+        let d = now.saturating_duration_since(epoch);
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
+    }
+
+    pub(crate) fn decide_name(
         &mut self,
         dir: Direction,
         peer: &str,
         buf: &[u8],
         now: Instant,
     ) -> Verdict {
+        let slot = self.by_name.get(peer).copied();
+        self.decide(dir, slot, buf, now)
+    }
+
+    #[inline]
+    pub(crate) fn decide_ref(
+        &mut self,
+        dir: Direction,
+        peer: PeerRef,
+        buf: &[u8],
+        now: Instant,
+    ) -> Verdict {
+        let slot = self.resolve(peer);
+        self.decide(dir, slot, buf, now)
+    }
+
+    #[inline]
+    fn decide(&mut self, dir: Direction, peer: Option<u32>, buf: &[u8], now: Instant) -> Verdict {
         let pkt = match packet::classify(buf) {
             Ok(p) => p,
             Err(reason) => return Verdict::Deny(DenyReason::Malformed(reason)),
         };
+        let Some(peer) = peer else {
+            // A packet that cannot be read is malformed whoever sent it.
+            if let Transport::Error = pkt.transport
+                && let Err(reason) = packet::quoted(buf, &pkt)
+            {
+                return Verdict::Deny(DenyReason::Malformed(reason));
+            }
+            return Verdict::Deny(DenyReason::UnknownPeer);
+        };
+        let now = self.ticks(now);
         let (local, remote) = match dir {
             Direction::Outbound => (pkt.src, pkt.dst),
             Direction::Inbound => (pkt.dst, pkt.src),
@@ -139,22 +278,15 @@ impl State {
                 dst_port,
                 flags,
             } => {
-                let key = FlowKey::new(&pkt, local, remote, dir, src_port, dst_port);
+                let key = ported_key(&pkt, local, remote, dir, src_port, dst_port);
                 self.tcp(dir, peer, &pkt, key, flags, now)
             }
             Transport::Udp { src_port, dst_port } => {
-                let key = FlowKey::new(&pkt, local, remote, dir, src_port, dst_port);
+                let key = ported_key(&pkt, local, remote, dir, src_port, dst_port);
                 self.stateful(dir, peer, &pkt, key, PacketClass::Udp(dst_port), now)
             }
             Transport::Echo { request, id } => {
-                let key = FlowKey {
-                    v4: pkt.v4,
-                    proto: pkt.proto,
-                    local,
-                    remote,
-                    local_port: id,
-                    remote_port: 0,
-                };
+                let key = FlowKey::new(pkt.v4, pkt.proto, local, remote, id, 0);
                 self.echo(dir, peer, &pkt, key, request, now)
             }
             Transport::Error => match packet::quoted(buf, &pkt) {
@@ -164,14 +296,7 @@ impl State {
             Transport::Fragment => self.later_fragment(peer, &pkt, now),
             Transport::IcmpOther => self.stateless(dir, peer, &pkt, PacketClass::Other),
             Transport::Other => {
-                let key = FlowKey {
-                    v4: pkt.v4,
-                    proto: pkt.proto,
-                    local,
-                    remote,
-                    local_port: 0,
-                    remote_port: 0,
-                };
+                let key = FlowKey::new(pkt.v4, pkt.proto, local, remote, 0, 0);
                 self.stateful(dir, peer, &pkt, key, PacketClass::Other, now)
             }
         };
@@ -184,42 +309,41 @@ impl State {
         verdict
     }
 
-    fn peer_index(&self, peer: &str) -> Option<u32> {
-        self.by_name.get(peer).copied()
-    }
-
-    /// Looks up a live flow of this peer, in one hash lookup. An expired flow counts as absent;
-    /// it stays until a new flow with its key replaces it or a sweep removes it.
+    /// Looks up a flow, in one probe of the table: the live flow of this peer, if there is
+    /// one, and where a new flow with this key would go. An expired flow counts as absent; it
+    /// stays until a new flow takes its slot or a sweep removes it.
     #[inline]
-    fn live_flow(&mut self, key: &FlowKey, peer: &str, now: Instant) -> Option<&mut Flow> {
-        let flow = self.flows.get_mut(key)?;
-        if flow.expires <= now || *self.peers[flow.peer as usize].name != *peer {
-            return None;
-        }
-        Some(flow)
+    fn live_flow(&mut self, key: &FlowKey, peer: u32, now: u64) -> (Find, Option<&mut Flow>) {
+        let find = self.flows.find(key, now);
+        let flow = find
+            .found
+            .and_then(|at| self.flows.flow_mut(at))
+            .filter(|f| f.expires > now && f.peer == peer);
+        (find, flow)
     }
 
     fn tcp(
         &mut self,
         dir: Direction,
-        peer: &str,
+        peer: u32,
         pkt: &Packet,
         key: FlowKey,
         flags: u8,
-        now: Instant,
+        now: u64,
     ) -> Verdict {
         let fresh_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if let Some(flow) = self.live_flow(&key, peer, now) {
+        let (find, flow) = self.live_flow(&key, peer, now);
+        if let Some(flow) = flow {
             let reopen = fresh_syn && matches!(flow.tcp, TcpState::Closing | TcpState::Reset);
             if !reopen {
                 flow.tcp_update(dir, flags, now);
                 return Verdict::Allow(AllowReason::Established);
             }
-            self.flows.remove(&key);
+            // A new SYN on an ended flow opens it again, in the same slot, if the rules allow.
         }
         let port = match dir {
-            Direction::Outbound => key.remote_port,
-            Direction::Inbound => key.local_port,
+            Direction::Outbound => key.remote_port(),
+            Direction::Inbound => key.local_port(),
         };
         let verdict = self.stateless(dir, peer, pkt, PacketClass::Tcp(port));
         if matches!(verdict, Verdict::Allow(_)) && flags & TCP_RST == 0 {
@@ -229,7 +353,7 @@ impl State {
                 TcpState::Established
             };
             let flow = Flow {
-                peer: 0,
+                peer,
                 origin: dir,
                 echo: false,
                 replied: false,
@@ -237,7 +361,7 @@ impl State {
                 fin: 0,
                 expires: now,
             };
-            return self.open(peer, key, flow, verdict, now);
+            return self.open(find, key, flow, verdict, now);
         }
         verdict
     }
@@ -245,23 +369,24 @@ impl State {
     fn stateful(
         &mut self,
         dir: Direction,
-        peer: &str,
+        peer: u32,
         pkt: &Packet,
         key: FlowKey,
         class: PacketClass,
-        now: Instant,
+        now: u64,
     ) -> Verdict {
-        if let Some(flow) = self.live_flow(&key, peer, now) {
+        let (find, flow) = self.live_flow(&key, peer, now);
+        if let Some(flow) = flow {
             if dir != flow.origin {
                 flow.replied = true;
             }
-            flow.expires = now + flow.idle_timeout(key.proto);
+            flow.expires = now.saturating_add(flow.idle_timeout(key.proto()));
             return Verdict::Allow(AllowReason::Established);
         }
         let verdict = self.stateless(dir, peer, pkt, class);
         if matches!(verdict, Verdict::Allow(_)) {
             let flow = Flow {
-                peer: 0,
+                peer,
                 origin: dir,
                 echo: false,
                 replied: false,
@@ -269,7 +394,7 @@ impl State {
                 fin: 0,
                 expires: now,
             };
-            return self.open(peer, key, flow, verdict, now);
+            return self.open(find, key, flow, verdict, now);
         }
         verdict
     }
@@ -277,16 +402,17 @@ impl State {
     fn echo(
         &mut self,
         dir: Direction,
-        peer: &str,
+        peer: u32,
         pkt: &Packet,
         key: FlowKey,
         request: bool,
-        now: Instant,
+        now: u64,
     ) -> Verdict {
-        if let Some(flow) = self.live_flow(&key, peer, now) {
+        let (find, flow) = self.live_flow(&key, peer, now);
+        if let Some(flow) = flow {
             // Requests go the way the flow was opened, replies the other way.
             if request == (dir == flow.origin) && flow.echo {
-                flow.expires = now + ICMP_TIMEOUT;
+                flow.expires = now.saturating_add(ns(ICMP_TIMEOUT));
                 return Verdict::Allow(AllowReason::Established);
             }
         }
@@ -296,7 +422,7 @@ impl State {
         let verdict = self.stateless(dir, peer, pkt, PacketClass::IcmpEcho);
         if matches!(verdict, Verdict::Allow(_)) {
             let flow = Flow {
-                peer: 0,
+                peer,
                 origin: dir,
                 echo: true,
                 replied: false,
@@ -304,7 +430,7 @@ impl State {
                 fin: 0,
                 expires: now,
             };
-            return self.open(peer, key, flow, verdict, now);
+            return self.open(find, key, flow, verdict, now);
         }
         verdict
     }
@@ -312,10 +438,10 @@ impl State {
     fn icmp_error(
         &mut self,
         dir: Direction,
-        peer: &str,
+        peer: u32,
         pkt: &Packet,
         inner: &packet::Quoted,
-        now: Instant,
+        now: u64,
     ) -> Verdict {
         // The quoted packet went the other way: an error this node receives quotes a packet it
         // sent, so the quoted source is local; an error it sends quotes a packet it received.
@@ -331,21 +457,14 @@ impl State {
         } else {
             (local_port, remote_port)
         };
-        let key = FlowKey {
-            v4: pkt.v4,
-            proto: inner.proto,
-            local,
-            remote,
-            local_port,
-            remote_port,
-        };
-        if error_goes_back && self.live_flow(&key, peer, now).is_some() {
+        let key = FlowKey::new(pkt.v4, inner.proto, local, remote, local_port, remote_port);
+        if error_goes_back && self.live_flow(&key, peer, now).1.is_some() {
             return Verdict::Allow(AllowReason::Related);
         }
         self.stateless(dir, peer, pkt, PacketClass::Other)
     }
 
-    fn later_fragment(&mut self, peer: &str, pkt: &Packet, now: Instant) -> Verdict {
+    fn later_fragment(&mut self, peer: u32, pkt: &Packet, now: u64) -> Verdict {
         let Some(frag) = pkt.fragment else {
             return Verdict::Deny(DenyReason::Malformed("fragment-without-header"));
         };
@@ -355,22 +474,16 @@ impl State {
             proto: pkt.proto,
             id: frag.id,
         };
-        let Some(idx) = self.peer_index(peer) else {
-            return Verdict::Deny(DenyReason::UnknownPeer);
-        };
         match self.fragments.get(&key) {
             // Kept until it expires: fragments may come in any order, and may be duplicated.
-            Some(&(p, expires)) if p == idx && expires > now => {
+            Some(&(p, expires)) if p == peer && expires > now => {
                 Verdict::Allow(AllowReason::Related)
             }
             _ => Verdict::Deny(DenyReason::NoRule),
         }
     }
 
-    fn remember_fragment(&mut self, peer: &str, pkt: &Packet, id: u32, now: Instant) {
-        let Some(idx) = self.peer_index(peer) else {
-            return;
-        };
+    fn remember_fragment(&mut self, peer: u32, pkt: &Packet, id: u32, now: u64) {
         if self.fragments.len() >= MAX_FRAGMENTS {
             self.fragments.retain(|_, (_, expires)| *expires > now);
             if self.fragments.len() >= MAX_FRAGMENTS {
@@ -383,15 +496,19 @@ impl State {
             proto: pkt.proto,
             id,
         };
-        self.fragments.insert(key, (idx, now + FRAGMENT_TIMEOUT));
+        let expires = now.saturating_add(ns(FRAGMENT_TIMEOUT));
+        self.fragments.insert(key, (peer, expires));
     }
 
     /// Decides a packet by the rules alone.
-    fn stateless(&self, dir: Direction, peer: &str, pkt: &Packet, class: PacketClass) -> Verdict {
-        let Some(idx) = self.peer_index(peer) else {
+    fn stateless(&self, dir: Direction, peer: u32, pkt: &Packet, class: PacketClass) -> Verdict {
+        let Some(rules) = self
+            .peers
+            .get(peer as usize)
+            .and_then(|p| p.tables.as_ref())
+        else {
             return Verdict::Deny(DenyReason::UnknownPeer);
         };
-        let rules = &self.peers[idx as usize];
         let table = match dir {
             Direction::Outbound => &rules.outbound,
             Direction::Inbound => &rules.inbound,
@@ -403,55 +520,46 @@ impl State {
         }
     }
 
-    /// Records an allowed new flow; a full table refuses it.
+    /// Records an allowed new flow where the lookup said it goes; a full table refuses it.
     fn open(
         &mut self,
-        peer: &str,
+        find: Find,
         key: FlowKey,
         mut flow: Flow,
         verdict: Verdict,
-        now: Instant,
+        now: u64,
     ) -> Verdict {
-        let Some(idx) = self.peer_index(peer) else {
-            return Verdict::Deny(DenyReason::UnknownPeer);
-        };
-        // Replacing an expired flow with the same key needs no room.
-        if self.flows.len() >= self.max_flows && !self.flows.contains_key(&key) {
-            if self.next_sweep.is_none_or(|t| now >= t) {
-                self.flows.retain(|_, f| f.expires > now);
-                self.next_sweep = Some(now + SWEEP_INTERVAL);
-            }
-            if self.flows.len() >= self.max_flows {
-                return Verdict::Deny(DenyReason::TableFull);
-            }
+        flow.expires = now.saturating_add(flow.initial_timeout(key.proto()));
+        if self.flows.insert(find, key, flow, now, ns(SWEEP_INTERVAL)) {
+            verdict
+        } else {
+            Verdict::Deny(DenyReason::TableFull)
         }
-        flow.peer = idx;
-        flow.expires = now + flow.initial_timeout(key.proto);
-        self.flows.insert(key, flow);
-        verdict
     }
+}
+
+/// The key of a TCP or UDP packet's flow.
+#[inline]
+fn ported_key(
+    pkt: &Packet,
+    local: Addr,
+    remote: Addr,
+    dir: Direction,
+    src_port: u16,
+    dst_port: u16,
+) -> FlowKey {
+    let (local_port, remote_port) = match dir {
+        Direction::Outbound => (src_port, dst_port),
+        Direction::Inbound => (dst_port, src_port),
+    };
+    FlowKey::new(pkt.v4, pkt.proto, local, remote, local_port, remote_port)
 }
 
 /// The rules between this node and one peer, ready for lookups.
 #[derive(Debug)]
 struct PeerTable {
-    name: Box<str>,
     inbound: RuleTable,
     outbound: RuleTable,
-}
-
-fn tables(spec: &FilterSpec) -> (Vec<PeerTable>, HashMap<Box<str>, u32, FastHash>) {
-    let mut peers = Vec::with_capacity(spec.peers.len());
-    let mut by_name = HashMap::with_capacity_and_hasher(spec.peers.len(), FastHash::default());
-    for (name, rules) in &spec.peers {
-        by_name.insert(Box::from(name.as_str()), peers.len() as u32);
-        peers.push(PeerTable {
-            name: Box::from(name.as_str()),
-            inbound: RuleTable::new(&rules.inbound),
-            outbound: RuleTable::new(&rules.outbound),
-        });
-    }
-    (peers, by_name)
 }
 
 /// A prefix as a mask over a 128-bit number (IPv4 mapped into `::ffff:0:0/96`).
@@ -647,53 +755,6 @@ impl PortIndex {
     }
 }
 
-/// A flow, keyed from this node's side so that both directions find it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FlowKey {
-    v4: bool,
-    proto: u8,
-    local: Addr,
-    remote: Addr,
-    local_port: u16,
-    remote_port: u16,
-}
-
-impl FlowKey {
-    fn new(
-        pkt: &Packet,
-        local: Addr,
-        remote: Addr,
-        dir: Direction,
-        src_port: u16,
-        dst_port: u16,
-    ) -> Self {
-        let (local_port, remote_port) = match dir {
-            Direction::Outbound => (src_port, dst_port),
-            Direction::Inbound => (dst_port, src_port),
-        };
-        FlowKey {
-            v4: pkt.v4,
-            proto: pkt.proto,
-            local,
-            remote,
-            local_port,
-            remote_port,
-        }
-    }
-}
-
-impl Hash for FlowKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u128(self.local);
-        state.write_u128(self.remote);
-        let rest = u64::from(self.proto)
-            | u64::from(self.v4) << 8
-            | u64::from(self.local_port) << 16
-            | u64::from(self.remote_port) << 32;
-        state.write_u64(rest);
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FragmentKey {
     src: Addr,
@@ -710,49 +771,27 @@ impl Hash for FragmentKey {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TcpState {
-    /// Only the opening SYN seen.
-    Opening,
-    Established,
-    /// FIN seen both ways.
-    Closing,
-    Reset,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Flow {
-    /// Index into the filter's peer tables.
-    peer: u32,
-    origin: Direction,
-    echo: bool,
-    replied: bool,
-    tcp: TcpState,
-    /// FIN seen: bit 0 from the origin side, bit 1 from the other.
-    fin: u8,
-    expires: Instant,
-}
-
 impl Flow {
-    fn initial_timeout(&self, proto: u8) -> Duration {
+    fn initial_timeout(&self, proto: u8) -> u64 {
         match (proto, self.tcp) {
-            (PROTO_TCP, TcpState::Opening) => TCP_OPENING_TIMEOUT,
-            (PROTO_TCP, _) => TCP_ESTABLISHED_TIMEOUT,
-            (PROTO_UDP, _) => UDP_UNREPLIED_TIMEOUT,
-            _ if self.echo => ICMP_TIMEOUT,
-            _ => OTHER_TIMEOUT,
+            (PROTO_TCP, TcpState::Opening) => ns(TCP_OPENING_TIMEOUT),
+            (PROTO_TCP, _) => ns(TCP_ESTABLISHED_TIMEOUT),
+            (PROTO_UDP, _) => ns(UDP_UNREPLIED_TIMEOUT),
+            _ if self.echo => ns(ICMP_TIMEOUT),
+            _ => ns(OTHER_TIMEOUT),
         }
     }
 
-    fn idle_timeout(&self, proto: u8) -> Duration {
+    fn idle_timeout(&self, proto: u8) -> u64 {
         match proto {
-            PROTO_UDP if self.replied => UDP_TIMEOUT,
-            PROTO_UDP => UDP_UNREPLIED_TIMEOUT,
-            _ => OTHER_TIMEOUT,
+            PROTO_UDP if self.replied => ns(UDP_TIMEOUT),
+            PROTO_UDP => ns(UDP_UNREPLIED_TIMEOUT),
+            _ => ns(OTHER_TIMEOUT),
         }
     }
 
-    fn tcp_update(&mut self, dir: Direction, flags: u8, now: Instant) {
+    #[inline]
+    fn tcp_update(&mut self, dir: Direction, flags: u8, now: u64) {
         let from_origin = dir == self.origin;
         if flags & TCP_RST != 0 {
             self.tcp = TcpState::Reset;
@@ -767,23 +806,23 @@ impl Flow {
             self.tcp = TcpState::Established;
         }
         let timeout = match self.tcp {
-            TcpState::Opening => TCP_OPENING_TIMEOUT,
-            TcpState::Established => TCP_ESTABLISHED_TIMEOUT,
-            TcpState::Closing => TCP_CLOSING_TIMEOUT,
-            TcpState::Reset => TCP_RESET_TIMEOUT,
+            TcpState::Opening => ns(TCP_OPENING_TIMEOUT),
+            TcpState::Established => ns(TCP_ESTABLISHED_TIMEOUT),
+            TcpState::Closing => ns(TCP_CLOSING_TIMEOUT),
+            TcpState::Reset => ns(TCP_RESET_TIMEOUT),
         };
         // A closing or reset flow lives its short timeout from the last FIN or RST; the ACKs
         // after it do not extend it.
         let ending = matches!(self.tcp, TcpState::Closing | TcpState::Reset);
         if !ending || flags & (TCP_RST | TCP_FIN) != 0 {
-            self.expires = now + timeout;
+            self.expires = now.saturating_add(timeout);
         }
     }
 }
 
-/// A small hasher for flow keys: each word is mixed by a folded 64x64->128 multiply, so that
-/// every input bit reaches the low bits hashbrown takes its bucket from. The keys are fixed-size
-/// numbers; a peer can only vary its own ports and ids within what the policy lets it open.
+/// A small hasher for peer names and fragment keys: each word is mixed by a folded 64x64->128
+/// multiply, so that every input bit reaches the low bits hashbrown takes its bucket from. A
+/// peer can only vary its own fragment ids; peer names come from the coordinator.
 #[derive(Debug, Default, Clone, Copy)]
 struct FastHasher {
     hash: u64,

@@ -20,6 +20,7 @@
 
 mod compile;
 mod filter;
+mod flows;
 mod model;
 mod packet;
 mod parse;
@@ -28,9 +29,11 @@ mod render;
 
 pub use compile::Compiler;
 pub use filter::{
-    FRAGMENT_TIMEOUT, ICMP_TIMEOUT, OTHER_TIMEOUT, TCP_CLOSING_TIMEOUT, TCP_ESTABLISHED_TIMEOUT,
-    TCP_OPENING_TIMEOUT, TCP_RESET_TIMEOUT, UDP_TIMEOUT, UDP_UNREPLIED_TIMEOUT,
+    FRAGMENT_TIMEOUT, ICMP_TIMEOUT, OTHER_TIMEOUT, PeerRef, TCP_CLOSING_TIMEOUT,
+    TCP_ESTABLISHED_TIMEOUT, TCP_OPENING_TIMEOUT, TCP_RESET_TIMEOUT, UDP_TIMEOUT,
+    UDP_UNREPLIED_TIMEOUT,
 };
+pub use model::{PostureFacts, PostureRule, parse_version};
 pub use query::{AccessChange, AccessDiff, QueryError, Reacher, diff, who_can_reach};
 pub use render::{render_diagnostics, render_test_report};
 
@@ -48,6 +51,8 @@ pub struct Policy {
     rules: Vec<model::Rule>,
     /// The `[[test]]` entries.
     tests: Vec<parse::PolicyTest>,
+    /// The `[[posture]]` entries, in document order.
+    posture: Vec<PostureRule>,
 }
 
 /// One finding of validation, with where it is in the source.
@@ -112,6 +117,7 @@ impl Policy {
         Policy {
             rules: Vec::new(),
             tests: Vec::new(),
+            posture: Vec::new(),
         }
     }
 
@@ -134,6 +140,11 @@ impl Policy {
     /// Number of `[[test]]` entries.
     pub fn test_count(&self) -> usize {
         self.tests.len()
+    }
+
+    /// The `[[posture]]` entries, in document order.
+    pub fn posture(&self) -> &[PostureRule] {
+        &self.posture
     }
 }
 
@@ -296,15 +307,46 @@ impl Filter {
     }
 
     /// Decides an IP packet that this node sends to `peer`.
+    ///
+    /// Looks the name up for every packet; [`Filter::outbound_ref`] skips that.
     pub fn outbound(&mut self, peer: &str, packet: &[u8], now: Instant) -> Verdict {
         self.state
-            .decide(filter::Direction::Outbound, peer, packet, now)
+            .decide_name(filter::Direction::Outbound, peer, packet, now)
     }
 
     /// Decides an IP packet that this node received from `peer`.
+    ///
+    /// Looks the name up for every packet; [`Filter::inbound_ref`] skips that.
     pub fn inbound(&mut self, peer: &str, packet: &[u8], now: Instant) -> Verdict {
         self.state
-            .decide(filter::Direction::Inbound, peer, packet, now)
+            .decide_name(filter::Direction::Inbound, peer, packet, now)
+    }
+
+    /// The handle of the peer named `name`, or `None` when the installed spec does not have it.
+    /// See [`PeerRef`] for how long a handle stays valid.
+    pub fn peer(&self, name: &str) -> Option<PeerRef> {
+        self.state.peer(name)
+    }
+
+    /// The name of the peer behind a handle, or `None` when the handle is no longer valid.
+    pub fn peer_name(&self, peer: PeerRef) -> Option<&str> {
+        self.state.peer_name(peer)
+    }
+
+    /// [`Filter::outbound`] for a resolved peer: the same decision, with no name lookup. A
+    /// handle that is no longer valid gives [`DenyReason::UnknownPeer`].
+    #[inline]
+    pub fn outbound_ref(&mut self, peer: PeerRef, packet: &[u8], now: Instant) -> Verdict {
+        self.state
+            .decide_ref(filter::Direction::Outbound, peer, packet, now)
+    }
+
+    /// [`Filter::inbound`] for a resolved peer: the same decision, with no name lookup. A
+    /// handle that is no longer valid gives [`DenyReason::UnknownPeer`].
+    #[inline]
+    pub fn inbound_ref(&mut self, peer: PeerRef, packet: &[u8], now: Instant) -> Verdict {
+        self.state
+            .decide_ref(filter::Direction::Inbound, peer, packet, now)
     }
 
     /// Number of flows in the table, expired ones not yet swept included.

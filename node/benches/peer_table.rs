@@ -65,6 +65,7 @@ fn table(me: u8, key: &PrivateKey, peer_key: &PrivateKey) -> PeerTable {
         allowed_ips: vec![IpNet::from(ip(other))],
         persistent_keepalive: None,
         identity: None,
+        preshared_key: None,
     };
     let filter = Arc::new(Mutex::new(Filter::new(spec, ConntrackConfig::default())));
     PeerTable::new(

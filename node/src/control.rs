@@ -52,6 +52,7 @@ pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
             allowed_ips: p.allowed_ips.clone(),
             persistent_keepalive: Some(PERSISTENT_KEEPALIVE),
             identity: Some(p.identity.clone()),
+            preshared_key: None,
         })
         .collect();
     DataplaneConfig {
@@ -61,6 +62,7 @@ pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
         routes: netmap.node.routes.clone(),
         peers,
         filter: netmap.filter.clone(),
+        private_key: None,
     }
 }
 
@@ -373,6 +375,7 @@ mod tests {
             peers,
             filter: FilterSpec::default(),
             expires_at,
+            bundle_pem: None,
         }
     }
 
@@ -439,6 +442,7 @@ mod tests {
             filter: None,
             node: None,
             expires_at: 2000,
+            bundle_pem: None,
         };
         let next = t
             .prepare(&NetmapUpdate::Delta(delta), 10)
@@ -472,6 +476,7 @@ mod tests {
             filter: None,
             node: None,
             expires_at: 2000,
+            bundle_pem: None,
         };
         let update = NetmapUpdate::Delta(delta);
         assert!(matches!(

@@ -40,6 +40,9 @@ pub struct DataplaneConfig {
     pub peers: Vec<PeerConfig>,
     /// The compiled filter. `FilterSpec::default()` passes nothing.
     pub filter: FilterSpec,
+    /// A new private key for the node: `None` keeps the key in force; `Some` replaces it, and
+    /// every peer's session is rebuilt on the new static key (endpoints are kept).
+    pub private_key: Option<PrivateKey>,
 }
 
 /// One peer.
@@ -60,4 +63,16 @@ pub struct PeerConfig {
     pub persistent_keepalive: Option<u16>,
     /// Identity, shown in status.
     pub identity: Option<Identity>,
+    /// WireGuard's optional symmetric key mixed into the handshake (plain WireGuard mode).
+    pub preshared_key: Option<PresharedKey>,
+}
+
+/// A 32-byte preshared key. Never printed: `Debug` shows only that there is one.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct PresharedKey(pub [u8; 32]);
+
+impl std::fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresharedKey(..)")
+    }
 }

@@ -213,6 +213,7 @@ impl StaticConfig {
                     namespace: p.namespace.clone(),
                     tags: p.tags.clone(),
                 }),
+                preshared_key: None,
             });
         }
 
@@ -242,6 +243,7 @@ impl StaticConfig {
                 routes,
                 peers,
                 filter,
+                private_key: None,
             },
             warnings,
         })

@@ -219,6 +219,11 @@ pub struct Netmap {
     pub filter: FilterSpec,
     /// Unix seconds after which the node must stop using this netmap (fail closed).
     pub expires_at: u64,
+    /// The trust bundle: every CA the node must trust for the control channel, PEM. The node
+    /// saves it to its `ca.pem` before it acknowledges the version. `None` from a coordinator
+    /// that does not send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_pem: Option<String>,
 }
 
 /// Changes to a netmap.
@@ -239,6 +244,9 @@ pub struct NetmapDelta {
     pub node: Option<SelfInfo>,
     /// New expiry.
     pub expires_at: u64,
+    /// A new trust bundle, if it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_pem: Option<String>,
 }
 
 impl Netmap {
@@ -267,6 +275,9 @@ impl Netmap {
         if let Some(n) = &delta.node {
             self.node = n.clone();
         }
+        if let Some(b) = &delta.bundle_pem {
+            self.bundle_pem = Some(b.clone());
+        }
         self.version = delta.version;
         self.expires_at = delta.expires_at;
         Ok(())
@@ -294,6 +305,9 @@ impl Netmap {
             filter: (self.filter != old.filter).then(|| self.filter.clone()),
             node: (self.node != old.node).then(|| self.node.clone()),
             expires_at: self.expires_at,
+            bundle_pem: (self.bundle_pem != old.bundle_pem)
+                .then(|| self.bundle_pem.clone())
+                .flatten(),
         }
     }
 }

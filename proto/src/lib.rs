@@ -7,6 +7,7 @@
 //! with `#[serde(default)]`, within one version.
 
 pub mod admin;
+pub mod ca;
 pub mod control;
 pub mod frame;
 pub mod key;

@@ -2,6 +2,7 @@
 //! bearer API keys. The routes are the table in `ztnet_proto::admin`; errors are mapped to
 //! status codes in [`error`] only. Every change runs in one transaction with its audit entry.
 
+mod ca;
 pub mod error;
 mod networks;
 mod nodes;
@@ -30,6 +31,9 @@ use error::ApiErr;
 pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/v1/health", get(policy::health))
+        .route("/v1/ca", get(ca::show))
+        .route("/v1/ca/rotate", post(ca::rotate))
+        .route("/v1/ca/activate", post(ca::activate))
         .route("/v1/networks", post(networks::create).get(networks::list))
         .route("/v1/networks/{net}", get(networks::show))
         .route(
@@ -70,6 +74,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .fallback(error::not_found)
         .with_state(hub)
 }
+
+pub use ca::drive as drive_ca_rotation;
 
 /// Accepts TLS connections and serves the API on each until the listener fails.
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: Router) {

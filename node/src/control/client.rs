@@ -467,6 +467,11 @@ async fn apply_update(
     send: &mut quinn::SendStream,
     update: &NetmapUpdate,
 ) -> anyhow::Result<Option<SessionEnd>> {
+    if let Err(e) = save_bundle(ctx, update) {
+        // Not acknowledged: the coordinator keeps the rotation waiting for this node.
+        error!("trust bundle in netmap not used: {}", causes(&e));
+        return Ok(None);
+    }
     match ctx.applier.handle(update, now_unix()) {
         Ok(version) => {
             frame::write(send, &NodeMsg::Ack { version }).await?;
@@ -484,6 +489,33 @@ async fn apply_update(
             causes(&e)
         )))),
     }
+}
+
+/// Saves the trust bundle a netmap carries to `ca.pem` (atomically) when it differs from the
+/// one on disk, so that the next connection trusts every CA in it. Refused whole when one
+/// certificate in it does not parse.
+fn save_bundle(ctx: &Ctx, update: &NetmapUpdate) -> anyhow::Result<()> {
+    let bundle = match update {
+        NetmapUpdate::Full(n) => n.bundle_pem.as_deref(),
+        NetmapUpdate::Delta(d) => d.bundle_pem.as_deref(),
+    };
+    let Some(bundle) = bundle else {
+        return Ok(());
+    };
+    let cas = tls::certs(bundle, "trust bundle")?.len();
+    let certs = ctx
+        .state
+        .certs()?
+        .context("the node certificate is missing from the state directory")?;
+    if certs.ca_pem == bundle {
+        return Ok(());
+    }
+    ctx.state.save_certs(&NodeCerts {
+        cert_pem: certs.cert_pem,
+        ca_pem: bundle.to_owned(),
+    })?;
+    info!(cas, "trust bundle saved to ca.pem");
+    Ok(())
 }
 
 fn finish_renewal(

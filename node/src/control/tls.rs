@@ -107,7 +107,8 @@ fn pem_err(what: &'static str, reason: String) -> TlsError {
 
 /// Verifies the coordinator at enrollment, before any secret is sent: one certificate of the
 /// presented chain (not the leaf) must have the token's CA fingerprint, and the leaf must chain
-/// to exactly that CA for the name `ztnet-coordinator`.
+/// to exactly that CA (through the other certificates of the chain) for the name
+/// `ztnet-coordinator`.
 #[derive(Debug)]
 struct PinnedCaVerifier {
     fingerprint: String,
@@ -141,7 +142,14 @@ impl ServerCertVerifier for PinnedCaVerifier {
                 .map_err(|e| rustls::Error::General(format!("verifier: {e}")))?;
         let name = ServerName::try_from(COORDINATOR_SERVER_NAME)
             .map_err(|_| rustls::Error::General("invalid fixed server name".into()))?;
-        inner.verify_server_cert(end_entity, &[], &name, ocsp_response, now)
+        // During a CA rotation the chain also holds the next CA cross-signed by this one, so
+        // a token made before the rotation still pins a CA the leaf chains to.
+        let others: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .filter(|c| c.as_ref() != ca.as_ref())
+            .cloned()
+            .collect();
+        inner.verify_server_cert(end_entity, &others, &name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(

@@ -139,12 +139,8 @@ fn serve_uapi(s: &Shared, stream: UnixStream) {
         let answer = match request {
             uapi::Request::Get => {
                 let peers = s.table.read().unwrap_or_else(|p| p.into_inner()).snapshot();
-                uapi::format_get(
-                    &s.iface.private_key,
-                    s.listen_port,
-                    &peers,
-                    SystemTime::now(),
-                )
+                let key = lock(&s.keys).0.clone();
+                uapi::format_get(&key, s.listen_port, &peers, SystemTime::now())
             }
             uapi::Request::Set => uapi::format_error(uapi::SET_REFUSED_ERRNO),
             uapi::Request::Unknown(_) => uapi::format_error(libc::EINVAL),

@@ -42,8 +42,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use netpolicy::{ConntrackConfig, Filter, FilterSpec};
 use socket2::{Domain, Protocol, Socket, Type};
-use ztnet_proto::WgKey;
 use ztnet_proto::status::{PeerStatus, StatusReport};
+use ztnet_proto::{PrivateKey, WgKey};
 
 use crate::netconfig::{DataplaneConfig, InterfaceConfig};
 use counters::Counters;
@@ -67,7 +67,8 @@ pub struct Dataplane {
 /// What the threads share.
 struct Shared {
     iface: InterfaceConfig,
-    public_key: WgKey,
+    /// The key in force and its public half; `apply` may replace them.
+    keys: Mutex<(PrivateKey, WgKey)>,
     listen_port: u16,
     tun: File,
     /// The TUN carries a virtio-net header before every packet (offloads on).
@@ -116,8 +117,8 @@ impl Dataplane {
         iface.name = name;
 
         let shared = Arc::new(Shared {
+            keys: Mutex::new((iface.private_key.clone(), public_key)),
             iface,
-            public_key,
             listen_port,
             tun,
             vnet,
@@ -158,18 +159,22 @@ impl Dataplane {
         })
     }
 
-    /// Applies a new configuration atomically; unchanged peers keep their sessions.
+    /// Applies a new configuration atomically; unchanged peers keep their sessions. A new
+    /// `private_key` gives every peer a fresh session on the new key, keeping its endpoint.
     pub fn apply(&self, config: DataplaneConfig) -> anyhow::Result<()> {
         let s = &self.shared;
         let mut current = lock(&s.config);
         validate(&config)?;
+        let mut config = config;
+        let new_key = config.private_key.take();
+        let key = new_key.unwrap_or_else(|| lock(&s.keys).0.clone());
 
         iface::sync_addresses(&s.iface.name, &current, &config)?;
 
         let next = {
             let old = s.table.read().unwrap_or_else(|p| p.into_inner());
             PeerTable::new(
-                &s.iface.private_key,
+                &key,
                 &config.peers,
                 Some(&old),
                 s.filter.clone(),
@@ -185,6 +190,7 @@ impl Dataplane {
         {
             let mut table = s.table.write().unwrap_or_else(|p| p.into_inner());
             lock(&s.filter).install(config.filter.clone(), Instant::now());
+            *lock(&s.keys) = (key, next.public_key());
             *table = next;
         }
         tracing::info!(
@@ -291,7 +297,7 @@ impl Shared {
             interface: self.iface.name.clone(),
             node: config.node_name.clone(),
             mode: self.iface.mode.clone(),
-            public_key: self.public_key,
+            public_key: lock(&self.keys).1,
             listen_port: self.listen_port,
             addresses: config.addresses.clone(),
             netmap_version: config.version,

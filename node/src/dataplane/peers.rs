@@ -130,7 +130,9 @@ enum Kind {
 
 impl PeerTable {
     /// Builds a table for `peers`. Peers of `previous` with the same name and public key keep
-    /// their session (and their learnt endpoint unless the configured one changed). Two peers
+    /// their session (and their learnt endpoint unless the configured one changed). With a
+    /// private key other than `previous`'s, or a changed keepalive or preshared key, a peer
+    /// gets a fresh session but keeps its learnt endpoint and handshakes there at once. Two peers
     /// claiming the same prefix: the later one wins, as WireGuard requires, and a warning names
     /// both. `first_index` seeds the local session indices when there is no previous table.
     pub fn new(
@@ -166,9 +168,12 @@ impl PeerTable {
     ) -> PeerTable {
         let private = StaticSecret::from(private_key.to_bytes());
         let public = PublicKey::from(&private);
+        // A new static key: no session of the previous table is valid any more, and the
+        // cookie MACs are keyed by the public key, so the rate limiter is new too.
+        let rekeyed = previous.is_some_and(|p| p.public.as_bytes() != public.as_bytes());
         let rate_limiter = match previous {
-            Some(p) => p.rate_limiter.clone(),
-            None => Arc::new(RateLimiter::new(&public, handshake_limit)),
+            Some(p) if !rekeyed => p.rate_limiter.clone(),
+            _ => Arc::new(RateLimiter::new(&public, handshake_limit)),
         };
         let mut table = PeerTable {
             private,
@@ -203,9 +208,11 @@ impl PeerTable {
                 continue;
             }
             let key = (config.name.as_str(), config.public_key);
-            let reused = old
-                .get(&key)
-                .filter(|p| p.config.persistent_keepalive == config.persistent_keepalive);
+            let reused = old.get(&key).filter(|p| {
+                !rekeyed
+                    && p.config.persistent_keepalive == config.persistent_keepalive
+                    && p.config.preshared_key == config.preshared_key
+            });
             let peer = match reused {
                 Some(p) => {
                     let mut state = lock(&p.state);
@@ -232,7 +239,13 @@ impl PeerTable {
                         state: p.state.clone(),
                     }
                 }
-                None => table.new_peer(config, &taken),
+                None => {
+                    let peer = table.new_peer(config, &taken);
+                    if let Some(prev) = old.get(&key) {
+                        prev.carry_endpoint(&peer, config);
+                    }
+                    peer
+                }
             };
             let slot = table.peers.len();
             table.by_key.insert(config.public_key.0, slot);
@@ -424,7 +437,7 @@ impl PeerTable {
         let tunn = Tunn::new(
             self.private.clone(),
             PublicKey::from(config.public_key.0),
-            None,
+            config.preshared_key.as_ref().map(|k| k.0),
             config.persistent_keepalive.filter(|&k| k > 0),
             index,
             Some(self.rate_limiter.clone()),
@@ -542,6 +555,23 @@ impl PeerTable {
             Verdict::Deny(reason) => self
                 .counters
                 .drop_packet(DropReason::Inbound((&reason).into())),
+        }
+    }
+}
+
+impl Peer {
+    /// Gives `next` (the same peer with a fresh session: a new static key, keepalive or
+    /// preshared key) the endpoint this one learnt, unless the configuration names a new one;
+    /// `next` then starts a handshake there on the next timer run.
+    fn carry_endpoint(&self, next: &Peer, config: &PeerConfig) {
+        if config.endpoint.is_some() && config.endpoint != self.config.endpoint {
+            return;
+        }
+        let learnt = lock(&self.state).endpoint;
+        if let Some(ep) = learnt {
+            let mut state = lock(&next.state);
+            state.endpoint = Some(ep);
+            state.initiate = true;
         }
     }
 }
@@ -732,6 +762,7 @@ ports = ["any"]
                 allowed_ips: vec![IpNet::from(ip(j + 1))],
                 persistent_keepalive: None,
                 identity: None,
+                preshared_key: None,
             })
             .collect()
     }
@@ -1283,6 +1314,42 @@ ports = ["any"]
             to_dead, 1,
             "one initiation to the dead endpoint, then the next"
         );
+    }
+
+    #[test]
+    fn a_new_private_key_gives_fresh_sessions_and_keeps_learnt_endpoints() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        assert_eq!(m.take_tun("n2").len(), 1);
+        let roamed = SocketAddr::from(([203, 0, 113, 10], 4444));
+        let n2 = m.node("n2");
+        m.nodes[n2].addr = roamed;
+        m.send("n2", &echo(b, a, false, b"2"));
+        assert_eq!(m.take_tun("n1").len(), 1);
+
+        // n1 switches to a new key; n2 learns the new public key.
+        let new_key = PrivateKey::generate();
+        let n1 = m.node("n1");
+        m.nodes[n1].key = new_key.clone();
+        let peers = m.peers_of("n1");
+        m.reconfigure("n1", &peers);
+        let mut n2_peers = m.peers_of("n2");
+        n2_peers[0].public_key = new_key.public_key();
+        m.reconfigure("n2", &n2_peers);
+        m.seen.clear();
+        m.tick("n1");
+        m.send("n1", &echo(a, b, false, b"3"));
+
+        assert_eq!(m.nodes[n1].table.public_key(), new_key.public_key());
+        assert_eq!(m.endpoint("n1", "n2"), Some(roamed), "learnt endpoint kept");
+        let kinds: Vec<(SocketAddr, u8)> = m.seen.iter().map(|(_, to, d)| (*to, d[0])).collect();
+        assert_eq!(
+            kinds[0],
+            (roamed, 1),
+            "a fresh handshake on the new key: {kinds:?}"
+        );
+        assert_eq!(m.take_tun("n2"), vec![echo(a, b, false, b"3")]);
     }
 
     #[test]

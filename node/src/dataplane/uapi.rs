@@ -98,6 +98,7 @@ mod tests {
                 allowed_ips: vec!["10.90.0.2/32".parse().expect("prefix")],
                 persistent_keepalive: Some(25),
                 identity: None,
+                preshared_key: None,
             },
             endpoint: Some("192.0.2.2:51820".parse().expect("addr")),
             since_handshake: Some(Duration::from_secs(5)),

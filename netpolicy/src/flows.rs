@@ -1,0 +1,447 @@
+//! The connection-tracking table: open addressing with linear probing, one 64-byte cache line
+//! per flow, a keyed multiply hash, and probes bounded so that no lookup reads more than
+//! [`MAX_PROBE`] lines. The table is kept at most half full, so a lookup usually reads one or
+//! two adjacent lines; removal shifts the entries after it back, so there are no tombstones.
+//!
+//! Times are nanoseconds since the filter's epoch (see `filter::State::ticks`).
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
+/// The most slots a lookup or an insertion looks at, from a key's home slot on. With the table
+/// at most half full, a random key needs more than this with a probability of the order of
+/// 10^-10 (linear probing at load 1/2); a new flow that finds no room within it is refused as if
+/// the table were full.
+const MAX_PROBE: usize = 128;
+/// Fewest slots of a table.
+const MIN_SLOTS: usize = 16;
+/// The table starts with room for this many flows (or `max_flows` if smaller) and doubles up to
+/// twice `max_flows` slots as flows come.
+const INITIAL_FLOWS: usize = 8192;
+/// Most slots ever allocated: 2^27 lines of 64 bytes (8 GiB). A larger `max_flows` is cut to
+/// half of this.
+const MAX_SLOTS: usize = 1 << 27;
+
+/// The tail word's marker: set in every key, so that an empty slot (all zero) never matches.
+const OCCUPIED: u64 = 1 << 41;
+
+/// Which way a packet goes, seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// A flow, keyed from this node's side so that both directions find it: the two addresses
+/// (IPv4 mapped into `::ffff:0:0/96`) and one word holding the ports, protocol and family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FlowKey {
+    /// The addresses as pairs of words (low, high): 8-byte alignment keeps a slot at 64 bytes.
+    local: [u64; 2],
+    remote: [u64; 2],
+    /// `local_port | remote_port << 16 | proto << 32 | v4 << 40 | OCCUPIED`.
+    tail: u64,
+}
+
+impl FlowKey {
+    #[inline]
+    pub(crate) fn new(
+        v4: bool,
+        proto: u8,
+        local: u128,
+        remote: u128,
+        local_port: u16,
+        remote_port: u16,
+    ) -> Self {
+        let tail = u64::from(local_port)
+            | u64::from(remote_port) << 16
+            | u64::from(proto) << 32
+            | u64::from(v4) << 40
+            | OCCUPIED;
+        FlowKey {
+            local: [local as u64, (local >> 64) as u64],
+            remote: [remote as u64, (remote >> 64) as u64],
+            tail,
+        }
+    }
+
+    pub(crate) fn local(&self) -> u128 {
+        u128::from(self.local[0]) | u128::from(self.local[1]) << 64
+    }
+
+    pub(crate) fn remote(&self) -> u128 {
+        u128::from(self.remote[0]) | u128::from(self.remote[1]) << 64
+    }
+
+    pub(crate) fn local_port(&self) -> u16 {
+        self.tail as u16
+    }
+
+    pub(crate) fn remote_port(&self) -> u16 {
+        (self.tail >> 16) as u16
+    }
+
+    pub(crate) fn proto(&self) -> u8 {
+        (self.tail >> 32) as u8
+    }
+
+    pub(crate) fn v4(&self) -> bool {
+        self.tail & 1 << 40 != 0
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tail == 0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TcpState {
+    /// Only the opening SYN seen.
+    Opening,
+    Established,
+    /// FIN seen both ways.
+    Closing,
+    Reset,
+}
+
+/// What the table keeps about one flow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Flow {
+    /// Nanoseconds since the epoch at which the flow ends unless a packet renews it.
+    pub(crate) expires: u64,
+    /// The peer's slot in the filter's peer tables.
+    pub(crate) peer: u32,
+    pub(crate) origin: Direction,
+    pub(crate) echo: bool,
+    pub(crate) replied: bool,
+    pub(crate) tcp: TcpState,
+    /// FIN seen: bit 0 from the origin side, bit 1 from the other.
+    pub(crate) fin: u8,
+}
+
+/// One slot, one cache line: the key (40 bytes) and the flow (24 bytes).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Slot {
+    key: FlowKey,
+    flow: Flow,
+}
+
+const EMPTY: Slot = Slot {
+    key: FlowKey {
+        local: [0; 2],
+        remote: [0; 2],
+        tail: 0,
+    },
+    flow: Flow {
+        expires: 0,
+        peer: 0,
+        origin: Direction::Outbound,
+        echo: false,
+        replied: false,
+        tcp: TcpState::Established,
+        fin: 0,
+    },
+};
+
+/// Where a lookup ended: the key's slot, and the first slot a new entry for it may take.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Find {
+    /// The slot holding the key, live or not.
+    pub(crate) found: Option<usize>,
+    /// The first slot of the probe that is empty or holds an expired flow (`true`).
+    vacant: Option<(usize, bool)>,
+}
+
+/// The flow table. See the module documentation.
+#[derive(Debug)]
+pub(crate) struct FlowTable {
+    slots: Vec<Slot>,
+    mask: usize,
+    /// Occupied slots, expired flows not yet removed included.
+    len: usize,
+    max_flows: usize,
+    max_slots: usize,
+    /// The next time a full table may be swept.
+    next_sweep: Option<u64>,
+    seed: [u64; 5],
+}
+
+impl FlowTable {
+    pub(crate) fn new(max_flows: usize) -> Self {
+        let max_flows = max_flows.min(MAX_SLOTS / 2);
+        let max_slots = slots_for(max_flows);
+        let slots = slots_for(max_flows.min(INITIAL_FLOWS));
+        // Random per table, so that a peer cannot aim its flows at one chain of slots.
+        let random = RandomState::new();
+        let seed = [0u64, 1, 2, 3, 4].map(|i| random.hash_one(i));
+        FlowTable {
+            slots: vec![EMPTY; slots],
+            mask: slots - 1,
+            len: 0,
+            max_flows,
+            max_slots,
+            next_sweep: None,
+            seed,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Three 64x64->128 multiplies, two of them independent, each folded; every bit of the key
+    /// and of the seed reaches the low bits that pick the slot.
+    #[inline]
+    fn hash(&self, k: &FlowKey) -> u64 {
+        let s = &self.seed;
+        let a = mum(k.local[0] ^ s[0], k.local[1] ^ k.tail ^ s[1]);
+        let b = mum(k.remote[0] ^ s[2], k.remote[1] ^ s[3]);
+        mum(a ^ s[4], b)
+    }
+
+    /// Looks a key up. An expired flow is still found; the caller decides what it means.
+    #[inline]
+    pub(crate) fn find(&self, key: &FlowKey, now: u64) -> Find {
+        let mut at = self.hash(key) as usize & self.mask;
+        let mut vacant = None;
+        for _ in 0..MAX_PROBE.min(self.slots.len()) {
+            let slot = &self.slots[at];
+            if slot.key == *key {
+                return Find {
+                    found: Some(at),
+                    vacant,
+                };
+            }
+            if slot.key.is_empty() {
+                return Find {
+                    found: None,
+                    vacant: vacant.or(Some((at, false))),
+                };
+            }
+            if vacant.is_none() && slot.flow.expires <= now {
+                vacant = Some((at, true));
+            }
+            at = (at + 1) & self.mask;
+        }
+        Find {
+            found: None,
+            vacant,
+        }
+    }
+
+    /// The flow in a slot that [`FlowTable::find`] returned.
+    #[inline]
+    pub(crate) fn flow_mut(&mut self, at: usize) -> Option<&mut Flow> {
+        self.slots.get_mut(at).map(|s| &mut s.flow)
+    }
+
+    /// Stores a flow for a key that `find` just looked up (nothing changed the table since).
+    /// A key already present is replaced in place. A full table is swept for expired flows, at
+    /// most once per `sweep_interval`; false when there is still no room.
+    pub(crate) fn insert(
+        &mut self,
+        mut find: Find,
+        key: FlowKey,
+        flow: Flow,
+        now: u64,
+        sweep_interval: u64,
+    ) -> bool {
+        if let Some(at) = find.found {
+            self.slots[at] = Slot { key, flow };
+            return true;
+        }
+        if self.len >= self.max_flows {
+            if self.next_sweep.is_none_or(|t| now >= t) {
+                self.retain(|_, f| f.expires > now);
+                self.next_sweep = Some(now.saturating_add(sweep_interval));
+                find = self.find(&key, now);
+            }
+            if self.len >= self.max_flows {
+                // Only a flow that has ended may make room.
+                return match find.vacant {
+                    Some((at, true)) => {
+                        self.slots[at] = Slot { key, flow };
+                        true
+                    }
+                    _ => false,
+                };
+            }
+        }
+        if self.len >= self.slots.len() / 2 && self.slots.len() < self.max_slots {
+            self.grow();
+            find = self.find(&key, now);
+        }
+        match find.vacant {
+            Some((at, expired)) => {
+                if !expired {
+                    self.len += 1;
+                }
+                self.slots[at] = Slot { key, flow };
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keeps the flows for which `keep` is true; it sees each flow once.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&FlowKey, &mut Flow) -> bool) {
+        let n = self.slots.len();
+        // Start after an empty slot: no probe chain runs across it, so removing an entry only
+        // moves entries that are still ahead of the walk.
+        let start = self
+            .slots
+            .iter()
+            .position(|s| s.key.is_empty())
+            .map_or(0, |e| e + 1);
+        let mut visited = 0;
+        let mut at = start & self.mask;
+        while visited < n {
+            let slot = &mut self.slots[at];
+            if !slot.key.is_empty() && !keep(&slot.key, &mut slot.flow) {
+                // The slot now holds the next entry of the chain, if any: look at it again.
+                self.remove_at(at);
+                if !self.slots[at].key.is_empty() {
+                    continue;
+                }
+            }
+            visited += 1;
+            at = (at + 1) & self.mask;
+        }
+    }
+
+    /// Empties a slot, moving back the entries after it that may live closer to their home.
+    fn remove_at(&mut self, mut hole: usize) {
+        let mut next = hole;
+        loop {
+            next = (next + 1) & self.mask;
+            let key = self.slots[next].key;
+            if key.is_empty() {
+                break;
+            }
+            let home = self.hash(&key) as usize & self.mask;
+            // The entry may move to the hole when the hole lies between its home and its slot.
+            if hole.wrapping_sub(home) & self.mask < next.wrapping_sub(home) & self.mask {
+                self.slots[hole] = self.slots[next];
+                hole = next;
+            }
+        }
+        self.slots[hole] = EMPTY;
+        self.len -= 1;
+    }
+
+    /// Doubles the slots and puts every entry back.
+    fn grow(&mut self) {
+        let new_len = self.slots.len() * 2;
+        let old = std::mem::replace(&mut self.slots, vec![EMPTY; new_len]);
+        self.mask = new_len - 1;
+        self.len = 0;
+        for slot in old.into_iter().filter(|s| !s.key.is_empty()) {
+            let mut at = self.hash(&slot.key) as usize & self.mask;
+            // At load 1/4 a chain longer than the probe bound is all but impossible; an entry
+            // that found none would be dropped, and its next packet decided as a new flow.
+            for _ in 0..MAX_PROBE {
+                if self.slots[at].key.is_empty() {
+                    self.slots[at] = slot;
+                    self.len += 1;
+                    break;
+                }
+                at = (at + 1) & self.mask;
+            }
+        }
+    }
+}
+
+/// Slots for a number of flows: a power of two at least twice as large.
+fn slots_for(flows: usize) -> usize {
+    (flows * 2).next_power_of_two().clamp(MIN_SLOTS, MAX_SLOTS)
+}
+
+/// Multiplies two words to 128 bits and folds the halves.
+#[inline]
+fn mum(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(expires: u64) -> Flow {
+        Flow {
+            expires,
+            ..EMPTY.flow
+        }
+    }
+
+    fn key(i: u32) -> FlowKey {
+        FlowKey::new(
+            true,
+            17,
+            0xffff_0a00_0001,
+            0xffff_0a00_0002,
+            i as u16,
+            (i >> 16) as u16,
+        )
+    }
+
+    #[test]
+    fn a_slot_is_one_cache_line() {
+        assert_eq!(size_of::<Slot>(), 64);
+        assert_eq!(align_of::<Slot>(), 64);
+    }
+
+    #[test]
+    fn inserted_keys_are_found_and_removed_ones_are_not() {
+        let mut t = FlowTable::new(10_000);
+        for i in 0..10_000 {
+            let f = t.find(&key(i), 0);
+            assert!(f.found.is_none());
+            assert!(t.insert(f, key(i), flow(u64::from(i % 2) + 1), 0, 1));
+        }
+        assert_eq!(t.len(), 10_000);
+        // The table grew from its first size and kept everything.
+        assert!(t.slots.len() >= 20_000);
+        for i in 0..10_000 {
+            assert!(t.find(&key(i), 0).found.is_some(), "key {i}");
+        }
+        // Remove the odd half (expires 2 > 1), keep the even half.
+        t.retain(|_, f| f.expires == 2);
+        assert_eq!(t.len(), 5_000);
+        for i in 0..10_000 {
+            assert_eq!(t.find(&key(i), 0).found.is_some(), i % 2 == 1, "key {i}");
+        }
+    }
+
+    #[test]
+    fn a_full_table_refuses_until_flows_expire() {
+        let mut t = FlowTable::new(4);
+        for i in 0..4 {
+            let f = t.find(&key(i), 0);
+            assert!(t.insert(f, key(i), flow(100), 0, 10));
+        }
+        let f = t.find(&key(9), 0);
+        assert!(!t.insert(f, key(9), flow(100), 0, 10));
+        // At 100 all four have ended: the sweep makes room.
+        let f = t.find(&key(9), 100);
+        assert!(t.insert(f, key(9), flow(200), 100, 10));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn retain_sees_every_entry_once() {
+        let mut t = FlowTable::new(1000);
+        for i in 0..1000 {
+            let f = t.find(&key(i), 0);
+            assert!(t.insert(f, key(i), flow(5), 0, 1));
+        }
+        let mut seen = std::collections::HashSet::new();
+        t.retain(|k, _| {
+            assert!(seen.insert(k.local_port()), "seen twice");
+            k.local_port() % 3 != 0
+        });
+        assert_eq!(seen.len(), 1000);
+        assert_eq!(t.len(), 1000 - 334);
+    }
+}

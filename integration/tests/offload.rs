@@ -240,7 +240,10 @@ fn bulk_both_ways(offload: bool) -> Pair {
     p.wait_listen(1, 5001).expect("sink listens");
     p.wait_listen(1, 5003).expect("source listens");
     let send = format!("timeout 60 socat -u FILE:{} TCP:{n2}:5001", src.display());
-    let fetch = format!("timeout 60 socat -u TCP:{n2}:5003 CREATE:{}", down.display());
+    let fetch = format!(
+        "timeout 60 socat -u TCP:{n2}:5003 CREATE:{}",
+        down.display()
+    );
     p.spawn(0, &send, "send.log").expect("sender");
     p.spawn(0, &fetch, "fetch.log").expect("fetcher");
 
@@ -283,8 +286,16 @@ fn bulk_tcp_with_tun_offloads_arrives_byte_for_byte_and_the_filter_still_holds()
     // from n2 into super-packets it writes (rx). The same holds for n2.
     for i in 0..2 {
         let [txp, txb, rxp, rxb] = p.tun_counters(i).expect("counters");
-        assert!(txb / txp.max(1) > 2000, "n{}: TSO reads: {txp} packets, {txb} bytes", i + 1);
-        assert!(rxb / rxp.max(1) > 2000, "n{}: joined writes: {rxp} packets, {rxb} bytes", i + 1);
+        assert!(
+            txb / txp.max(1) > 2000,
+            "n{}: TSO reads: {txp} packets, {txb} bytes",
+            i + 1
+        );
+        assert!(
+            rxb / rxp.max(1) > 2000,
+            "n{}: joined writes: {rxp} packets, {rxb} bytes",
+            i + 1
+        );
     }
 }
 
@@ -295,7 +306,15 @@ fn bulk_tcp_without_tun_offloads_still_arrives_byte_for_byte() {
     for i in 0..2 {
         assert!(p.log(i).contains("TUN offloads off"), "{}", p.log(i));
         let [txp, txb, rxp, rxb] = p.tun_counters(i).expect("counters");
-        assert!(txb / txp.max(1) <= 1420, "n{}: {txp} packets, {txb} bytes", i + 1);
-        assert!(rxb / rxp.max(1) <= 1420, "n{}: {rxp} packets, {rxb} bytes", i + 1);
+        assert!(
+            txb / txp.max(1) <= 1420,
+            "n{}: {txp} packets, {txb} bytes",
+            i + 1
+        );
+        assert!(
+            rxb / rxp.max(1) <= 1420,
+            "n{}: {rxp} packets, {rxb} bytes",
+            i + 1
+        );
     }
 }

@@ -969,3 +969,264 @@ mod tests {
         c.flush(&mut |_, _| {});
     }
 }
+
+/// Splitting and joining around two real peer tables (route, filter, boringtun): every
+/// segment still meets the filter on its own.
+#[cfg(test)]
+mod filter_tests {
+    use std::net::{IpAddr, SocketAddr};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use ipnet::IpNet;
+    use netpolicy::{ConntrackConfig, Filter, Inventory, NodeIdentity, Policy};
+    use ztnet_proto::PrivateKey;
+
+    use super::*;
+    use crate::dataplane::counters::{Counters, DropReason, FilterDrop};
+    use crate::dataplane::peers::{MIN_BUFFER, PeerTable, Transmit};
+    use crate::netconfig::PeerConfig;
+
+    /// n1 may open tcp:22 on n2; nothing else.
+    const STRICT: &str =
+        "[[grant]]\nfrom = [\"node:n1\"]\nto = [\"node:n2\"]\nports = [\"tcp:22\"]\n";
+    const ALLOW_ALL: &str = "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+
+    fn ip(i: u8) -> IpAddr {
+        IpAddr::from([10, 90, 0, i])
+    }
+
+    fn underlay(i: u8) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, i], 51820))
+    }
+
+    fn filter(policy: &str, me: &str) -> Arc<Mutex<Filter>> {
+        let inventory = Inventory {
+            nodes: (1..=2u8)
+                .map(|i| NodeIdentity {
+                    name: format!("n{i}"),
+                    namespace: "default".into(),
+                    tags: vec![],
+                    spiffe_id: format!("spiffe://test/ns/default/node/n{i}"),
+                    addresses: vec![IpNet::from(ip(i))],
+                    routes: vec![],
+                })
+                .collect(),
+        };
+        let checked = Policy::parse(policy).expect("test policy parses");
+        let spec = netpolicy::compile(&checked.policy, &inventory).filters[me].clone();
+        Arc::new(Mutex::new(Filter::new(spec, ConntrackConfig::default())))
+    }
+
+    #[derive(Default)]
+    struct Wire {
+        sent: Vec<Vec<u8>>,
+        tun: Vec<(VnetHdr, Vec<u8>)>,
+        coalescer: Option<Coalescer>,
+    }
+
+    impl Transmit for Wire {
+        fn send_udp(&mut self, _to: SocketAddr, datagram: &[u8]) {
+            self.sent.push(datagram.to_vec());
+        }
+        fn write_tun(&mut self, packet: &[u8]) {
+            let tun = &mut self.tun;
+            let mut write = |h: &[u8], p: &[u8]| {
+                tun.push((VnetHdr::parse(h).expect("header"), p.to_vec()));
+            };
+            match &mut self.coalescer {
+                Some(c) => c.push(packet, &mut write),
+                None => write(&VnetHdr::default().encode(), packet),
+            }
+        }
+    }
+
+    struct Two {
+        tables: [PeerTable; 2],
+        buf: Vec<u8>,
+        now: Instant,
+    }
+
+    impl Two {
+        fn new(policies: [&str; 2]) -> Two {
+            let keys = [PrivateKey::generate(), PrivateKey::generate()];
+            let table = |i: usize| {
+                let other = 1 - i;
+                let peer = PeerConfig {
+                    name: format!("n{}", other + 1),
+                    public_key: keys[other].public_key(),
+                    endpoint: Some(underlay(other as u8 + 1)),
+                    endpoints: vec![],
+                    allowed_ips: vec![IpNet::from(ip(other as u8 + 1))],
+                    persistent_keepalive: None,
+                    identity: None,
+                    preshared_key: None,
+                };
+                let me = format!("n{}", i + 1);
+                PeerTable::new(
+                    &keys[i],
+                    &[peer],
+                    None,
+                    filter(policies[i], &me),
+                    Arc::new(Counters::default()),
+                    (i as u32 + 1) * 1000,
+                )
+            };
+            Two {
+                tables: [table(0), table(1)],
+                buf: vec![0; MIN_BUFFER],
+                now: Instant::now(),
+            }
+        }
+
+        /// Carries datagrams back and forth until both sides are quiet.
+        fn pump(&mut self, from: usize, mut datagrams: Vec<Vec<u8>>, n2: &mut Wire) {
+            let mut side = from;
+            let mut rounds = 0;
+            while !datagrams.is_empty() {
+                rounds += 1;
+                assert!(rounds < 20, "the two tables never went quiet");
+                let to = 1 - side;
+                let mut wire = Wire::default();
+                let out = if to == 1 { &mut *n2 } else { &mut wire };
+                let before = out.sent.len();
+                for d in &datagrams {
+                    let src = underlay(side as u8 + 1);
+                    self.tables[to].handle_datagram(src, d, self.now, &mut self.buf, out);
+                }
+                datagrams = out.sent.split_off(before);
+                side = to;
+            }
+        }
+
+        /// n1's TUN gives `packets`; what n2 writes to its TUN lands in `n2`.
+        fn send(&mut self, packets: &[Vec<u8>], n2: &mut Wire) {
+            let mut wire = Wire::default();
+            for p in packets {
+                self.tables[0].handle_tun_packet(p, self.now, &mut self.buf, &mut wire);
+            }
+            self.pump(0, wire.sent, n2);
+        }
+
+        fn drops(&self, i: usize, reason: DropReason) -> u64 {
+            self.tables[i].counters().count(reason)
+        }
+    }
+
+    /// A TCP segment n1 -> n2 of `n` bytes; the IPv4 ID follows the sequence number, as the
+    /// kernel numbers the segments it cuts.
+    fn segment_to(port: u16, seq: u32, n: usize) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&port.to_be_bytes());
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&1u32.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = TCP_ACK;
+        t[14..16].copy_from_slice(&1000u16.to_be_bytes());
+        t.extend((0..n).map(|i| (i as u8) ^ (seq as u8)));
+        let id = (seq / 1000) as u8;
+        let mut p = vec![0x45, 0, 0, 0, 0, id, 0x40, 0, 64, PROTO_TCP, 0, 0];
+        p.extend_from_slice(&[10, 90, 0, 1, 10, 90, 0, 2]);
+        let total = (20 + t.len()) as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        ipv4_checksum(&mut p);
+        p.extend_from_slice(&t);
+        transport_checksum(&mut p, 20, PROTO_TCP);
+        p
+    }
+
+    #[test]
+    fn a_denied_port_inside_a_joined_burst_is_still_dropped_by_the_receiver() {
+        // n1 is compromised and lets everything out; n2's inbound filter is the one that holds.
+        let mut two = Two::new([ALLOW_ALL, STRICT]);
+        let mut n2 = Wire {
+            coalescer: Some(Coalescer::new()),
+            ..Wire::default()
+        };
+        two.send(&[segment_to(22, 0, 10)], &mut n2);
+        let c = n2.coalescer.as_mut().expect("set above");
+        c.flush(&mut |_: &[u8], _: &[u8]| {});
+        n2.tun.clear();
+        let allowed: Vec<Vec<u8>> = (0..4)
+            .map(|i| segment_to(22, 10 + i * 1000, 1000))
+            .collect();
+        let burst = vec![
+            allowed[0].clone(),
+            allowed[1].clone(),
+            segment_to(23, 10 + 1000, 1000),
+            allowed[2].clone(),
+            segment_to(23, 10 + 2000, 1000),
+            allowed[3].clone(),
+        ];
+
+        two.send(&burst, &mut n2);
+        n2.coalescer
+            .as_mut()
+            .expect("set above")
+            .flush(&mut |h: &[u8], p: &[u8]| {
+                n2.tun
+                    .push((VnetHdr::parse(h).expect("header"), p.to_vec()));
+            });
+
+        assert_eq!(two.drops(1, DropReason::Inbound(FilterDrop::NoRule)), 2);
+        assert_eq!(n2.tun.len(), 1, "the four allowed segments in one write");
+        let (hdr, joined) = &n2.tun[0];
+        assert_eq!(hdr.gso_type, GSO_TCPV4);
+        let mut scratch = Vec::new();
+        let mut again = Vec::new();
+        let mut copy = joined.clone();
+        split(hdr, &mut copy, &mut scratch, |s| again.push(s.to_vec())).expect("splits");
+        assert!(
+            again == allowed,
+            "exactly the allowed segments, none of port 23"
+        );
+    }
+
+    #[test]
+    fn every_segment_of_a_super_packet_meets_the_senders_filter() {
+        let mut two = Two::new([STRICT, ALLOW_ALL]);
+        let mut n2 = Wire::default();
+        two.send(&[segment_to(22, 0, 10)], &mut n2);
+        n2.tun.clear();
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 40,
+            gso_size: 1000,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let segments = |port: u16| {
+            let mut whole = segment_to(port, 10, 3000);
+            let partial = fold(pseudo(&whole, PROTO_TCP, whole.len() - 20));
+            whole[36..38].copy_from_slice(&partial.to_be_bytes());
+            let mut out = Vec::new();
+            let mut scratch = Vec::new();
+            split(&hdr, &mut whole, &mut scratch, |s| out.push(s.to_vec())).expect("splits");
+            out
+        };
+
+        let denied = segments(23);
+        let granted = segments(22);
+        two.send(&denied, &mut n2);
+        let after_denied = n2.tun.len();
+        two.send(&granted, &mut n2);
+
+        assert_eq!(denied.len(), 3);
+        assert_eq!(
+            after_denied, 0,
+            "nothing of the denied super-packet left n1"
+        );
+        assert_eq!(
+            two.drops(0, DropReason::Outbound(FilterDrop::NoRule)),
+            3,
+            "each segment"
+        );
+        let got: Vec<Vec<u8>> = n2.tun.iter().map(|(_, p)| p.clone()).collect();
+        assert!(
+            got == granted,
+            "the granted super-packet arrives as its segments"
+        );
+    }
+}

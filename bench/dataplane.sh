@@ -16,6 +16,9 @@
 set -euo pipefail
 
 SECS=${SECS:-10}
+PINGS=${PINGS:-41}
+# LAT_ONLY=1: ping latency only (no iperf3), e.g. PINGS=201 LAT_ONLY=1 for a finer median.
+LAT_ONLY=${LAT_ONLY:-0}
 UDP_SECS=${UDP_SECS:-5}
 ONLY=${ONLY:-"veth ztnet boringtun boringtun-1t wireguard-go"}
 CACHE=${ZTNET_BENCH_CACHE:-$HOME/.cache/ztnet-bench}
@@ -212,9 +215,14 @@ measure() { # name target
     wait_until "[ -s $WORK/iperf.pid ]"
     wait_until "in_a ping -c1 -W1 $dst"
     # Latency first, on an idle tunnel.
-    # Median of 41 round trips: the machine's other load makes the mean jumpy.
-    R[$name,ping]=$(in_a ping -n -c 41 -i 0.05 "$dst" | sed -n 's/.*time=\([0-9.]*\).*/\1/p' |
+    # Median of $PINGS round trips: the machine's other load makes the mean jumpy.
+    R[$name,ping]=$(in_a ping -n -c "$PINGS" -i 0.05 "$dst" | sed -n 's/.*time=\([0-9.]*\).*/\1/p' |
         sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+    if [ "$LAT_ONLY" = 1 ]; then
+        kill "$(cat "$WORK/iperf.pid")" 2>/dev/null || true
+        rm -f "$WORK/iperf.pid"
+        return
+    fi
     local drops0 snmp0; drops0=$(rcvbuf_errors); snmp0=$(snmp_rcvbuf)
 
     ticks0=$(cpu_ticks)

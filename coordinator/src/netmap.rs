@@ -31,17 +31,46 @@ pub fn inventory(nodes: &[Node]) -> Inventory {
     }
 }
 
+/// How long node keys live, and the time to judge them at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyLife {
+    /// Key life in seconds; 0 when keys do not expire (a network without `--zero-trust`).
+    pub ttl: u64,
+    /// Unix seconds now.
+    pub now: u64,
+}
+
+impl KeyLife {
+    /// Whether `node`'s key has expired.
+    pub fn expired(&self, node: &Node) -> bool {
+        node.key_expires_at(self.ttl)
+            .is_some_and(|at| at <= self.now)
+    }
+
+    /// When `node` should rotate its key: half its life.
+    pub fn rotate_at(&self, node: &Node) -> Option<u64> {
+        (self.ttl > 0).then(|| node.key_created_at.saturating_add(self.ttl / 2))
+    }
+}
+
 /// Every node's netmap, by node name, with version 0 (the caller numbers them). A node's peers
-/// are exactly the keys of its compiled filter; a node without a filter gets no peers.
+/// are exactly the keys of its compiled filter; a node without a filter gets no peers. A node
+/// whose key expired is no one's peer, and has no peers itself, until it rotates.
 pub fn build(
     network: &Network,
     nodes: &[Node],
     compiled: &CompiledNetwork,
     expires_at: u64,
+    keys: KeyLife,
 ) -> BTreeMap<String, Netmap> {
-    let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let by_name: BTreeMap<&str, &Node> = nodes
+        .iter()
+        .filter(|n| !keys.expired(n))
+        .map(|n| (n.name.as_str(), n))
+        .collect();
     let mut out = BTreeMap::new();
     for node in nodes {
+        let expired = keys.expired(node);
         let filter = compiled
             .filters
             .get(&node.name)
@@ -50,7 +79,7 @@ pub fn build(
         let mut peers: Vec<PeerInfo> = filter
             .peers
             .keys()
-            .filter(|name| name.as_str() != node.name)
+            .filter(|name| name.as_str() != node.name && !expired)
             .filter_map(|name| by_name.get(name.as_str()))
             .map(|peer| PeerInfo {
                 name: peer.name.clone(),
@@ -58,6 +87,8 @@ pub fn build(
                 endpoints: peer_endpoints(peer),
                 allowed_ips: host_prefixes(peer),
                 identity: identity(peer),
+                key_expires_at: peer.key_expires_at(keys.ttl),
+                next_public_key: peer.next_public_key,
             })
             .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -72,6 +103,8 @@ pub fn build(
                     IpNet::V6(prefixed6(node.ipv6, network.cidr6)),
                 ],
                 routes: vec![IpNet::V4(network.cidr), IpNet::V6(network.cidr6)],
+                key_expires_at: node.key_expires_at(keys.ttl),
+                key_rotate_at: keys.rotate_at(node),
             },
             peers,
             filter,
@@ -218,6 +251,8 @@ mod tests {
                 },
                 addresses: vec![],
                 routes: vec![],
+                key_expires_at: None,
+                key_rotate_at: None,
             },
             peers: vec![],
             filter: Default::default(),

@@ -6,6 +6,7 @@
 //! | `POST /v1/networks` | [`CreateNetwork`] | [`Network`] |
 //! | `GET /v1/networks` | | `Vec<Network>` |
 //! | `GET /v1/networks/{net}` | | [`Network`] |
+//! | `PATCH /v1/networks/{net}` | [`NetworkSettings`] | [`Network`] |
 //! | `POST /v1/networks/{net}/tokens` | [`CreateToken`] | [`TokenCreated`] |
 //! | `GET /v1/networks/{net}/tokens` | | `Vec<TokenInfo>` |
 //! | `DELETE /v1/networks/{net}/tokens/{id}` | | [`TokenInfo`] |
@@ -13,6 +14,7 @@
 //! | `GET /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
 //! | `DELETE /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
 //! | `POST /v1/networks/{net}/nodes/{name}/revoke` | [`RevokeNode`] | [`NodeInfo`] (state `revoked`) |
+//! | `POST /v1/networks/{net}/nodes/{name}/rotate-key` | [`RotateKey`] | [`NodeInfo`] (409 when the node is offline) |
 //! | `PUT /v1/networks/{net}/nodes/{name}/endpoint` | [`SetEndpoint`] | [`NodeInfo`] (409 when `expected_revision` is stale) |
 //! | `PUT /v1/networks/{net}/policy` | [`ApplyPolicy`] | [`PolicyApplied`] (422 with [`ApiError::diagnostics`] when refused) |
 //! | `GET /v1/networks/{net}/policy` | | [`PolicyRecord`] |
@@ -70,6 +72,33 @@ pub struct Network {
     pub policy_version: u64,
     /// Unix seconds.
     pub created_at: u64,
+    /// Life of a node's WireGuard key in seconds (zero-trust networks; 0 = keys never expire).
+    #[serde(default)]
+    pub key_ttl_secs: u64,
+}
+
+/// `PATCH /v1/networks/{net}`: changes a network's settings; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// Life of a node's WireGuard key in seconds (at least 10, at most 30 days). Only a
+    /// zero-trust network's keys expire.
+    #[serde(default)]
+    pub key_ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/networks/{net}/nodes/{name}/rotate-key`: asks the node to rotate its WireGuard
+/// key now. Answered once the coordinator passed the request on (the node must be online).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// `peers-first` (default: peers learn the new key, then the node switches) or
+    /// `node-first` (the node switches, then peers learn it: a drill for FC-19).
+    #[serde(default)]
+    pub order: Option<String>,
+    /// Seconds to wait between the two steps (default 0, at most 60).
+    #[serde(default)]
+    pub gap_secs: Option<u64>,
 }
 
 /// `POST /v1/networks/{net}/tokens`.

@@ -91,6 +91,14 @@ pub fn network(client: &ApiClient, fmt: OutputFormat, cmd: &NetworkCmd) -> Resul
             let net: Network = client.get(&format!("/v1/networks/{}", segment(&a.name)?))?;
             emit(fmt, &net, network_fields)
         }
+        NetworkCmd::Set(a) => {
+            let body = ztnet_proto::admin::NetworkSettings {
+                key_ttl_secs: a.key_ttl.map(|d| d.as_secs()),
+            };
+            let path = format!("/v1/networks/{}", segment(&a.name)?);
+            let net: Network = client.patch(&path, &body)?;
+            emit(fmt, &net, network_fields)
+        }
     }
 }
 
@@ -102,8 +110,17 @@ fn network_fields(n: &Network) -> String {
         ("mode", mode(n.zero_trust).into()),
         ("nodes", n.nodes.to_string()),
         ("policy", policy_version(n.policy_version)),
+        ("key ttl", key_ttl(n.key_ttl_secs)),
         ("created", time(n.created_at)),
     ])
+}
+
+fn key_ttl(secs: u64) -> String {
+    if secs == 0 {
+        "keys do not expire (not zero-trust)".into()
+    } else {
+        humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+    }
 }
 
 fn mode(zero_trust: bool) -> &'static str {
@@ -269,6 +286,25 @@ pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> 
                 format!(
                     "revoked node {} in {}: it left every netmap, its control channel was \
                      closed, and its key is refused from now on\n",
+                    n.name, n.network
+                )
+            })
+        }
+        NodeCmd::RotateKey(a) => {
+            let path = format!(
+                "/v1/networks/{}/nodes/{}/rotate-key",
+                segment(&a.network)?,
+                segment(&a.name)?
+            );
+            let body = ztnet_proto::admin::RotateKey {
+                order: Some(a.order.clone()),
+                gap_secs: Some(a.gap.as_secs()),
+            };
+            let n: NodeInfo = client.post(&path, &body)?;
+            emit(fmt, &n, |n| {
+                format!(
+                    "asked node {} in {} to rotate its key; `ztnet audit` shows node.key-rotate \
+                     when it is done\n",
                     n.name, n.network
                 )
             })

@@ -35,7 +35,10 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/ca/rotate", post(ca::rotate))
         .route("/v1/ca/activate", post(ca::activate))
         .route("/v1/networks", post(networks::create).get(networks::list))
-        .route("/v1/networks/{net}", get(networks::show))
+        .route(
+            "/v1/networks/{net}",
+            get(networks::show).patch(networks::set),
+        )
         .route(
             "/v1/networks/{net}/tokens",
             post(networks::create_token).get(networks::list_tokens),
@@ -52,6 +55,10 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route(
             "/v1/networks/{net}/nodes/{name}/revoke",
             post(nodes::revoke),
+        )
+        .route(
+            "/v1/networks/{net}/nodes/{name}/rotate-key",
+            post(nodes::rotate_key),
         )
         .route(
             "/v1/networks/{net}/nodes/{name}/endpoint",

@@ -153,6 +153,49 @@ pub async fn revoke(
     Ok(Json(gone))
 }
 
+/// `POST /v1/networks/{net}/nodes/{name}/rotate-key`: asks the node to rotate its WireGuard
+/// key now (it makes the key; the private half never leaves it). 409 when it is offline.
+pub async fn rotate_key(
+    State(hub): State<Arc<Hub>>,
+    actor: Actor,
+    Path((net, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<ztnet_proto::admin::RotateKey>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    let order = match req.order.as_deref() {
+        None => crate::rotation::Order::default(),
+        Some(o) => crate::rotation::Order::parse(o).map_err(ApiErr::BadRequest)?,
+    };
+    let gap = std::time::Duration::from_secs(req.gap_secs.unwrap_or(0));
+    if gap > crate::rotation::MAX_GAP {
+        return Err(ApiErr::BadRequest(format!(
+            "the gap is at most {} seconds",
+            crate::rotation::MAX_GAP.as_secs()
+        )));
+    }
+    let network = find(&hub, &net).await?;
+    let node = find_node(&hub, &network, &name).await?;
+    let plan = crate::rotation::Plan { order, gap };
+    if !crate::rotation::request(&hub, &node, plan) {
+        return Err(ApiErr::Conflict(format!(
+            "node {} is offline: it rotates its key when it connects again and its key is \
+             past half its life",
+            node.name
+        )));
+    }
+    audit::append_alone(
+        &hub.store,
+        audit::Entry {
+            network: Some(network.id),
+            actor: &actor.0,
+            action: "node.key-rotate-request",
+            target: &node.name,
+            detail: format!("{order:?}, gap {} s", gap.as_secs()),
+        },
+    )
+    .await?;
+    Ok(Json(info(&hub, &network, &node)))
+}
+
 /// `PUT /v1/networks/{net}/nodes/{name}/endpoint`: pins or clears the endpoint peers try
 /// first. With `expected_revision`, a pin changed meanwhile by someone else gives 409.
 pub async fn set_endpoint(

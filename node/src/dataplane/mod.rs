@@ -207,6 +207,16 @@ impl Dataplane {
             .collect()
     }
 
+    /// Key mismatches seen since the last call (FC-20): handshakes from a peer's address
+    /// under a key this node does not hold for it, or for a key this node no longer has.
+    pub fn take_key_mismatches(&self) -> Vec<peers::KeyMismatch> {
+        self.shared
+            .table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_mismatches()
+    }
+
     /// Records whether the control channel is up (shown in status).
     pub fn set_control_connected(&self, connected: bool) {
         let v = if connected { 2 } else { 1 };

@@ -68,6 +68,52 @@ pub enum SessionEvent {
     },
 }
 
+/// A sign that a peer and this node disagree about a WireGuard key (FC-20): handshakes
+/// between them cannot succeed until one of them gets fresh peer state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMismatch {
+    /// The peer whose address the handshake came from.
+    pub peer: String,
+    /// That address.
+    pub from: SocketAddr,
+    /// What was wrong.
+    pub kind: MismatchKind,
+}
+
+/// What a [`KeyMismatch`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MismatchKind {
+    /// A handshake initiation under a key this node does not hold for the peer: the peer
+    /// changed its key and this node missed it.
+    UnknownKey(WgKey),
+    /// A handshake initiation for a key this node no longer has: the peer missed this node's
+    /// key change.
+    StaleKeyForUs,
+}
+
+impl std::fmt::Display for KeyMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            MismatchKind::UnknownKey(k) => write!(
+                f,
+                "peer key mismatch: {} ({}) sent a handshake under key {}, not the key this \
+                 node holds for it",
+                self.peer,
+                self.from,
+                k.short()
+            ),
+            MismatchKind::StaleKeyForUs => write!(
+                f,
+                "peer key mismatch: {} ({}) sent a handshake for a key this node no longer has",
+                self.peer, self.from
+            ),
+        }
+    }
+}
+
+/// Most mismatches kept until [`PeerTable::take_mismatches`] collects them.
+const MAX_MISMATCHES: usize = 64;
+
 /// One peer's counters and session state, for status.
 #[derive(Debug, Clone)]
 pub struct PeerSnapshot {
@@ -96,6 +142,8 @@ pub struct PeerTable {
     counters: Arc<Counters>,
     next_index: u32,
     warnings: Vec<String>,
+    /// Key mismatches seen, shared by successive tables, until collected.
+    mismatches: Arc<Mutex<Vec<KeyMismatch>>>,
 }
 
 struct Peer {
@@ -107,6 +155,9 @@ struct Peer {
 
 struct PeerState {
     tunn: Tunn,
+    /// The peer's key that `tunn` runs under: `config.public_key`, or its next key once the
+    /// peer handshook under that (or, until then, the key it is rotating away from).
+    tunn_key: WgKey,
     endpoint: Option<SocketAddr>,
     session_up: bool,
     /// The configured endpoints, tried in turn while handshakes go unanswered.
@@ -117,12 +168,16 @@ struct PeerState {
     unanswered: bool,
     /// Initiate a handshake on the next timer run (new peer with an endpoint).
     initiate: bool,
+    /// A key the peer was seen handshaking under that this node did not hold for it (a key
+    /// mismatch): once the configuration names it, the session moves to it at once.
+    seen_key: Option<WgKey>,
 }
 
 /// The kind of an incoming WireGuard message, kept to decide what authenticates.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Init,
+    /// With the static key of the initiator.
+    Init([u8; 32]),
     Response,
     Cookie,
     Data,
@@ -187,7 +242,16 @@ impl PeerTable {
             counters,
             next_index: previous.map_or(first_index, |p| p.next_index) & 0x00ff_ffff,
             warnings: Vec::new(),
+            mismatches: previous.map_or_else(Default::default, |p| p.mismatches.clone()),
         };
+        let old_by_name: HashMap<&str, &Peer> = previous
+            .map(|p| {
+                p.peers
+                    .iter()
+                    .map(|peer| (peer.config.name.as_str(), peer))
+                    .collect()
+            })
+            .unwrap_or_default();
         let old: HashMap<(&str, WgKey), &Peer> = previous
             .map(|p| {
                 p.peers
@@ -208,10 +272,11 @@ impl PeerTable {
                 continue;
             }
             let key = (config.name.as_str(), config.public_key);
-            let reused = old.get(&key).filter(|p| {
+            let reused = old_by_name.get(config.name.as_str()).copied().filter(|p| {
                 !rekeyed
                     && p.config.persistent_keepalive == config.persistent_keepalive
                     && p.config.preshared_key == config.preshared_key
+                    && p.keeps_session_for(config)
             });
             let peer = match reused {
                 Some(p) => {
@@ -232,6 +297,23 @@ impl PeerTable {
                     if !had_endpoint && state.endpoint.is_some() {
                         state.initiate = true;
                     }
+                    if let Some(seen) = state.seen_key.take()
+                        && seen != state.tunn_key
+                        && (seen == config.public_key || Some(seen) == config.next_public_key)
+                    {
+                        // The peer already runs the key this configuration brings: handshake
+                        // under it now instead of waiting for the peer's next retry.
+                        state.tunn = Tunn::new(
+                            table.private.clone(),
+                            PublicKey::from(seen.0),
+                            config.preshared_key.as_ref().map(|k| k.0),
+                            config.persistent_keepalive.filter(|&k| k > 0),
+                            p.index,
+                            Some(table.rate_limiter.clone()),
+                        );
+                        state.tunn_key = seen;
+                        state.initiate = state.endpoint.is_some();
+                    }
                     drop(state);
                     Peer {
                         config: config.clone(),
@@ -249,6 +331,11 @@ impl PeerTable {
             };
             let slot = table.peers.len();
             table.by_key.insert(config.public_key.0, slot);
+            if let Some(next) = config.next_public_key {
+                table.by_key.entry(next.0).or_insert(slot);
+            }
+            let running = lock(&peer.state).tunn_key;
+            table.by_key.entry(running.0).or_insert(slot);
             table.by_index.insert(peer.index, slot);
             table.peers.push(peer);
         }
@@ -318,6 +405,11 @@ impl PeerTable {
         };
         let peer = &self.peers[slot];
         let mut state = lock(&peer.state);
+        if let Kind::Init(key) = kind
+            && key != state.tunn_key.0
+        {
+            return self.promote(peer, &mut state, WgKey(key), from, datagram, buf, out);
+        }
 
         let result = state.tunn.decapsulate(Some(from.ip()), datagram, buf);
         match result {
@@ -449,12 +541,14 @@ impl PeerTable {
             index,
             state: Arc::new(Mutex::new(PeerState {
                 tunn,
+                tunn_key: config.public_key,
                 endpoint,
                 session_up: false,
                 candidates,
                 cursor: 0,
                 unanswered: false,
                 initiate: endpoint.is_some(),
+                seen_key: None,
             })),
         }
     }
@@ -500,19 +594,25 @@ impl PeerTable {
                         return None;
                     }
                     Err(_) => {
+                        // MAC1 is keyed by this node's public key: from a peer's address, a
+                        // bad one means the peer still holds a key this node no longer has.
                         self.counters.drop_packet(DropReason::InvalidMac);
+                        self.note_mismatch(from, MismatchKind::StaleKeyForUs);
                         return None;
                     }
                 }
                 let Ok(half) = parse_handshake_anon(&self.private, &self.public, init) else {
                     self.counters.drop_packet(DropReason::HandshakeFailed);
+                    self.note_mismatch(from, MismatchKind::StaleKeyForUs);
                     return None;
                 };
                 let Some(&slot) = self.by_key.get(&half.peer_static_public) else {
                     self.counters.drop_packet(DropReason::UnknownKey);
+                    let key = WgKey(half.peer_static_public);
+                    self.note_mismatch(from, MismatchKind::UnknownKey(key));
                     return None;
                 };
-                return Some((slot, Kind::Init));
+                return Some((slot, Kind::Init(half.peer_static_public)));
             }
             Packet::HandshakeResponse(ref p) => (p.receiver_idx, Kind::Response),
             Packet::PacketCookieReply(ref p) => (p.receiver_idx, Kind::Cookie),
@@ -524,6 +624,72 @@ impl PeerTable {
                 self.counters.drop_packet(DropReason::UnknownIndex);
                 None
             }
+        }
+    }
+
+    /// Key mismatches seen since the last call, oldest first.
+    pub fn take_mismatches(&self) -> Vec<KeyMismatch> {
+        std::mem::take(&mut *lock(&self.mismatches))
+    }
+
+    /// Records a failed handshake from `from` as a key mismatch when `from` is where one of
+    /// the peers is (its current or a configured endpoint); anything else is just counted.
+    fn note_mismatch(&self, from: SocketAddr, kind: MismatchKind) {
+        let Some(peer) = self.peers.iter().find(|p| {
+            let state = lock(&p.state);
+            state.endpoint == Some(from) || state.candidates.contains(&from)
+        }) else {
+            return;
+        };
+        if let MismatchKind::UnknownKey(k) = kind {
+            lock(&peer.state).seen_key = Some(k);
+        }
+        let mut log = lock(&self.mismatches);
+        if log.len() < MAX_MISMATCHES {
+            log.push(KeyMismatch {
+                peer: peer.config.name.clone(),
+                from,
+                kind,
+            });
+        }
+    }
+
+    /// A handshake initiation under the peer's other accepted key (its next key, or its
+    /// configured key while the session still runs on the one it rotates away from): a session
+    /// under that key replaces the running one, but only once the initiation checks out.
+    #[allow(clippy::too_many_arguments)]
+    fn promote(
+        &self,
+        peer: &Peer,
+        state: &mut PeerState,
+        key: WgKey,
+        from: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
+        let mut tunn = Tunn::new(
+            self.private.clone(),
+            PublicKey::from(key.0),
+            peer.config.preshared_key.as_ref().map(|k| k.0),
+            peer.config.persistent_keepalive.filter(|&k| k > 0),
+            peer.index,
+            Some(self.rate_limiter.clone()),
+        );
+        match tunn.decapsulate(Some(from.ip()), datagram, buf) {
+            TunnResult::WriteToNetwork(reply) => {
+                out.send_udp(from, reply);
+                tracing::info!(
+                    peer = %peer.config.name,
+                    key = %key.short(),
+                    "peer handshook under its new key; session moved to it"
+                );
+                state.tunn = tunn;
+                state.tunn_key = key;
+                state.authenticated(from);
+            }
+            TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
+            _ => self.counters.drop_packet(DropReason::HandshakeFailed),
         }
     }
 
@@ -560,6 +726,17 @@ impl PeerTable {
 }
 
 impl Peer {
+    /// Whether this peer's session may carry on under `config`: it runs under the configured
+    /// key or the next one, or under the key that `config`'s key was announced to replace (the
+    /// peer has not switched yet; its first handshake under the new key moves the session).
+    fn keeps_session_for(&self, config: &PeerConfig) -> bool {
+        let running = lock(&self.state).tunn_key;
+        running == config.public_key
+            || Some(running) == config.next_public_key
+            || (self.config.next_public_key == Some(config.public_key)
+                && running == self.config.public_key)
+    }
+
     /// Gives `next` (the same peer with a fresh session: a new static key, keepalive or
     /// preshared key) the endpoint this one learnt, unless the configuration names a new one;
     /// `next` then starts a handshake there on the next timer run.
@@ -763,6 +940,7 @@ ports = ["any"]
                 persistent_keepalive: None,
                 identity: None,
                 preshared_key: None,
+                next_public_key: None,
             })
             .collect()
     }
@@ -1314,6 +1492,114 @@ ports = ["any"]
             to_dead, 1,
             "one initiation to the dead endpoint, then the next"
         );
+    }
+
+    #[test]
+    fn a_rotation_announced_first_moves_the_session_to_the_next_key_in_one_handshake() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        assert_eq!(m.take_tun("n2").len(), 1);
+
+        // n2 learns n1's next key; the running session is kept and still carries traffic.
+        let next = PrivateKey::generate();
+        let mut n2_peers = m.peers_of("n2");
+        n2_peers[0].next_public_key = Some(next.public_key());
+        m.reconfigure("n2", &n2_peers);
+        m.send("n1", &echo(a, b, false, b"2"));
+        assert_eq!(m.take_tun("n2").len(), 1, "the old session still works");
+
+        // The coordinator's switch reaches n2 before n1 switches: the old session stays.
+        n2_peers[0].public_key = next.public_key();
+        n2_peers[0].next_public_key = None;
+        m.reconfigure("n2", &n2_peers);
+        m.send("n1", &echo(a, b, false, b"3"));
+        assert_eq!(
+            m.take_tun("n2").len(),
+            1,
+            "kept until n1 handshakes under the new key"
+        );
+
+        // n1 switches and handshakes at once; n2 moves the session to the new key.
+        let n1 = m.node("n1");
+        m.nodes[n1].key = next.clone();
+        let peers = m.peers_of("n1");
+        m.reconfigure("n1", &peers);
+        m.seen.clear();
+        m.tick("n1");
+        let kinds: Vec<u8> = m.seen.iter().map(|(_, _, d)| d[0]).collect();
+        assert_eq!(
+            kinds[..2],
+            [1, 2],
+            "one initiation, one response: {kinds:?}"
+        );
+        m.send("n1", &echo(a, b, false, b"4"));
+        assert_eq!(m.take_tun("n2"), vec![echo(a, b, false, b"4")]);
+        m.send("n2", &echo(b, a, true, b"5"));
+        assert_eq!(m.take_tun("n1"), vec![echo(b, a, true, b"5")]);
+        assert!(m.nodes[m.node("n2")].table.take_mismatches().is_empty());
+    }
+
+    #[test]
+    fn a_key_change_the_peer_missed_is_reported_as_a_mismatch_on_both_sides() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        assert_eq!(m.take_tun("n2").len(), 1);
+
+        // n1 switches; n2 never hears of the new key.
+        let next = PrivateKey::generate();
+        let n1 = m.node("n1");
+        m.nodes[n1].key = next.clone();
+        let peers = m.peers_of("n1");
+        m.reconfigure("n1", &peers);
+        m.seen.clear();
+        m.tick("n1");
+        let init = m.seen.first().map(|(_, _, d)| d.clone());
+        let n2 = m.node("n2");
+        let seen = m.nodes[n2].table.take_mismatches();
+        assert_eq!(
+            seen,
+            vec![KeyMismatch {
+                peer: "n1".into(),
+                from: underlay(1),
+                kind: MismatchKind::UnknownKey(next.public_key()),
+            }]
+        );
+        assert!(
+            seen[0].to_string().contains("peer key mismatch"),
+            "{}",
+            seen[0]
+        );
+        assert!(m.nodes[n2].table.take_mismatches().is_empty(), "taken once");
+
+        // n2's own handshake goes to n1's old key: n1 says n2 holds a stale key.
+        m.retry("n2");
+        let at_n1 = m.nodes[n1].table.take_mismatches();
+        assert_eq!(at_n1.len(), 1, "{at_n1:?}");
+        assert_eq!(at_n1[0].peer, "n2");
+        assert_eq!(at_n1[0].kind, MismatchKind::StaleKeyForUs);
+
+        // The same handshake from an address that is no peer's is counted, not reported.
+        let before = m.drops("n2", DropReason::UnknownKey);
+        let init = init.expect("n1's initiation crossed the network");
+        m.inject(SocketAddr::from(([198, 51, 100, 99], 4000)), "n2", &init);
+        assert_eq!(m.drops("n2", DropReason::UnknownKey), before + 1);
+        assert!(m.nodes[n2].table.take_mismatches().is_empty());
+
+        // n2 gets the key it missed (a fresh netmap): it handshakes under it at once.
+        let mut n2_peers = m.peers_of("n2");
+        n2_peers[0].next_public_key = Some(next.public_key());
+        m.reconfigure("n2", &n2_peers);
+        m.seen.clear();
+        m.tick("n2");
+        assert_eq!(
+            m.seen.first().map(|(from, to, d)| (*from, *to, d[0])),
+            Some((underlay(2), underlay(1), 1)),
+            "n2 initiates under the key it learnt"
+        );
+        m.send("n2", &echo(b, a, false, b"healed"));
+        assert_eq!(m.take_tun("n1"), vec![echo(b, a, false, b"healed")]);
     }
 
     #[test]

@@ -99,6 +99,7 @@ mod tests {
                 persistent_keepalive: Some(25),
                 identity: None,
                 preshared_key: None,
+                next_public_key: None,
             },
             endpoint: Some("192.0.2.2:51820".parse().expect("addr")),
             since_handshake: Some(Duration::from_secs(5)),

@@ -97,6 +97,9 @@ Examples:
     /// The coordinator's CAs: status, list, rotate, activate, bundle.
     #[command(subcommand)]
     Ca(crate::cmd::ca::CaCmd),
+    /// Admin API keys: create (shown once), list, revoke.
+    #[command(subcommand)]
+    ApiKey(crate::cmd::apikey::ApiKeyCmd),
     /// This process's workload identity, fetched from the local node's workload API.
     #[command(after_help = "\
 Examples:

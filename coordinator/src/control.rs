@@ -326,6 +326,11 @@ async fn on_message(
             warn!(%reason, "node asked for a fresh netmap");
             hub.resend_full(node).await.map_err(internal)?;
         }
+        NodeMsg::Posture(posture) => {
+            crate::posture::on_report(hub, node, posture)
+                .await
+                .map_err(internal)?;
+        }
         NodeMsg::WorkloadList { request_id } => {
             let answer = crate::workload::list(hub, node, request_id).await;
             frame::write(send, &answer)

@@ -150,6 +150,11 @@ impl Hub {
         };
     }
 
+    /// The id of a node's live control session, if it has one.
+    pub fn session_id(&self, node: NodeId) -> Option<u64> {
+        lock(&self.sessions).get(&node).map(|s| s.conn_id)
+    }
+
     /// Whether a node has a control session now.
     pub fn is_online(&self, node: NodeId) -> bool {
         lock(&self.sessions).contains_key(&node)
@@ -316,6 +321,15 @@ impl Hub {
             map.bundle_pem = Some(bundle.clone());
         }
 
+        let enforced = crate::posture::enforce(
+            &mut tx,
+            &network,
+            &members,
+            effective.policy.as_deref(),
+            &mut fresh,
+            |id| self.session_id(id),
+        )
+        .await?;
         let mut changed = Vec::new();
         for node in &members {
             let Some(mut new) = fresh.remove(&node.name) else {
@@ -362,6 +376,8 @@ impl Hub {
                 });
             }
         }
+        drop(sessions);
+        enforced.track(self, &pending);
         Ok(pending)
     }
 }

@@ -15,6 +15,7 @@ pub mod hub;
 pub mod names;
 pub mod netmap;
 pub mod policy;
+pub mod posture;
 pub mod rotation;
 pub mod store;
 pub mod workload;

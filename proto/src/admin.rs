@@ -196,6 +196,13 @@ pub struct NodeInfo {
     /// The reason given for the revocation, for a revoked node.
     #[serde(default)]
     pub revoke_reason: Option<String>,
+    /// Why the node is quarantined (it fails a `[[posture]]` entry and is in no peer's
+    /// netmap), when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
+    /// Its last posture report, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub posture: Option<crate::control::Posture>,
 }
 
 /// `POST /v1/networks/{net}/nodes/{name}/revoke`: the node leaves every netmap, its control
@@ -282,6 +289,69 @@ pub struct AuditEvent {
     pub target: String,
     /// Details, readable.
     pub detail: String,
+    /// For a change that takes access away or changes it (a revoke, a quarantine, a policy
+    /// apply): how it was enforced, once every affected peer acknowledged the netmap that
+    /// enforces it, or why it was not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
+}
+
+/// The measured time to enforcement of one audited change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforcement {
+    /// Milliseconds from the change (its audit entry) to the last acknowledgement by an
+    /// affected peer; `None` while waiting, or when not every peer acknowledged in time.
+    pub ms: Option<u64>,
+    /// Connected peers that had to acknowledge.
+    pub peers: u32,
+    /// Of those, how many did.
+    pub acknowledged: u32,
+    /// Readable: `enforced in 12 ms by 19 peers`, `waiting`, `2 of 19 peers did not
+    /// acknowledge within 30 s: db1, web2`.
+    pub summary: String,
+}
+
+/// `POST /v1/api-keys`: makes another admin API key. The key is in the answer only; the
+/// coordinator keeps its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateApiKey {
+    /// Its name, unique for good (a revoked key keeps its name): letters, digits, `.`, `_`, `-`.
+    pub name: String,
+}
+
+/// One admin API key, without the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyInfo {
+    /// Name; the audit log's actor for everything done with it.
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The key that made it, or `coordinator` for the first one.
+    pub created_by: String,
+    /// Unix seconds of its revocation: from then on it gets 401.
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+    /// Who revoked it.
+    #[serde(default)]
+    pub revoked_by: Option<String>,
+}
+
+/// The answer to [`CreateApiKey`]. Its `Debug` hides the key.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ApiKeyCreated {
+    /// The key.
+    pub info: ApiKeyInfo,
+    /// `ztkey_...`: shown this once.
+    pub key: String,
+}
+
+impl std::fmt::Debug for ApiKeyCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyCreated")
+            .field("info", &self.info)
+            .field("key", &"redacted")
+            .finish()
+    }
 }
 
 /// `GET /v1/health`.

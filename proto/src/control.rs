@@ -61,6 +61,9 @@ pub enum NodeMsg {
         /// Why, in one sentence: logged by the coordinator.
         reason: String,
     },
+    /// The node's posture (issue 6): sent after [`NodeMsg::Hello`], on every report and when it
+    /// changes. The coordinator judges it against the policy's `[[posture]]` entries.
+    Posture(Posture),
     /// Asks for the workload registrations of this node.
     WorkloadList {
         /// Echoed in the answer.
@@ -207,6 +210,27 @@ pub struct Report {
     pub endpoints: Vec<SocketAddr>,
     /// ztnet-node version.
     pub version: String,
+}
+
+/// What a node reports about itself for posture checks. Facts come from the operator's
+/// `--posture-file` or `--posture-command`; `kernel` and `os` from the node itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posture {
+    /// ztnet-node version.
+    pub version: String,
+    /// Kernel release (`uname -r`).
+    #[serde(default)]
+    pub kernel: String,
+    /// Operating system (`PRETTY_NAME` of os-release).
+    #[serde(default)]
+    pub os: String,
+    /// Operator-defined facts, name to value.
+    #[serde(default)]
+    pub facts: std::collections::BTreeMap<String, String>,
+    /// Why the operator's facts could not be read, when they could not (the facts are then
+    /// empty, which fails any entry that requires one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A refusal on the control channel.

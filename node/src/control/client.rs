@@ -402,6 +402,8 @@ async fn session(
         report: report.clone(),
     };
     frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
+    let mut posture = crate::posture::Reporter::new(&ctx.version);
+    frame::write(&mut send, &posture.first().await).await?;
 
     let (tx, mut rx) = mpsc::channel(16);
     let _reader = AbortOnDrop(tokio::spawn(read_frames(recv, tx)));
@@ -475,6 +477,7 @@ async fn session(
                     }
                 }
             }
+            msg = posture.next() => frame::write(&mut send, &msg).await?,
             request = crate::workload::next_message(&mut workload_port) => {
                 frame::write(&mut send, &request).await?;
             }

@@ -274,6 +274,81 @@ mod tests {
         assert!(must_reissue(Some(&map), &rebundled, 1_000, 12 * 3600));
     }
 
+    fn node(id: i64, name: &str, key_created_at: u64) -> Node {
+        Node {
+            id: crate::store::NodeId(id),
+            network: crate::store::NetworkId(1),
+            name: name.into(),
+            namespace: "prod".into(),
+            tags: vec![],
+            spiffe_id: format!("spiffe://td/ns/prod/node/{name}"),
+            public_key: ztnet_proto::WgKey([id as u8; 32]),
+            ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
+            ipv6: format!("fd00::{id}").parse().unwrap(),
+            token_id: None,
+            listen_port: 51820,
+            endpoints: vec![],
+            pinned_endpoint: None,
+            endpoint_revision: 0,
+            version: String::new(),
+            state: "active".into(),
+            revoked_at: None,
+            revoke_reason: None,
+            netmap_version: 0,
+            netmap_json: None,
+            applied_version: 0,
+            applied_at: None,
+            last_seen: None,
+            created_at: key_created_at,
+            key_created_at,
+            next_public_key: None,
+        }
+    }
+
+    #[test]
+    fn a_node_whose_key_expired_is_nobodys_peer_and_has_none() {
+        let network = Network {
+            id: crate::store::NetworkId(1),
+            name: "prod-vpc".into(),
+            cidr: "100.64.0.0/16".parse().unwrap(),
+            cidr6: "fd00::/64".parse().unwrap(),
+            zero_trust: true,
+            created_at: 0,
+        };
+        let policy = netpolicy::Policy::parse(
+            "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n",
+        )
+        .unwrap()
+        .policy;
+        let mut b = node(2, "b", 1_000);
+        b.next_public_key = Some(ztnet_proto::WgKey([9; 32]));
+        let nodes = vec![node(1, "a", 100), b, node(3, "c", 1_000)];
+        let compiled = netpolicy::compile(&policy, &inventory(&nodes));
+        let keys = KeyLife { ttl: 600, now: 700 };
+        let maps = build(&network, &nodes, &compiled, 10_000, keys);
+        let names = |m: &Netmap| m.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert!(maps["a"].peers.is_empty(), "a's key expired at 700");
+        assert_eq!(names(&maps["b"]), ["c"]);
+        assert_eq!(names(&maps["c"]), ["b"]);
+        let b_at_c = &maps["c"].peers[0];
+        assert_eq!(b_at_c.key_expires_at, Some(1_600));
+        assert_eq!(b_at_c.next_public_key, Some(ztnet_proto::WgKey([9; 32])));
+        assert_eq!(maps["b"].node.key_expires_at, Some(1_600));
+        assert_eq!(maps["b"].node.key_rotate_at, Some(1_300));
+
+        // Keys that never expire (not zero-trust): everyone is everyone's peer.
+        let maps = build(
+            &network,
+            &nodes,
+            &compiled,
+            10_000,
+            KeyLife { ttl: 0, now: 700 },
+        );
+        assert_eq!(names(&maps["a"]), ["b", "c"]);
+        assert_eq!(maps["a"].peers[0].key_expires_at, None);
+        assert_eq!(maps["a"].node.key_rotate_at, None);
+    }
+
     #[test]
     fn addresses_skip_network_and_broadcast() {
         let v4: Ipv4Net = "100.64.0.0/30".parse().unwrap();

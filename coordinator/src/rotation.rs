@@ -370,6 +370,114 @@ async fn expire_once(hub: &Hub, seen: &mut HashSet<(NodeId, u64)>) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
+    use crate::store::nodes::NewNode;
+
+    async fn node(tx: &mut sqlx::SqliteConnection, net: NetworkId, name: &str, b: u8) -> Node {
+        nodes::insert(
+            tx,
+            &NewNode {
+                network: net,
+                name,
+                namespace: "prod",
+                tags: &[],
+                spiffe_id: &format!("spiffe://td/ns/prod/node/{name}"),
+                public_key: WgKey([b; 32]),
+                offset: u32::from(b),
+                ipv4: std::net::Ipv4Addr::new(100, 64, 0, b),
+                ipv6: format!("fd00::{b}").parse().expect("v6"),
+                token_id: "t",
+                listen_port: 51820,
+                endpoints: &[],
+                version: "0",
+            },
+        )
+        .await
+        .expect("insert node")
+    }
+
+    #[tokio::test]
+    async fn a_proposed_key_is_stored_then_switched_and_a_taken_key_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Store = Store::open(dir.path()).await.expect("open").store;
+        let mut tx = store.write().await.expect("tx");
+        let network = networks::insert(
+            &mut tx,
+            "prod-vpc",
+            "100.64.0.0/16".parse().expect("v4"),
+            "fd00::/64".parse().expect("v6"),
+            true,
+        )
+        .await
+        .expect("network");
+        crate::store::tokens::insert(
+            &mut tx,
+            &crate::store::tokens::NewToken {
+                id: "t",
+                secret_hash: "h",
+                network: network.id,
+                namespace: "prod",
+                tags: &[],
+                uses: 2,
+                expires_at: u64::MAX / 4,
+                created_by: "test",
+                created_at: 0,
+            },
+        )
+        .await
+        .expect("token");
+        let a = node(&mut tx, network.id, "a", 1).await;
+        let b = node(&mut tx, network.id, "b", 2).await;
+        assert_eq!(
+            key_ttl(&mut tx, &network).await.expect("ttl"),
+            DEFAULT_KEY_TTL_SECS
+        );
+        set_key_ttl(&mut tx, network.id, 60).await.expect("set ttl");
+        assert_eq!(key_ttl(&mut tx, &network).await.expect("ttl"), 60);
+        assert_eq!(a.key_expires_at(60), Some(a.key_created_at + 60));
+
+        // b's key, or one that a proposed, cannot be proposed by another node.
+        let refused = nodes::set_next_key(&mut tx, a.id, b.public_key).await;
+        assert!(matches!(refused, Err(InsertError::KeyInUse(ref n)) if n == "b"));
+        nodes::set_next_key(&mut tx, a.id, WgKey([7; 32]))
+            .await
+            .expect("a fresh key");
+        let taken = nodes::set_next_key(&mut tx, b.id, WgKey([7; 32])).await;
+        assert!(matches!(taken, Err(InsertError::KeyInUse(ref n)) if n == "a"));
+
+        // Switching needs the key that is pending; then it is the node's key, made now.
+        assert!(
+            !nodes::switch_key(&mut tx, a.id, WgKey([8; 32]), 5_000)
+                .await
+                .expect("switch")
+        );
+        assert!(
+            nodes::switch_key(&mut tx, a.id, WgKey([7; 32]), 5_000)
+                .await
+                .expect("switch")
+        );
+        let a = nodes::find_in(&mut tx, a.id)
+            .await
+            .expect("find")
+            .expect("a");
+        assert_eq!(a.public_key, WgKey([7; 32]));
+        assert_eq!(a.next_public_key, None);
+        assert_eq!(a.key_created_at, 5_000);
+        assert_eq!(a.key_expires_at(60), Some(5_060));
+        assert_eq!(a.key_expires_at(0), None);
+
+        // A network that is not zero-trust: keys never expire, whatever is stored.
+        let open = networks::insert(
+            &mut tx,
+            "lab",
+            "100.65.0.0/16".parse().expect("v4"),
+            "fd01::/64".parse().expect("v6"),
+            false,
+        )
+        .await
+        .expect("network");
+        assert_eq!(key_ttl(&mut tx, &open).await.expect("ttl"), 0);
+    }
 
     #[test]
     fn orders_and_ttls_are_checked() {

@@ -160,3 +160,63 @@ fn a_peer_that_misses_a_key_change_detects_it_and_heals_through_a_fresh_netmap()
         "the TCP stream did not survive the mismatch"
     );
 }
+
+#[test]
+fn a_peer_offline_during_a_rotation_heals_once_it_reaches_the_coordinator() {
+    require_root();
+    let topo = two_nodes(None);
+    let streams = Streams::start(&topo);
+
+    // db1 loses the coordinator; the coordinator marks it offline, so the rotation does not
+    // wait for it and db1 keeps web1's old key.
+    support::block_control(&topo.node("db1").ns, true);
+    wait_for("db1 to be offline", Duration::from_secs(30), || {
+        let nodes = topo.node_list()?;
+        Ok(nodes
+            .iter()
+            .any(|n| n["name"] == "db1" && n["online"] == false)
+            .then_some(()))
+    })
+    .expect("the coordinator notices db1 is gone");
+    let (_, switched) = rotate(&topo, "web1", "peers-first", "0s");
+    wait_for("db1 to see the mismatch", Duration::from_secs(15), || {
+        Ok(log(&topo, "db1")
+            .contains("peer key mismatch")
+            .then_some(()))
+    })
+    .expect("db1 notices web1's new key");
+    assert!(
+        streams.udp_rx.since(switched + Duration::from_millis(500)) == 0,
+        "db1 accepted web1 under a key it does not hold"
+    );
+
+    support::block_control(&topo.node("db1").ns, false);
+    let back = Instant::now();
+    let healed = wait_for(
+        "the UDP stream to flow again",
+        MISMATCH_BOUND + Duration::from_secs(5),
+        || Ok((streams.udp_rx.since(back) > 100).then(Instant::now)),
+    )
+    .expect("db1 heals once it reaches the coordinator");
+    let first = streams
+        .udp_rx
+        .first_after(back)
+        .expect("arrivals after the unblock")
+        .duration_since(back);
+    eprintln!(
+        "mismatch healed in {} ms after db1 reached the coordinator again (outage {} ms in all)",
+        first.as_millis(),
+        healed.duration_since(switched).as_millis()
+    );
+    assert!(
+        first <= MISMATCH_BOUND,
+        "db1 took {first:?} to heal after its control channel came back"
+    );
+    let web_key = public_key(&topo, "web1");
+    let db = topo.status("db1").expect("db1 status");
+    assert_eq!(
+        db["peers"][0]["public_key"].as_str(),
+        Some(web_key.as_str()),
+        "{db}"
+    );
+}

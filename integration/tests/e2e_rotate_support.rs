@@ -96,6 +96,12 @@ impl Arrivals {
         times.len() - times.partition_point(|&a| a <= t)
     }
 
+    /// The first arrival after `t`.
+    pub fn first_after(&self, t: Instant) -> Option<Instant> {
+        let times = self.times.lock().expect("no panic holds this lock");
+        times.get(times.partition_point(|&a| a <= t)).copied()
+    }
+
     /// The longest stretch inside `[from, to]` with no arrival: the loss window.
     pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
         let times = self.times.lock().expect("no panic holds this lock");
@@ -207,7 +213,20 @@ impl Streams {
     /// Whether the TCP stream is still the same connection and still carries data: both socat
     /// ends run and lines arrived after `t`.
     pub fn tcp_survived(&mut self, t: Instant) -> bool {
-        self.tcp_tx.alive() && self.tcp_rx.alive() && self.tcp_rx.since(t) > 0
+        let (tx, rx, since) = (
+            self.tcp_tx.alive(),
+            self.tcp_rx.alive(),
+            self.tcp_rx.since(t),
+        );
+        if !(tx && rx && since > 0) {
+            eprintln!(
+                "tcp stream: sender running {tx}, receiver running {rx}, {since} lines since \
+                 the mark, {} in all, the last {:?} ago",
+                self.tcp_rx.count(),
+                self.tcp_rx.last().map(|l| l.elapsed())
+            );
+        }
+        tx && rx && since > 0
     }
 }
 

@@ -417,6 +417,8 @@ async fn session(
     let mut workload_port = crate::workload::attach(ctx.workloads.as_ref()).await;
     let mut key_tick = tokio::time::interval(KEY_TICK);
     let mut rotation_sent: Option<Instant> = None;
+    // After a switch, the netmap in force still says to rotate until the next one arrives.
+    let mut switched_at: Option<NetmapVersion> = None;
     let mut resync = Resync::default();
     loop {
         tokio::select! {
@@ -457,6 +459,7 @@ async fn session(
                     ServerMsg::SwitchKey { public_key } => {
                         if switch_key(ctx, public_key)? {
                             rotation_sent = None;
+                            switched_at = ctx.applier.have_version();
                         }
                     }
                     ServerMsg::RotateRefused { error } => {
@@ -483,7 +486,8 @@ async fn session(
             }
             _ = key_tick.tick() => {
                 let due = rotation_sent.is_none_or(|at| at.elapsed() >= ROTATE_RETRY)
-                    && (next_key(ctx)?.is_some() || ctx.applier.rotation_due(now_unix()));
+                    && (next_key(ctx)?.is_some()
+                        || ctx.applier.rotation_due(now_unix(), switched_at));
                 if due {
                     propose_key(ctx, &mut send).await?;
                     rotation_sent = Some(Instant::now());
@@ -827,9 +831,12 @@ impl Applier {
         Ok(version)
     }
 
-    /// Whether the netmap in force says to rotate the key now.
-    fn rotation_due(&self, now: u64) -> bool {
-        self.lock().current().is_some_and(|n| rotation_due(n, now))
+    /// Whether the netmap in force says to rotate the key now; never for a netmap that is not
+    /// newer than `after` (the one in force at the last switch).
+    fn rotation_due(&self, now: u64, after: Option<NetmapVersion>) -> bool {
+        self.lock()
+            .current()
+            .is_some_and(|n| after.is_none_or(|v| n.version > v) && rotation_due(n, now))
     }
 
     /// Applies the netmap in force with a new private key.

@@ -161,6 +161,7 @@ pub async fn run(config: Config) -> Result<Running, StartError> {
     let app = api::router(hub.clone());
     tasks.push(tokio::spawn(api::serve(listener, admin, app)));
     tasks.push(tokio::spawn(rotation::watch_expiry(hub.clone())));
+    tasks.push(tokio::spawn(posture::watch_sessions(hub.clone())));
     tasks.push(tokio::spawn(api::drive_ca_rotation(hub.clone())));
     let refresher = hub.clone();
     tasks.push(tokio::spawn(async move {

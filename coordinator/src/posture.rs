@@ -10,7 +10,7 @@
 //! `max_session`: a session older than the entry allows quarantines the node and closes its
 //! control channel with `reauthenticate`; the node connects again (mutual TLS, its certificate
 //! checked again), and the first posture of the new session releases it. The age is checked on
-//! each posture message, so at least every 30 s.
+//! each posture message and every second by [`watch_sessions`].
 //!
 //! Time to enforcement: for a revoke, a quarantine, a release or a policy apply, a task waits
 //! until every connected node whose netmap changed acknowledged the new version, then writes
@@ -19,7 +19,7 @@
 //! acknowledge within [`TRACK_TIMEOUT`] is named.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use netpolicy::{NodeIdentity, Policy, PostureFacts};
@@ -256,6 +256,73 @@ pub async fn on_report(hub: &Hub, node: &Node, report: Posture) -> Result<(), St
     }
     if judged != row.quarantine {
         hub.recompute(node.network).await?;
+    }
+    Ok(())
+}
+
+/// How often [`watch_sessions`] looks for sessions older than their `max_session`.
+pub const SESSION_CHECK: Duration = Duration::from_secs(1);
+
+/// Closes, every [`SESSION_CHECK`], the control sessions older than the `max_session` of an
+/// entry that selects their node, and recomputes their networks (which quarantines them until
+/// the node's new session reports). Does not rely on the node reporting: a node that stops
+/// sending posture is cut at its deadline all the same. Runs for the coordinator's life.
+pub async fn watch_sessions(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(SESSION_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = check_sessions(&hub).await {
+            warn!(error = %e, "max_session check failed");
+        }
+    }
+}
+
+async fn check_sessions(hub: &Hub) -> Result<(), StoreError> {
+    let now = unix_now();
+    for network in crate::store::networks::list(&hub.store).await? {
+        let Some(policy) = hub.effective(network.id).policy else {
+            continue;
+        };
+        if policy
+            .posture()
+            .iter()
+            .all(|r| r.max_session_secs.is_none())
+        {
+            continue;
+        }
+        let mut conn = hub.store.pool().acquire().await?;
+        let members = crate::store::nodes::active(&mut conn, network.id).await?;
+        let stored = rows(&mut conn, network.id).await?;
+        drop(conn);
+        let mut expired = false;
+        for node in &members {
+            let Some(live) = hub.session_id(node.id).map(session_key) else {
+                continue;
+            };
+            let row = stored.get(&node.id);
+            if row.and_then(|r| r.session_key.as_deref()) != Some(live.as_str()) {
+                continue;
+            }
+            let Some(why) = judge(Some(&policy), node, row, Some(&live), now) else {
+                continue;
+            };
+            if !why.contains("max_session") {
+                continue;
+            }
+            info!(node = %node.name, "session over max_session: asking the node to authenticate again");
+            hub.close_session(
+                node.id,
+                refuse(
+                    "reauthenticate",
+                    format!("{why}; connect again to authenticate"),
+                ),
+            );
+            expired = true;
+        }
+        if expired {
+            hub.recompute(network.id).await?;
+        }
     }
     Ok(())
 }

@@ -374,3 +374,61 @@ fn a_posture_fact_flipped_quarantines_the_node_and_flipping_it_back_releases_it(
     )
     .expect("a missing facts file quarantines");
 }
+
+/// `max_session`: the coordinator closes a session older than the entry allows (whatever the
+/// node reports), quarantining the node until it has authenticated again; the node reconnects
+/// by itself and is released.
+#[test]
+fn a_session_older_than_max_session_must_authenticate_again() {
+    require_root();
+    let mut topo = Topology::build(&specs()).expect("build the topology");
+    topo.start_coordinator().expect("start the coordinator");
+    topo.create_network().expect("create the network");
+    for n in ["web1", "db1"] {
+        let token = topo.token_for(n).expect("token");
+        topo.start_node(n, Some(&token)).expect("start node");
+    }
+    topo.wait_online(&["web1", "db1"], Duration::from_secs(90))
+        .expect("both nodes enroll and connect");
+    let policy = r#"
+[[grant]]
+from = ["tag:web"]
+to = ["tag:db"]
+ports = ["tcp:5433"]
+
+[[posture]]
+selector = ["tag:db"]
+max_session = "10s"
+"#;
+    let applied = Instant::now();
+    topo.apply_policy(policy, &["web1", "db1"], Duration::from_secs(30))
+        .expect("apply the policy");
+    topo.start_echo_servers("db1", &[5433], &[])
+        .expect("echo server");
+    let db1 = topo.overlay_v4("db1").expect("db1 address");
+    wait_for("web1 reaches db1", Duration::from_secs(20), || {
+        Ok(tcp_echo(&topo.node("web1").ns, db1, 5433, "before")?.then_some(()))
+    })
+    .expect("access before the session ages");
+
+    let q = enforced_entry(&topo, "node.quarantine", "db1", 0);
+    let at = applied.elapsed();
+    let detail = q["detail"].as_str().unwrap_or_default().to_string();
+    assert!(detail.contains("max_session 10 s"), "{q}");
+    eprintln!(
+        "max_session: db1 quarantined {} s after the policy apply: {detail}",
+        at.as_secs()
+    );
+    let r = enforced_entry(&topo, "node.release", "db1", 0);
+    eprintln!("max_session: released: {}", r["enforcement"]["summary"]);
+    assert!(
+        r["id"].as_u64() > q["id"].as_u64(),
+        "released after the quarantine"
+    );
+    wait_for("web1 reaches db1 again", Duration::from_secs(20), || {
+        Ok(tcp_echo(&topo.node("web1").ns, db1, 5433, "after")?.then_some(()))
+    })
+    .expect("access after the new session");
+    let entry = node_entry(&topo, "db1");
+    assert_eq!(entry["online"], true, "db1 reconnected: {entry}");
+}

@@ -4,16 +4,23 @@
 //! without crash-looping, and connects again through the normal path as soon as a valid
 //! certificate is back in its state directory. The bad certificates are made with `openssl
 //! ca` from the coordinator's own CA and the node's own TLS key, so only their dates are wrong.
+//!
+//! FC-17, the SVID half: with renewal blocked (the registration deleted, then the coordinator
+//! stopped) `ztnet identity fetch --watch` does not renew past NotAfter, says so, and leaves
+//! the files on disk as they were; once renewal is possible again it writes a fresh SVID.
 //! Needs root.
 
 use std::fs;
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
-use ztnet_integration::topology::{Topology, story_nodes};
-use ztnet_integration::{require_root, wait_for};
+use anyhow::{Context, Result, bail};
+use ztnet_integration::topology::{NETWORK, Topology, story_nodes};
+use ztnet_integration::{Netns, Proc, bin, require_root, wait_for};
+
+const API: &str = "spiffe://corp.example/ns/production/sa/api";
 
 #[test]
 fn a_node_with_an_expired_or_not_yet_valid_certificate_says_so_and_recovers() -> Result<()> {
@@ -78,6 +85,204 @@ fn a_node_with_an_expired_or_not_yet_valid_certificate_says_so_and_recovers() ->
         topo.wait_online(&["web1"], Duration::from_secs(60))?;
         topo.stop_node("web1")?;
         wait_offline(&topo)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn watch_keeps_the_files_and_says_expired_while_renewal_is_blocked_then_recovers() -> Result<()> {
+    require_root();
+    let specs: Vec<_> = story_nodes()
+        .into_iter()
+        .filter(|s| s.name == "web1")
+        .collect();
+    let mut topo = Topology::build(&specs)?;
+    let _socket = SocketGuard(
+        Path::new("/var/run/ztnet").join(format!("{}.workload.sock", topo.node("web1").iface)),
+    );
+    topo.start_coordinator()?;
+    topo.create_network()?;
+    let token = topo.token_for("web1")?;
+    topo.start_node("web1", Some(&token))?;
+    topo.wait_online(&["web1"], Duration::from_secs(60))?;
+    let id = register(&topo)?;
+
+    let root = tempfile::Builder::new().prefix("ztnet-fc17-").tempdir()?;
+    fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755))?;
+    let dir = root.path().join("svid");
+    fs::create_dir(&dir)?;
+    std::os::unix::fs::chown(&dir, Some(1001), Some(1001))?;
+    let cert = dir.join("svid.pem");
+    let web1 = topo.node("web1");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=1001", "--regid=1001", "--clear-groups"])
+        .arg(bin("ztnet"))
+        .args(["identity", "fetch", "--watch", "--interface", &web1.iface])
+        .arg("--output")
+        .arg(&cert)
+        .stdin(Stdio::null());
+    let cmd = wrap_in(&web1.ns, cmd);
+    let log = root.path().join("watch.log");
+    let mut watch = Proc::spawn(cmd, &log)?;
+    wait_for("the first SVID", Duration::from_secs(30), || {
+        Ok(cert.exists().then_some(()))
+    })?;
+
+    // Blocked by a deleted registration: past NotAfter, nothing on disk changes.
+    topo.ztnet(&["workload", "delete", "--network", NETWORK, &id])?;
+    let before = snapshot(&dir)?;
+    let not_after = expiry_of(&cert)?;
+    wait_for(
+        "--watch to say the SVID expired",
+        Duration::from_secs(60),
+        || {
+            if let Some(st) = watch.try_wait() {
+                bail!("--watch exited ({st}): {}", watch.log());
+            }
+            Ok(watch.log().contains("expired at").then_some(()))
+        },
+    )?;
+    assert!(
+        Instant::now() >= not_after,
+        "it said expired before NotAfter"
+    );
+    let log_text = watch.log();
+    assert!(
+        log_text.contains("not registered") || log_text.contains("no-match"),
+        "{log_text}"
+    );
+    assert!(log_text.contains("left in place"), "{log_text}");
+    assert_eq!(
+        snapshot(&dir)?,
+        before,
+        "the files on disk were replaced while blocked"
+    );
+
+    // Renewal allowed again: a fresh, valid SVID is written.
+    register(&topo)?;
+    wait_for(
+        "a fresh SVID after re-registration",
+        Duration::from_secs(60),
+        || Ok((snapshot(&dir)? != before && check_valid(&dir).is_ok()).then_some(())),
+    )?;
+
+    // Blocked by a stopped coordinator: the same, until it is back.
+    topo.stop_coordinator();
+    let before = snapshot(&dir)?;
+    let not_after = expiry_of(&cert)?;
+    let said = watch.log().matches("left in place").count();
+    wait_for(
+        "--watch to say so with the coordinator down",
+        Duration::from_secs(90),
+        || {
+            Ok(
+                (Instant::now() >= not_after
+                    && watch.log().matches("left in place").count() > said)
+                    .then_some(()),
+            )
+        },
+    )?;
+    assert_eq!(
+        snapshot(&dir)?,
+        before,
+        "the files on disk were replaced while blocked"
+    );
+    topo.start_coordinator()?;
+    wait_for(
+        "a fresh SVID after the coordinator's return",
+        Duration::from_secs(90),
+        || Ok((snapshot(&dir)? != before && check_valid(&dir).is_ok()).then_some(())),
+    )?;
+    watch.stop(Duration::from_secs(5));
+    Ok(())
+}
+
+/// Removes the node's workload socket even when a daemon was killed before it could.
+struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Registers API for uid 1001 on web1 with the shortest lifetime; returns its id.
+fn register(topo: &Topology) -> Result<String> {
+    let v = topo.ztnet_json(&[
+        "workload",
+        "register",
+        "--network",
+        NETWORK,
+        "--spiffe-id",
+        API,
+        "--node",
+        "web1",
+        "--selector",
+        "unix:uid:1001",
+        "--ttl",
+        "10s",
+    ])?;
+    Ok(v["id"].as_u64().context("registration id")?.to_string())
+}
+
+/// `cmd` run inside `ns`.
+fn wrap_in(ns: &Netns, cmd: Command) -> Command {
+    let mut outer = ns.command(cmd.get_program());
+    outer.args(cmd.get_args()).stdin(Stdio::null());
+    outer
+}
+
+/// The contents of every file in `dir`, by name (temporary files included).
+fn snapshot(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut all = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        all.push((
+            e.file_name().to_string_lossy().into_owned(),
+            fs::read(e.path())?,
+        ));
+    }
+    all.sort();
+    Ok(all)
+}
+
+/// When the certificate in `cert` stops being valid, as an `Instant`.
+fn expiry_of(cert: &Path) -> Result<Instant> {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-in"])
+        .arg(cert)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let date = text.trim().trim_start_matches("notAfter=");
+    let out = Command::new("date").args(["-d", date, "+%s"]).output()?;
+    let end: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    Ok(Instant::now() + Duration::from_secs(end.saturating_sub(now)))
+}
+
+/// svid.pem verifies under bundle.pem, is unexpired, and belongs to svid.key.
+fn check_valid(dir: &Path) -> Result<()> {
+    let cert = dir.join("svid.pem");
+    run(Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dir.join("bundle.pem"))
+        .arg(&cert))?;
+    run(Command::new("openssl")
+        .args(["x509", "-noout", "-checkend", "0", "-in"])
+        .arg(&cert))?;
+    let a = Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(&cert)
+        .output()?;
+    let b = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(dir.join("svid.key"))
+        .output()?;
+    if a.stdout != b.stdout {
+        bail!("not a pair");
     }
     Ok(())
 }

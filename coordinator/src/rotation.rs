@@ -338,6 +338,7 @@ async fn expire_once(hub: &Hub, seen: &mut HashSet<(NodeId, u64)>) -> Result<(),
             continue;
         }
         let mut tx = hub.store.write().await?;
+        let mut audited = Vec::with_capacity(expired.len());
         for (n, at) in &expired {
             warn!(
                 node = %n.name,
@@ -345,7 +346,7 @@ async fn expire_once(hub: &Hub, seen: &mut HashSet<(NodeId, u64)>) -> Result<(),
                 expired_at = at,
                 "node key expired without a rotation: peers drop it"
             );
-            audit::append(
+            let id = audit::append_id(
                 &mut tx,
                 audit::Entry {
                     network: Some(network.id),
@@ -360,9 +361,14 @@ async fn expire_once(hub: &Hub, seen: &mut HashSet<(NodeId, u64)>) -> Result<(),
                 },
             )
             .await?;
+            audited.push((id, n.name.clone()));
         }
         tx.commit().await?;
-        hub.recompute(network.id).await?;
+        let started = Instant::now();
+        let pending = hub.recompute(network.id).await?;
+        for (id, name) in &audited {
+            crate::posture::track(hub, network.id, *id, started, &pending, name).await?;
+        }
     }
     Ok(())
 }

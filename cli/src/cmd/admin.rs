@@ -479,7 +479,12 @@ fn enforced(e: &AuditEvent) -> String {
         },
         None if matches!(
             e.action.as_str(),
-            "node.revoke" | "node.delete" | "node.quarantine" | "node.release" | "policy.apply"
+            "node.revoke"
+                | "node.delete"
+                | "node.quarantine"
+                | "node.release"
+                | "node.key-expire"
+                | "policy.apply"
         ) =>
         {
             // The coordinator tracks for 30 s; older entries without a figure predate it or

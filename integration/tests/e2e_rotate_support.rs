@@ -183,25 +183,37 @@ impl Streams {
     pub fn start(topo: &Topology) -> Streams {
         let db1 = topo.overlay_v4("db1").expect("db1 address");
         let (db_ns, web_ns) = (&topo.node("db1").ns, &topo.node("web1").ns);
-        let tcp_rx = Arrivals::start(db_ns, "TCP4-LISTEN:5432,reuseaddr");
+        let tcp_rx = Arrivals::start(db_ns, "TCP4-LISTEN:5432,reuseaddr,fork");
         let udp_rx = Arrivals::start(db_ns, "UDP4-RECV:5433,reuseaddr");
-        let mut senders: Option<(Sender, Sender)> = None;
+        // Each sender is retried on its own until its stream flows (the first handshake may
+        // take a moment). The TCP receiver forks per connection, so a replaced sender does not
+        // end it; what must survive is the one connection left, the sender's.
+        let mut tcp_tx: Option<Sender> = None;
+        let mut udp_tx: Option<Sender> = None;
         wait_for("both streams to flow", Duration::from_secs(30), || {
-            if tcp_rx.count() == 0 || udp_rx.count() == 0 {
-                senders = Some((
-                    Sender::start(
-                        web_ns,
-                        &format!("TCP4:{}:5432,connect-timeout=2", host(db1)),
-                        TCP_PERIOD,
-                    ),
-                    Sender::start(web_ns, &format!("UDP4:{}:5433", host(db1)), UDP_PERIOD),
+            if tcp_rx.count() == 0 {
+                tcp_tx = Some(Sender::start(
+                    web_ns,
+                    &format!("TCP4:{}:5432,connect-timeout=2", host(db1)),
+                    TCP_PERIOD,
                 ));
+            }
+            if udp_rx.count() == 0 {
+                udp_tx = Some(Sender::start(
+                    web_ns,
+                    &format!("UDP4:{}:5433", host(db1)),
+                    UDP_PERIOD,
+                ));
+            }
+            if tcp_rx.count() == 0 || udp_rx.count() == 0 {
                 std::thread::sleep(Duration::from_millis(500));
             }
             Ok((tcp_rx.count() > 50 && udp_rx.count() > 50).then_some(()))
         })
         .expect("the allowed streams flow");
-        let (tcp_tx, udp_tx) = senders.expect("senders started");
+        let (Some(tcp_tx), Some(udp_tx)) = (tcp_tx, udp_tx) else {
+            unreachable!("both senders were started before their streams flowed");
+        };
         Streams {
             tcp_rx,
             udp_rx,
@@ -210,8 +222,8 @@ impl Streams {
         }
     }
 
-    /// Whether the TCP stream is still the same connection and still carries data: both socat
-    /// ends run and lines arrived after `t`.
+    /// Whether the TCP stream is still the same connection and still carries data: its sender
+    /// (one connection for its whole life) runs, and lines arrived after `t`.
     pub fn tcp_survived(&mut self, t: Instant) -> bool {
         let (tx, rx, since) = (
             self.tcp_tx.alive(),

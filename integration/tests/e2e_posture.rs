@@ -350,6 +350,11 @@ fn a_posture_fact_flipped_quarantines_the_node_and_flipping_it_back_releases_it(
     assert!(node_entry(&topo, "db1")["quarantine"].is_null());
     let r = enforced_entry(&topo, "node.release", "db1", audit_before);
     eprintln!("posture: audit {}", r["enforcement"]["summary"]);
+    // The policy change is measured the same way: both nodes had to acknowledge it.
+    let p = enforced_entry(&topo, "policy.apply", NETWORK, 0);
+    eprintln!("posture: policy.apply {}", p["enforcement"]["summary"]);
+    assert_eq!(p["enforcement"]["peers"], 2, "{p}");
+    assert!(p["enforcement"]["ms"].as_u64().is_some(), "{p}");
     let table = topo
         .ztnet(&["audit", "--network", NETWORK])
         .expect("ztnet audit");

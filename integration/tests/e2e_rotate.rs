@@ -189,6 +189,18 @@ fn a_peer_offline_during_a_rotation_heals_once_it_reaches_the_coordinator() {
         streams.udp_rx.since(switched + Duration::from_millis(500)) == 0,
         "db1 accepted web1 under a key it does not hold"
     );
+    let warned = |topo: &Topology| {
+        topo.status("db1").is_ok_and(|st| {
+            st["warnings"].as_array().is_some_and(|w| {
+                w.iter()
+                    .any(|w| w.as_str().is_some_and(|w| w.contains("peer key mismatch")))
+            })
+        })
+    };
+    assert!(
+        warned(&topo),
+        "db1's status must show the mismatch, not a silent blackhole"
+    );
 
     support::block_control(&topo.node("db1").ns, false);
     let back = Instant::now();
@@ -219,4 +231,5 @@ fn a_peer_offline_during_a_rotation_heals_once_it_reaches_the_coordinator() {
         Some(web_key.as_str()),
         "{db}"
     );
+    assert!(!warned(&topo), "the warning goes once the keys agree: {db}");
 }

@@ -308,7 +308,16 @@ impl Shared {
             },
             peers,
             drops: self.counters.snapshot(),
-            warnings: lock(&self.warnings).clone(),
+            warnings: {
+                let mut w = lock(&self.warnings).clone();
+                w.extend(
+                    self.table
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .mismatch_warnings(),
+                );
+                w
+            },
         }
     }
 }

@@ -171,6 +171,9 @@ struct PeerState {
     /// A key the peer was seen handshaking under that this node did not hold for it (a key
     /// mismatch): once the configuration names it, the session moves to it at once.
     seen_key: Option<WgKey>,
+    /// The last key mismatch seen from this peer, until an authenticated packet from it shows
+    /// that the keys agree again: shown in status as a warning.
+    mismatch: Option<String>,
 }
 
 /// The kind of an incoming WireGuard message, kept to decide what authenticates.
@@ -549,6 +552,7 @@ impl PeerTable {
                 unanswered: false,
                 initiate: endpoint.is_some(),
                 seen_key: None,
+                mismatch: None,
             })),
         }
     }
@@ -627,6 +631,15 @@ impl PeerTable {
         }
     }
 
+    /// The key mismatch of every peer that has not shown since that the keys agree, one
+    /// sentence each, for status.
+    pub fn mismatch_warnings(&self) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter_map(|p| lock(&p.state).mismatch.clone())
+            .collect()
+    }
+
     /// Key mismatches seen since the last call, oldest first.
     pub fn take_mismatches(&self) -> Vec<KeyMismatch> {
         std::mem::take(&mut *lock(&self.mismatches))
@@ -641,16 +654,21 @@ impl PeerTable {
         }) else {
             return;
         };
-        if let MismatchKind::UnknownKey(k) = kind {
-            lock(&peer.state).seen_key = Some(k);
+        let mismatch = KeyMismatch {
+            peer: peer.config.name.clone(),
+            from,
+            kind,
+        };
+        {
+            let mut state = lock(&peer.state);
+            if let MismatchKind::UnknownKey(k) = kind {
+                state.seen_key = Some(k);
+            }
+            state.mismatch = Some(mismatch.to_string());
         }
         let mut log = lock(&self.mismatches);
         if log.len() < MAX_MISMATCHES {
-            log.push(KeyMismatch {
-                peer: peer.config.name.clone(),
-                from,
-                kind,
-            });
+            log.push(mismatch);
         }
     }
 
@@ -758,6 +776,7 @@ impl PeerState {
     fn authenticated(&mut self, from: SocketAddr) {
         self.endpoint = Some(from);
         self.unanswered = false;
+        self.mismatch = None;
     }
 
     /// Sends a handshake initiation. With no session and the last initiation to the current
@@ -1571,6 +1590,11 @@ ports = ["any"]
             "{}",
             seen[0]
         );
+        assert_eq!(
+            m.nodes[n2].table.mismatch_warnings(),
+            vec![seen[0].to_string()],
+            "status shows it until the keys agree"
+        );
         assert!(m.nodes[n2].table.take_mismatches().is_empty(), "taken once");
 
         // n2's own handshake goes to n1's old key: n1 says n2 holds a stale key.
@@ -1600,6 +1624,8 @@ ports = ["any"]
         );
         m.send("n2", &echo(b, a, false, b"healed"));
         assert_eq!(m.take_tun("n1"), vec![echo(b, a, false, b"healed")]);
+        assert!(m.nodes[n2].table.mismatch_warnings().is_empty());
+        assert!(m.nodes[n1].table.mismatch_warnings().is_empty());
     }
 
     #[test]

@@ -229,6 +229,35 @@ fn svids_rotate_under_load_and_a_ca_rotation_breaks_no_handshake_or_control_chan
         "no refresh hint: {err}"
     );
 
+    // The fix it names: the refreshed file holds both CAs, and the warning is gone.
+    let refresh = |args: &[&str]| {
+        topo.coord_ns
+            .command(bin("ztnet"))
+            .args(args)
+            .env("ZTNET_COORDINATOR", COORDINATOR_ADDR)
+            .env(
+                "ZTNET_API_KEY_FILE",
+                topo.coordinator_dir().join("admin.key"),
+            )
+            .env("ZTNET_CA_CERT", &old_ca)
+            .output()
+    };
+    let out = refresh(&["ca", "bundle", "--file", &old_ca.to_string_lossy()])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(&old_ca)?
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2
+    );
+    let out = refresh(&["ca", "status"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("warning"), "{err}");
+
     // A token made before the rotation still enrolls a new node against the new chain.
     topo.start_node("web2", Some(&token2))?;
     topo.wait_online(&["web1", "web2"], Duration::from_secs(60))?;

@@ -320,7 +320,6 @@ impl State {
                 let reopen = fresh_syn && matches!(flow.tcp, TcpState::Closing | TcpState::Reset);
                 if !reopen {
                     flow.tcp_update(dir, pkt.flags, now);
-                    self.renewed(find);
                     return Verdict::Allow(AllowReason::Established);
                 }
             }
@@ -328,7 +327,6 @@ impl State {
         } else {
             if let Some(flow) = flow {
                 flow.udp_update(dir, PROTO_UDP, now);
-                self.renewed(find);
                 return Verdict::Allow(AllowReason::Established);
             }
             let class = PacketClass::Udp(pkt.dst_port);
@@ -400,20 +398,12 @@ impl State {
     /// stays until a new flow takes its slot or a sweep removes it.
     #[inline]
     fn live_flow(&mut self, key: &FlowKey, peer: u32, now: u64) -> (Find, Option<&mut Flow>) {
-        let find = self.flows.find(key, now);
+        let find = self.flows.find(key);
         let flow = find
             .found
             .and_then(|at| self.flows.flow_mut(at))
             .filter(|f| f.expires > now && f.peer == peer);
         (find, flow)
-    }
-
-    /// Keeps the table's coarse expiry of a flow that a packet just renewed in step.
-    #[inline]
-    fn renewed(&mut self, find: Find) {
-        if let Some(at) = find.found {
-            self.flows.renewed(at);
-        }
     }
 
     fn tcp(
@@ -431,7 +421,6 @@ impl State {
             let reopen = fresh_syn && matches!(flow.tcp, TcpState::Closing | TcpState::Reset);
             if !reopen {
                 flow.tcp_update(dir, flags, now);
-                self.renewed(find);
                 return Verdict::Allow(AllowReason::Established);
             }
             // A new SYN on an ended flow opens it again, in the same slot, if the rules allow.
@@ -493,7 +482,6 @@ impl State {
         let (find, flow) = self.live_flow(&key, peer, now);
         if let Some(flow) = flow {
             flow.udp_update(dir, key.proto(), now);
-            self.renewed(find);
             return Verdict::Allow(AllowReason::Established);
         }
         self.stateful_new(dir, peer, (pkt.src, pkt.dst, pkt.v4), key, find, class, now)
@@ -545,7 +533,6 @@ impl State {
             // Requests go the way the flow was opened, replies the other way.
             if request == (dir == flow.origin) && flow.echo {
                 flow.expires = now.saturating_add(ns(ICMP_TIMEOUT));
-                self.renewed(find);
                 return Verdict::Allow(AllowReason::Established);
             }
         }
@@ -1159,7 +1146,6 @@ mod tests {
         ) {
             let config = ConntrackConfig { max_flows: 8 };
             let (mut short, mut general) = (State::new(spec(), config), State::new(spec(), config));
-            general.flows.same_seed_as(&short.flows);
             let web = short.by_name.get("web1").copied();
             let mut now = Instant::now();
             for (tcp, inbound, sport, dport, flags, secs, edit) in steps {

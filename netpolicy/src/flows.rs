@@ -2,11 +2,9 @@
 //! one byte of tag per slot in an array of its own, and one 64-byte cache line per flow. A
 //! lookup reads tags until it meets an empty one, and a flow's line only when its tag matches:
 //! the tags of 65,536 flows take 128 KiB and stay in the L2 cache, so a packet that opens a new
-//! flow usually touches no flow line before it writes its own. Beside each tag a coarse copy of
-//! the flow's expiry says when a flow has certainly ended, so that a new flow takes an ended
-//! flow's slot (the same key's, or any in its probe) without reading its line. The table is kept
-//! at most half full and probes are bounded by [`MAX_PROBE`]; removal shifts the entries after
-//! it back, so there are no tombstones.
+//! flow usually touches no flow line before it writes its own. The table is kept at most half
+//! full and probes are bounded by [`MAX_PROBE`]; removal shifts the entries after it back, so
+//! there are no tombstones.
 //!
 //! Times are nanoseconds since the filter's epoch (see `filter::State::ticks`).
 
@@ -31,10 +29,6 @@ const MAX_SLOTS: usize = 1 << 27;
 const OCCUPIED: u64 = 1 << 41;
 /// The tag of an empty slot; an occupied slot's tag has its top bit set.
 const EMPTY_TAG: u8 = 0;
-/// The coarse expiry counts units of 2^24 ns (16.8 ms); 2^32 of them last 2.2 years.
-const COARSE_SHIFT: u32 = 24;
-/// A coarse expiry that says nothing: the flow's line decides.
-const COARSE_UNKNOWN: u32 = u32::MAX;
 
 /// Which way a packet goes, seen from this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,30 +145,13 @@ const EMPTY: Slot = Slot {
     },
 };
 
-/// Where a lookup ended: the key's slot, and the slot a new entry for it would take.
+/// Where a lookup ended: the key's slot, or the empty slot a new entry for it would take.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Find {
-    /// The slot holding the key, unless its flow has certainly ended.
+    /// The slot holding the key, live or not.
     pub(crate) found: Option<usize>,
-    /// The first slot of the probe that is empty (`false`) or holds a flow that has certainly
-    /// ended (`true`).
-    vacant: Option<(usize, bool)>,
-}
-
-/// The coarse expiry of a flow: rounded up, so that it never says a live flow has ended.
-#[inline]
-fn coarse_expiry(expires: u64) -> u32 {
-    let units = expires.div_ceil(1 << COARSE_SHIFT);
-    u32::try_from(units)
-        .unwrap_or(COARSE_UNKNOWN)
-        .min(COARSE_UNKNOWN)
-}
-
-/// Whether a coarse expiry says the flow has ended by `now` (rounded down).
-#[inline]
-fn certainly_ended(coarse: u32, now: u64) -> bool {
-    let now = u32::try_from(now >> COARSE_SHIFT).unwrap_or(COARSE_UNKNOWN - 1);
-    coarse != COARSE_UNKNOWN && coarse <= now
+    /// The empty slot that ended the probe.
+    vacant: Option<usize>,
 }
 
 /// The flow table. See the module documentation.
@@ -182,8 +159,6 @@ fn certainly_ended(coarse: u32, now: u64) -> bool {
 pub(crate) struct FlowTable {
     /// Per slot: [`EMPTY_TAG`], or `0x80` with seven bits of the key's hash.
     tags: Vec<u8>,
-    /// Per slot: its flow's [`coarse_expiry`], kept in step with the flow's `expires`.
-    coarse: Vec<u32>,
     slots: Vec<Slot>,
     mask: usize,
     /// Occupied slots, expired flows not yet removed included.
@@ -205,7 +180,6 @@ impl FlowTable {
         let seed = [0u64, 1, 2, 3, 4].map(|i| random.hash_one(i));
         FlowTable {
             tags: vec![EMPTY_TAG; slots],
-            coarse: vec![0; slots],
             slots: vec![EMPTY; slots],
             mask: slots - 1,
             len: 0,
@@ -230,59 +204,38 @@ impl FlowTable {
         mum(a ^ s[4], b)
     }
 
-    /// Looks a key up. An expired flow may still be found (the coarse expiry rounds up); the
-    /// caller decides what it means.
+    /// Looks a key up. An expired flow is still found; the caller decides what it means.
     #[inline]
-    pub(crate) fn find(&self, key: &FlowKey, now: u64) -> Find {
+    pub(crate) fn find(&self, key: &FlowKey) -> Find {
         let hash = self.hash(key);
         let tag = tag_of(hash);
         let mut at = hash as usize & self.mask;
-        let mut vacant = None;
         for _ in 0..MAX_PROBE.min(self.slots.len()) {
             let t = self.tags[at];
             if t == EMPTY_TAG {
                 return Find {
                     found: None,
-                    vacant: vacant.or(Some((at, false))),
+                    vacant: Some(at),
                 };
             }
-            // An ended flow's line is not read: its slot may take the new flow. A live flow
-            // with this key, if any, is further on; there is at most one.
-            if certainly_ended(self.coarse[at], now) {
-                vacant = vacant.or(Some((at, true)));
-            } else if t == tag && self.slots[at].key == *key {
+            if t == tag && self.slots[at].key == *key {
                 return Find {
                     found: Some(at),
-                    vacant,
+                    vacant: None,
                 };
             }
             at = (at + 1) & self.mask;
         }
         Find {
             found: None,
-            vacant,
+            vacant: None,
         }
     }
 
-    /// The flow in a slot that [`FlowTable::find`] returned. Call [`FlowTable::renewed`] after
-    /// changing its `expires`.
+    /// The flow in a slot that [`FlowTable::find`] returned.
     #[inline]
     pub(crate) fn flow_mut(&mut self, at: usize) -> Option<&mut Flow> {
         self.slots.get_mut(at).map(|s| &mut s.flow)
-    }
-
-    /// Brings a slot's coarse expiry in step with its flow after the flow was renewed.
-    #[inline]
-    pub(crate) fn renewed(&mut self, at: usize) {
-        if let (Some(c), Some(slot)) = (self.coarse.get_mut(at), self.slots.get(at)) {
-            *c = coarse_expiry(slot.flow.expires);
-        }
-    }
-
-    fn put(&mut self, at: usize, tag: u8, key: FlowKey, flow: Flow) {
-        self.tags[at] = tag;
-        self.coarse[at] = coarse_expiry(flow.expires);
-        self.slots[at] = Slot { key, flow };
     }
 
     /// Stores a flow for a key that `find` just looked up (nothing changed the table since).
@@ -296,39 +249,31 @@ impl FlowTable {
         now: u64,
         sweep_interval: u64,
     ) -> bool {
-        let tag = tag_of(self.hash(&key));
         if let Some(at) = find.found {
-            self.put(at, tag, key, flow);
+            self.slots[at] = Slot { key, flow };
             return true;
         }
         if self.len >= self.max_flows {
-            if self.next_sweep.is_none_or(|t| now >= t) {
-                self.retain(|_, f| f.expires > now);
-                self.next_sweep = Some(now.saturating_add(sweep_interval));
-                find = self.find(&key, now);
+            if self.next_sweep.is_some_and(|t| now < t) {
+                return false;
             }
+            self.retain(|_, f| f.expires > now);
+            self.next_sweep = Some(now.saturating_add(sweep_interval));
             if self.len >= self.max_flows {
-                // Only a flow that has ended may make room.
-                return match find.vacant {
-                    Some((at, true)) => {
-                        self.put(at, tag, key, flow);
-                        true
-                    }
-                    _ => false,
-                };
+                return false;
             }
+            find = self.find(&key);
         }
         if self.len >= self.slots.len() / 2 && self.slots.len() < self.max_slots {
             self.grow();
-            find = self.find(&key, now);
+            find = self.find(&key);
         }
-        let Some((at, ended)) = find.vacant else {
+        let Some(at) = find.vacant else {
             return false;
         };
-        if !ended {
-            self.len += 1;
-        }
-        self.put(at, tag, key, flow);
+        self.tags[at] = tag_of(self.hash(&key));
+        self.slots[at] = Slot { key, flow };
+        self.len += 1;
         true
     }
 
@@ -347,9 +292,7 @@ impl FlowTable {
         while visited < n {
             if self.tags[at] != EMPTY_TAG {
                 let slot = &mut self.slots[at];
-                if keep(&slot.key, &mut slot.flow) {
-                    self.coarse[at] = coarse_expiry(slot.flow.expires);
-                } else {
+                if !keep(&slot.key, &mut slot.flow) {
                     // The slot now holds the next entry of the chain, if any: look again.
                     self.remove_at(at);
                     if self.tags[at] != EMPTY_TAG {
@@ -374,7 +317,6 @@ impl FlowTable {
             // The entry may move to the hole when the hole lies between its home and its slot.
             if hole.wrapping_sub(home) & self.mask < next.wrapping_sub(home) & self.mask {
                 self.tags[hole] = self.tags[next];
-                self.coarse[hole] = self.coarse[next];
                 self.slots[hole] = self.slots[next];
                 hole = next;
             }
@@ -388,7 +330,6 @@ impl FlowTable {
     fn grow(&mut self) {
         let new_len = self.slots.len() * 2;
         let old_tags = std::mem::replace(&mut self.tags, vec![EMPTY_TAG; new_len]);
-        self.coarse = vec![0; new_len];
         let old = std::mem::replace(&mut self.slots, vec![EMPTY; new_len]);
         self.mask = new_len - 1;
         self.len = 0;
@@ -403,7 +344,8 @@ impl FlowTable {
             // that found none would be dropped, and its next packet decided as a new flow.
             for _ in 0..MAX_PROBE {
                 if self.tags[at] == EMPTY_TAG {
-                    self.put(at, tag_of(hash), slot.key, slot.flow);
+                    self.tags[at] = tag_of(hash);
+                    self.slots[at] = slot;
                     self.len += 1;
                     break;
                 }
@@ -417,14 +359,6 @@ impl FlowTable {
 #[inline]
 fn tag_of(hash: u64) -> u8 {
     0x80 | (hash >> 57) as u8
-}
-
-#[cfg(test)]
-impl FlowTable {
-    /// Makes this table probe as `other` does: for tests that compare two filters.
-    pub(crate) fn same_seed_as(&mut self, other: &FlowTable) {
-        self.seed = other.seed;
-    }
 }
 
 /// Slots for a number of flows: a power of two at least twice as large.
@@ -471,7 +405,7 @@ mod tests {
     fn inserted_keys_are_found_and_removed_ones_are_not() {
         let mut t = FlowTable::new(10_000);
         for i in 0..10_000 {
-            let f = t.find(&key(i), 0);
+            let f = t.find(&key(i));
             assert!(f.found.is_none());
             assert!(t.insert(f, key(i), flow(u64::from(i % 2) + 1), 0, 1));
         }
@@ -479,13 +413,13 @@ mod tests {
         // The table grew from its first size and kept everything.
         assert!(t.slots.len() >= 20_000);
         for i in 0..10_000 {
-            assert!(t.find(&key(i), 0).found.is_some(), "key {i}");
+            assert!(t.find(&key(i)).found.is_some(), "key {i}");
         }
         // Remove the odd half (expires 2 > 1), keep the even half.
         t.retain(|_, f| f.expires == 2);
         assert_eq!(t.len(), 5_000);
         for i in 0..10_000 {
-            assert_eq!(t.find(&key(i), 0).found.is_some(), i % 2 == 1, "key {i}");
+            assert_eq!(t.find(&key(i)).found.is_some(), i % 2 == 1, "key {i}");
         }
     }
 
@@ -493,49 +427,22 @@ mod tests {
     fn a_full_table_refuses_until_flows_expire() {
         let mut t = FlowTable::new(4);
         for i in 0..4 {
-            let f = t.find(&key(i), 0);
+            let f = t.find(&key(i));
             assert!(t.insert(f, key(i), flow(100), 0, 10));
         }
-        let f = t.find(&key(9), 0);
+        let f = t.find(&key(9));
         assert!(!t.insert(f, key(9), flow(100), 0, 10));
         // At 100 all four have ended: the sweep makes room.
-        let f = t.find(&key(9), 100);
+        let f = t.find(&key(9));
         assert!(t.insert(f, key(9), flow(200), 100, 10));
         assert_eq!(t.len(), 1);
-    }
-
-    #[test]
-    fn a_new_flow_takes_the_slot_of_one_that_certainly_ended_without_growing_the_count() {
-        let mut t = FlowTable::new(100);
-        let f = t.find(&key(1), 0);
-        assert!(t.insert(f, key(1), flow(1_000), 0, 1));
-        // Just after it ended the coarse expiry cannot tell yet: the line is read and the key
-        // found, as ended, by its exact expiry.
-        assert!(t.find(&key(1), 1_001).found.is_some());
-        // Well after, its slot is taken without reading it.
-        let late = 10 << COARSE_SHIFT;
-        let f = t.find(&key(1), late);
-        assert!(f.found.is_none());
-        assert!(t.insert(f, key(1), flow(late + 1_000), late, 1));
-        assert_eq!(t.len(), 1);
-        assert!(t.find(&key(1), late).found.is_some());
-    }
-
-    proptest::proptest! {
-        /// The coarse expiry never says that a flow still live has ended.
-        #[test]
-        fn the_coarse_expiry_errs_only_towards_live(expires: u64, now: u64) {
-            if certainly_ended(coarse_expiry(expires), now) {
-                proptest::prop_assert!(expires <= now);
-            }
-        }
     }
 
     #[test]
     fn retain_sees_every_entry_once() {
         let mut t = FlowTable::new(1000);
         for i in 0..1000 {
-            let f = t.find(&key(i), 0);
+            let f = t.find(&key(i));
             assert!(t.insert(f, key(i), flow(5), 0, 1));
         }
         let mut seen = std::collections::HashSet::new();

@@ -3,6 +3,9 @@
 //! - `ztnet-node --config node.toml`: static mode (SIGHUP reloads the file).
 //! - `ZTNET_TOKEN=T ztnet-node --coordinator HOST:PORT --state-dir DIR`: coordinator mode.
 //! - `ztnet-node genkey` / `ztnet-node pubkey`: keys, like `wg genkey` / `wg pubkey`.
+//! - `ztnet-node wg IFACE`: plain WireGuard mode, configured with `wg` (see [`wgmode`]).
+
+mod wgmode;
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -77,6 +80,9 @@ enum Command {
     Genkey(GenkeyArgs),
     /// Reads a private key on stdin and prints its public key, like `wg pubkey`.
     Pubkey,
+    /// Plain WireGuard mode (not zero trust): creates IFACE for the stock `wg` to configure;
+    /// peers are trusted by their keys alone, as WireGuard trusts them.
+    Wg(wgmode::WgArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Genkey(args)) => return genkey(args),
         Some(Command::Pubkey) => return pubkey(),
+        Some(Command::Wg(args)) => return wgmode::run(args),
         None => {}
     }
     if let Some(config) = cli.config {

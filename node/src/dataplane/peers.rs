@@ -51,6 +51,12 @@ pub trait Transmit {
     fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]);
     /// Writes a decrypted, checked IP packet to the TUN.
     fn write_tun(&mut self, packet: &[u8]);
+    /// Sends a WireGuard datagram to `to` from the local address `from` (the one the peer
+    /// last reached this node at), or from whatever address the kernel picks for `None`.
+    fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        let _ = from;
+        self.send_udp(to, datagram);
+    }
 }
 
 /// A peer's session up or down, reported by [`PeerTable::handle_timers`].
@@ -144,6 +150,9 @@ pub struct PeerTable {
     warnings: Vec<String>,
     /// Key mismatches seen, shared by successive tables, until collected.
     mismatches: Arc<Mutex<Vec<KeyMismatch>>>,
+    /// Plain WireGuard mode: cryptokey routing and anti-spoofing decide, the filter is not
+    /// consulted. Set only by [`PeerTable::plain_wireguard`].
+    plain: bool,
 }
 
 struct Peer {
@@ -159,6 +168,9 @@ struct PeerState {
     /// peer handshook under that (or, until then, the key it is rotating away from).
     tunn_key: WgKey,
     endpoint: Option<SocketAddr>,
+    /// This node's address that the peer last reached it at, at `endpoint`: replies leave from
+    /// it. Cleared when the endpoint is set by configuration.
+    source: Option<IpAddr>,
     session_up: bool,
     /// The configured endpoints, tried in turn while handshakes go unanswered.
     candidates: Vec<SocketAddr>,
@@ -246,6 +258,7 @@ impl PeerTable {
             next_index: previous.map_or(first_index, |p| p.next_index) & 0x00ff_ffff,
             warnings: Vec::new(),
             mismatches: previous.map_or_else(Default::default, |p| p.mismatches.clone()),
+            plain: false,
         };
         let old_by_name: HashMap<&str, &Peer> = previous
             .map(|p| {
@@ -287,6 +300,7 @@ impl PeerTable {
                     let had_endpoint = state.endpoint.is_some();
                     if p.config.endpoint != config.endpoint && config.endpoint.is_some() {
                         state.endpoint = config.endpoint.map(unmap);
+                        state.source = None;
                         state.unanswered = false;
                     }
                     let fresh = candidates(config);
@@ -364,11 +378,13 @@ impl PeerTable {
         };
         let peer = &self.peers[slot];
 
-        let verdict = lock(&self.filter).outbound(&peer.config.name, packet, now);
-        if let Verdict::Deny(reason) = verdict {
-            self.counters
-                .drop_packet(DropReason::Outbound((&reason).into()));
-            return;
+        if !self.plain {
+            let verdict = lock(&self.filter).outbound(&peer.config.name, packet, now);
+            if let Verdict::Deny(reason) = verdict {
+                self.counters
+                    .drop_packet(DropReason::Outbound((&reason).into()));
+                return;
+            }
         }
 
         let mut state = lock(&peer.state);
@@ -377,7 +393,7 @@ impl PeerTable {
                 let sent = if is_initiation(datagram) {
                     state.send_initiation(datagram, out)
                 } else if let Some(to) = state.endpoint {
-                    out.send_udp(to, datagram);
+                    out.send_udp_from(to, state.source, datagram);
                     true
                 } else {
                     false
@@ -402,8 +418,24 @@ impl PeerTable {
         buf: &mut [u8],
         out: &mut impl Transmit,
     ) {
+        self.handle_datagram_at(from, None, datagram, now, buf, out);
+    }
+
+    /// Like [`PeerTable::handle_datagram`], for a datagram that arrived at this node's local
+    /// address `local` (from IP_PKTINFO): replies to it, and later datagrams to the peer once
+    /// it authenticates, leave from that address.
+    pub fn handle_datagram_at(
+        &self,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+        now: Instant,
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
         let from = unmap(from);
-        let Some((slot, kind)) = self.find_peer(from, datagram, buf, out) else {
+        let local = local.map(|ip| unmap(SocketAddr::new(ip, 0)).ip());
+        let Some((slot, kind)) = self.find_peer(from, local, datagram, buf, out) else {
             return;
         };
         let peer = &self.peers[slot];
@@ -411,7 +443,15 @@ impl PeerTable {
         if let Kind::Init(key) = kind
             && key != state.tunn_key.0
         {
-            return self.promote(peer, &mut state, WgKey(key), from, datagram, buf, out);
+            return self.promote(
+                peer,
+                &mut state,
+                WgKey(key),
+                (from, local),
+                datagram,
+                buf,
+                out,
+            );
         }
 
         let result = state.tunn.decapsulate(Some(from.ip()), datagram, buf);
@@ -420,26 +460,26 @@ impl PeerTable {
                 // A cookie reply (type 3) proves nothing about the sender; a handshake
                 // response or keepalive does.
                 let authenticated = reply.first() != Some(&3);
-                out.send_udp(from, reply);
+                out.send_udp_from(from, local, reply);
                 if authenticated {
-                    state.authenticated(from);
+                    state.authenticated(from, local);
                     self.flush_queue(&mut state, buf, out);
                 }
             }
             TunnResult::WriteToTunnelV4(packet, src) => {
-                state.authenticated(from);
+                state.authenticated(from, local);
                 drop(state);
                 self.deliver(slot, IpAddr::V4(src), packet, now, out);
             }
             TunnResult::WriteToTunnelV6(packet, src) => {
-                state.authenticated(from);
+                state.authenticated(from, local);
                 drop(state);
                 self.deliver(slot, IpAddr::V6(src), packet, now, out);
             }
             TunnResult::Done => {
                 // A keepalive authenticates the sender; a cookie reply does not (FC-25).
                 if kind == Kind::Data {
-                    state.authenticated(from);
+                    state.authenticated(from, local);
                 }
             }
             TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
@@ -468,7 +508,7 @@ impl PeerTable {
                 }
                 TunnResult::WriteToNetwork(datagram) => {
                     if let Some(to) = state.endpoint {
-                        out.send_udp(to, datagram);
+                        out.send_udp_from(to, state.source, datagram);
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
@@ -511,6 +551,31 @@ impl PeerTable {
         &self.warnings
     }
 
+    /// This table for plain WireGuard mode: the filter is bypassed, cryptokey routing and the
+    /// anti-spoofing check alone decide (WireGuard's trust model). Only
+    /// `Dataplane::start_plain_wireguard` calls this; the zero-trust modes never do.
+    pub fn plain_wireguard(mut self) -> PeerTable {
+        self.plain = true;
+        self
+    }
+
+    /// Moves the peer with `key` to `endpoint` now, as `wg set ... endpoint` does, even when the
+    /// configured endpoint did not change (the peer roamed away from it). Returns false when
+    /// there is no such peer.
+    pub fn set_endpoint(&self, key: &WgKey, endpoint: SocketAddr) -> bool {
+        let Some(&slot) = self.by_key.get(&key.0) else {
+            return false;
+        };
+        let mut state = lock(&self.peers[slot].state);
+        state.endpoint = Some(unmap(endpoint));
+        state.source = None;
+        state.unanswered = false;
+        if !has_session(&state.tunn) {
+            state.initiate = true;
+        }
+        true
+    }
+
     /// The node's own public key.
     pub fn public_key(&self) -> WgKey {
         WgKey(self.public.to_bytes())
@@ -546,6 +611,7 @@ impl PeerTable {
                 tunn,
                 tunn_key: config.public_key,
                 endpoint,
+                source: None,
                 session_up: false,
                 candidates,
                 cursor: 0,
@@ -578,6 +644,7 @@ impl PeerTable {
     fn find_peer(
         &self,
         from: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
         buf: &mut [u8],
         out: &mut impl Transmit,
@@ -594,7 +661,7 @@ impl PeerTable {
                 {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(cookie)) => {
-                        out.send_udp(from, cookie);
+                        out.send_udp_from(from, local, cookie);
                         return None;
                     }
                     Err(_) => {
@@ -681,7 +748,7 @@ impl PeerTable {
         peer: &Peer,
         state: &mut PeerState,
         key: WgKey,
-        from: SocketAddr,
+        (from, local): (SocketAddr, Option<IpAddr>),
         datagram: &[u8],
         buf: &mut [u8],
         out: &mut impl Transmit,
@@ -696,7 +763,7 @@ impl PeerTable {
         );
         match tunn.decapsulate(Some(from.ip()), datagram, buf) {
             TunnResult::WriteToNetwork(reply) => {
-                out.send_udp(from, reply);
+                out.send_udp_from(from, local, reply);
                 tracing::info!(
                     peer = %peer.config.name,
                     key = %key.short(),
@@ -704,7 +771,7 @@ impl PeerTable {
                 );
                 state.tunn = tunn;
                 state.tunn_key = key;
-                state.authenticated(from);
+                state.authenticated(from, local);
             }
             TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
             _ => self.counters.drop_packet(DropReason::HandshakeFailed),
@@ -716,7 +783,7 @@ impl PeerTable {
             return;
         };
         while let TunnResult::WriteToNetwork(datagram) = state.tunn.decapsulate(None, &[], buf) {
-            out.send_udp(to, datagram);
+            out.send_udp_from(to, state.source, datagram);
         }
     }
 
@@ -730,6 +797,10 @@ impl PeerTable {
     ) {
         if self.routes.lookup(src) != Some(&slot) {
             self.counters.drop_packet(DropReason::SpoofedSource);
+            return;
+        }
+        if self.plain {
+            out.write_tun(packet);
             return;
         }
         let name = &self.peers[slot].config.name;
@@ -762,10 +833,14 @@ impl Peer {
         if config.endpoint.is_some() && config.endpoint != self.config.endpoint {
             return;
         }
-        let learnt = lock(&self.state).endpoint;
+        let (learnt, source) = {
+            let state = lock(&self.state);
+            (state.endpoint, state.source)
+        };
         if let Some(ep) = learnt {
             let mut state = lock(&next.state);
             state.endpoint = Some(ep);
+            state.source = source;
             state.initiate = true;
         }
     }
@@ -773,8 +848,9 @@ impl Peer {
 
 impl PeerState {
     /// Records an authenticated packet from `from`: the peer is there now (roaming).
-    fn authenticated(&mut self, from: SocketAddr) {
+    fn authenticated(&mut self, from: SocketAddr, local: Option<IpAddr>) {
         self.endpoint = Some(from);
+        self.source = local;
         self.unanswered = false;
         self.mismatch = None;
     }
@@ -790,7 +866,7 @@ impl PeerState {
         let Some(to) = self.endpoint else {
             return false;
         };
-        out.send_udp(to, datagram);
+        out.send_udp_from(to, self.source, datagram);
         self.unanswered = true;
         true
     }

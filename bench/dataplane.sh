@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Data-plane benchmark: plain veth, ztnet-node (filter on), boringtun-cli 0.7.1 (defaults and
+# Data-plane benchmark: plain veth, ztnet-node (filter on; and ztnet-wg, its plain WireGuard
+# mode configured with `wg`), boringtun-cli 0.7.1 (defaults and
 # --threads 1) and wireguard-go, each between two network namespaces joined by a veth pair with
 # offloads off, every WireGuard pair configured alike (MTU 1420).
 #
@@ -20,7 +21,7 @@ PINGS=${PINGS:-41}
 # LAT_ONLY=1: ping latency only (no iperf3), e.g. PINGS=201 LAT_ONLY=1 for a finer median.
 LAT_ONLY=${LAT_ONLY:-0}
 UDP_SECS=${UDP_SECS:-5}
-ONLY=${ONLY:-"veth ztnet boringtun boringtun-1t wireguard-go"}
+ONLY=${ONLY:-"veth ztnet ztnet-wg boringtun boringtun-1t wireguard-go"}
 CACHE=${ZTNET_BENCH_CACHE:-$HOME/.cache/ztnet-bench}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TAG=zb$$
@@ -175,6 +176,27 @@ EOF
     done
 }
 
+# ---- ztnet-wg: ztnet-node in plain WireGuard mode, configured with `wg` like the others ----
+# (kept as its own block; `ztnet-wg` in ONLY and one line of the loop's case refer to it)
+start_ztnet_wg() {
+    keys
+    local side ns ifc
+    for side in a b; do
+        ns=$NS_A; ifc=${TAG}g$side
+        [ $side = b ] && ns=$NS_B
+        RUST_LOG=warn ip netns exec "$ns" "$ZTNET" wg --foreground "$ifc" \
+            >>"$WORK/ztnet-wg.log" 2>&1 &
+        PIDS+=($!)
+        wait_until "[ -S /var/run/wireguard/$ifc.sock ]"
+        if [ $side = a ]; then
+            wg_side "$NS_A" "$ifc" "$WORK/a.key" "$B_PUB" 10.99.0.1 192.0.2.2 10.99.0.2
+        else
+            wg_side "$NS_B" "$ifc" "$WORK/b.key" "$A_PUB" 10.99.0.2 192.0.2.1 10.99.0.1
+        fi
+    done
+}
+# ---- end of the ztnet-wg block ----
+
 cpu_ticks() { # sum of utime+stime of the started daemons
     local t=0 p
     for p in "${PIDS[@]}"; do
@@ -251,6 +273,7 @@ for impl in $ONLY; do
     case $impl in
     veth) measure veth 192.0.2.2 ;;
     ztnet) start_ztnet; measure ztnet 10.99.0.2 ;;
+    ztnet-wg) start_ztnet_wg; measure ztnet-wg 10.99.0.2 ;;
     boringtun | boringtun-1t | wireguard-go) start_wg_impl "$impl"; measure "$impl" 10.99.0.2 ;;
     *) echo "unknown implementation $impl" >&2; exit 1 ;;
     esac

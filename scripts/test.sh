@@ -24,9 +24,10 @@ find_cargo() {
 find_cargo
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-auto}
 
-# System tools the tests drive: ip, ping, socat, nc, tcpdump, wg, wireguard-go, nft, iperf3.
+# System tools the tests drive: ip, ping, socat, nc, tcpdump, wg, wireguard-go, nft, iperf3,
+# inotifywait.
 packages=(iproute2 iputils-ping socat netcat-openbsd tcpdump wireguard-tools wireguard-go
-    nftables iperf3 sqlite3 openssl jq)
+    nftables iperf3 sqlite3 openssl jq inotify-tools)
 if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     missing=()
     for p in "${packages[@]}"; do

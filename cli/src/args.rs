@@ -97,6 +97,9 @@ Examples:
     /// The coordinator's CAs: status, list, rotate, activate, bundle.
     #[command(subcommand)]
     Ca(crate::cmd::ca::CaCmd),
+    /// Admin API keys: create (shown once), list, revoke.
+    #[command(subcommand)]
+    ApiKey(crate::cmd::apikey::ApiKeyCmd),
     /// This process's workload identity, fetched from the local node's workload API.
     #[command(after_help = "\
 Examples:
@@ -129,6 +132,20 @@ Examples:
     /// Shows one network.
     #[command(after_help = "Example:\n  ztnet network show prod-vpc")]
     Show(NetworkShowArgs),
+    /// Changes a network's settings.
+    #[command(after_help = "Example:\n  ztnet network set prod-vpc --key-ttl 12h")]
+    Set(NetworkSetArgs),
+}
+
+/// `ztnet network set`.
+#[derive(Debug, Args)]
+pub struct NetworkSetArgs {
+    /// Network name.
+    pub name: String,
+    /// Life of each node's WireGuard key in a zero-trust network (10s to 30d; 24h by
+    /// default). Nodes rotate at half of it; a key older than it is dropped by every peer.
+    #[arg(long, value_parser = parse_duration)]
+    pub key_ttl: Option<Duration>,
 }
 
 /// `ztnet network create`.
@@ -235,6 +252,30 @@ pub enum NodeCmd {
                             web-1 --clear --revision 3"
     )]
     SetEndpoint(NodeSetEndpointArgs),
+    /// Asks a node to rotate its WireGuard key now: it makes the key (the private half never
+    /// leaves it), its peers learn the public half, then it switches.
+    #[command(
+        after_help = "Examples:\n  ztnet node rotate-key --network prod-vpc web-1\n  ztnet node \
+                            rotate-key --network prod-vpc web-1 --order node-first --gap 10s"
+    )]
+    RotateKey(NodeRotateKeyArgs),
+}
+
+/// `ztnet node rotate-key`.
+#[derive(Debug, Args)]
+pub struct NodeRotateKeyArgs {
+    /// Network name.
+    #[arg(long, short = 'n')]
+    pub network: String,
+    /// Node name.
+    pub name: String,
+    /// `peers-first` (peers learn the key, then the node switches) or `node-first` (a drill:
+    /// peers see a key mismatch until they learn it).
+    #[arg(long, default_value = "peers-first")]
+    pub order: String,
+    /// Wait between the two steps (at most 60s).
+    #[arg(long, default_value = "0s", value_parser = parse_gap)]
+    pub gap: Duration,
 }
 
 /// `ztnet node revoke`.
@@ -431,6 +472,10 @@ pub struct KeyCheckArgs {
 }
 
 /// Parses `30s`, `1h`, `2d` and the like.
+fn parse_gap(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (try 0s, 10s)"))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (try 30s, 15m, 1h, 2d)"))?;
     if d.is_zero() {

@@ -129,7 +129,7 @@ impl ApiClient {
             crate::output::noteln!(
                 "warning: {} does not hold the CA that now signs the coordinator's certificate \
                  (a CA rotation is under way); it keeps working only until the old CA retires \
-                 (`ztnet ca status` says when). Refresh it now: ztnet ca bundle --output {}",
+                 (`ztnet ca status` says when). Refresh it now: ztnet ca bundle --file {}",
                 self.ca_path.display(),
                 self.ca_path.display()
             );

@@ -231,6 +231,11 @@ async fn run_session(
                         break format!("push failed: {e}");
                     }
                 }
+                Some(SessionEvent::Send(msg)) => {
+                    if let Err(e) = frame::write(&mut send, msg.as_ref()).await {
+                        break format!("push failed: {e}");
+                    }
+                }
                 Some(SessionEvent::Close(err)) => {
                     info!(code = %err.code, "closing control channel");
                     close_with(&conn, &mut send, err).await;
@@ -263,7 +268,7 @@ async fn run_session(
 }
 
 async fn on_message(
-    hub: &Hub,
+    hub: &Arc<Hub>,
     node: &Node,
     remote: SocketAddr,
     send: &mut SendStream,
@@ -307,6 +312,24 @@ async fn on_message(
             frame::write(send, &answer)
                 .await
                 .map_err(|e| refuse("protocol", e.to_string()))?;
+        }
+        NodeMsg::RotateKey { public_key } => {
+            info!(next = %public_key.short(), "node proposed a new key");
+            tokio::spawn(crate::rotation::propose(
+                hub.clone(),
+                node.clone(),
+                public_key,
+            ));
+        }
+        NodeMsg::Resync { reason } => {
+            let reason: String = reason.chars().take(300).collect();
+            warn!(%reason, "node asked for a fresh netmap");
+            hub.resend_full(node).await.map_err(internal)?;
+        }
+        NodeMsg::Posture(posture) => {
+            crate::posture::on_report(hub, node, posture)
+                .await
+                .map_err(internal)?;
         }
         NodeMsg::WorkloadList { request_id } => {
             let answer = crate::workload::list(hub, node, request_id).await;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use ztnet_proto::admin::PendingAck;
-use ztnet_proto::control::{ControlError, Netmap, NetmapDelta, NetmapVersion};
+use ztnet_proto::control::{ControlError, Netmap, NetmapDelta, NetmapVersion, ServerMsg};
 
 use crate::ca::Ca;
 use crate::netmap;
@@ -46,6 +46,8 @@ pub enum SessionEvent {
     },
     /// Send this error and close the connection.
     Close(ControlError),
+    /// Send this message (key rotation steps).
+    Send(Box<ServerMsg>),
 }
 
 struct Session {
@@ -71,11 +73,14 @@ pub struct Hub {
     recompute: tokio::sync::Mutex<()>,
     /// Held by a policy apply from storing to putting in force.
     pub apply_lock: tokio::sync::Mutex<()>,
+    /// Key rotations an operator asked for, not yet started by their node.
+    pub rotations: crate::rotation::Requests,
+    rotation_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Locks a std mutex, carrying on with the data if a holder panicked (every critical section
 /// here only inserts or removes whole entries, so the data stays consistent).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -98,6 +103,8 @@ impl Hub {
             identity_conflicts: AtomicU64::new(0),
             recompute: tokio::sync::Mutex::new(()),
             apply_lock: tokio::sync::Mutex::new(()),
+            rotations: crate::rotation::Requests::default(),
+            rotation_locks: Mutex::new(HashMap::new()),
         };
         for network in networks::list(&hub.store).await? {
             let history = policies::history(&hub.store, network.id).await?;
@@ -141,6 +148,11 @@ impl Hub {
             Some(p) => problems.insert(network.to_string(), p),
             None => problems.remove(network),
         };
+    }
+
+    /// The id of a node's live control session, if it has one.
+    pub fn session_id(&self, node: NodeId) -> Option<u64> {
+        lock(&self.sessions).get(&node).map(|s| s.conn_id)
     }
 
     /// Whether a node has a control session now.
@@ -228,6 +240,41 @@ impl Hub {
         }
     }
 
+    /// Queues a message on a node's session; false when it has none.
+    pub fn send(&self, node: NodeId, msg: ServerMsg) -> bool {
+        lock(&self.sessions)
+            .get(&node)
+            .is_some_and(|s| s.tx.send(SessionEvent::Send(Box::new(msg))).is_ok())
+    }
+
+    /// The lock that runs one key rotation of a node at a time.
+    pub fn rotation_lock(&self, node: NodeId) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.rotation_locks).entry(node).or_default().clone()
+    }
+
+    /// Recomputes the node's network, then sends the node its full netmap again (it asked:
+    /// what it sees contradicts its netmap).
+    pub async fn resend_full(&self, node: &Node) -> Result<(), StoreError> {
+        let _order = self.recompute.lock().await;
+        self.recompute_locked(node.network).await?;
+        let mut conn = self.store.pool().acquire().await?;
+        let Some(json) = nodes::find_in(&mut conn, node.id)
+            .await?
+            .filter(Node::is_active)
+            .and_then(|n| n.netmap_json)
+        else {
+            return Ok(());
+        };
+        let full: Netmap = crate::store::from_json(&json, "stored netmap")?;
+        if let Some(s) = lock(&self.sessions).get(&node.id) {
+            let _ = s.tx.send(SessionEvent::Netmap {
+                full: Arc::new(full),
+                delta: None,
+            });
+        }
+        Ok(())
+    }
+
     /// Closes a node's session with an error (node deleted: `revoked`).
     pub fn close_session(&self, node: NodeId, error: ControlError) {
         if let Some(s) = lock(&self.sessions).remove(&node) {
@@ -264,12 +311,25 @@ impl Hub {
             Some(p) => netpolicy::compile(p, &netmap::inventory(&members)),
             None => netpolicy::CompiledNetwork::default(),
         };
-        let mut fresh = netmap::build(&network, &members, &compiled, expires_at);
+        let keys = netmap::KeyLife {
+            ttl: crate::rotation::key_ttl(&mut tx, &network).await?,
+            now,
+        };
+        let mut fresh = netmap::build(&network, &members, &compiled, expires_at, keys);
         let bundle = self.ca.ca_pem();
         for map in fresh.values_mut() {
             map.bundle_pem = Some(bundle.clone());
         }
 
+        let enforced = crate::posture::enforce(
+            &mut tx,
+            &network,
+            &members,
+            effective.policy.as_deref(),
+            &mut fresh,
+            |id| self.session_id(id),
+        )
+        .await?;
         let mut changed = Vec::new();
         for node in &members {
             let Some(mut new) = fresh.remove(&node.name) else {
@@ -316,6 +376,8 @@ impl Hub {
                 });
             }
         }
+        drop(sessions);
+        enforced.track(self, &pending);
         Ok(pending)
     }
 }

@@ -15,6 +15,8 @@ pub mod hub;
 pub mod names;
 pub mod netmap;
 pub mod policy;
+pub mod posture;
+pub mod rotation;
 pub mod store;
 pub mod workload;
 
@@ -158,6 +160,8 @@ pub async fn run(config: Config) -> Result<Running, StartError> {
     tasks.push(tokio::spawn(control::serve(endpoint.clone(), hub.clone())));
     let app = api::router(hub.clone());
     tasks.push(tokio::spawn(api::serve(listener, admin, app)));
+    tasks.push(tokio::spawn(rotation::watch_expiry(hub.clone())));
+    tasks.push(tokio::spawn(posture::watch_sessions(hub.clone())));
     tasks.push(tokio::spawn(api::drive_ca_rotation(hub.clone())));
     let refresher = hub.clone();
     tasks.push(tokio::spawn(async move {

@@ -31,17 +31,46 @@ pub fn inventory(nodes: &[Node]) -> Inventory {
     }
 }
 
+/// How long node keys live, and the time to judge them at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyLife {
+    /// Key life in seconds; 0 when keys do not expire (a network without `--zero-trust`).
+    pub ttl: u64,
+    /// Unix seconds now.
+    pub now: u64,
+}
+
+impl KeyLife {
+    /// Whether `node`'s key has expired.
+    pub fn expired(&self, node: &Node) -> bool {
+        node.key_expires_at(self.ttl)
+            .is_some_and(|at| at <= self.now)
+    }
+
+    /// When `node` should rotate its key: half its life.
+    pub fn rotate_at(&self, node: &Node) -> Option<u64> {
+        (self.ttl > 0).then(|| node.key_created_at.saturating_add(self.ttl / 2))
+    }
+}
+
 /// Every node's netmap, by node name, with version 0 (the caller numbers them). A node's peers
-/// are exactly the keys of its compiled filter; a node without a filter gets no peers.
+/// are exactly the keys of its compiled filter; a node without a filter gets no peers. A node
+/// whose key expired is no one's peer, and has no peers itself, until it rotates.
 pub fn build(
     network: &Network,
     nodes: &[Node],
     compiled: &CompiledNetwork,
     expires_at: u64,
+    keys: KeyLife,
 ) -> BTreeMap<String, Netmap> {
-    let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let by_name: BTreeMap<&str, &Node> = nodes
+        .iter()
+        .filter(|n| !keys.expired(n))
+        .map(|n| (n.name.as_str(), n))
+        .collect();
     let mut out = BTreeMap::new();
     for node in nodes {
+        let expired = keys.expired(node);
         let filter = compiled
             .filters
             .get(&node.name)
@@ -50,7 +79,7 @@ pub fn build(
         let mut peers: Vec<PeerInfo> = filter
             .peers
             .keys()
-            .filter(|name| name.as_str() != node.name)
+            .filter(|name| name.as_str() != node.name && !expired)
             .filter_map(|name| by_name.get(name.as_str()))
             .map(|peer| PeerInfo {
                 name: peer.name.clone(),
@@ -58,6 +87,8 @@ pub fn build(
                 endpoints: peer_endpoints(peer),
                 allowed_ips: host_prefixes(peer),
                 identity: identity(peer),
+                key_expires_at: peer.key_expires_at(keys.ttl),
+                next_public_key: peer.next_public_key,
             })
             .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -72,6 +103,8 @@ pub fn build(
                     IpNet::V6(prefixed6(node.ipv6, network.cidr6)),
                 ],
                 routes: vec![IpNet::V4(network.cidr), IpNet::V6(network.cidr6)],
+                key_expires_at: node.key_expires_at(keys.ttl),
+                key_rotate_at: keys.rotate_at(node),
             },
             peers,
             filter,
@@ -218,6 +251,8 @@ mod tests {
                 },
                 addresses: vec![],
                 routes: vec![],
+                key_expires_at: None,
+                key_rotate_at: None,
             },
             peers: vec![],
             filter: Default::default(),
@@ -237,6 +272,81 @@ mod tests {
         let mut rebundled = same.clone();
         rebundled.bundle_pem = Some("two CAs".into());
         assert!(must_reissue(Some(&map), &rebundled, 1_000, 12 * 3600));
+    }
+
+    fn node(id: i64, name: &str, key_created_at: u64) -> Node {
+        Node {
+            id: crate::store::NodeId(id),
+            network: crate::store::NetworkId(1),
+            name: name.into(),
+            namespace: "prod".into(),
+            tags: vec![],
+            spiffe_id: format!("spiffe://td/ns/prod/node/{name}"),
+            public_key: ztnet_proto::WgKey([id as u8; 32]),
+            ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
+            ipv6: format!("fd00::{id}").parse().unwrap(),
+            token_id: None,
+            listen_port: 51820,
+            endpoints: vec![],
+            pinned_endpoint: None,
+            endpoint_revision: 0,
+            version: String::new(),
+            state: "active".into(),
+            revoked_at: None,
+            revoke_reason: None,
+            netmap_version: 0,
+            netmap_json: None,
+            applied_version: 0,
+            applied_at: None,
+            last_seen: None,
+            created_at: key_created_at,
+            key_created_at,
+            next_public_key: None,
+        }
+    }
+
+    #[test]
+    fn a_node_whose_key_expired_is_nobodys_peer_and_has_none() {
+        let network = Network {
+            id: crate::store::NetworkId(1),
+            name: "prod-vpc".into(),
+            cidr: "100.64.0.0/16".parse().unwrap(),
+            cidr6: "fd00::/64".parse().unwrap(),
+            zero_trust: true,
+            created_at: 0,
+        };
+        let policy = netpolicy::Policy::parse(
+            "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n",
+        )
+        .unwrap()
+        .policy;
+        let mut b = node(2, "b", 1_000);
+        b.next_public_key = Some(ztnet_proto::WgKey([9; 32]));
+        let nodes = vec![node(1, "a", 100), b, node(3, "c", 1_000)];
+        let compiled = netpolicy::compile(&policy, &inventory(&nodes));
+        let keys = KeyLife { ttl: 600, now: 700 };
+        let maps = build(&network, &nodes, &compiled, 10_000, keys);
+        let names = |m: &Netmap| m.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert!(maps["a"].peers.is_empty(), "a's key expired at 700");
+        assert_eq!(names(&maps["b"]), ["c"]);
+        assert_eq!(names(&maps["c"]), ["b"]);
+        let b_at_c = &maps["c"].peers[0];
+        assert_eq!(b_at_c.key_expires_at, Some(1_600));
+        assert_eq!(b_at_c.next_public_key, Some(ztnet_proto::WgKey([9; 32])));
+        assert_eq!(maps["b"].node.key_expires_at, Some(1_600));
+        assert_eq!(maps["b"].node.key_rotate_at, Some(1_300));
+
+        // Keys that never expire (not zero-trust): everyone is everyone's peer.
+        let maps = build(
+            &network,
+            &nodes,
+            &compiled,
+            10_000,
+            KeyLife { ttl: 0, now: 700 },
+        );
+        assert_eq!(names(&maps["a"]), ["b", "c"]);
+        assert_eq!(maps["a"].peers[0].key_expires_at, None);
+        assert_eq!(maps["a"].node.key_rotate_at, None);
     }
 
     #[test]

@@ -354,6 +354,16 @@ impl Topology {
     /// Starts `ztnet-node` for `name` in coordinator mode; `token` (passed as `ZTNET_TOKEN`) is
     /// needed on the first start only. Returns once the process runs (enrollment is awaited with [`Self::wait_online`]).
     pub fn start_node(&mut self, name: &str, token: Option<&str>) -> Result<()> {
+        self.start_node_with(name, token, &[])
+    }
+
+    /// [`Self::start_node`] with more `ztnet-node` arguments (`--posture-file F`, say).
+    pub fn start_node_with(
+        &mut self,
+        name: &str,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> Result<()> {
         let log_dir = self.dir.path().to_path_buf();
         let node = self.node_mut(name);
         if node.running() {
@@ -373,7 +383,7 @@ impl Topology {
             &node.iface,
         ];
         let mut cmd = node.ns.command(bin("ztnet-node"));
-        cmd.args(args).env("RUST_LOG", "info");
+        cmd.args(args).args(extra).env("RUST_LOG", "info");
         // Through the environment, as the systemd unit does, so it is not in the process list.
         match token {
             Some(t) => cmd.env("ZTNET_TOKEN", t),

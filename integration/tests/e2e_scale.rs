@@ -347,4 +347,37 @@ fn revocation_with_twenty_nodes_ends_every_peers_live_flows_within_the_bound() {
         p99 <= BOUND.as_millis(),
         "p99 {p99} ms is far over the goal"
     );
+
+    // The coordinator's own figure, in the audit log: from the revoke to the last
+    // acknowledgement of the netmap without the victim by every connected peer.
+    let revokes = wait_for(
+        "every revoke audited with its time to enforcement",
+        Duration::from_secs(40),
+        || {
+            let events = topo.ztnet_json(&["audit", "--network", NETWORK])?;
+            let revokes: Vec<serde_json::Value> = events
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .filter(|e| e["action"] == "node.revoke")
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            let done =
+                revokes.len() == rounds && revokes.iter().all(|e| !e["enforcement"].is_null());
+            Ok(done.then_some(revokes))
+        },
+    )
+    .expect("the audit log has every revoke's time to enforcement");
+    for e in &revokes {
+        let x = &e["enforcement"];
+        eprintln!("revocation audit: {} {}", e["target"], x["summary"]);
+        let (ms, peers) = (x["ms"].as_u64(), x["peers"].as_u64().unwrap_or(0));
+        assert!(
+            ms.is_some_and(|ms| u128::from(ms) < BOUND.as_millis())
+                && peers >= (20 - rounds) as u64,
+            "{e}"
+        );
+    }
 }

@@ -76,35 +76,86 @@ fn decision(c: &mut Criterion) {
     let spec = net.filters["db1"].clone();
     let (web_ip, db_ip) = ([100, 64, 0, 2], [100, 64, 0, 3]);
 
-    let mut filter = Filter::new(spec.clone(), ConntrackConfig::default());
-    let now = Instant::now();
-    let syn = v4_packet(web_ip, db_ip, TCP, 40000, 1999, 0x02);
-    assert!(matches!(
-        filter.inbound("web1", &syn, now),
-        netpolicy::Verdict::Allow(_)
-    ));
-    let ack = v4_packet(web_ip, db_ip, TCP, 40000, 1999, 0x10);
-    c.bench_function("established flow, inbound TCP", |b| {
-        b.iter(|| filter.inbound(black_box("web1"), black_box(&ack), now))
-    });
-
-    let mut filter = Filter::new(spec.clone(), ConntrackConfig::default());
-    let mut pkt = v4_packet(web_ip, db_ip, UDP, 0, 1999, 0);
-    let mut t = Instant::now();
-    let mut port: u16 = 0;
-    c.bench_function("new flow, 1000 grants, allowed (UDP, last grant)", |b| {
-        b.iter(|| {
-            port = port.wrapping_add(1);
-            pkt[20..22].copy_from_slice(&port.to_be_bytes());
-            t += Duration::from_millis(1);
-            let v = filter.inbound(black_box("web1"), black_box(&pkt), t);
-            debug_assert!(matches!(
-                v,
-                netpolicy::Verdict::Allow(netpolicy::AllowReason::Rule(_))
+    // Established flows: ESTABLISHED_FLOWS TCP flows opened by SYN, then one ACK of each in
+    // turn, so that every packet looks up another flow (one hot entry stayed in L1 and hid the
+    // cost of the table lookup). The packet is rewritten in place, as a real one would be hot in
+    // cache right after decryption; the flow table is not.
+    for flows in [ESTABLISHED_FLOWS, ESTABLISHED_FLOWS_LARGE] {
+        let mut filter = Filter::new(spec.clone(), ConntrackConfig::default());
+        let web1 = filter.peer("web1").expect("web1 is a peer of db1");
+        let now = Instant::now();
+        for i in 0..flows {
+            let syn = v4_packet(web_ip, db_ip, TCP, 1024 + i as u16, 1999, 0x02);
+            assert!(matches!(
+                filter.inbound("web1", &syn, now),
+                netpolicy::Verdict::Allow(_)
             ));
-            v
-        })
-    });
+        }
+        let mut ack = v4_packet(web_ip, db_ip, TCP, 1024, 1999, 0x10);
+        let mut i = 0;
+        c.bench_function(
+            &format!("established flow, inbound TCP, {flows} flows in turn"),
+            |b| {
+                b.iter(|| {
+                    i = (i + 1) % flows;
+                    ack[20..22].copy_from_slice(&(1024 + i as u16).to_be_bytes());
+                    let v = filter.inbound(black_box("web1"), black_box(&ack), now);
+                    debug_assert_eq!(v, established());
+                    v
+                })
+            },
+        );
+        c.bench_function(
+            &format!("established flow, inbound TCP, {flows} flows in turn, by handle"),
+            |b| {
+                b.iter(|| {
+                    i = (i + 1) % flows;
+                    ack[20..22].copy_from_slice(&(1024 + i as u16).to_be_bytes());
+                    let v = filter.inbound_ref(black_box(web1), black_box(&ack), now);
+                    debug_assert_eq!(v, established());
+                    v
+                })
+            },
+        );
+    }
+
+    // New flows: every packet has a new source port, 1 ms apart, so the table holds the last
+    // 30 s of them (UDP_UNREPLIED_TIMEOUT): 30,000 live flows, and up to 65,536 with the
+    // expired ones not yet swept. The grant that matches is the last of the 1,000.
+    let mut pkt = v4_packet(web_ip, db_ip, UDP, 0, 1999, 0);
+    for by_handle in [false, true] {
+        let mut filter = Filter::new(spec.clone(), ConntrackConfig::default());
+        let web1 = filter.peer("web1").expect("web1 is a peer of db1");
+        let mut t = Instant::now();
+        let mut port: u16 = 0;
+        let name = if by_handle {
+            "new flow, 1000 grants, allowed (UDP, last grant), by handle"
+        } else {
+            "new flow, 1000 grants, allowed (UDP, last grant)"
+        };
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                port = port.wrapping_add(1);
+                pkt[20..22].copy_from_slice(&port.to_be_bytes());
+                t += Duration::from_millis(1);
+                let v = if by_handle {
+                    filter.inbound_ref(black_box(web1), black_box(&pkt), t)
+                } else {
+                    filter.inbound(black_box("web1"), black_box(&pkt), t)
+                };
+                debug_assert!(matches!(
+                    v,
+                    netpolicy::Verdict::Allow(netpolicy::AllowReason::Rule(_))
+                ));
+                v
+            })
+        });
+        assert!(
+            filter.flow_count() >= 30_000,
+            "the new-flow bench ran with {} flows in the table",
+            filter.flow_count()
+        );
+    }
 
     // The same decision with a small flow table: 64 keys in turn, each expired when it comes
     // back, so every packet is a new flow but the table stays in cache.
@@ -124,10 +175,21 @@ fn decision(c: &mut Criterion) {
     );
 
     let mut filter = Filter::new(spec, ConntrackConfig::default());
+    let now = Instant::now();
     let denied = v4_packet(web_ip, db_ip, TCP, 40000, 22, 0x02);
     c.bench_function("new flow, 1000 grants, default deny", |b| {
         b.iter(|| filter.inbound(black_box("web1"), black_box(&denied), now))
     });
+}
+
+/// Flows the established-flow bench takes in turn: 256 KiB of slots, 8 times the L1 data cache
+/// of this machine's cores (32 KiB), within their L2 (1 MiB).
+const ESTABLISHED_FLOWS: usize = 4096;
+/// The same with 2 MiB of slots, twice L2: most lookups go to L3.
+const ESTABLISHED_FLOWS_LARGE: usize = 32_768;
+
+fn established() -> netpolicy::Verdict {
+    netpolicy::Verdict::Allow(netpolicy::AllowReason::Established)
 }
 
 /// 10,000 nodes in 20 namespaces with 500 service tags; 1,000 grants between service tags.

@@ -86,6 +86,11 @@ pub(crate) struct State {
     fragments: HashMap<FragmentKey, (u32, u64), FastHash>,
     /// What the filter's clock counts from: the first `now` it was given.
     epoch: Option<Instant>,
+    /// The last `now` given and its ticks: a batch of packets often shares one `now`.
+    last: Option<(Instant, u64)>,
+    /// The slot of the last peer a name resolved to: a burst of packets from or to one peer
+    /// compares one name instead of hashing it.
+    last_peer: Option<u32>,
 }
 
 /// One peer slot: its name and rules while a peer holds it.
@@ -107,6 +112,8 @@ impl State {
             flows: FlowTable::new(config.max_flows),
             fragments: HashMap::with_capacity_and_hasher(MAX_FRAGMENTS, FastHash::default()),
             epoch: None,
+            last: None,
+            last_peer: None,
         };
         state.place_peers(&spec);
         state
@@ -145,6 +152,7 @@ impl State {
 
     pub(crate) fn install(&mut self, spec: FilterSpec, now: Instant) {
         let now = self.ticks(now);
+        self.last_peer = None;
         // Peers that leave free their slots first; their flows go below.
         let mut kept = vec![true; self.peers.len()];
         for (slot, p) in self.peers.iter_mut().enumerate() {
@@ -184,7 +192,7 @@ impl State {
             };
             matches!(
                 table.decide(&src, &dst, key.v4(), class),
-                Some((RuleKind::Grant, _))
+                Some(e) if e.kind == RuleKind::Grant
             )
         });
         // Fragments in flight are re-checked by their next first fragment.
@@ -211,6 +219,21 @@ impl State {
         Some(&self.peers[slot as usize].name)
     }
 
+    /// The slot of a peer's name, if the installed spec has it.
+    #[inline]
+    fn slot_of(&mut self, name: &str) -> Option<u32> {
+        if let Some(slot) = self.last_peer
+            && let Some(p) = self.peers.get(slot as usize)
+            && p.tables.is_some()
+            && *p.name == *name
+        {
+            return Some(slot);
+        }
+        let slot = self.by_name.get(name).copied();
+        self.last_peer = slot;
+        slot
+    }
+
     /// The slot of a valid handle.
     #[inline]
     fn resolve(&self, peer: PeerRef) -> Option<u32> {
@@ -222,11 +245,22 @@ impl State {
     /// Nanoseconds from the epoch to `now`; a time before the epoch counts as the epoch.
     #[inline]
     fn ticks(&mut self, now: Instant) -> u64 {
+        match self.last {
+            Some((last, ticks)) if last == now => ticks,
+            _ => self.ticks_of(now),
+        }
+    }
+
+    #[inline(never)]
+    fn ticks_of(&mut self, now: Instant) -> u64 {
         let epoch = *self.epoch.get_or_insert(now);
         let d = now.saturating_duration_since(epoch);
-        d.as_secs()
+        let ticks = d
+            .as_secs()
             .saturating_mul(1_000_000_000)
-            .saturating_add(u64::from(d.subsec_nanos()))
+            .saturating_add(u64::from(d.subsec_nanos()));
+        self.last = Some((now, ticks));
+        ticks
     }
 
     pub(crate) fn decide_name(
@@ -236,7 +270,7 @@ impl State {
         buf: &[u8],
         now: Instant,
     ) -> Verdict {
-        let slot = self.by_name.get(peer).copied();
+        let slot = self.slot_of(peer);
         self.decide(dir, slot, buf, now)
     }
 
@@ -254,6 +288,55 @@ impl State {
 
     #[inline]
     fn decide(&mut self, dir: Direction, peer: Option<u32>, buf: &[u8], now: Instant) -> Verdict {
+        let now = self.ticks(now);
+        // The common packet from a known peer takes the short way; it decides the same.
+        if let Some(peer) = peer
+            && let Some(simple) = packet::simple(buf)
+        {
+            return self.simple(dir, peer, &simple, now);
+        }
+        self.general(dir, peer, buf, now)
+    }
+
+    /// An IPv4 TCP or UDP packet that is not a fragment, read by [`packet::simple`]: the same
+    /// steps as [`State::tcp`] and [`State::stateful`], without the general packet's fields.
+    #[inline]
+    fn simple(&mut self, dir: Direction, peer: u32, pkt: &packet::Simple, now: u64) -> Verdict {
+        let (src, dst) = (pkt.src(), pkt.dst());
+        let (local, remote) = match dir {
+            Direction::Outbound => (src, dst),
+            Direction::Inbound => (dst, src),
+        };
+        let (local_port, remote_port) = match dir {
+            Direction::Outbound => (pkt.src_port, pkt.dst_port),
+            Direction::Inbound => (pkt.dst_port, pkt.src_port),
+        };
+        let key = FlowKey::new(true, pkt.proto, local, remote, local_port, remote_port);
+        let (find, flow) = self.live_flow(&key, peer, now);
+        let addrs = (src, dst, true);
+        if pkt.proto == PROTO_TCP {
+            let fresh_syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if let Some(flow) = flow {
+                let reopen = fresh_syn && matches!(flow.tcp, TcpState::Closing | TcpState::Reset);
+                if !reopen {
+                    flow.tcp_update(dir, pkt.flags, now);
+                    return Verdict::Allow(AllowReason::Established);
+                }
+            }
+            self.tcp_new(dir, peer, addrs, key, find, pkt.flags, now)
+        } else {
+            if let Some(flow) = flow {
+                flow.udp_update(dir, PROTO_UDP, now);
+                return Verdict::Allow(AllowReason::Established);
+            }
+            let class = PacketClass::Udp(pkt.dst_port);
+            self.stateful_new(dir, peer, addrs, key, find, class, now)
+        }
+    }
+
+    /// Any packet, classified in full. Kept out of line so that the short way stays short.
+    #[inline(never)]
+    fn general(&mut self, dir: Direction, peer: Option<u32>, buf: &[u8], now: u64) -> Verdict {
         let pkt = match packet::classify(buf) {
             Ok(p) => p,
             Err(reason) => return Verdict::Deny(DenyReason::Malformed(reason)),
@@ -267,7 +350,6 @@ impl State {
             }
             return Verdict::Deny(DenyReason::UnknownPeer);
         };
-        let now = self.ticks(now);
         let (local, remote) = match dir {
             Direction::Outbound => (pkt.src, pkt.dst),
             Direction::Inbound => (pkt.dst, pkt.src),
@@ -294,7 +376,9 @@ impl State {
                 Err(reason) => Verdict::Deny(DenyReason::Malformed(reason)),
             },
             Transport::Fragment => self.later_fragment(peer, &pkt, now),
-            Transport::IcmpOther => self.stateless(dir, peer, &pkt, PacketClass::Other),
+            Transport::IcmpOther => {
+                self.stateless(dir, peer, (pkt.src, pkt.dst, pkt.v4), PacketClass::Other)
+            }
             Transport::Other => {
                 let key = FlowKey::new(pkt.v4, pkt.proto, local, remote, 0, 0);
                 self.stateful(dir, peer, &pkt, key, PacketClass::Other, now)
@@ -314,7 +398,7 @@ impl State {
     /// stays until a new flow takes its slot or a sweep removes it.
     #[inline]
     fn live_flow(&mut self, key: &FlowKey, peer: u32, now: u64) -> (Find, Option<&mut Flow>) {
-        let find = self.flows.find(key, now);
+        let find = self.flows.find(key);
         let flow = find
             .found
             .and_then(|at| self.flows.flow_mut(at))
@@ -341,11 +425,31 @@ impl State {
             }
             // A new SYN on an ended flow opens it again, in the same slot, if the rules allow.
         }
+        self.tcp_new(dir, peer, (pkt.src, pkt.dst, pkt.v4), key, find, flags, now)
+    }
+
+    /// A TCP packet that no live flow of its peer takes: the rules decide, and open a flow.
+    #[inline(never)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the parts of one packet, kept in registers"
+    )]
+    fn tcp_new(
+        &mut self,
+        dir: Direction,
+        peer: u32,
+        addrs: (Addr, Addr, bool),
+        key: FlowKey,
+        find: Find,
+        flags: u8,
+        now: u64,
+    ) -> Verdict {
+        let fresh_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let port = match dir {
             Direction::Outbound => key.remote_port(),
             Direction::Inbound => key.local_port(),
         };
-        let verdict = self.stateless(dir, peer, pkt, PacketClass::Tcp(port));
+        let verdict = self.stateless(dir, peer, addrs, PacketClass::Tcp(port));
         if matches!(verdict, Verdict::Allow(_)) && flags & TCP_RST == 0 {
             let tcp = if fresh_syn {
                 TcpState::Opening
@@ -377,13 +481,29 @@ impl State {
     ) -> Verdict {
         let (find, flow) = self.live_flow(&key, peer, now);
         if let Some(flow) = flow {
-            if dir != flow.origin {
-                flow.replied = true;
-            }
-            flow.expires = now.saturating_add(flow.idle_timeout(key.proto()));
+            flow.udp_update(dir, key.proto(), now);
             return Verdict::Allow(AllowReason::Established);
         }
-        let verdict = self.stateless(dir, peer, pkt, class);
+        self.stateful_new(dir, peer, (pkt.src, pkt.dst, pkt.v4), key, find, class, now)
+    }
+
+    /// A UDP (or other protocol's) packet that no live flow of its peer takes.
+    #[inline(never)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the parts of one packet, kept in registers"
+    )]
+    fn stateful_new(
+        &mut self,
+        dir: Direction,
+        peer: u32,
+        addrs: (Addr, Addr, bool),
+        key: FlowKey,
+        find: Find,
+        class: PacketClass,
+        now: u64,
+    ) -> Verdict {
+        let verdict = self.stateless(dir, peer, addrs, class);
         if matches!(verdict, Verdict::Allow(_)) {
             let flow = Flow {
                 peer,
@@ -417,9 +537,9 @@ impl State {
             }
         }
         if !request {
-            return self.stateless(dir, peer, pkt, PacketClass::Other);
+            return self.stateless(dir, peer, (pkt.src, pkt.dst, pkt.v4), PacketClass::Other);
         }
-        let verdict = self.stateless(dir, peer, pkt, PacketClass::IcmpEcho);
+        let verdict = self.stateless(dir, peer, (pkt.src, pkt.dst, pkt.v4), PacketClass::IcmpEcho);
         if matches!(verdict, Verdict::Allow(_)) {
             let flow = Flow {
                 peer,
@@ -461,7 +581,7 @@ impl State {
         if error_goes_back && self.live_flow(&key, peer, now).1.is_some() {
             return Verdict::Allow(AllowReason::Related);
         }
-        self.stateless(dir, peer, pkt, PacketClass::Other)
+        self.stateless(dir, peer, (pkt.src, pkt.dst, pkt.v4), PacketClass::Other)
     }
 
     fn later_fragment(&mut self, peer: u32, pkt: &Packet, now: u64) -> Verdict {
@@ -501,7 +621,13 @@ impl State {
     }
 
     /// Decides a packet by the rules alone.
-    fn stateless(&self, dir: Direction, peer: u32, pkt: &Packet, class: PacketClass) -> Verdict {
+    fn stateless(
+        &self,
+        dir: Direction,
+        peer: u32,
+        (src, dst, v4): (Addr, Addr, bool),
+        class: PacketClass,
+    ) -> Verdict {
         let Some(rules) = self
             .peers
             .get(peer as usize)
@@ -513,9 +639,9 @@ impl State {
             Direction::Outbound => &rules.outbound,
             Direction::Inbound => &rules.inbound,
         };
-        match table.decide(&pkt.src, &pkt.dst, pkt.v4, class) {
-            Some((RuleKind::Deny, id)) => Verdict::Deny(DenyReason::Rule(id)),
-            Some((RuleKind::Grant, id)) => Verdict::Allow(AllowReason::Rule(id)),
+        match table.decide(&src, &dst, v4, class) {
+            Some(e) if e.kind == RuleKind::Deny => Verdict::Deny(DenyReason::Rule(e.rule)),
+            Some(e) => Verdict::Allow(AllowReason::Rule(e.rule)),
             None => Verdict::Deny(DenyReason::NoRule),
         }
     }
@@ -654,28 +780,31 @@ impl RuleTable {
         }
     }
 
-    /// The first matching entry, denies first: its kind and id.
+    /// The first matching entry, denies first. (A reference, not a copy of its kind and id:
+    /// returning those through the stack cost a store-forwarding stall per new flow.)
     fn decide(
         &self,
         src: &Addr,
         dst: &Addr,
         v4: bool,
         class: PacketClass,
-    ) -> Option<(RuleKind, RuleId)> {
+    ) -> Option<&CompiledEntry> {
         let (s, d) = (*src, *dst);
-        let candidates: &[u32] = match class {
-            PacketClass::Tcp(port) => self.tcp.lookup(port),
-            PacketClass::Udp(port) => self.udp.lookup(port),
-            PacketClass::IcmpEcho => &self.echo,
-            PacketClass::Other => &self.other,
+        // Every entry that an exact list gives for a port admits that port; only a port index
+        // that fell back to listing every entry needs each entry's ports checked.
+        let (candidates, exact): (&[u32], bool) = match class {
+            PacketClass::Tcp(port) => (self.tcp.lookup(port), self.tcp.exact),
+            PacketClass::Udp(port) => (self.udp.lookup(port), self.udp.exact),
+            PacketClass::IcmpEcho => (&self.echo, true),
+            PacketClass::Other => (&self.other, true),
         };
         for &i in candidates {
             let e = &self.entries[i as usize];
-            if !e.ports.iter().any(|p| p.admits(class)) {
+            if !exact && !e.ports.iter().any(|p| p.admits(class)) {
                 continue;
             }
             if e.src.iter().any(|p| p.contains(v4, s)) && e.dst.iter().any(|p| p.contains(v4, d)) {
-                return Some((e.kind, e.rule));
+                return Some(e);
             }
         }
         None
@@ -690,6 +819,33 @@ struct PortIndex {
     /// Per segment, its slice of `flat`.
     slices: Vec<(u32, u32)>,
     flat: Vec<u32>,
+    /// Each segment lists exactly the entries whose ranges cover all of it; false when the
+    /// index fell back to one segment holding every entry.
+    exact: bool,
+    /// With many segments: per block of 16 ports, the segment holding the block's first port,
+    /// so that a lookup searches at most 17 starts instead of all of them. Empty otherwise.
+    blocks: Vec<u32>,
+}
+
+/// Above this many segments a port index gets its block directory (16 KiB).
+const BLOCKS_ABOVE: usize = 64;
+
+impl PortIndex {
+    /// The segment holding `port`: the last start at or below it.
+    #[inline]
+    fn segment(&self, port: u16) -> usize {
+        let Some(&first) = self.blocks.get(usize::from(port >> 4)) else {
+            return self
+                .starts
+                .partition_point(|&s| s <= port)
+                .saturating_sub(1);
+        };
+        // A block of 16 ports holds at most 16 starts after its first port's segment.
+        let lo = first as usize;
+        let hi = (lo + 17).min(self.starts.len());
+        let after = self.starts.get(lo + 1..hi).unwrap_or(&[]);
+        lo + after.partition_point(|&s| s <= port)
+    }
 }
 
 impl PortIndex {
@@ -732,23 +888,34 @@ impl PortIndex {
                     starts: vec![0],
                     slices: vec![(0, n)],
                     flat: all,
+                    exact: false,
+                    blocks: Vec::new(),
                 };
             }
         }
-        let starts = cuts.into_iter().map(|c| c as u16).collect();
+        let starts: Vec<u16> = cuts.into_iter().map(|c| c as u16).collect();
+        let blocks = if starts.len() > BLOCKS_ABOVE {
+            (0..=u16::MAX >> 4)
+                .map(|b| {
+                    let port = b << 4;
+                    starts.partition_point(|&s| s <= port).saturating_sub(1) as u32
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         PortIndex {
             starts,
             slices,
             flat,
+            exact: true,
+            blocks,
         }
     }
 
+    #[inline]
     fn lookup(&self, port: u16) -> &[u32] {
-        let seg = self
-            .starts
-            .partition_point(|&s| s <= port)
-            .saturating_sub(1);
-        match self.slices.get(seg) {
+        match self.slices.get(self.segment(port)) {
             Some(&(a, b)) => &self.flat[a as usize..b as usize],
             None => &[],
         }
@@ -788,6 +955,15 @@ impl Flow {
             PROTO_UDP => ns(UDP_UNREPLIED_TIMEOUT),
             _ => ns(OTHER_TIMEOUT),
         }
+    }
+
+    /// A packet of a live UDP (or other protocol's) flow.
+    #[inline]
+    fn udp_update(&mut self, dir: Direction, proto: u8, now: u64) {
+        if dir != self.origin {
+            self.replied = true;
+        }
+        self.expires = now.saturating_add(self.idle_timeout(proto));
     }
 
     #[inline]
@@ -842,13 +1018,26 @@ impl FastHasher {
 }
 
 impl Hasher for FastHasher {
+    /// Whole words, then the last 0 to 7 bytes with the length in the top byte.
+    #[inline]
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
             let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_ne_bytes(word));
+            word.copy_from_slice(w);
+            self.add(u64::from_le_bytes(word));
         }
-        self.add(bytes.len() as u64);
+        let mut last = (bytes.len() as u64) << 56;
+        for (i, &b) in words.remainder().iter().enumerate() {
+            last |= u64::from(b) << (8 * i);
+        }
+        self.add(last);
+    }
+
+    /// `str` hashes end with a 0xff byte: one word, not another call of `write`.
+    #[inline]
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
     }
 
     fn write_u64(&mut self, n: u64) {
@@ -862,5 +1051,116 @@ impl Hasher for FastHasher {
 
     fn finish(&self) -> u64 {
         self.hash
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{Inventory, NodeIdentity, Policy, compile};
+
+    fn node(name: &str, n: u8, tag: &str) -> NodeIdentity {
+        NodeIdentity {
+            name: name.into(),
+            namespace: "p".into(),
+            tags: vec![tag.into()],
+            spiffe_id: String::new(),
+            addresses: vec![format!("10.0.0.{n}/32").parse().expect("a valid prefix")],
+            routes: Vec::new(),
+        }
+    }
+
+    fn spec() -> FilterSpec {
+        let src = "[[grant]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"tcp:20-25\", \"udp:20-22\"]\n\
+                   [[deny]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"tcp:23\"]\n";
+        let policy = Policy::parse(src).expect("the test policy is valid").policy;
+        let nodes = vec![node("web1", 1, "web"), node("db1", 2, "db")];
+        compile(&policy, &Inventory { nodes }).filters["db1"].clone()
+    }
+
+    fn packet(tcp: bool, inbound: bool, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let (src, dst) = if inbound { (1, 2) } else { (2, 1) };
+        let l4 = if tcp { 20 } else { 8 };
+        let total = 20 + l4 + 4;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[9] = if tcp { PROTO_TCP } else { PROTO_UDP };
+        p[12..16].copy_from_slice(&[10, 0, 0, src]);
+        p[16..20].copy_from_slice(&[10, 0, 0, dst]);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        if tcp {
+            p[32] = 5 << 4;
+            p[33] = flags;
+        } else {
+            p[24..26].copy_from_slice(&((8 + 4) as u16).to_be_bytes());
+        }
+        p
+    }
+
+    proptest! {
+        /// The block directory finds the same segment as a search of every start.
+        #[test]
+        fn the_block_directory_finds_every_ports_segment(
+            ranges in prop::collection::vec((1u16..=u16::MAX, 0u16..300), 1..200),
+            ports in prop::collection::vec(any::<u16>(), 64),
+        ) {
+            let entries: Vec<CompiledEntry> = ranges
+                .iter()
+                .enumerate()
+                .map(|(i, &(lo, len))| CompiledEntry {
+                    kind: RuleKind::Grant,
+                    rule: RuleId { kind: RuleKind::Grant, index: i, line: i + 1 },
+                    src: Vec::new(),
+                    dst: Vec::new(),
+                    ports: vec![PortSpec::Tcp(lo, lo.saturating_add(len))],
+                })
+                .collect();
+            let index = PortIndex::new(&entries, |p| match *p {
+                PortSpec::Tcp(lo, hi) => Some((lo, hi)),
+                _ => None,
+            });
+            let edges = ranges.iter().flat_map(|&(lo, len)| [lo, lo.saturating_add(len)]);
+            for port in ports.into_iter().chain(edges).chain([0, 1, u16::MAX]) {
+                let plain = index.starts.partition_point(|&s| s <= port).saturating_sub(1);
+                prop_assert_eq!(index.segment(port), plain, "port {}", port);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The short way for common packets decides exactly as the general way, packet after
+        /// packet, flows, timeouts and the full table included.
+        #[test]
+        fn the_short_way_decides_as_the_general_way(
+            steps in prop::collection::vec(
+                (any::<bool>(), any::<bool>(), 19u16..27, 19u16..27, any::<u8>(), 0u64..200,
+                 prop::option::of((0usize..48, any::<u8>()))),
+                1..60,
+            ),
+        ) {
+            let config = ConntrackConfig { max_flows: 8 };
+            let (mut short, mut general) = (State::new(spec(), config), State::new(spec(), config));
+            let web = short.by_name.get("web1").copied();
+            let mut now = Instant::now();
+            for (tcp, inbound, sport, dport, flags, secs, edit) in steps {
+                now += Duration::from_secs(secs);
+                let mut p = packet(tcp, inbound, sport, dport, flags);
+                if let Some((at, byte)) = edit && let Some(b) = p.get_mut(at) {
+                    *b = byte;
+                }
+                let dir = if inbound { Direction::Inbound } else { Direction::Outbound };
+                let a = short.decide(dir, web, &p, now);
+                let t = general.ticks(now);
+                let b = general.general(dir, web, &p, t);
+                prop_assert_eq!(a, b);
+                prop_assert_eq!(short.flow_count(), general.flow_count());
+            }
+        }
     }
 }

@@ -305,6 +305,108 @@ impl Rule {
     }
 }
 
+/// One `[[posture]]` entry: what a node matched by `selector` must report to stay in the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostureRule {
+    /// Line of the entry in the document.
+    pub line: usize,
+    pub(crate) selectors: Vec<Selector>,
+    /// The lowest ztnet-node version accepted, as numeric parts (`0.3.1` is `[0, 3, 1]`).
+    pub min_version: Option<Vec<u64>>,
+    /// Facts the node must report, with the exact value each must have.
+    pub facts: std::collections::BTreeMap<String, String>,
+    /// Longest control session, in seconds, after which the node must authenticate again.
+    pub max_session_secs: Option<u64>,
+}
+
+/// What a node reports about itself, as the coordinator judges it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostureFacts {
+    /// ztnet-node version string.
+    pub version: String,
+    /// Every fact by name: the node's own (`kernel`, `os`) and the operator's.
+    pub facts: std::collections::BTreeMap<String, String>,
+    /// Seconds the node's current control session has lasted.
+    pub session_secs: u64,
+}
+
+impl PostureRule {
+    /// Whether the entry covers `node` (by identity).
+    pub fn applies_to(&self, node: &NodeIdentity) -> bool {
+        self.selectors.iter().any(|s| s.matches_identity(node))
+    }
+
+    /// The selectors, as written after group expansion.
+    pub fn selector_text(&self) -> String {
+        let parts: Vec<String> = self.selectors.iter().map(ToString::to_string).collect();
+        parts.join(", ")
+    }
+
+    /// Why `facts` fail this entry, in one sentence, or `None` when they pass.
+    pub fn failure(&self, facts: &PostureFacts) -> Option<String> {
+        if let Some(min) = &self.min_version {
+            let want = join_version(min);
+            match parse_version(&facts.version) {
+                None => {
+                    return Some(format!(
+                        "ztnet-node version {:?} is not a version; at least {want} is required",
+                        facts.version
+                    ));
+                }
+                Some(have) if have < *min => {
+                    return Some(format!(
+                        "ztnet-node {} is older than the required {want}",
+                        facts.version
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, want) in &self.facts {
+            match facts.facts.get(name) {
+                None => return Some(format!("fact {name} is not reported; {want:?} is required")),
+                Some(have) if have != want => {
+                    return Some(format!("fact {name} is {have:?}; {want:?} is required"));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(max) = self.max_session_secs
+            && facts.session_secs > max
+        {
+            return Some(format!(
+                "its control session is {} s old, over max_session {max} s: it must \
+                 authenticate again",
+                facts.session_secs
+            ));
+        }
+        None
+    }
+}
+
+/// The numeric parts of a version such as `0.3.1` or `v1.2.0-rc1` (pre-release and build
+/// suffixes ignored); `None` when it has none.
+pub fn parse_version(text: &str) -> Option<Vec<u64>> {
+    let core = text.trim().trim_start_matches('v');
+    let core = core.split(['-', '+', ' ']).next().unwrap_or_default();
+    if core.is_empty() {
+        return None;
+    }
+    let mut parts: Vec<u64> = core
+        .split('.')
+        .map(|p| p.parse::<u64>().ok())
+        .collect::<Option<_>>()?;
+    while parts.len() > 1 && parts.last() == Some(&0) {
+        parts.pop();
+    }
+    Some(parts)
+}
+
+fn join_version(parts: &[u64]) -> String {
+    let text: Vec<String> = parts.iter().map(u64::to_string).collect();
+    text.join(".")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +455,57 @@ mod tests {
         assert!(spec.admits(PacketClass::Tcp(5061)));
         assert!(spec.admits(PacketClass::Tcp(65535)));
         assert!(!spec.admits(PacketClass::Udp(5061)));
+    }
+
+    fn posture(min: Option<&str>, facts: &[(&str, &str)], max: Option<u64>) -> PostureRule {
+        PostureRule {
+            line: 1,
+            selectors: vec![Selector::Tag("db".into())],
+            min_version: min.map(|m| parse_version(m).unwrap()),
+            facts: facts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            max_session_secs: max,
+        }
+    }
+
+    #[test]
+    fn versions_compare_by_their_numbers() {
+        assert_eq!(parse_version("0.3.1"), Some(vec![0, 3, 1]));
+        assert_eq!(parse_version("v1.2.0-rc1"), Some(vec![1, 2]));
+        assert_eq!(parse_version("1.0"), parse_version("1"));
+        assert!(parse_version("0.10.0") > parse_version("0.9.9"));
+        assert_eq!(parse_version("banana"), None);
+        assert_eq!(parse_version(""), None);
+    }
+
+    #[test]
+    fn a_posture_entry_names_the_first_thing_that_fails() {
+        let rule = posture(Some("0.2.0"), &[("disk", "on")], Some(60));
+        let mut facts = PostureFacts {
+            version: "0.2.1".into(),
+            facts: [("disk".to_string(), "on".to_string())].into(),
+            session_secs: 10,
+        };
+        assert_eq!(rule.failure(&facts), None);
+        facts.version = "0.1.9".into();
+        assert!(
+            rule.failure(&facts)
+                .unwrap()
+                .contains("older than the required 0.2")
+        );
+        facts.version = "0.2.0".into();
+        facts.facts.insert("disk".into(), "off".into());
+        assert!(
+            rule.failure(&facts)
+                .unwrap()
+                .contains("fact disk is \"off\"")
+        );
+        facts.facts.clear();
+        assert!(rule.failure(&facts).unwrap().contains("not reported"));
+        facts.facts.insert("disk".into(), "on".into());
+        facts.session_secs = 61;
+        assert!(rule.failure(&facts).unwrap().contains("max_session"));
     }
 }

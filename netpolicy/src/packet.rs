@@ -75,6 +75,67 @@ pub(crate) struct FragmentInfo {
     pub(crate) first: bool,
 }
 
+/// The common packet, read in a few instructions: IPv4 with a 20-byte header, not a fragment,
+/// TCP or UDP. Addresses are the raw IPv4 numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Simple {
+    pub(crate) src: u32,
+    pub(crate) dst: u32,
+    pub(crate) proto: u8,
+    pub(crate) src_port: u16,
+    pub(crate) dst_port: u16,
+    /// TCP flags; 0 for UDP.
+    pub(crate) flags: u8,
+}
+
+impl Simple {
+    pub(crate) fn src(&self) -> Addr {
+        mapped(self.src)
+    }
+
+    pub(crate) fn dst(&self) -> Addr {
+        mapped(self.dst)
+    }
+}
+
+/// Reads the common packet (see [`Simple`]) with exactly the checks that [`classify`] makes
+/// of it, so that a packet taken here would be classified the same way there. `None` for
+/// every other packet, well-formed or not: [`classify`] decides those.
+#[inline]
+pub(crate) fn simple(buf: &[u8]) -> Option<Simple> {
+    let head: &[u8; 20] = buf.first_chunk()?;
+    // Version 4, IHL 5; flags other than DF, or a fragment offset, make a fragment.
+    if head[0] != 0x45 || u16::from_be_bytes([head[6], head[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    let l4 = buf.get(20..total)?;
+    let proto = head[9];
+    let flags = match proto {
+        PROTO_TCP => {
+            let data_offset = usize::from(*l4.get(12)? >> 4) * 4;
+            if l4.len() < 20 || data_offset < 20 || data_offset > l4.len() {
+                return None;
+            }
+            l4[13]
+        }
+        PROTO_UDP if l4.len() >= 8 => 0,
+        _ => return None,
+    };
+    Some(Simple {
+        src: u32::from_be_bytes([head[12], head[13], head[14], head[15]]),
+        dst: u32::from_be_bytes([head[16], head[17], head[18], head[19]]),
+        proto,
+        src_port: u16::from_be_bytes([l4[0], l4[1]]),
+        dst_port: u16::from_be_bytes([l4[2], l4[3]]),
+        flags,
+    })
+}
+
+fn mapped(v4: u32) -> Addr {
+    0xffff_u128 << 32 | u128::from(v4)
+}
+
 /// Reads a packet; the error is a stable, short reason.
 #[inline]
 pub(crate) fn classify(buf: &[u8]) -> Result<Packet, &'static str> {
@@ -93,8 +154,7 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 }
 
 fn v4_addr(b: &[u8]) -> Addr {
-    let v4 = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    0xffff_u128 << 32 | u128::from(v4)
+    mapped(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn v6_addr(b: &[u8]) -> Addr {
@@ -355,4 +415,88 @@ fn parse_quoted(inner: &[u8], v4: bool) -> Result<Quoted, &'static str> {
         dst_port,
         echo_request,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A valid IPv4 packet with a 20-byte header: TCP (20-byte header) or UDP, and a payload.
+    fn base(tcp: bool, payload: usize) -> Vec<u8> {
+        let l4 = if tcp { 20 } else { 8 };
+        let total = 20 + l4 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = if tcp { PROTO_TCP } else { PROTO_UDP };
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5432u16.to_be_bytes());
+        if tcp {
+            p[32] = 5 << 4;
+            p[33] = 0x02;
+        } else {
+            p[24..26].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+        }
+        p
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// The short reader takes a packet only when the full classifier reads it the same way,
+        /// and takes every IPv4 TCP or UDP packet with a 20-byte header that is not a fragment.
+        #[test]
+        fn simple_agrees_with_classify(
+            tcp in any::<bool>(),
+            payload in 0usize..40,
+            edits in prop::collection::vec((0usize..80, any::<u8>()), 0..4),
+            cut in 0usize..100,
+        ) {
+            let mut p = base(tcp, payload);
+            for (at, byte) in edits {
+                if let Some(b) = p.get_mut(at) {
+                    *b = byte;
+                }
+            }
+            p.truncate(cut.max(1).min(p.len()));
+            let full = classify(&p);
+            match simple(&p) {
+                Some(s) => {
+                    let transport = if s.proto == PROTO_TCP {
+                        Transport::Tcp { src_port: s.src_port, dst_port: s.dst_port, flags: s.flags }
+                    } else {
+                        Transport::Udp { src_port: s.src_port, dst_port: s.dst_port }
+                    };
+                    let expected = Packet {
+                        v4: true,
+                        src: s.src(),
+                        dst: s.dst(),
+                        proto: s.proto,
+                        transport,
+                        l4: 20,
+                        fragment: None,
+                    };
+                    prop_assert_eq!(full, Ok(expected));
+                }
+                None => {
+                    let common = matches!(
+                        full,
+                        Ok(Packet {
+                            v4: true,
+                            l4: 20,
+                            fragment: None,
+                            transport: Transport::Tcp { .. } | Transport::Udp { .. },
+                            ..
+                        })
+                    );
+                    prop_assert!(!common, "simple refused a common packet: {:?}", full);
+                }
+            }
+        }
+    }
 }

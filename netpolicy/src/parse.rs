@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::{PortSpec, Rule, Selector};
+use crate::model::{PortSpec, PostureRule, Rule, Selector, parse_version};
 use crate::{Diagnostic, NodeIdentity, Policy, PolicyError, Probe, RuleId, RuleKind, Severity};
 
 /// One `[[test]]` entry, validated.
@@ -37,6 +37,26 @@ struct RawDocument {
     deny: Vec<Spanned<RawRule>>,
     #[serde(default)]
     test: Vec<Spanned<RawTest>>,
+    #[serde(default)]
+    posture: Vec<Spanned<RawPosture>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPosture {
+    selector: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    min_version: Option<Spanned<String>>,
+    #[serde(default)]
+    facts: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    #[serde(default)]
+    max_session: Option<Spanned<String>>,
+    #[serde(default)]
+    #[allow(
+        dead_code,
+        reason = "a free-text note for the operator; nothing reads it"
+    )]
+    description: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +170,12 @@ pub(crate) fn parse(source: &str) -> Result<(Policy, Vec<Diagnostic>), PolicyErr
             }
         }
     }
+    let mut posture = Vec::new();
+    for entry in &raw.posture {
+        if let Some(p) = posture_rule(entry, &groups, &mut findings) {
+            posture.push(p);
+        }
+    }
     groups.warn_unused(&mut findings);
 
     let mut tests = Vec::new();
@@ -164,7 +190,14 @@ pub(crate) fn parse(source: &str) -> Result<(Policy, Vec<Diagnostic>), PolicyErr
     if diagnostics.iter().any(|d| d.severity == Severity::Error) {
         return Err(PolicyError { diagnostics });
     }
-    Ok((Policy { rules, tests }, diagnostics))
+    Ok((
+        Policy {
+            rules,
+            tests,
+            posture,
+        },
+        diagnostics,
+    ))
 }
 
 /// The most levels of groups inside groups.
@@ -636,6 +669,148 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// Shortest `max_session` accepted.
+const MIN_SESSION_SECS: u64 = 10;
+
+fn posture_rule(
+    entry: &Spanned<RawPosture>,
+    groups: &Groups<'_>,
+    findings: &mut Findings<'_>,
+) -> Option<PostureRule> {
+    let raw = entry.get_ref();
+    let errors = |f: &Findings<'_>| {
+        f.list
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count()
+    };
+    let before = errors(findings);
+    let selectors = selector_list("selector", &raw.selector, groups, findings);
+    for item in raw.selector.get_ref() {
+        if item.get_ref().starts_with("cidr:") {
+            findings.error(
+                item.span(),
+                format!(
+                    "`{}`: posture is about a node's identity; select it with node:, tag:, ns:, \
+                     a SPIFFE ID or a group of those",
+                    item.get_ref()
+                ),
+            );
+        }
+    }
+    let min_version = raw
+        .min_version
+        .as_ref()
+        .and_then(|v| match parse_version(v.get_ref()) {
+            Some(parts) => Some(parts),
+            None => {
+                findings.error(
+                    v.span(),
+                    format!(
+                        "`min_version` `{}` is not a version: write numbers and dots, for \
+                         example \"0.3.1\"",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+    let mut facts = BTreeMap::new();
+    for (name, value) in &raw.facts {
+        if !valid_name(name.get_ref()) {
+            findings.error(
+                name.span(),
+                format!(
+                    "fact name `{}` is not valid: use letters, digits, '.', '_' and '-'",
+                    name.get_ref()
+                ),
+            );
+            continue;
+        }
+        let text = match value.get_ref() {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Integer(i) => i.to_string(),
+            other => {
+                findings.error(
+                    value.span(),
+                    format!(
+                        "fact `{}` is a {}: a required fact is a string, a boolean or an integer",
+                        name.get_ref(),
+                        other.type_str()
+                    ),
+                );
+                continue;
+            }
+        };
+        facts.insert(name.get_ref().clone(), text);
+    }
+    let max_session_secs =
+        raw.max_session
+            .as_ref()
+            .and_then(|m| match parse_duration(m.get_ref()) {
+                Ok(secs) if secs >= MIN_SESSION_SECS => Some(secs),
+                Ok(secs) => {
+                    findings.error(
+                        m.span(),
+                        format!(
+                            "`max_session` of {secs} s is shorter than the {MIN_SESSION_SECS} s a \
+                         node needs to authenticate again"
+                        ),
+                    );
+                    None
+                }
+                Err(message) => {
+                    findings.error(m.span(), message);
+                    None
+                }
+            });
+    if min_version.is_none()
+        && raw.min_version.is_none()
+        && raw.facts.is_empty()
+        && raw.max_session.is_none()
+    {
+        findings.warning(
+            entry.span(),
+            "this [[posture]] requires nothing (no min_version, facts or max_session), so every \
+             node passes it"
+                .into(),
+        );
+    }
+    if errors(findings) > before {
+        return None;
+    }
+    Some(PostureRule {
+        line: findings.line(entry.span().start),
+        selectors,
+        min_version,
+        facts,
+        max_session_secs,
+    })
+}
+
+/// `90s`, `30m`, `8h`, `1d` (or plain seconds) to seconds.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || {
+        format!(
+            "`max_session` `{text}` is not a duration: write a number and a unit s, m, h or d, \
+             for example \"8h\""
+        )
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
+}
+
 fn policy_test(entry: &Spanned<RawTest>, findings: &mut Findings<'_>) -> Option<PolicyTest> {
     let raw = entry.get_ref();
     let before = findings.list.len();
@@ -769,4 +944,90 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
         i -= 1;
     }
     i
+}
+
+#[cfg(test)]
+mod posture_tests {
+    use crate::{NodeIdentity, Policy, PostureFacts, Severity};
+
+    fn node(tags: &[&str]) -> NodeIdentity {
+        NodeIdentity {
+            name: "db1".into(),
+            namespace: "production".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            spiffe_id: "spiffe://corp.example/ns/production/node/db1".into(),
+            addresses: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_posture_entry_parses_with_its_selector_version_facts_and_session() {
+        let src = r#"
+[groups]
+data = ["tag:db"]
+
+[[posture]]
+selector = ["group:data"]
+min_version = "0.1.0"
+facts = { disk_encryption = "on", managed = true, level = 3 }
+max_session = "8h"
+"#;
+        let checked = Policy::parse(src).expect("valid");
+        let rules = checked.policy.posture();
+        assert_eq!(rules.len(), 1);
+        let r = &rules[0];
+        assert_eq!(r.line, 5);
+        assert!(r.applies_to(&node(&["db"])));
+        assert!(!r.applies_to(&node(&["web"])));
+        assert_eq!(r.max_session_secs, Some(8 * 3600));
+        assert_eq!(r.facts["managed"], "true");
+        assert_eq!(r.facts["level"], "3");
+        let mut facts = PostureFacts {
+            version: "0.1.0".into(),
+            facts: r.facts.clone(),
+            session_secs: 0,
+        };
+        assert_eq!(r.failure(&facts), None);
+        facts.facts.insert("disk_encryption".into(), "off".into());
+        let why = r.failure(&facts).expect("fails");
+        assert!(why.contains("disk_encryption"), "{why}");
+    }
+
+    #[test]
+    fn bad_posture_entries_are_refused_with_line_and_column() {
+        let src = "[[posture]]\nselector = [\"cidr:10.0.0.0/8\", \"tag:\"]\nmin_version = \
+                   \"latest\"\nmax_session = \"5\"\nfacts = { \"bad name\" = \"x\", list = [1] }\n";
+        let err = Policy::parse(src).expect_err("invalid");
+        let found: Vec<(usize, usize, String)> = err
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| (d.line, d.column, d.message.clone()))
+            .collect();
+        let has =
+            |line: usize, text: &str| found.iter().any(|(l, _, m)| *l == line && m.contains(text));
+        assert!(has(2, "posture is about a node's identity"), "{found:?}");
+        assert!(has(2, "names nothing"), "{found:?}");
+        assert!(has(3, "not a version"), "{found:?}");
+        assert!(has(4, "shorter than"), "{found:?}");
+        assert!(has(5, "fact name `bad name`"), "{found:?}");
+        assert!(has(5, "is a array"), "{found:?}");
+        assert!(found.iter().all(|(_, c, _)| *c >= 1));
+
+        let err = Policy::parse("[[posture]]\nselector = [\"*\"]\nmax_session = \"8 hours\"\n")
+            .expect_err("bad duration");
+        assert_eq!(err.diagnostics[0].line, 3);
+        assert_eq!(err.diagnostics[0].column, 15);
+
+        let err = Policy::parse("[[posture]]\nselector = [\"*\"]\nminimum = \"1\"\n")
+            .expect_err("unknown key");
+        assert_eq!(err.diagnostics[0].line, 3);
+    }
+
+    #[test]
+    fn a_posture_entry_that_requires_nothing_is_a_warning() {
+        let checked = Policy::parse("[[posture]]\nselector = [\"*\"]\n").expect("valid");
+        assert!(checked.warnings[0].message.contains("requires nothing"));
+    }
 }

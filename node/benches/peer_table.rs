@@ -66,6 +66,7 @@ fn table(me: u8, key: &PrivateKey, peer_key: &PrivateKey) -> PeerTable {
         persistent_keepalive: None,
         identity: None,
         preshared_key: None,
+        next_public_key: None,
     };
     let filter = Arc::new(Mutex::new(Filter::new(spec, ConntrackConfig::default())));
     PeerTable::new(

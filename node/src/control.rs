@@ -18,7 +18,7 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ztnet_proto::control::{ControlError, Netmap, NetmapUpdate, NetmapVersion};
+use ztnet_proto::control::{ControlError, Netmap, NetmapUpdate, NetmapVersion, PeerInfo};
 
 use crate::netconfig::{DataplaneConfig, PeerConfig};
 
@@ -36,14 +36,21 @@ pub trait DataplaneSink: Send + Sync {
     fn local_endpoints(&self) -> Vec<SocketAddr>;
     /// Records whether the control channel is up.
     fn set_control_connected(&self, connected: bool);
+    /// Key mismatches the data plane saw since the last call (FC-20).
+    fn take_key_mismatches(&self) -> Vec<crate::dataplane::peers::KeyMismatch> {
+        Vec::new()
+    }
 }
 
-/// The data-plane configuration for a netmap: its addresses and routes, each peer with its
-/// endpoints (the first preferred), and its filter.
-pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
+/// The data-plane configuration for a netmap at `now` (Unix seconds): its addresses and
+/// routes, each peer with its endpoints (the first preferred) and its next key, and its
+/// filter. A peer whose key expired by `now` is left out (FC-17): this node drops it by its own
+/// clock, whatever the coordinator says or fails to say.
+pub fn dataplane_config(netmap: &Netmap, now: u64) -> DataplaneConfig {
     let peers = netmap
         .peers
         .iter()
+        .filter(|p| !key_expired(p, now))
         .map(|p| PeerConfig {
             name: p.name.clone(),
             public_key: p.public_key,
@@ -53,6 +60,7 @@ pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
             persistent_keepalive: Some(PERSISTENT_KEEPALIVE),
             identity: Some(p.identity.clone()),
             preshared_key: None,
+            next_public_key: p.next_public_key,
         })
         .collect();
     DataplaneConfig {
@@ -64,6 +72,37 @@ pub fn dataplane_config(netmap: &Netmap) -> DataplaneConfig {
         filter: netmap.filter.clone(),
         private_key: None,
     }
+}
+
+/// Whether a peer's key has expired at `now`.
+pub fn key_expired(peer: &PeerInfo, now: u64) -> bool {
+    peer.key_expires_at.is_some_and(|at| at <= now)
+}
+
+/// The peers of a netmap whose key has expired at `now`, by name.
+pub fn expired_peers(netmap: &Netmap, now: u64) -> Vec<String> {
+    netmap
+        .peers
+        .iter()
+        .filter(|p| key_expired(p, now))
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+/// The next time (Unix seconds, after `now`) at which a peer key of `netmap` expires.
+pub fn next_key_expiry(netmap: &Netmap, now: u64) -> Option<u64> {
+    netmap
+        .peers
+        .iter()
+        .filter_map(|p| p.key_expires_at)
+        .filter(|&at| at > now)
+        .min()
+}
+
+/// Whether this node should start a key rotation at `now` by its netmap (half its key's
+/// life has passed).
+pub fn rotation_due(netmap: &Netmap, now: u64) -> bool {
+    netmap.node.key_rotate_at.is_some_and(|at| at <= now)
 }
 
 /// A configuration that passes nothing: no peers, the empty filter, no netmap version.
@@ -359,6 +398,8 @@ mod tests {
             ],
             allowed_ips: vec![format!("100.64.0.{byte}/32").parse().expect("net")],
             identity: identity(name),
+            key_expires_at: None,
+            next_public_key: None,
         }
     }
 
@@ -371,6 +412,8 @@ mod tests {
                 identity: identity("n1"),
                 addresses: vec!["100.64.0.1/16".parse::<IpNet>().expect("net")],
                 routes: vec!["100.64.0.0/16".parse::<IpNet>().expect("net")],
+                key_expires_at: None,
+                key_rotate_at: None,
             },
             peers,
             filter: FilterSpec::default(),
@@ -381,7 +424,7 @@ mod tests {
 
     #[test]
     fn config_uses_first_endpoint_and_keepalive() {
-        let cfg = dataplane_config(&netmap(3, 100, vec![peer("a", 2), peer("b", 3)]));
+        let cfg = dataplane_config(&netmap(3, 100, vec![peer("a", 2), peer("b", 3)]), 10);
         assert_eq!(cfg.version, Some(3));
         assert_eq!(cfg.node_name.as_deref(), Some("n1"));
         assert_eq!(cfg.peers.len(), 2);
@@ -398,6 +441,29 @@ mod tests {
             cfg.routes,
             vec!["100.64.0.0/16".parse::<IpNet>().expect("net")]
         );
+    }
+
+    #[test]
+    fn a_peer_is_dropped_when_its_key_expires_by_this_nodes_clock() {
+        let mut a = peer("a", 2);
+        a.key_expires_at = Some(1000);
+        a.next_public_key = Some(WgKey([9; 32]));
+        let mut b = peer("b", 3);
+        b.key_expires_at = Some(2000);
+        let mut n = netmap(3, 10_000, vec![a, b, peer("c", 4)]);
+        n.node.key_rotate_at = Some(500);
+        let names =
+            |c: &DataplaneConfig| c.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let before = dataplane_config(&n, 999);
+        assert_eq!(names(&before), ["a", "b", "c"]);
+        assert_eq!(before.peers[0].next_public_key, Some(WgKey([9; 32])));
+        assert_eq!(names(&dataplane_config(&n, 1000)), ["b", "c"]);
+        assert_eq!(names(&dataplane_config(&n, 2000)), ["c"]);
+        assert_eq!(expired_peers(&n, 1500), ["a"]);
+        assert_eq!(next_key_expiry(&n, 999), Some(1000));
+        assert_eq!(next_key_expiry(&n, 1000), Some(2000));
+        assert_eq!(next_key_expiry(&n, 2000), None);
+        assert!(!rotation_due(&n, 499) && rotation_due(&n, 500));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod control;
 pub mod dataplane;
 pub mod netconfig;
+pub mod posture;
 pub mod state;
 pub mod static_config;
 pub mod up;

@@ -3,6 +3,9 @@
 //! - `ztnet-node --config node.toml`: static mode (SIGHUP reloads the file).
 //! - `ZTNET_TOKEN=T ztnet-node --coordinator HOST:PORT --state-dir DIR`: coordinator mode.
 //! - `ztnet-node genkey` / `ztnet-node pubkey`: keys, like `wg genkey` / `wg pubkey`.
+//! - `ztnet-node wg IFACE`: plain WireGuard mode, configured with `wg` (see [`wgmode`]).
+
+mod wgmode;
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -53,6 +56,22 @@ struct Cli {
     /// Coordinator mode: TUN MTU.
     #[arg(long, default_value_t = 1420)]
     mtu: u16,
+    /// Coordinator mode: posture facts from this TOML or JSON file (flat `name = value`).
+    #[arg(long)]
+    posture_file: Option<PathBuf>,
+    /// Coordinator mode: posture facts from this program's stdout (TOML or JSON); run
+    /// directly, never through a shell. Repeat --posture-arg for its arguments.
+    #[arg(long)]
+    posture_command: Option<PathBuf>,
+    /// An argument of --posture-command (repeatable, in order).
+    #[arg(long, requires = "posture_command", allow_hyphen_values = true)]
+    posture_arg: Vec<String>,
+    /// How long --posture-command may run, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    posture_timeout: f64,
+    /// How often posture facts are read again, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    posture_interval: f64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,6 +80,9 @@ enum Command {
     Genkey(GenkeyArgs),
     /// Reads a private key on stdin and prints its public key, like `wg pubkey`.
     Pubkey,
+    /// Plain WireGuard mode (not zero trust): creates IFACE for the stock `wg` to configure;
+    /// peers are trusted by their keys alone, as WireGuard trusts them.
+    Wg(wgmode::WgArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Genkey(args)) => return genkey(args),
         Some(Command::Pubkey) => return pubkey(),
+        Some(Command::Wg(args)) => return wgmode::run(args),
         None => {}
     }
     if let Some(config) = cli.config {
@@ -91,6 +114,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(state_dir) = cli.state_dir else {
         anyhow::bail!("give --config FILE (static mode) or --state-dir DIR (coordinator mode)");
     };
+    let seconds = |what: &str, v: f64| {
+        if v.is_finite() && (0.05..=86_400.0).contains(&v) {
+            Ok(std::time::Duration::from_secs_f64(v))
+        } else {
+            Err(anyhow::anyhow!(
+                "{what} must be between 0.05 and 86400 seconds, not {v}"
+            ))
+        }
+    };
+    ztnet_node::posture::configure(ztnet_node::posture::PostureSource {
+        file: cli.posture_file,
+        command: cli
+            .posture_command
+            .map(|c| c.to_string_lossy().into_owned())
+            .into_iter()
+            .chain(cli.posture_arg)
+            .collect(),
+        timeout: seconds("--posture-timeout", cli.posture_timeout)?,
+        interval: seconds("--posture-interval", cli.posture_interval)?,
+    });
     up::run(UpArgs {
         coordinator: cli.coordinator,
         token: cli.token,

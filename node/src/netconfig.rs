@@ -65,6 +65,9 @@ pub struct PeerConfig {
     pub identity: Option<Identity>,
     /// WireGuard's optional symmetric key mixed into the handshake (plain WireGuard mode).
     pub preshared_key: Option<PresharedKey>,
+    /// The key the peer is rotating to (coordinator mode): a handshake under it is accepted
+    /// and moves the peer's session to it.
+    pub next_public_key: Option<WgKey>,
 }
 
 /// A 32-byte preshared key. Never printed: `Debug` shows only that there is one.

@@ -214,6 +214,7 @@ impl StaticConfig {
                     tags: p.tags.clone(),
                 }),
                 preshared_key: None,
+                next_public_key: None,
             });
         }
 

@@ -150,6 +150,10 @@ impl DataplaneSink for DataplaneHandle {
     fn set_control_connected(&self, connected: bool) {
         self.0.set_control_connected(connected);
     }
+
+    fn take_key_mismatches(&self) -> Vec<crate::dataplane::peers::KeyMismatch> {
+        self.0.take_key_mismatches()
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

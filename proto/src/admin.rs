@@ -6,6 +6,7 @@
 //! | `POST /v1/networks` | [`CreateNetwork`] | [`Network`] |
 //! | `GET /v1/networks` | | `Vec<Network>` |
 //! | `GET /v1/networks/{net}` | | [`Network`] |
+//! | `PATCH /v1/networks/{net}` | [`NetworkSettings`] | [`Network`] |
 //! | `POST /v1/networks/{net}/tokens` | [`CreateToken`] | [`TokenCreated`] |
 //! | `GET /v1/networks/{net}/tokens` | | `Vec<TokenInfo>` |
 //! | `DELETE /v1/networks/{net}/tokens/{id}` | | [`TokenInfo`] |
@@ -13,6 +14,7 @@
 //! | `GET /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
 //! | `DELETE /v1/networks/{net}/nodes/{name}` | | [`NodeInfo`] |
 //! | `POST /v1/networks/{net}/nodes/{name}/revoke` | [`RevokeNode`] | [`NodeInfo`] (state `revoked`) |
+//! | `POST /v1/networks/{net}/nodes/{name}/rotate-key` | [`RotateKey`] | [`NodeInfo`] (409 when the node is offline) |
 //! | `PUT /v1/networks/{net}/nodes/{name}/endpoint` | [`SetEndpoint`] | [`NodeInfo`] (409 when `expected_revision` is stale) |
 //! | `PUT /v1/networks/{net}/policy` | [`ApplyPolicy`] | [`PolicyApplied`] (422 with [`ApiError::diagnostics`] when refused) |
 //! | `GET /v1/networks/{net}/policy` | | [`PolicyRecord`] |
@@ -70,6 +72,33 @@ pub struct Network {
     pub policy_version: u64,
     /// Unix seconds.
     pub created_at: u64,
+    /// Life of a node's WireGuard key in seconds (zero-trust networks; 0 = keys never expire).
+    #[serde(default)]
+    pub key_ttl_secs: u64,
+}
+
+/// `PATCH /v1/networks/{net}`: changes a network's settings; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// Life of a node's WireGuard key in seconds (at least 10, at most 30 days). Only a
+    /// zero-trust network's keys expire.
+    #[serde(default)]
+    pub key_ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/networks/{net}/nodes/{name}/rotate-key`: asks the node to rotate its WireGuard
+/// key now. Answered once the coordinator passed the request on (the node must be online).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// `peers-first` (default: peers learn the new key, then the node switches) or
+    /// `node-first` (the node switches, then peers learn it: a drill for FC-19).
+    #[serde(default)]
+    pub order: Option<String>,
+    /// Seconds to wait between the two steps (default 0, at most 60).
+    #[serde(default)]
+    pub gap_secs: Option<u64>,
 }
 
 /// `POST /v1/networks/{net}/tokens`.
@@ -167,6 +196,13 @@ pub struct NodeInfo {
     /// The reason given for the revocation, for a revoked node.
     #[serde(default)]
     pub revoke_reason: Option<String>,
+    /// Why the node is quarantined (it fails a `[[posture]]` entry and is in no peer's
+    /// netmap), when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
+    /// Its last posture report, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub posture: Option<crate::control::Posture>,
 }
 
 /// `POST /v1/networks/{net}/nodes/{name}/revoke`: the node leaves every netmap, its control
@@ -253,6 +289,69 @@ pub struct AuditEvent {
     pub target: String,
     /// Details, readable.
     pub detail: String,
+    /// For a change that takes access away or changes it (a revoke, a quarantine, a policy
+    /// apply): how it was enforced, once every affected peer acknowledged the netmap that
+    /// enforces it, or why it was not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
+}
+
+/// The measured time to enforcement of one audited change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforcement {
+    /// Milliseconds from the change (its audit entry) to the last acknowledgement by an
+    /// affected peer; `None` while waiting, or when not every peer acknowledged in time.
+    pub ms: Option<u64>,
+    /// Connected peers that had to acknowledge.
+    pub peers: u32,
+    /// Of those, how many did.
+    pub acknowledged: u32,
+    /// Readable: `enforced in 12 ms by 19 peers`, `waiting`, `2 of 19 peers did not
+    /// acknowledge within 30 s: db1, web2`.
+    pub summary: String,
+}
+
+/// `POST /v1/api-keys`: makes another admin API key. The key is in the answer only; the
+/// coordinator keeps its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateApiKey {
+    /// Its name, unique for good (a revoked key keeps its name): letters, digits, `.`, `_`, `-`.
+    pub name: String,
+}
+
+/// One admin API key, without the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyInfo {
+    /// Name; the audit log's actor for everything done with it.
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The key that made it, or `coordinator` for the first one.
+    pub created_by: String,
+    /// Unix seconds of its revocation: from then on it gets 401.
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+    /// Who revoked it.
+    #[serde(default)]
+    pub revoked_by: Option<String>,
+}
+
+/// The answer to [`CreateApiKey`]. Its `Debug` hides the key.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ApiKeyCreated {
+    /// The key.
+    pub info: ApiKeyInfo,
+    /// `ztkey_...`: shown this once.
+    pub key: String,
+}
+
+impl std::fmt::Debug for ApiKeyCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyCreated")
+            .field("info", &self.info)
+            .field("key", &"redacted")
+            .finish()
+    }
 }
 
 /// `GET /v1/health`.

@@ -48,6 +48,22 @@ pub enum NodeMsg {
         /// PEM certificate signing request.
         csr_pem: String,
     },
+    /// Proposes a new WireGuard public key (issue 6 rotation). The private key stays on the
+    /// node. The coordinator gives it to every peer as [`PeerInfo::next_public_key`], waits for
+    /// their acks, then answers [`ServerMsg::SwitchKey`].
+    RotateKey {
+        /// The new public key.
+        public_key: WgKey,
+    },
+    /// Asks for a full netmap again, because what the node sees contradicts the one it runs
+    /// (a peer key mismatch, FC-20). Answered with a [`NetmapUpdate::Full`].
+    Resync {
+        /// Why, in one sentence: logged by the coordinator.
+        reason: String,
+    },
+    /// The node's posture (issue 6): sent after [`NodeMsg::Hello`], on every report and when it
+    /// changes. The coordinator judges it against the policy's `[[posture]]` entries.
+    Posture(Posture),
     /// Asks for the workload registrations of this node.
     WorkloadList {
         /// Echoed in the answer.
@@ -97,6 +113,20 @@ pub enum ServerMsg {
         cert_pem: String,
         /// PEM CA certificate(s) of the trust domain.
         bundle_pem: String,
+    },
+    /// Asks the node to rotate its WireGuard key now (`ztnet node rotate-key`): it answers
+    /// with [`NodeMsg::RotateKey`].
+    RotateKey,
+    /// Every connected peer holds `public_key` as this node's next key: the node switches to
+    /// it now and initiates handshakes. A key other than the one the node proposed is ignored.
+    SwitchKey {
+        /// The key proposed in [`NodeMsg::RotateKey`].
+        public_key: WgKey,
+    },
+    /// A [`NodeMsg::RotateKey`] refused (a key already in use, say); the old key stays.
+    RotateRefused {
+        /// Why.
+        error: ControlError,
     },
     /// A [`NodeMsg::WorkloadList`] or [`NodeMsg::SignSvid`] refused; the session goes on.
     WorkloadRefused {
@@ -180,6 +210,27 @@ pub struct Report {
     pub endpoints: Vec<SocketAddr>,
     /// ztnet-node version.
     pub version: String,
+}
+
+/// What a node reports about itself for posture checks. Facts come from the operator's
+/// `--posture-file` or `--posture-command`; `kernel` and `os` from the node itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posture {
+    /// ztnet-node version.
+    pub version: String,
+    /// Kernel release (`uname -r`).
+    #[serde(default)]
+    pub kernel: String,
+    /// Operating system (`PRETTY_NAME` of os-release).
+    #[serde(default)]
+    pub os: String,
+    /// Operator-defined facts, name to value.
+    #[serde(default)]
+    pub facts: std::collections::BTreeMap<String, String>,
+    /// Why the operator's facts could not be read, when they could not (the facts are then
+    /// empty, which fails any entry that requires one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A refusal on the control channel.
@@ -323,6 +374,13 @@ pub struct SelfInfo {
     pub addresses: Vec<IpNet>,
     /// The network's prefixes, routed through the TUN.
     pub routes: Vec<IpNet>,
+    /// Unix seconds at which this node's WireGuard key expires (zero-trust networks only):
+    /// its peers drop it then, by their own clocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_expires_at: Option<u64>,
+    /// Unix seconds from which the node should rotate its key (half its life).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_rotate_at: Option<u64>,
 }
 
 /// What policy selects on.
@@ -349,4 +407,12 @@ pub struct PeerInfo {
     pub allowed_ips: Vec<IpNet>,
     /// Its identity.
     pub identity: Identity,
+    /// Unix seconds at which its key expires (zero-trust networks only): from then on the
+    /// node drops this peer by its own clock, whether the coordinator is reachable or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_expires_at: Option<u64>,
+    /// The key the peer is rotating to: a handshake under it is accepted too, and then
+    /// replaces `public_key` for this peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<WgKey>,
 }

@@ -39,7 +39,7 @@ Examples:
     /// Writes the current trust bundle (every trusted CA): the file to pin as ZTNET_CA_CERT.
     #[command(after_help = "\
 Examples:
-  ztnet ca bundle --output /secure/ca.pem
+  ztnet ca bundle --file /secure/ca.pem
   ztnet ca bundle > ca.pem")]
     Bundle(BundleArgs),
 }
@@ -66,9 +66,10 @@ pub struct ActivateArgs {
 /// `ztnet ca bundle`.
 #[derive(Debug, Args)]
 pub struct BundleArgs {
-    /// Replace this file atomically instead of printing the bundle.
+    /// Replace this file atomically instead of printing the bundle (not `--output`, which
+    /// is the output format).
     #[arg(long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
+    pub file: Option<PathBuf>,
 }
 
 /// Runs one `ztnet ca` command.
@@ -99,7 +100,7 @@ pub fn run(client: &ApiClient, fmt: OutputFormat, cmd: &CaCmd) -> Result<()> {
         CaCmd::Bundle(a) => {
             let s: CaStatus = client.get("/v1/ca")?;
             parse_ca(s.bundle_pem.as_bytes()).context("the coordinator's bundle")?;
-            match &a.output {
+            match &a.file {
                 Some(path) => {
                     replace_file(path, s.bundle_pem.as_bytes())?;
                     noteln!(
@@ -206,4 +207,31 @@ fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::args::{Cli, Command};
+
+    use super::*;
+
+    #[test]
+    fn ca_commands_parse_beside_the_global_output_format() {
+        let cli =
+            Cli::try_parse_from(["ztnet", "ca", "bundle", "--file", "/s/ca.pem"]).expect("parses");
+        let Command::Ca(CaCmd::Bundle(a)) = cli.command else {
+            panic!("not ca bundle");
+        };
+        assert_eq!(a.file.as_deref(), Some(Path::new("/s/ca.pem")));
+        let cli =
+            Cli::try_parse_from(["ztnet", "ca", "rotate", "--wait", "-o", "json"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Ca(CaCmd::Rotate(RotateArgs { wait: true, .. }))
+        ));
+        assert!(Cli::try_parse_from(["ztnet", "ca", "activate", "--force"]).is_ok());
+        assert!(Cli::try_parse_from(["ztnet", "ca", "status"]).is_ok());
+    }
 }

@@ -119,7 +119,14 @@ pub fn fetch(args: &FetchArgs) -> Result<()> {
         ));
     }
 
-    let mut current: Option<X509Svid> = None;
+    // FC-22: say what is on disk before replacing it, in plain words.
+    let mut valid_until = match OnDisk::read(&files.cert) {
+        Some(disk) => {
+            noteln!("{}", disk.describe(now_unix()));
+            Some(disk.not_after)
+        }
+        None => None,
+    };
     let mut retry = Duration::from_secs(1);
     loop {
         match fetch_one(&socket, args.spiffe_id.as_deref()).and_then(|s| {
@@ -136,24 +143,82 @@ pub fn fetch(args: &FetchArgs) -> Result<()> {
                 retry = Duration::from_secs(1);
                 let now = now_unix();
                 let half = svid.not_after.saturating_sub(now) / 2;
-                current = Some(svid);
+                valid_until = Some(svid.not_after);
                 std::thread::sleep(Duration::from_secs(half.max(1)));
             }
             Err(e) => {
-                let left = current
-                    .as_ref()
-                    .map_or(0, |s| s.not_after.saturating_sub(now_unix()));
                 noteln!(
-                    "error: {}; retrying in {}s",
+                    "error: renewal failed: {}; {}; retrying in {}s",
                     ztnet_proto::report::chain(e.as_ref()),
+                    kept(valid_until, now_unix()),
                     retry.as_secs()
                 );
-                if current.is_some() && left == 0 {
-                    noteln!("error: the SVID on disk has expired");
-                }
                 std::thread::sleep(retry);
                 retry = (retry * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// What a failed renewal leaves on disk, in one clause (FC-17: nothing is replaced).
+fn kept(valid_until: Option<u64>, now: u64) -> String {
+    match valid_until {
+        None => "no SVID is on disk yet".into(),
+        Some(t) if now < t => format!(
+            "the SVID on disk stays in place, valid until {} ({} s left)",
+            rfc3339(t),
+            t - now
+        ),
+        Some(t) => format!(
+            "the SVID on disk expired at {} ({} s ago) and is left in place; TLS peers refuse \
+             it until a renewal succeeds",
+            rfc3339(t),
+            now - t
+        ),
+    }
+}
+
+/// The validity window of the SVID an earlier run left on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OnDisk {
+    not_before: u64,
+    not_after: u64,
+}
+
+impl OnDisk {
+    /// Reads the first certificate of `path`; `None` when there is no file or no certificate.
+    fn read(path: &Path) -> Option<OnDisk> {
+        let pem = fs::read_to_string(path).ok()?;
+        let der = rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let v = cert.validity();
+        Some(OnDisk {
+            not_before: v.not_before.timestamp().max(0).unsigned_abs(),
+            not_after: v.not_after.timestamp().max(0).unsigned_abs(),
+        })
+    }
+
+    /// One sentence for the operator at start: expired, clock skew, or still valid.
+    fn describe(&self, now: u64) -> String {
+        if now >= self.not_after {
+            format!(
+                "the SVID on disk expired at {} ({} s ago): fetching a new one",
+                rfc3339(self.not_after),
+                now - self.not_after
+            )
+        } else if now < self.not_before {
+            format!(
+                "clock skew: the SVID on disk is valid only from {}, {} s after this machine's \
+                 clock ({}); fetching a new one, but fix this machine's clock",
+                rfc3339(self.not_before),
+                self.not_before - now,
+                rfc3339(now)
+            )
+        } else {
+            format!(
+                "the SVID on disk is valid until {}; replacing it with a fresh one",
+                rfc3339(self.not_after)
+            )
         }
     }
 }
@@ -198,10 +263,48 @@ fn fetch_one(socket: &Path, want: Option<&str>) -> Result<X509Svid> {
             available.join(", ")
         )
     })?;
+    check_answer(&svid)
+        .context("the node's answer is not a usable SVID; the files on disk are kept")?;
     if let Some(problem) = clock_problem(svid.not_before, svid.not_after, now_unix()) {
         noteln!("warning: {problem}");
     }
     Ok(svid)
+}
+
+/// Refuses an answer that would leave an unusable pair on disk: the certificate must parse,
+/// carry the SPIFFE ID asked for, and be for the key that came with it.
+fn check_answer(svid: &X509Svid) -> Result<()> {
+    let der = rustls_pemfile::certs(&mut svid.cert_chain_pem.as_bytes())
+        .next()
+        .context("no certificate in the chain")?
+        .context("the certificate chain is not PEM")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .context("the certificate does not parse")?;
+    let key = rcgen::KeyPair::from_pem(&svid.key_pem).context("the private key does not parse")?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        bail!("the certificate is not for the private key that came with it");
+    }
+    let uri = svid.spiffe_id.as_str();
+    let names_it = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value
+                .general_names
+                .iter()
+                .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == uri))
+        });
+    if !names_it {
+        bail!("the certificate does not carry {uri}");
+    }
+    if rustls_pemfile::certs(&mut svid.bundle_pem.as_bytes())
+        .next()
+        .is_none()
+    {
+        bail!("the trust bundle holds no certificate");
+    }
+    Ok(())
 }
 
 /// A plain sentence when a freshly issued SVID is not valid by this machine's clock (FC-22):
@@ -209,7 +312,9 @@ fn fetch_one(socket: &Path, want: Option<&str>) -> Result<X509Svid> {
 fn clock_problem(not_before: u64, not_after: u64, now: u64) -> Option<String> {
     if now < not_before {
         return Some(format!(
-            "clock skew: the SVID just issued is valid from {} but this machine's clock says              {}, {} s earlier (more than the 60 s back-dating); TLS peers on this machine              will call it not yet valid: fix this machine's clock",
+            "clock skew: the SVID just issued is valid from {} but this machine's clock says \
+             {}, {} s earlier (more than the 60 s back-dating); TLS peers on this machine \
+             will call it not yet valid: fix this machine's clock",
             rfc3339(not_before),
             rfc3339(now),
             not_before - now
@@ -217,7 +322,8 @@ fn clock_problem(not_before: u64, not_after: u64, now: u64) -> Option<String> {
     }
     if now >= not_after {
         return Some(format!(
-            "clock skew: the SVID just issued expired at {} by this machine's clock, which              says {} ({} s later); fix this machine's clock",
+            "clock skew: the SVID just issued expired at {} by this machine's clock, which \
+             says {} ({} s later); fix this machine's clock",
             rfc3339(not_after),
             rfc3339(now),
             now - not_after
@@ -361,5 +467,102 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    /// An SVID made here with rcgen: a CA, a leaf for `id` valid in `window`, its key.
+    fn made(id: &str, window: (i64, i64)) -> (X509Svid, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::Ia5String::try_from(id.to_string()).expect("ascii"),
+        )];
+        let now = time::OffsetDateTime::now_utc();
+        leaf.not_before = now + time::Duration::seconds(window.0);
+        leaf.not_after = now + time::Duration::seconds(window.1);
+        let leaf = leaf.signed_by(&key, &ca, &ca_key).expect("leaf");
+        let svid = X509Svid {
+            spiffe_id: ztnet_proto::workload::SpiffeId::parse(id).expect("id"),
+            cert_chain_pem: leaf.pem(),
+            key_pem: key.serialize_pem(),
+            bundle_pem: ca.pem(),
+            not_after: 0,
+            not_before: 0,
+        };
+        (
+            svid,
+            rcgen::KeyPair::generate().expect("key").serialize_pem(),
+        )
+    }
+
+    #[test]
+    fn an_answer_whose_key_or_id_does_not_match_is_not_written() {
+        let id = "spiffe://corp.example/ns/p/sa/api";
+        let (good, other_key) = made(id, (-60, 3600));
+        check_answer(&good).expect("a matching pair is accepted");
+        let mut wrong_key = good.clone();
+        wrong_key.key_pem = other_key;
+        let e = check_answer(&wrong_key).expect_err("mismatched key");
+        assert!(e.to_string().contains("not for the private key"), "{e}");
+        let mut wrong_id = good.clone();
+        wrong_id.spiffe_id =
+            ztnet_proto::workload::SpiffeId::parse("spiffe://corp.example/ns/p/sa/other")
+                .expect("id");
+        let e = check_answer(&wrong_id).expect_err("another id");
+        assert!(e.to_string().contains("does not carry"), "{e}");
+        let mut no_bundle = good;
+        no_bundle.bundle_pem = String::new();
+        assert!(check_answer(&no_bundle).is_err());
+    }
+
+    #[test]
+    fn an_svid_left_on_disk_is_called_expired_or_clock_skew() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("svid.pem");
+        assert_eq!(OnDisk::read(&path), None, "no file, nothing to say");
+        let id = "spiffe://corp.example/ns/p/sa/api";
+
+        let (expired, _) = made(id, (-7200, -3600));
+        fs::write(&path, &expired.cert_chain_pem).expect("write");
+        let disk = OnDisk::read(&path).expect("parses");
+        let text = disk.describe(now_unix());
+        assert!(
+            text.contains("expired at") && text.contains("fetching a new one"),
+            "{text}"
+        );
+
+        let (future, _) = made(id, (300, 3600));
+        fs::write(&path, &future.cert_chain_pem).expect("write");
+        let text = OnDisk::read(&path).expect("parses").describe(now_unix());
+        assert!(
+            text.starts_with("clock skew") && text.contains("fix this machine"),
+            "{text}"
+        );
+
+        let (fresh, _) = made(id, (-60, 3600));
+        fs::write(&path, &fresh.cert_chain_pem).expect("write");
+        let text = OnDisk::read(&path).expect("parses").describe(now_unix());
+        assert!(text.contains("valid until"), "{text}");
+
+        fs::write(&path, "not a certificate").expect("write");
+        assert_eq!(OnDisk::read(&path), None);
+    }
+
+    #[test]
+    fn a_failed_renewal_says_how_long_the_svid_on_disk_lasts() {
+        assert_eq!(kept(None, 10), "no SVID is on disk yet");
+        let left = kept(Some(1_000), 900);
+        assert!(
+            left.contains("stays in place") && left.contains("100 s left"),
+            "{left}"
+        );
+        let gone = kept(Some(1_000), 1_030);
+        assert!(
+            gone.contains("expired at") && gone.contains("30 s ago"),
+            "{gone}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! One module per noun; [`run`] dispatches.
 
 pub mod admin;
+pub mod apikey;
 pub mod ca;
 pub mod identity;
 pub mod key;
@@ -41,6 +42,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Audit(a) => admin::audit(&client, fmt, &a.network),
         Command::Workload(c) => workload::run(&client, fmt, c),
         Command::Ca(c) => ca::run(&client, fmt, c),
+        Command::ApiKey(c) => apikey::run(&client, fmt, c),
         Command::Login(_) | Command::Status(_) | Command::Key(_) | Command::Identity(_) => {
             unreachable!("handled above without a client")
         }

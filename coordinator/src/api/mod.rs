@@ -4,6 +4,7 @@
 
 mod ca;
 pub mod error;
+mod keys;
 mod networks;
 mod nodes;
 mod policy;
@@ -24,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use crate::hub::Hub;
-use crate::store::keys;
+use crate::store::keys as key_store;
 use error::ApiErr;
 
 /// The routes.
@@ -34,8 +35,13 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/ca", get(ca::show))
         .route("/v1/ca/rotate", post(ca::rotate))
         .route("/v1/ca/activate", post(ca::activate))
+        .route("/v1/api-keys", post(keys::create).get(keys::list))
+        .route("/v1/api-keys/{name}", delete(keys::revoke))
         .route("/v1/networks", post(networks::create).get(networks::list))
-        .route("/v1/networks/{net}", get(networks::show))
+        .route(
+            "/v1/networks/{net}",
+            get(networks::show).patch(networks::set),
+        )
         .route(
             "/v1/networks/{net}/tokens",
             post(networks::create_token).get(networks::list_tokens),
@@ -52,6 +58,10 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route(
             "/v1/networks/{net}/nodes/{name}/revoke",
             post(nodes::revoke),
+        )
+        .route(
+            "/v1/networks/{net}/nodes/{name}/rotate-key",
+            post(nodes::rotate_key),
         )
         .route(
             "/v1/networks/{net}/nodes/{name}/endpoint",
@@ -133,7 +143,7 @@ impl FromRequestParts<Arc<Hub>> for Actor {
             .ok_or(ApiErr::Unauthorized(
                 "Authorization header is not 'Bearer KEY'",
             ))?;
-        match keys::authenticate(&hub.store, presented).await? {
+        match key_store::authenticate(&hub.store, presented).await? {
             Some(name) => Ok(Actor(name)),
             None => Err(ApiErr::Unauthorized("API key not recognised")),
         }

@@ -229,8 +229,50 @@ pub(super) async fn find(hub: &Hub, name: &str) -> Result<networks::Network, Api
         .ok_or_else(|| ApiErr::NotFound(format!("no network named {name:?}")))
 }
 
+/// `PATCH /v1/networks/{net}`: a new key life; every netmap is recomputed, so peers drop a
+/// key that is older than the new life at once.
+pub async fn set(
+    State(hub): State<Arc<Hub>>,
+    actor: Actor,
+    Path(net): Path<String>,
+    ApiJson(req): ApiJson<ztnet_proto::admin::NetworkSettings>,
+) -> Result<Json<Network>, ApiErr> {
+    let network = find(&hub, &net).await?;
+    if let Some(ttl) = req.key_ttl_secs {
+        crate::rotation::check_ttl(ttl).map_err(ApiErr::BadRequest)?;
+        let mut tx = hub.store.write().await?;
+        crate::rotation::set_key_ttl(&mut tx, network.id, ttl).await?;
+        audit::append(
+            &mut tx,
+            audit::Entry {
+                network: Some(network.id),
+                actor: &actor.0,
+                action: "network.set",
+                target: &network.name,
+                detail: format!(
+                    "key_ttl {ttl} s (applies: {})",
+                    if network.zero_trust {
+                        "zero-trust"
+                    } else {
+                        "no, not zero-trust"
+                    }
+                ),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(network = %network.name, key_ttl = ttl, "network key life set");
+        hub.recompute(network.id).await?;
+    }
+    Ok(Json(describe(&hub, network).await?))
+}
+
 async fn describe(hub: &Hub, n: networks::Network) -> Result<Network, ApiErr> {
+    let mut conn = hub.store.pool().acquire().await?;
+    let key_ttl_secs = crate::rotation::key_ttl(&mut conn, &n).await?;
+    drop(conn);
     Ok(Network {
+        key_ttl_secs,
         nodes: nodes::count(&hub.store, n.id).await?,
         policy_version: hub.effective(n.id).version,
         name: n.name,

@@ -26,7 +26,12 @@ pub async fn list(
     let mut conn = hub.store.pool().acquire().await?;
     let mut all = nodes::active(&mut conn, network.id).await?;
     all.extend(nodes::revoked(&mut conn, network.id).await?);
-    Ok(Json(all.iter().map(|n| info(&hub, &network, n)).collect()))
+    let posture = crate::posture::rows(&mut conn, network.id).await?;
+    Ok(Json(
+        all.iter()
+            .map(|n| with_posture(info(&hub, &network, n), posture.get(&n.id)))
+            .collect(),
+    ))
 }
 
 /// `GET /v1/networks/{net}/nodes/{name}`.
@@ -37,7 +42,12 @@ pub async fn show(
 ) -> Result<Json<NodeInfo>, ApiErr> {
     let network = find(&hub, &net).await?;
     let node = find_node(&hub, &network, &name).await?;
-    Ok(Json(info(&hub, &network, &node)))
+    let mut conn = hub.store.pool().acquire().await?;
+    let posture = crate::posture::rows(&mut conn, network.id).await?;
+    Ok(Json(with_posture(
+        info(&hub, &network, &node),
+        posture.get(&node.id),
+    )))
 }
 
 /// `DELETE /v1/networks/{net}/nodes/{name}`.
@@ -50,7 +60,7 @@ pub async fn delete(
     let node = find_node(&hub, &network, &name).await?;
     let mut tx = hub.store.write().await?;
     nodes::mark_deleted(&mut tx, node.id).await?;
-    audit::append(
+    let audit_id = audit::append_id(
         &mut tx,
         audit::Entry {
             network: Some(network.id),
@@ -67,6 +77,7 @@ pub async fn delete(
     )
     .await?;
     tx.commit().await?;
+    let started = std::time::Instant::now();
     tracing::info!(node = %node.name, network = %network.name, "node deleted");
 
     hub.close_session(
@@ -79,7 +90,8 @@ pub async fn delete(
             ),
         ),
     );
-    hub.recompute(network.id).await?;
+    let pending = hub.recompute(network.id).await?;
+    crate::posture::track(&hub, network.id, audit_id, started, &pending, &node.name).await?;
     let mut gone = info(&hub, &network, &node);
     gone.state = "revoked".into();
     gone.online = false;
@@ -114,7 +126,7 @@ pub async fn revoke(
     let node = find_node(&hub, &network, &name).await?;
     let mut tx = hub.store.write().await?;
     nodes::mark_revoked(&mut tx, node.id, reason).await?;
-    audit::append(
+    let audit_id = audit::append_id(
         &mut tx,
         audit::Entry {
             network: Some(network.id),
@@ -132,6 +144,7 @@ pub async fn revoke(
     .await?;
     let revoked = nodes::find_in(&mut tx, node.id).await?;
     tx.commit().await?;
+    let started = std::time::Instant::now();
     tracing::info!(node = %node.name, network = %network.name, %reason, "node revoked");
 
     let message = if reason.is_empty() {
@@ -146,11 +159,55 @@ pub async fn revoke(
         )
     };
     hub.close_session(node.id, refuse("revoked", message));
-    hub.recompute(network.id).await?;
+    let pending = hub.recompute(network.id).await?;
+    crate::posture::track(&hub, network.id, audit_id, started, &pending, &node.name).await?;
     let mut gone = info(&hub, &network, revoked.as_ref().unwrap_or(&node));
     gone.state = "revoked".into();
     gone.online = false;
     Ok(Json(gone))
+}
+
+/// `POST /v1/networks/{net}/nodes/{name}/rotate-key`: asks the node to rotate its WireGuard
+/// key now (it makes the key; the private half never leaves it). 409 when it is offline.
+pub async fn rotate_key(
+    State(hub): State<Arc<Hub>>,
+    actor: Actor,
+    Path((net, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<ztnet_proto::admin::RotateKey>,
+) -> Result<Json<NodeInfo>, ApiErr> {
+    let order = match req.order.as_deref() {
+        None => crate::rotation::Order::default(),
+        Some(o) => crate::rotation::Order::parse(o).map_err(ApiErr::BadRequest)?,
+    };
+    let gap = std::time::Duration::from_secs(req.gap_secs.unwrap_or(0));
+    if gap > crate::rotation::MAX_GAP {
+        return Err(ApiErr::BadRequest(format!(
+            "the gap is at most {} seconds",
+            crate::rotation::MAX_GAP.as_secs()
+        )));
+    }
+    let network = find(&hub, &net).await?;
+    let node = find_node(&hub, &network, &name).await?;
+    let plan = crate::rotation::Plan { order, gap };
+    if !crate::rotation::request(&hub, &node, plan) {
+        return Err(ApiErr::Conflict(format!(
+            "node {} is offline: it rotates its key when it connects again and its key is \
+             past half its life",
+            node.name
+        )));
+    }
+    audit::append_alone(
+        &hub.store,
+        audit::Entry {
+            network: Some(network.id),
+            actor: &actor.0,
+            action: "node.key-rotate-request",
+            target: &node.name,
+            detail: format!("{order:?}, gap {} s", gap.as_secs()),
+        },
+    )
+    .await?;
+    Ok(Json(info(&hub, &network, &node)))
 }
 
 /// `PUT /v1/networks/{net}/nodes/{name}/endpoint`: pins or clears the endpoint peers try
@@ -248,5 +305,21 @@ fn info(hub: &Hub, network: &networks::Network, n: &nodes::Node) -> NodeInfo {
         created_at: n.created_at,
         revoked_at: n.revoked_at,
         revoke_reason: n.revoke_reason.clone(),
+        quarantine: None,
+        posture: None,
     }
+}
+
+/// Adds a node's posture and quarantine; an active quarantined node shows as `quarantined`.
+fn with_posture(mut info: NodeInfo, row: Option<&crate::posture::Row>) -> NodeInfo {
+    if let Some(row) = row {
+        info.posture = row.report.clone();
+        if info.state == "active" {
+            info.quarantine = row.quarantine.clone();
+            if info.quarantine.is_some() {
+                info.state = "quarantined".into();
+            }
+        }
+    }
+    info
 }

@@ -57,7 +57,7 @@ pub async fn apply(
     let _apply = hub.apply_lock.lock().await;
     let mut tx = hub.store.write().await?;
     let version = policies::insert(&mut tx, network.id, &req.source, &actor.0).await?;
-    audit::append(
+    let audit_id = audit::append_id(
         &mut tx,
         audit::Entry {
             network: Some(network.id),
@@ -73,6 +73,7 @@ pub async fn apply(
     )
     .await?;
     tx.commit().await?;
+    let started = std::time::Instant::now();
     hub.set_effective(
         network.id,
         &network.name,
@@ -83,6 +84,7 @@ pub async fn apply(
     );
     tracing::info!(network = %network.name, version, "policy applied");
     let pending = hub.recompute(network.id).await?;
+    crate::posture::track(&hub, network.id, audit_id, started, &pending, "").await?;
     Ok(Json(PolicyApplied {
         version,
         warnings: accepted.warnings,

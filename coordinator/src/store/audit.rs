@@ -1,5 +1,6 @@
 //! The audit log: who did what to which object, and when. Appended inside the transaction of
-//! the change it records, so a change and its entry commit or roll back together.
+//! the change it records, so a change and its entry commit or roll back together. A change that
+//! takes or changes access later gets its measured time to enforcement (see `crate::posture`).
 
 use sqlx::SqliteConnection;
 use ztnet_proto::admin::AuditEvent;
@@ -23,7 +24,12 @@ pub struct Entry<'a> {
 
 /// Appends an entry on the connection of a running transaction.
 pub async fn append(conn: &mut SqliteConnection, entry: Entry<'_>) -> Result<(), StoreError> {
-    sqlx::query(
+    append_id(conn, entry).await.map(|_| ())
+}
+
+/// Appends an entry and returns its id (to fill in its time to enforcement later).
+pub async fn append_id(conn: &mut SqliteConnection, entry: Entry<'_>) -> Result<i64, StoreError> {
+    let done = sqlx::query(
         "INSERT INTO audit (network_id, at_ms, actor, action, target, detail)
          VALUES (?, ?, ?, ?, ?, ?)",
     )
@@ -35,7 +41,7 @@ pub async fn append(conn: &mut SqliteConnection, entry: Entry<'_>) -> Result<(),
     .bind(&entry.detail)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.last_insert_rowid())
 }
 
 /// Appends an entry in its own transaction (for events that change nothing else, such as a
@@ -49,16 +55,22 @@ pub async fn append_alone(store: &Store, entry: Entry<'_>) -> Result<(), StoreEr
 
 /// Every entry of a network, oldest first.
 pub async fn list(store: &Store, network: NetworkId) -> Result<Vec<AuditEvent>, StoreError> {
-    let rows: Vec<(i64, i64, String, String, String, String)> = sqlx::query_as(
-        "SELECT id, at_ms, actor, action, target, detail FROM audit
+    type Raw = (i64, i64, String, String, String, String, Option<String>);
+    let rows: Vec<Raw> = sqlx::query_as(
+        "SELECT id, at_ms, actor, action, target, detail, enforcement FROM audit
          WHERE network_id = ? ORDER BY id",
     )
     .bind(network.0)
     .fetch_all(store.pool())
     .await?;
     rows.into_iter()
-        .map(|(id, at_ms, actor, action, target, detail)| {
+        .map(|(id, at_ms, actor, action, target, detail, enforcement)| {
+            let enforcement = match enforcement {
+                Some(json) => Some(super::from_json(&json, "audit enforcement")?),
+                None => None,
+            };
             Ok(AuditEvent {
+                enforcement,
                 id: to_u64(id, "audit id")?,
                 at_ms: to_u64(at_ms, "audit time")?,
                 actor,

@@ -61,12 +61,22 @@ pub struct Node {
     pub last_seen: Option<u64>,
     /// Unix seconds.
     pub created_at: u64,
+    /// When its current WireGuard key was made (its enrollment, or its last rotation).
+    pub key_created_at: u64,
+    /// The key it is rotating to, while its peers learn it.
+    pub next_public_key: Option<WgKey>,
 }
 
 impl Node {
     /// Whether the node is active (not deleted).
     pub fn is_active(&self) -> bool {
         self.state == "active"
+    }
+
+    /// When its key expires under a key life of `ttl` seconds; `None` when keys do not
+    /// expire (`ttl` 0).
+    pub fn key_expires_at(&self, ttl: u64) -> Option<u64> {
+        (ttl > 0).then(|| self.key_created_at.saturating_add(ttl))
     }
 }
 
@@ -124,7 +134,7 @@ pub enum InsertError {
 const COLUMNS: &str = "id, network_id, name, namespace, tags, spiffe_id, public_key, ipv4, ipv6,
     token_id, listen_port, endpoints, pinned_endpoint, endpoint_revision, version, state,
     netmap_version, netmap_json, applied_version, applied_at, last_seen, created_at, revoked_at,
-    revoke_reason";
+    revoke_reason, key_created_at, next_public_key";
 
 #[derive(sqlx::FromRow)]
 struct Raw {
@@ -152,6 +162,8 @@ struct Raw {
     created_at: i64,
     revoked_at: Option<i64>,
     revoke_reason: Option<String>,
+    key_created_at: Option<i64>,
+    next_public_key: Option<String>,
 }
 
 fn decode(r: Raw) -> Result<Node, StoreError> {
@@ -185,6 +197,12 @@ fn decode(r: Raw) -> Result<Node, StoreError> {
         applied_at: r.applied_at.map(|v| to_u64(v, "applied_at")).transpose()?,
         last_seen: r.last_seen.map(|v| to_u64(v, "last_seen")).transpose()?,
         created_at: to_u64(r.created_at, "node created_at")?,
+        key_created_at: to_u64(r.key_created_at.unwrap_or(r.created_at), "key_created_at")?,
+        next_public_key: r
+            .next_public_key
+            .as_deref()
+            .map(|k| WgKey::parse(k).map_err(|e| bad("next public key", e.to_string())))
+            .transpose()?,
         revoked_at: r.revoked_at.map(|v| to_u64(v, "revoked_at")).transpose()?,
         state: if r.revoked_at.is_some() {
             "revoked".to_owned()
@@ -499,4 +517,63 @@ pub async fn set_pin(
         .fetch_one(conn)
         .await?;
     Ok(Err(to_u64(current, "endpoint revision")?))
+}
+
+/// Records the key a node proposed, in the caller's transaction. Refuses a key that another
+/// active node uses (as its key or its next one) or that a revoked node had.
+pub async fn set_next_key(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    key: WgKey,
+) -> Result<(), InsertError> {
+    let b64 = key.to_base64();
+    let holder: Option<(String,)> = sqlx::query_as(
+        "SELECT name FROM nodes WHERE (public_key = ?1 OR next_public_key = ?1) AND id != ?2
+         AND state = 'active' LIMIT 1",
+    )
+    .bind(&b64)
+    .bind(id.0)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(StoreError::from)?;
+    if let Some((holder,)) = holder {
+        return Err(InsertError::KeyInUse(holder));
+    }
+    let revoked: Option<(String,)> = sqlx::query_as(
+        "SELECT name FROM nodes WHERE public_key = ? AND revoked_at IS NOT NULL LIMIT 1",
+    )
+    .bind(&b64)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(StoreError::from)?;
+    if let Some((name,)) = revoked {
+        return Err(InsertError::KeyRevoked(name));
+    }
+    sqlx::query("UPDATE nodes SET next_public_key = ? WHERE id = ?")
+        .bind(&b64)
+        .bind(id.0)
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(())
+}
+
+/// Makes a node's next key its key, made at `now`, in the caller's transaction. Returns false
+/// when the node has no next key equal to `key` (a newer proposal replaced it).
+pub async fn switch_key(
+    conn: &mut SqliteConnection,
+    id: NodeId,
+    key: WgKey,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE nodes SET public_key = next_public_key, next_public_key = NULL,
+         key_created_at = ? WHERE id = ? AND next_public_key = ?",
+    )
+    .bind(to_i64(now))
+    .bind(id.0)
+    .bind(key.to_base64())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }

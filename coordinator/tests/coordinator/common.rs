@@ -37,11 +37,22 @@ pub fn start(dir: &Path) -> Coord {
 
 /// Starts the binary; on failure returns its log after it exited.
 pub fn try_start(dir: &Path) -> Result<Coord, String> {
+    try_start_env(dir, &[])
+}
+
+/// Starts the binary with extra environment variables.
+pub fn start_env(dir: &Path, env: &[(&str, &str)]) -> Coord {
+    try_start_env(dir, env).unwrap_or_else(|log| panic!("coordinator did not start:\n{log}"))
+}
+
+/// [`try_start`] with extra environment variables.
+pub fn try_start_env(dir: &Path, env: &[(&str, &str)]) -> Result<Coord, String> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ztnet-coordinator"))
         .arg("--data-dir")
         .arg(dir)
         .args(["--trust-domain", "corp.example", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -5,6 +5,7 @@
 mod common;
 
 mod admin;
+mod ca;
 mod control;
 mod datadir;
 mod inprocess;

@@ -4,6 +4,7 @@
 mod common;
 mod field_cases;
 mod filter;
+mod handles;
 mod parse;
 mod properties;
 mod queries;

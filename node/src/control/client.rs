@@ -19,8 +19,10 @@ use ztnet_proto::{COORDINATOR_SERVER_NAME, JoinToken, PROTOCOL_VERSION, TokenErr
 
 use crate::control::{
     Backoff, CachedNetmap, CertValidity, DataplaneSink, NetmapTracker, Refusal, UpdateRefused,
-    classify, dataplane_config, deny_all_config, judge_cached, tls, unix_to_rfc3339,
+    classify, dataplane_config, deny_all_config, expired_peers, judge_cached, rotation_due, tls,
+    unix_to_rfc3339,
 };
+use crate::dataplane::peers::{KeyMismatch, MismatchKind};
 use crate::state::{Enrollment, NodeCerts, StateDir, StateError, new_tls_key};
 
 /// How often endpoints are reported (and checked for change).
@@ -37,6 +39,18 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
 /// A session that lasted this long was healthy: the next reconnect starts the backoff over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// How often key rotation and key mismatches are looked at.
+const KEY_TICK: Duration = Duration::from_millis(250);
+/// How long a proposed key waits for the coordinator's answer before it is proposed again.
+const ROTATE_RETRY: Duration = Duration::from_secs(30);
+/// Fewest time between two requests for a fresh netmap.
+const RESYNC_SPACING: Duration = Duration::from_secs(2);
+/// Fresh netmaps asked for one peer's mismatch before the node stops asking for a while.
+const RESYNC_ATTEMPTS: u32 = 3;
+/// How long the node stops asking after [`RESYNC_ATTEMPTS`] did not heal a mismatch.
+const RESYNC_QUIET: Duration = Duration::from_secs(60);
+/// The next WireGuard key while a rotation is under way (0600, like `wg.key`).
+const NEXT_WG_KEY: &str = "wg.key.next";
 
 /// What the control client needs to run. Its `Debug` hides the token.
 #[derive(Clone)]
@@ -181,6 +195,8 @@ where
 
     let applier = Arc::new(Applier {
         tracker: Mutex::new(NetmapTracker::default()),
+        expired: Mutex::new(Vec::new()),
+        self_expired_warned: std::sync::atomic::AtomicBool::new(false),
         sink: sink.clone(),
         state: state.clone(),
         name: enrollment.name.clone(),
@@ -225,6 +241,9 @@ where
         debug!(delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
+            m = mismatch_seen(ctx.sink.as_ref()) => {
+                warn!("{m}; reconnecting now for a fresh netmap");
+            }
             () = &mut shutdown => return Ok(Exit::Shutdown),
         }
     }
@@ -383,6 +402,8 @@ async fn session(
         report: report.clone(),
     };
     frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
+    let mut posture = crate::posture::Reporter::new(&ctx.version);
+    frame::write(&mut send, &posture.first().await).await?;
 
     let (tx, mut rx) = mpsc::channel(16);
     let _reader = AbortOnDrop(tokio::spawn(read_frames(recv, tx)));
@@ -394,6 +415,11 @@ async fn session(
     let mut renew_deadline = instant_at(validity.renew_at_fraction(ctx.renew_fraction));
     let mut pending_key: Option<rcgen::KeyPair> = None;
     let mut workload_port = crate::workload::attach(ctx.workloads.as_ref()).await;
+    let mut key_tick = tokio::time::interval(KEY_TICK);
+    let mut rotation_sent: Option<Instant> = None;
+    // After a switch, the netmap in force still says to rotate until the next one arrives.
+    let mut switched_at: Option<NetmapVersion> = None;
+    let mut resync = Resync::default();
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -425,6 +451,22 @@ async fn session(
                             port.handle_answer(&msg);
                         }
                     }
+                    ServerMsg::RotateKey => {
+                        info!("the coordinator asked for a key rotation");
+                        propose_key(ctx, &mut send).await?;
+                        rotation_sent = Some(Instant::now());
+                    }
+                    ServerMsg::SwitchKey { public_key } => {
+                        if switch_key(ctx, public_key)? {
+                            rotation_sent = None;
+                            switched_at = ctx.applier.have_version();
+                        }
+                    }
+                    ServerMsg::RotateRefused { error } => {
+                        warn!(code = %error.code, "key rotation refused: {}", error.message);
+                        discard_next_key(ctx);
+                        rotation_sent = Some(Instant::now());
+                    }
                     ServerMsg::Error(e) => {
                         if classify(&e) == Refusal::Revoked {
                             return Ok(SessionEnd::Revoked(e));
@@ -438,8 +480,23 @@ async fn session(
                     }
                 }
             }
+            msg = posture.next() => frame::write(&mut send, &msg).await?,
             request = crate::workload::next_message(&mut workload_port) => {
                 frame::write(&mut send, &request).await?;
+            }
+            _ = key_tick.tick() => {
+                let due = rotation_sent.is_none_or(|at| at.elapsed() >= ROTATE_RETRY)
+                    && (next_key(ctx)?.is_some()
+                        || ctx.applier.rotation_due(now_unix(), switched_at));
+                if due {
+                    propose_key(ctx, &mut send).await?;
+                    rotation_sent = Some(Instant::now());
+                }
+                for m in ctx.sink.take_key_mismatches() {
+                    if let Some(reason) = resync.consider(&m, Instant::now()) {
+                        frame::write(&mut send, &NodeMsg::Resync { reason }).await?;
+                    }
+                }
             }
             _ = report_tick.tick() => {
                 let now = self::report(ctx);
@@ -458,6 +515,132 @@ async fn session(
                 renew_deadline = Instant::now() + RENEW_RETRY;
             }
         }
+    }
+}
+
+/// Sends the next key's public half, making the key first when there is none on disk.
+async fn propose_key(ctx: &Ctx, send: &mut quinn::SendStream) -> anyhow::Result<()> {
+    let key = match next_key(ctx)? {
+        Some(k) => k,
+        None => {
+            let key = ztnet_proto::PrivateKey::generate();
+            let mut text = zeroize::Zeroizing::new(key.to_base64_secret());
+            text.push('\n');
+            crate::state::write_atomic(&next_key_path(ctx), text.as_bytes(), 0o600)?;
+            key
+        }
+    };
+    let public_key = key.public_key();
+    info!(next = %public_key.short(), "proposing a new WireGuard key");
+    frame::write(send, &NodeMsg::RotateKey { public_key }).await?;
+    Ok(())
+}
+
+fn next_key_path(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.state.path().join(NEXT_WG_KEY)
+}
+
+/// The key of a rotation under way, from the state directory.
+fn next_key(ctx: &Ctx) -> anyhow::Result<Option<ztnet_proto::PrivateKey>> {
+    let path = next_key_path(ctx);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => ztnet_proto::PrivateKey::parse_file_content(&text)
+            .map(Some)
+            .with_context(|| format!("{} is corrupt", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("reading {}", path.display()))),
+    }
+}
+
+fn discard_next_key(ctx: &Ctx) {
+    if let Err(e) = std::fs::remove_file(next_key_path(ctx))
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("removing {NEXT_WG_KEY}: {e}");
+    }
+}
+
+/// Switches to the proposed key when `public_key` is its public half: `wg.key` first (so a
+/// restart runs the key the coordinator now holds), then the data plane, whose sessions are
+/// rebuilt on it and which handshakes with every peer at once. False when there was nothing
+/// to switch to.
+fn switch_key(ctx: &Ctx, public_key: ztnet_proto::WgKey) -> anyhow::Result<bool> {
+    let Some(key) = next_key(ctx)? else {
+        debug!(key = %public_key.short(), "switch to a key this node does not hold; ignored");
+        return Ok(false);
+    };
+    if key.public_key() != public_key {
+        warn!(
+            asked = %public_key.short(),
+            held = %key.public_key().short(),
+            "the coordinator asked to switch to another key than the one proposed; ignored"
+        );
+        return Ok(false);
+    }
+    let wg_key = ctx.state.path().join("wg.key");
+    std::fs::rename(next_key_path(ctx), &wg_key)
+        .with_context(|| format!("moving {NEXT_WG_KEY} to {}", wg_key.display()))?;
+    ctx.applier.switch_key(key, now_unix())?;
+    info!(key = %public_key.short(), "switched to the new WireGuard key");
+    Ok(true)
+}
+
+/// Decides which key mismatches earn a request for a fresh netmap: at most one every
+/// [`RESYNC_SPACING`], and for one peer at most [`RESYNC_ATTEMPTS`] before a pause of
+/// [`RESYNC_QUIET`], said at error level, so a mismatch never turns into a silent endless loop.
+#[derive(Default)]
+struct Resync {
+    last: Option<Instant>,
+    per_peer: std::collections::HashMap<String, (u32, Instant)>,
+}
+
+impl Resync {
+    fn consider(&mut self, m: &KeyMismatch, now: Instant) -> Option<String> {
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < RESYNC_SPACING)
+        {
+            return None;
+        }
+        if let MismatchKind::StaleKeyForUs = m.kind {
+            warn!("{m}; it heals when {} gets a fresh netmap", m.peer);
+            return None;
+        }
+        let entry = self.per_peer.entry(m.peer.clone()).or_insert((0, now));
+        if now.duration_since(entry.1) >= RESYNC_QUIET {
+            *entry = (0, now);
+        }
+        if entry.0 >= RESYNC_ATTEMPTS {
+            return None;
+        }
+        entry.0 += 1;
+        self.last = Some(now);
+        if entry.0 == RESYNC_ATTEMPTS {
+            error!(
+                "{m}; still after {} fresh netmaps: the coordinator's key for {} is not the one \
+                 it uses; not asking again for {} s",
+                RESYNC_ATTEMPTS - 1,
+                m.peer,
+                RESYNC_QUIET.as_secs()
+            );
+        } else {
+            warn!("{m}; asking the coordinator for a fresh netmap");
+        }
+        Some(m.to_string())
+    }
+}
+
+/// Completes with the first key mismatch that a fresh netmap may heal.
+async fn mismatch_seen(sink: &dyn DataplaneSink) -> KeyMismatch {
+    loop {
+        if let Some(m) = sink
+            .take_key_mismatches()
+            .into_iter()
+            .find(|m| matches!(m.kind, MismatchKind::UnknownKey(_)))
+        {
+            return m;
+        }
+        tokio::time::sleep(KEY_TICK).await;
     }
 }
 
@@ -567,6 +750,9 @@ fn report(ctx: &Ctx) -> Report {
 /// never interleave.
 struct Applier {
     tracker: Mutex<NetmapTracker>,
+    /// Peers left out because their key expired, as last applied.
+    expired: Mutex<Vec<String>>,
+    self_expired_warned: std::sync::atomic::AtomicBool,
     sink: Arc<dyn DataplaneSink>,
     state: StateDir,
     name: String,
@@ -593,7 +779,7 @@ impl Applier {
             }
         };
         match judge_cached(cached, now) {
-            CachedNetmap::Usable(n) => match self.sink.apply(dataplane_config(&n)) {
+            CachedNetmap::Usable(n) => match self.sink.apply(dataplane_config(&n, now)) {
                 Ok(()) => {
                     info!(
                         version = n.version.0,
@@ -627,8 +813,11 @@ impl Applier {
         let mut tracker = self.lock();
         let next = tracker.prepare(update, now).map_err(HandleError::Refused)?;
         self.sink
-            .apply(dataplane_config(&next))
+            .apply(dataplane_config(&next, now))
             .map_err(HandleError::Dataplane)?;
+        *lock(&self.expired) = expired_peers(&next, now);
+        self.self_expired_warned
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.state.save_netmap(&next) {
             error!("{e}; a restart will not find this netmap");
         }
@@ -640,6 +829,67 @@ impl Applier {
         );
         tracker.commit(next);
         Ok(version)
+    }
+
+    /// Whether the netmap in force says to rotate the key now; never for a netmap that is not
+    /// newer than `after` (the one in force at the last switch).
+    fn rotation_due(&self, now: u64, after: Option<NetmapVersion>) -> bool {
+        self.lock()
+            .current()
+            .is_some_and(|n| after.is_none_or(|v| n.version > v) && rotation_due(n, now))
+    }
+
+    /// Applies the netmap in force with a new private key.
+    fn switch_key(&self, key: ztnet_proto::PrivateKey, now: u64) -> anyhow::Result<()> {
+        let tracker = self.lock();
+        let mut config = match tracker.current() {
+            Some(n) => dataplane_config(n, now),
+            None => deny_all_config(Some(self.name.clone())),
+        };
+        config.private_key = Some(key);
+        self.sink.apply(config)
+    }
+
+    /// Drops the peers whose key expired by this node's clock (FC-17), whether the
+    /// coordinator is reachable or not.
+    fn enforce_key_expiry(&self, now: u64) {
+        let tracker = self.lock();
+        let Some(current) = tracker.current() else {
+            return;
+        };
+        if current.node.key_expires_at.is_some_and(|at| at <= now)
+            && !self
+                .self_expired_warned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            error!(
+                "this node's WireGuard key expired at {} without a rotation: its peers drop \
+                 it until it rotates (is the coordinator reachable?)",
+                unix_to_rfc3339(current.node.key_expires_at.unwrap_or(now))
+            );
+        }
+        let expired = expired_peers(current, now);
+        let mut applied = lock(&self.expired);
+        if expired == *applied {
+            return;
+        }
+        for name in expired.iter().filter(|n| !applied.contains(n)) {
+            let at = current
+                .peers
+                .iter()
+                .find(|p| &p.name == name)
+                .and_then(|p| p.key_expires_at)
+                .unwrap_or(now);
+            warn!(
+                peer = %name,
+                "peer's key expired at {}: dropped by this node's clock",
+                unix_to_rfc3339(at)
+            );
+        }
+        match self.sink.apply(dataplane_config(current, now)) {
+            Ok(()) => *applied = expired,
+            Err(e) => error!("the data plane refused the configuration: {}", causes(&e)),
+        }
     }
 
     /// Enforces expiry; returns the expiry of the netmap in force.
@@ -676,14 +926,22 @@ impl Applier {
     }
 }
 
+/// How often the watchdog checks netmap and peer key expiry: a peer is dropped at most this
+/// long (plus the second the expiry is counted in) after its key expired.
+const EXPIRY_TICK: Duration = Duration::from_millis(250);
+
 async fn expiry_watchdog(applier: Arc<Applier>) {
     loop {
         let now = now_unix();
-        let next = applier.enforce_expiry(now);
-        // Wake at the expiry, and at least every few seconds in case a new netmap moved it.
-        let wait = next.map_or(5, |at| at.saturating_sub(now).clamp(1, 5));
-        tokio::time::sleep(Duration::from_secs(wait)).await;
+        applier.enforce_expiry(now);
+        applier.enforce_key_expiry(now);
+        tokio::time::sleep(EXPIRY_TICK).await;
     }
+}
+
+/// Locks a mutex, going on with the data if a holder panicked (each value is replaced whole).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Dials the coordinator over QUIC with a fresh client endpoint.
@@ -749,6 +1007,9 @@ fn msg_kind(m: &ServerMsg) -> &'static str {
         ServerMsg::Workloads { .. } => "workloads",
         ServerMsg::Svid { .. } => "svid",
         ServerMsg::WorkloadRefused { .. } => "workload-refused",
+        ServerMsg::RotateKey => "rotate-key",
+        ServerMsg::SwitchKey { .. } => "switch-key",
+        ServerMsg::RotateRefused { .. } => "rotate-refused",
     }
 }
 

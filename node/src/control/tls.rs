@@ -130,7 +130,8 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .ok_or_else(|| {
                 rustls::Error::General(
                     "the coordinator's CA does not have the fingerprint in the join token \
-                     (wrong coordinator address, or a token from another coordinator)"
+                     (wrong coordinator address, a token from another coordinator, or a token \
+                     made before a CA rotation whose old CA has since retired: make a new one)"
                         .into(),
                 )
             })?;

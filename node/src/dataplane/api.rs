@@ -14,7 +14,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use ztnet_proto::status::STATUS_DIR;
@@ -44,7 +44,7 @@ pub(super) fn spawn(shared: Arc<Shared>) -> anyhow::Result<Vec<JoinHandle<()>>> 
         (wireguard_path(&name), serve_uapi),
     ] {
         let listener = bind(&path)?;
-        lock(&shared.api_paths).push(path.clone());
+        lock(&shared.api_paths).push(Bound::new(&path));
         let s = shared.clone();
         let h = std::thread::Builder::new()
             .name("ztnet-api".into())
@@ -56,17 +56,63 @@ pub(super) fn spawn(shared: Arc<Shared>) -> anyhow::Result<Vec<JoinHandle<()>>> 
     Ok(handles)
 }
 
+/// How long `bind` waits for a daemon that still answers on the path to go away: the
+/// daemon of an interface just deleted (and created again by this one) is stopping.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// A socket path this data plane bound, with the file's identity: on shutdown it is removed
+/// only if it is still this one (a successor may have bound the same path since, and a file
+/// system may give the new file the old one's inode number, so its change time counts too).
+pub(super) struct Bound {
+    path: PathBuf,
+    id: Option<(u64, u64, i64, i64)>,
+}
+
+impl Bound {
+    fn new(path: &Path) -> Bound {
+        Bound {
+            path: path.to_path_buf(),
+            id: file_id(path),
+        }
+    }
+
+    /// Removes the socket file if it is still the one bound.
+    pub(super) fn remove(&self) {
+        let now = file_id(&self.path);
+        if now.is_some() && now == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     let dir = path.parent().context("socket path has a directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if path.exists() {
         // A live daemon on this interface would answer; a stale socket from a crash does not.
-        if UnixStream::connect(path).is_ok() {
-            anyhow::bail!("{} is in use by another running daemon", path.display());
+        let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
+        while UnixStream::connect(path).is_ok() {
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!("{} is in use by another running daemon", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !path.exists() {
+            return bind_new(path);
         }
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale {}", path.display()))?;
     }
+    bind_new(path)
+}
+
+fn bind_new(path: &Path) -> anyhow::Result<UnixListener> {
     let listener =
         UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -113,6 +159,10 @@ fn serve_status(s: &Shared, stream: UnixStream) {
     let _ = w.write_all(b"\n");
 }
 
+/// Largest `set=1` request read, in bytes (a configuration of a few hundred thousand allowed
+/// IPs fits).
+const MAX_SET_BYTES: usize = 64 << 20;
+
 fn serve_uapi(s: &Shared, stream: UnixStream) {
     let mut reader = BufReader::new(&stream);
     let mut w = &stream;
@@ -122,27 +172,31 @@ fn serve_uapi(s: &Shared, stream: UnixStream) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let request = uapi::parse_request(&first);
-        // Read up to the blank line that ends the request.
-        if first.trim() != "" {
-            loop {
-                let mut l = String::new();
-                match reader.read_line(&mut l) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) if l.trim().is_empty() => break,
-                    Ok(_) => {}
-                }
-            }
-        } else {
+        if first.trim().is_empty() {
             continue;
         }
-        let answer = match request {
-            uapi::Request::Get => {
-                let peers = s.table.read().unwrap_or_else(|p| p.into_inner()).snapshot();
-                let key = lock(&s.keys).0.clone();
-                uapi::format_get(&key, s.listen_port, &peers, SystemTime::now())
+        let request = uapi::parse_request(&first);
+        // Read up to the blank line that ends the request, keeping a set request's lines.
+        let mut lines = Vec::new();
+        let mut size = 0usize;
+        loop {
+            let mut l = String::new();
+            match reader.read_line(&mut l) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if l.trim().is_empty() => break,
+                Ok(n) => {
+                    size += n;
+                    if request == uapi::Request::Set && size <= MAX_SET_BYTES {
+                        l.truncate(l.trim_end().len());
+                        lines.push(l);
+                    }
+                }
             }
-            uapi::Request::Set => uapi::format_error(uapi::SET_REFUSED_ERRNO),
+        }
+        let answer = match request {
+            uapi::Request::Get => s.uapi_get(),
+            uapi::Request::Set if size > MAX_SET_BYTES => uapi::format_error(libc::E2BIG),
+            uapi::Request::Set => s.uapi_set(&lines),
             uapi::Request::Unknown(_) => uapi::format_error(libc::EINVAL),
         };
         if w.write_all(answer.as_bytes()).is_err() {

@@ -26,7 +26,9 @@ pub mod counters;
 pub mod iface;
 pub mod offload;
 pub mod peers;
+mod plain;
 pub mod routes;
+mod source;
 mod sys;
 pub mod uapi;
 
@@ -34,7 +36,7 @@ use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -69,7 +71,8 @@ struct Shared {
     iface: InterfaceConfig,
     /// The key in force and its public half; `apply` may replace them.
     keys: Mutex<(PrivateKey, WgKey)>,
-    listen_port: u16,
+    /// The port the socket is bound to; plain WireGuard mode may move it (`plain::rebind`).
+    listen_port: AtomicU16,
     tun: File,
     /// The TUN carries a virtio-net header before every packet (offloads on).
     vnet: bool,
@@ -86,12 +89,28 @@ struct Shared {
     /// 0 unknown, 1 down, 2 up.
     control: AtomicU8,
     stop: AtomicBool,
-    api_paths: Mutex<Vec<std::path::PathBuf>>,
+    api_paths: Mutex<Vec<api::Bound>>,
+    /// Plain WireGuard mode only: the device as `wg` configured it. `None` in the zero-trust
+    /// modes, where `set=1` is refused and the filter always runs.
+    plain: Option<Mutex<uapi::Device>>,
+    /// Set when the TUN thread lost the interface (deleted with `ip link del`).
+    tun_lost: AtomicBool,
 }
 
 impl Dataplane {
     /// Creates the TUN interface and the UDP socket and starts the packet threads.
     pub fn start(iface: InterfaceConfig) -> anyhow::Result<Dataplane> {
+        Self::start_mode(iface, false)
+    }
+
+    /// Starts the data plane in plain WireGuard mode: peers come from `wg` over the UAPI
+    /// socket (`set=1`), and are trusted as WireGuard trusts them: cryptokey routing and
+    /// anti-spoofing decide, no identity filter runs. Used by `ztnet-node wg IFACE` only.
+    pub fn start_plain_wireguard(iface: InterfaceConfig) -> anyhow::Result<Dataplane> {
+        Self::start_mode(iface, true)
+    }
+
+    fn start_mode(iface: InterfaceConfig, plain: bool) -> anyhow::Result<Dataplane> {
         let (tun, name, vnet) = open_tun(&iface.name)
             .with_context(|| format!("cannot create TUN interface {}", iface.name))?;
         iface::link_up(&name, iface.mtu)?;
@@ -119,7 +138,7 @@ impl Dataplane {
         let shared = Arc::new(Shared {
             keys: Mutex::new((iface.private_key.clone(), public_key)),
             iface,
-            listen_port,
+            listen_port: AtomicU16::new(listen_port),
             tun,
             vnet,
             socket,
@@ -133,6 +152,8 @@ impl Dataplane {
             control: AtomicU8::new(0),
             stop: AtomicBool::new(false),
             api_paths: Mutex::new(Vec::new()),
+            plain: plain.then(|| Mutex::new(uapi::Device::default())),
+            tun_lost: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         for (name, run) in [
@@ -162,7 +183,19 @@ impl Dataplane {
     /// Applies a new configuration atomically; unchanged peers keep their sessions. A new
     /// `private_key` gives every peer a fresh session on the new key, keeping its endpoint.
     pub fn apply(&self, config: DataplaneConfig) -> anyhow::Result<()> {
-        let s = &self.shared;
+        self.shared.apply(config)
+    }
+
+    /// Whether the TUN interface is gone (deleted with `ip link del`): the data plane passes
+    /// nothing any more and the daemon should stop.
+    pub fn interface_gone(&self) -> bool {
+        self.shared.tun_lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    fn apply(&self, config: DataplaneConfig) -> anyhow::Result<()> {
+        let s = self;
         let mut current = lock(&s.config);
         validate(&config)?;
         let mut config = config;
@@ -181,6 +214,11 @@ impl Dataplane {
                 s.counters.clone(),
                 0,
             )
+        };
+        let next = if s.plain.is_some() {
+            next.plain_wireguard()
+        } else {
+            next
         };
         for w in next.warnings() {
             tracing::warn!(interface = %s.iface.name, "{w}");
@@ -202,18 +240,30 @@ impl Dataplane {
         *current = config;
         Ok(())
     }
+}
 
+impl Dataplane {
     /// The UDP port actually bound.
     pub fn listen_port(&self) -> u16 {
-        self.shared.listen_port
+        self.shared.listen_port.load(Ordering::Relaxed)
     }
 
     /// Local addresses worth reporting to the coordinator, with the listen port.
     pub fn local_endpoints(&self) -> Vec<SocketAddr> {
         iface::local_addresses(&self.shared.iface.name)
             .into_iter()
-            .map(|ip| SocketAddr::new(ip, self.shared.listen_port))
+            .map(|ip| SocketAddr::new(ip, self.listen_port()))
             .collect()
+    }
+
+    /// Key mismatches seen since the last call (FC-20): handshakes from a peer's address
+    /// under a key this node does not hold for it, or for a key this node no longer has.
+    pub fn take_key_mismatches(&self) -> Vec<peers::KeyMismatch> {
+        self.shared
+            .table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_mismatches()
     }
 
     /// Records whether the control channel is up (shown in status).
@@ -253,11 +303,12 @@ impl Dataplane {
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        // The paths go first: a successor for the same interface waits for them to go.
+        for p in lock(&self.shared.api_paths).drain(..) {
+            p.remove();
+        }
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
-        }
-        for p in lock(&self.shared.api_paths).drain(..) {
-            let _ = std::fs::remove_file(p);
         }
         tracing::info!(interface = %self.shared.iface.name, "data plane stopped");
     }
@@ -298,7 +349,7 @@ impl Shared {
             node: config.node_name.clone(),
             mode: self.iface.mode.clone(),
             public_key: lock(&self.keys).1,
-            listen_port: self.listen_port,
+            listen_port: self.listen_port.load(Ordering::Relaxed),
             addresses: config.addresses.clone(),
             netmap_version: config.version,
             control_connected: match self.control.load(Ordering::Relaxed) {
@@ -307,7 +358,16 @@ impl Shared {
             },
             peers,
             drops: self.counters.snapshot(),
-            warnings: lock(&self.warnings).clone(),
+            warnings: {
+                let mut w = lock(&self.warnings).clone();
+                w.extend(
+                    self.table
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .mismatch_warnings(),
+                );
+                w
+            },
         }
     }
 }
@@ -366,6 +426,20 @@ impl Transmit for Io<'_> {
     fn write_tun(&mut self, packet: &[u8]) {
         self.write_tun_with(&offload::VnetHdr::default().encode(), packet);
     }
+
+    fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        let Some(src) = same_family(to, from) else {
+            return self.send_udp(to, datagram);
+        };
+        let addr = socket2::SockAddr::from(self.map(to));
+        let fd = self.socket.as_raw_fd();
+        match source::send_from(fd, &addr, src, self.socket_v6, datagram, None) {
+            Ok(_) => {}
+            // The address is gone from the host: not too sticky, the kernel picks one.
+            Err(e) if source::source_refused(&e) => self.send_udp(to, datagram),
+            Err(e) => tracing::trace!(%to, error = %e, "send failed"),
+        }
+    }
 }
 
 /// The UDP thread's output: decrypted packets wait in a [`offload::Coalescer`] until the end
@@ -399,6 +473,15 @@ impl Transmit for RxOut<'_> {
             io.write_tun_with(hdr, p)
         });
     }
+
+    fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        self.io.send_udp_from(to, from, datagram);
+    }
+}
+
+/// `from` when it can be the source of a datagram to `to` (the same address family).
+fn same_family(to: SocketAddr, from: Option<IpAddr>) -> Option<IpAddr> {
+    from.filter(|f| f.is_ipv4() == to.is_ipv4())
 }
 
 fn tun_loop(s: &Shared) {
@@ -416,7 +499,12 @@ fn tun_loop(s: &Shared) {
                 }
             }
             Err(e) => {
-                tracing::error!(interface = %s.iface.name, error = %e, "TUN lost");
+                if e.raw_os_error() == Some(libc::EBADFD) {
+                    tracing::info!(interface = %s.iface.name, "TUN interface deleted");
+                } else {
+                    tracing::error!(interface = %s.iface.name, error = %e, "TUN lost");
+                }
+                s.tun_lost.store(true, Ordering::Relaxed);
                 return;
             }
         }
@@ -443,6 +531,7 @@ impl<'a> TunReader<'a> {
                 io: Io::new(s),
                 batch: Vec::with_capacity(GSO_MAX_BYTES),
                 to: None,
+                from: None,
                 segment: 0,
                 count: 0,
                 closed: false,
@@ -520,6 +609,8 @@ struct Batched<'a> {
     io: Io<'a>,
     batch: Vec<u8>,
     to: Option<SocketAddr>,
+    /// The local address the batch leaves from (see `source`).
+    from: Option<IpAddr>,
     segment: usize,
     count: usize,
     /// A shorter datagram ended the batch; the next one starts a new batch.
@@ -533,15 +624,29 @@ impl Batched<'_> {
         let Some(to) = self.to.take() else {
             return;
         };
+        let from = self.from.take();
         if self.count == 1 || !self.gso {
             for d in self.batch.chunks(self.segment.max(1)) {
-                self.io.send_udp(to, d);
+                self.io.send_udp_from(to, from, d);
             }
         } else {
             let addr = socket2::SockAddr::from(self.io.map(to));
             let seg = u16::try_from(self.segment).unwrap_or(u16::MAX);
             let fd = self.io.socket.as_raw_fd();
-            if let Err(e) = sys::send_segments(fd, &addr, &self.batch, seg) {
+            let v6 = self.io.socket_v6;
+            let sent = match from {
+                Some(src) => {
+                    source::send_from(fd, &addr, src, v6, &self.batch, Some(seg)).or_else(|e| {
+                        if source::source_refused(&e) {
+                            sys::send_segments(fd, &addr, &self.batch, seg)
+                        } else {
+                            Err(e)
+                        }
+                    })
+                }
+                None => sys::send_segments(fd, &addr, &self.batch, seg),
+            };
+            if let Err(e) = sent {
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
@@ -549,7 +654,13 @@ impl Batched<'_> {
                     tracing::debug!(error = %e, "no UDP segmentation offload; sending singly");
                     self.gso = false;
                     for d in self.batch.chunks(self.segment.max(1)) {
-                        self.io.send_udp(to, d);
+                        self.io.send_udp_from(to, from, d);
+                    }
+                } else if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                    // Segments larger than the path MTU (a raised TUN MTU over a narrower
+                    // link): the kernel fragments single datagrams but not a GSO batch.
+                    for d in self.batch.chunks(self.segment.max(1)) {
+                        self.io.send_udp_from(to, from, d);
                     }
                 } else {
                     tracing::trace!(%to, error = %e, "send failed");
@@ -564,7 +675,13 @@ impl Batched<'_> {
 
 impl Transmit for Batched<'_> {
     fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.send_udp_from(to, None, datagram);
+    }
+
+    fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        let from = same_family(to, from);
         let fits = self.to == Some(to)
+            && self.from == from
             && !self.closed
             && datagram.len() <= self.segment
             && self.batch.len() + datagram.len() <= GSO_MAX_BYTES
@@ -572,6 +689,7 @@ impl Transmit for Batched<'_> {
         if !fits {
             self.flush();
             self.to = Some(to);
+            self.from = from;
             self.segment = datagram.len();
         }
         self.batch.extend_from_slice(datagram);
@@ -587,8 +705,9 @@ impl Transmit for Batched<'_> {
 }
 
 fn udp_loop(s: &Shared) {
-    // Room for the largest datagram this MTU produces, and some slack for a peer's larger one.
-    let size = usize::from(s.iface.mtu).max(1280) + 128;
+    // Room for the largest datagram: the MTU may be raised at run time (`ip link set mtu`),
+    // and a peer's MTU may be larger than ours.
+    let size = MAX_DATAGRAM;
     let mut batch = sys::RecvBatch::new(RECV_BATCH, size);
     let mut buf = vec![0u8; peers::MIN_BUFFER];
     let mut out = RxOut {
@@ -604,7 +723,10 @@ fn udp_loop(s: &Shared) {
                 let now = Instant::now();
                 for i in 0..n {
                     match batch.get(i) {
-                        Some((from, d)) => table.handle_datagram(from, d, now, &mut buf, &mut out),
+                        Some((from, d)) => {
+                            let local = batch.local(i);
+                            table.handle_datagram_at(from, local, d, now, &mut buf, &mut out)
+                        }
                         None => s
                             .counters
                             .drop_packet(counters::DropReason::MalformedDatagram),
@@ -635,6 +757,9 @@ fn udp_loop(s: &Shared) {
 
 /// Most datagrams taken from the socket in one `recvmmsg` call.
 const RECV_BATCH: usize = 32;
+
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
 
 fn timer_loop(s: &Shared) {
     let mut buf = vec![0u8; peers::MIN_BUFFER];
@@ -706,13 +831,25 @@ fn open_tun(name: &str) -> anyhow::Result<(File, String, bool)> {
 
 /// Binds the UDP socket: IPv6 dual-stack when the host has IPv6, IPv4 otherwise.
 fn bind_udp(port: u16) -> anyhow::Result<(UdpSocket, bool)> {
-    let v6 = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
-        s.set_only_v6(false)?;
-        s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port).into())?;
-        Ok(s)
-    });
+    bind_udp_family(port, None)
+}
+
+/// Like [`bind_udp`]; `family` Some(true) insists on IPv6, Some(false) on IPv4 (a rebind keeps
+/// the family the threads were started with).
+fn bind_udp_family(port: u16, family: Option<bool>) -> anyhow::Result<(UdpSocket, bool)> {
+    let v6 = match family {
+        Some(false) => Err(io::Error::other("IPv4 asked for")),
+        _ => Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+            s.set_only_v6(false)?;
+            s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port).into())?;
+            Ok(s)
+        }),
+    };
     let (socket, is_v6) = match v6 {
         Ok(s) => (s, true),
+        Err(e) if family == Some(true) => {
+            return Err(e).with_context(|| format!("cannot bind UDP port {port}"));
+        }
         Err(e) => {
             tracing::debug!(error = %e, "no IPv6 socket; using IPv4 only");
             let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
@@ -729,6 +866,9 @@ fn bind_udp(port: u16) -> anyhow::Result<(UdpSocket, bool)> {
     }
     if let Err(e) = sys::allow_fragments(socket.as_raw_fd(), is_v6) {
         tracing::warn!(error = %e, "cannot clear don't-fragment; narrow paths may drop packets");
+    }
+    if let Err(e) = source::enable_pktinfo(socket.as_raw_fd(), is_v6) {
+        tracing::warn!(error = %e, "no IP_PKTINFO; replies leave from the kernel's choice");
     }
     socket
         .set_read_timeout(Some(STOP_POLL))

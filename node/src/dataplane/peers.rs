@@ -51,6 +51,12 @@ pub trait Transmit {
     fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]);
     /// Writes a decrypted, checked IP packet to the TUN.
     fn write_tun(&mut self, packet: &[u8]);
+    /// Sends a WireGuard datagram to `to` from the local address `from` (the one the peer
+    /// last reached this node at), or from whatever address the kernel picks for `None`.
+    fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        let _ = from;
+        self.send_udp(to, datagram);
+    }
 }
 
 /// A peer's session up or down, reported by [`PeerTable::handle_timers`].
@@ -67,6 +73,52 @@ pub enum SessionEvent {
         peer: String,
     },
 }
+
+/// A sign that a peer and this node disagree about a WireGuard key (FC-20): handshakes
+/// between them cannot succeed until one of them gets fresh peer state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMismatch {
+    /// The peer whose address the handshake came from.
+    pub peer: String,
+    /// That address.
+    pub from: SocketAddr,
+    /// What was wrong.
+    pub kind: MismatchKind,
+}
+
+/// What a [`KeyMismatch`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MismatchKind {
+    /// A handshake initiation under a key this node does not hold for the peer: the peer
+    /// changed its key and this node missed it.
+    UnknownKey(WgKey),
+    /// A handshake initiation for a key this node no longer has: the peer missed this node's
+    /// key change.
+    StaleKeyForUs,
+}
+
+impl std::fmt::Display for KeyMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            MismatchKind::UnknownKey(k) => write!(
+                f,
+                "peer key mismatch: {} ({}) sent a handshake under key {}, not the key this \
+                 node holds for it",
+                self.peer,
+                self.from,
+                k.short()
+            ),
+            MismatchKind::StaleKeyForUs => write!(
+                f,
+                "peer key mismatch: {} ({}) sent a handshake for a key this node no longer has",
+                self.peer, self.from
+            ),
+        }
+    }
+}
+
+/// Most mismatches kept until [`PeerTable::take_mismatches`] collects them.
+const MAX_MISMATCHES: usize = 64;
 
 /// One peer's counters and session state, for status.
 #[derive(Debug, Clone)]
@@ -96,6 +148,11 @@ pub struct PeerTable {
     counters: Arc<Counters>,
     next_index: u32,
     warnings: Vec<String>,
+    /// Key mismatches seen, shared by successive tables, until collected.
+    mismatches: Arc<Mutex<Vec<KeyMismatch>>>,
+    /// Plain WireGuard mode: cryptokey routing and anti-spoofing decide, the filter is not
+    /// consulted. Set only by [`PeerTable::plain_wireguard`].
+    plain: bool,
 }
 
 struct Peer {
@@ -107,7 +164,13 @@ struct Peer {
 
 struct PeerState {
     tunn: Tunn,
+    /// The peer's key that `tunn` runs under: `config.public_key`, or its next key once the
+    /// peer handshook under that (or, until then, the key it is rotating away from).
+    tunn_key: WgKey,
     endpoint: Option<SocketAddr>,
+    /// This node's address that the peer last reached it at, at `endpoint`: replies leave from
+    /// it. Cleared when the endpoint is set by configuration.
+    source: Option<IpAddr>,
     session_up: bool,
     /// The configured endpoints, tried in turn while handshakes go unanswered.
     candidates: Vec<SocketAddr>,
@@ -117,12 +180,19 @@ struct PeerState {
     unanswered: bool,
     /// Initiate a handshake on the next timer run (new peer with an endpoint).
     initiate: bool,
+    /// A key the peer was seen handshaking under that this node did not hold for it (a key
+    /// mismatch): once the configuration names it, the session moves to it at once.
+    seen_key: Option<WgKey>,
+    /// The last key mismatch seen from this peer, until an authenticated packet from it shows
+    /// that the keys agree again: shown in status as a warning.
+    mismatch: Option<String>,
 }
 
 /// The kind of an incoming WireGuard message, kept to decide what authenticates.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Init,
+    /// With the static key of the initiator.
+    Init([u8; 32]),
     Response,
     Cookie,
     Data,
@@ -187,7 +257,17 @@ impl PeerTable {
             counters,
             next_index: previous.map_or(first_index, |p| p.next_index) & 0x00ff_ffff,
             warnings: Vec::new(),
+            mismatches: previous.map_or_else(Default::default, |p| p.mismatches.clone()),
+            plain: false,
         };
+        let old_by_name: HashMap<&str, &Peer> = previous
+            .map(|p| {
+                p.peers
+                    .iter()
+                    .map(|peer| (peer.config.name.as_str(), peer))
+                    .collect()
+            })
+            .unwrap_or_default();
         let old: HashMap<(&str, WgKey), &Peer> = previous
             .map(|p| {
                 p.peers
@@ -208,10 +288,11 @@ impl PeerTable {
                 continue;
             }
             let key = (config.name.as_str(), config.public_key);
-            let reused = old.get(&key).filter(|p| {
+            let reused = old_by_name.get(config.name.as_str()).copied().filter(|p| {
                 !rekeyed
                     && p.config.persistent_keepalive == config.persistent_keepalive
                     && p.config.preshared_key == config.preshared_key
+                    && p.keeps_session_for(config)
             });
             let peer = match reused {
                 Some(p) => {
@@ -219,6 +300,7 @@ impl PeerTable {
                     let had_endpoint = state.endpoint.is_some();
                     if p.config.endpoint != config.endpoint && config.endpoint.is_some() {
                         state.endpoint = config.endpoint.map(unmap);
+                        state.source = None;
                         state.unanswered = false;
                     }
                     let fresh = candidates(config);
@@ -231,6 +313,23 @@ impl PeerTable {
                     }
                     if !had_endpoint && state.endpoint.is_some() {
                         state.initiate = true;
+                    }
+                    if let Some(seen) = state.seen_key.take()
+                        && seen != state.tunn_key
+                        && (seen == config.public_key || Some(seen) == config.next_public_key)
+                    {
+                        // The peer already runs the key this configuration brings: handshake
+                        // under it now instead of waiting for the peer's next retry.
+                        state.tunn = Tunn::new(
+                            table.private.clone(),
+                            PublicKey::from(seen.0),
+                            config.preshared_key.as_ref().map(|k| k.0),
+                            config.persistent_keepalive.filter(|&k| k > 0),
+                            p.index,
+                            Some(table.rate_limiter.clone()),
+                        );
+                        state.tunn_key = seen;
+                        state.initiate = state.endpoint.is_some();
                     }
                     drop(state);
                     Peer {
@@ -249,6 +348,11 @@ impl PeerTable {
             };
             let slot = table.peers.len();
             table.by_key.insert(config.public_key.0, slot);
+            if let Some(next) = config.next_public_key {
+                table.by_key.entry(next.0).or_insert(slot);
+            }
+            let running = lock(&peer.state).tunn_key;
+            table.by_key.entry(running.0).or_insert(slot);
             table.by_index.insert(peer.index, slot);
             table.peers.push(peer);
         }
@@ -274,11 +378,13 @@ impl PeerTable {
         };
         let peer = &self.peers[slot];
 
-        let verdict = lock(&self.filter).outbound(&peer.config.name, packet, now);
-        if let Verdict::Deny(reason) = verdict {
-            self.counters
-                .drop_packet(DropReason::Outbound((&reason).into()));
-            return;
+        if !self.plain {
+            let verdict = lock(&self.filter).outbound(&peer.config.name, packet, now);
+            if let Verdict::Deny(reason) = verdict {
+                self.counters
+                    .drop_packet(DropReason::Outbound((&reason).into()));
+                return;
+            }
         }
 
         let mut state = lock(&peer.state);
@@ -287,7 +393,7 @@ impl PeerTable {
                 let sent = if is_initiation(datagram) {
                     state.send_initiation(datagram, out)
                 } else if let Some(to) = state.endpoint {
-                    out.send_udp(to, datagram);
+                    out.send_udp_from(to, state.source, datagram);
                     true
                 } else {
                     false
@@ -312,12 +418,41 @@ impl PeerTable {
         buf: &mut [u8],
         out: &mut impl Transmit,
     ) {
+        self.handle_datagram_at(from, None, datagram, now, buf, out);
+    }
+
+    /// Like [`PeerTable::handle_datagram`], for a datagram that arrived at this node's local
+    /// address `local` (from IP_PKTINFO): replies to it, and later datagrams to the peer once
+    /// it authenticates, leave from that address.
+    pub fn handle_datagram_at(
+        &self,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+        now: Instant,
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
         let from = unmap(from);
-        let Some((slot, kind)) = self.find_peer(from, datagram, buf, out) else {
+        let local = local.map(|ip| unmap(SocketAddr::new(ip, 0)).ip());
+        let Some((slot, kind)) = self.find_peer(from, local, datagram, buf, out) else {
             return;
         };
         let peer = &self.peers[slot];
         let mut state = lock(&peer.state);
+        if let Kind::Init(key) = kind
+            && key != state.tunn_key.0
+        {
+            return self.promote(
+                peer,
+                &mut state,
+                WgKey(key),
+                (from, local),
+                datagram,
+                buf,
+                out,
+            );
+        }
 
         let result = state.tunn.decapsulate(Some(from.ip()), datagram, buf);
         match result {
@@ -325,26 +460,26 @@ impl PeerTable {
                 // A cookie reply (type 3) proves nothing about the sender; a handshake
                 // response or keepalive does.
                 let authenticated = reply.first() != Some(&3);
-                out.send_udp(from, reply);
+                out.send_udp_from(from, local, reply);
                 if authenticated {
-                    state.authenticated(from);
+                    state.authenticated(from, local);
                     self.flush_queue(&mut state, buf, out);
                 }
             }
             TunnResult::WriteToTunnelV4(packet, src) => {
-                state.authenticated(from);
+                state.authenticated(from, local);
                 drop(state);
                 self.deliver(slot, IpAddr::V4(src), packet, now, out);
             }
             TunnResult::WriteToTunnelV6(packet, src) => {
-                state.authenticated(from);
+                state.authenticated(from, local);
                 drop(state);
                 self.deliver(slot, IpAddr::V6(src), packet, now, out);
             }
             TunnResult::Done => {
                 // A keepalive authenticates the sender; a cookie reply does not (FC-25).
                 if kind == Kind::Data {
-                    state.authenticated(from);
+                    state.authenticated(from, local);
                 }
             }
             TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
@@ -373,7 +508,7 @@ impl PeerTable {
                 }
                 TunnResult::WriteToNetwork(datagram) => {
                     if let Some(to) = state.endpoint {
-                        out.send_udp(to, datagram);
+                        out.send_udp_from(to, state.source, datagram);
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
@@ -416,6 +551,31 @@ impl PeerTable {
         &self.warnings
     }
 
+    /// This table for plain WireGuard mode: the filter is bypassed, cryptokey routing and the
+    /// anti-spoofing check alone decide (WireGuard's trust model). Only
+    /// `Dataplane::start_plain_wireguard` calls this; the zero-trust modes never do.
+    pub fn plain_wireguard(mut self) -> PeerTable {
+        self.plain = true;
+        self
+    }
+
+    /// Moves the peer with `key` to `endpoint` now, as `wg set ... endpoint` does, even when the
+    /// configured endpoint did not change (the peer roamed away from it). Returns false when
+    /// there is no such peer.
+    pub fn set_endpoint(&self, key: &WgKey, endpoint: SocketAddr) -> bool {
+        let Some(&slot) = self.by_key.get(&key.0) else {
+            return false;
+        };
+        let mut state = lock(&self.peers[slot].state);
+        state.endpoint = Some(unmap(endpoint));
+        state.source = None;
+        state.unanswered = false;
+        if !has_session(&state.tunn) {
+            state.initiate = true;
+        }
+        true
+    }
+
     /// The node's own public key.
     pub fn public_key(&self) -> WgKey {
         WgKey(self.public.to_bytes())
@@ -449,12 +609,16 @@ impl PeerTable {
             index,
             state: Arc::new(Mutex::new(PeerState {
                 tunn,
+                tunn_key: config.public_key,
                 endpoint,
+                source: None,
                 session_up: false,
                 candidates,
                 cursor: 0,
                 unanswered: false,
                 initiate: endpoint.is_some(),
+                seen_key: None,
+                mismatch: None,
             })),
         }
     }
@@ -480,6 +644,7 @@ impl PeerTable {
     fn find_peer(
         &self,
         from: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
         buf: &mut [u8],
         out: &mut impl Transmit,
@@ -496,23 +661,29 @@ impl PeerTable {
                 {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(cookie)) => {
-                        out.send_udp(from, cookie);
+                        out.send_udp_from(from, local, cookie);
                         return None;
                     }
                     Err(_) => {
+                        // MAC1 is keyed by this node's public key: from a peer's address, a
+                        // bad one means the peer still holds a key this node no longer has.
                         self.counters.drop_packet(DropReason::InvalidMac);
+                        self.note_mismatch(from, MismatchKind::StaleKeyForUs);
                         return None;
                     }
                 }
                 let Ok(half) = parse_handshake_anon(&self.private, &self.public, init) else {
                     self.counters.drop_packet(DropReason::HandshakeFailed);
+                    self.note_mismatch(from, MismatchKind::StaleKeyForUs);
                     return None;
                 };
                 let Some(&slot) = self.by_key.get(&half.peer_static_public) else {
                     self.counters.drop_packet(DropReason::UnknownKey);
+                    let key = WgKey(half.peer_static_public);
+                    self.note_mismatch(from, MismatchKind::UnknownKey(key));
                     return None;
                 };
-                return Some((slot, Kind::Init));
+                return Some((slot, Kind::Init(half.peer_static_public)));
             }
             Packet::HandshakeResponse(ref p) => (p.receiver_idx, Kind::Response),
             Packet::PacketCookieReply(ref p) => (p.receiver_idx, Kind::Cookie),
@@ -527,12 +698,92 @@ impl PeerTable {
         }
     }
 
+    /// The key mismatch of every peer that has not shown since that the keys agree, one
+    /// sentence each, for status.
+    pub fn mismatch_warnings(&self) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter_map(|p| lock(&p.state).mismatch.clone())
+            .collect()
+    }
+
+    /// Key mismatches seen since the last call, oldest first.
+    pub fn take_mismatches(&self) -> Vec<KeyMismatch> {
+        std::mem::take(&mut *lock(&self.mismatches))
+    }
+
+    /// Records a failed handshake from `from` as a key mismatch when `from` is where one of
+    /// the peers is (its current or a configured endpoint); anything else is just counted.
+    fn note_mismatch(&self, from: SocketAddr, kind: MismatchKind) {
+        let Some(peer) = self.peers.iter().find(|p| {
+            let state = lock(&p.state);
+            state.endpoint == Some(from) || state.candidates.contains(&from)
+        }) else {
+            return;
+        };
+        let mismatch = KeyMismatch {
+            peer: peer.config.name.clone(),
+            from,
+            kind,
+        };
+        {
+            let mut state = lock(&peer.state);
+            if let MismatchKind::UnknownKey(k) = kind {
+                state.seen_key = Some(k);
+            }
+            state.mismatch = Some(mismatch.to_string());
+        }
+        let mut log = lock(&self.mismatches);
+        if log.len() < MAX_MISMATCHES {
+            log.push(mismatch);
+        }
+    }
+
+    /// A handshake initiation under the peer's other accepted key (its next key, or its
+    /// configured key while the session still runs on the one it rotates away from): a session
+    /// under that key replaces the running one, but only once the initiation checks out.
+    #[allow(clippy::too_many_arguments)]
+    fn promote(
+        &self,
+        peer: &Peer,
+        state: &mut PeerState,
+        key: WgKey,
+        (from, local): (SocketAddr, Option<IpAddr>),
+        datagram: &[u8],
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
+        let mut tunn = Tunn::new(
+            self.private.clone(),
+            PublicKey::from(key.0),
+            peer.config.preshared_key.as_ref().map(|k| k.0),
+            peer.config.persistent_keepalive.filter(|&k| k > 0),
+            peer.index,
+            Some(self.rate_limiter.clone()),
+        );
+        match tunn.decapsulate(Some(from.ip()), datagram, buf) {
+            TunnResult::WriteToNetwork(reply) => {
+                out.send_udp_from(from, local, reply);
+                tracing::info!(
+                    peer = %peer.config.name,
+                    key = %key.short(),
+                    "peer handshook under its new key; session moved to it"
+                );
+                state.tunn = tunn;
+                state.tunn_key = key;
+                state.authenticated(from, local);
+            }
+            TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
+            _ => self.counters.drop_packet(DropReason::HandshakeFailed),
+        }
+    }
+
     fn flush_queue(&self, state: &mut PeerState, buf: &mut [u8], out: &mut impl Transmit) {
         let Some(to) = state.endpoint else {
             return;
         };
         while let TunnResult::WriteToNetwork(datagram) = state.tunn.decapsulate(None, &[], buf) {
-            out.send_udp(to, datagram);
+            out.send_udp_from(to, state.source, datagram);
         }
     }
 
@@ -548,6 +799,10 @@ impl PeerTable {
             self.counters.drop_packet(DropReason::SpoofedSource);
             return;
         }
+        if self.plain {
+            out.write_tun(packet);
+            return;
+        }
         let name = &self.peers[slot].config.name;
         let verdict = lock(&self.filter).inbound(name, packet, now);
         match verdict {
@@ -560,6 +815,17 @@ impl PeerTable {
 }
 
 impl Peer {
+    /// Whether this peer's session may carry on under `config`: it runs under the configured
+    /// key or the next one, or under the key that `config`'s key was announced to replace (the
+    /// peer has not switched yet; its first handshake under the new key moves the session).
+    fn keeps_session_for(&self, config: &PeerConfig) -> bool {
+        let running = lock(&self.state).tunn_key;
+        running == config.public_key
+            || Some(running) == config.next_public_key
+            || (self.config.next_public_key == Some(config.public_key)
+                && running == self.config.public_key)
+    }
+
     /// Gives `next` (the same peer with a fresh session: a new static key, keepalive or
     /// preshared key) the endpoint this one learnt, unless the configuration names a new one;
     /// `next` then starts a handshake there on the next timer run.
@@ -567,10 +833,14 @@ impl Peer {
         if config.endpoint.is_some() && config.endpoint != self.config.endpoint {
             return;
         }
-        let learnt = lock(&self.state).endpoint;
+        let (learnt, source) = {
+            let state = lock(&self.state);
+            (state.endpoint, state.source)
+        };
         if let Some(ep) = learnt {
             let mut state = lock(&next.state);
             state.endpoint = Some(ep);
+            state.source = source;
             state.initiate = true;
         }
     }
@@ -578,9 +848,11 @@ impl Peer {
 
 impl PeerState {
     /// Records an authenticated packet from `from`: the peer is there now (roaming).
-    fn authenticated(&mut self, from: SocketAddr) {
+    fn authenticated(&mut self, from: SocketAddr, local: Option<IpAddr>) {
         self.endpoint = Some(from);
+        self.source = local;
         self.unanswered = false;
+        self.mismatch = None;
     }
 
     /// Sends a handshake initiation. With no session and the last initiation to the current
@@ -594,7 +866,7 @@ impl PeerState {
         let Some(to) = self.endpoint else {
             return false;
         };
-        out.send_udp(to, datagram);
+        out.send_udp_from(to, self.source, datagram);
         self.unanswered = true;
         true
     }
@@ -763,6 +1035,7 @@ ports = ["any"]
                 persistent_keepalive: None,
                 identity: None,
                 preshared_key: None,
+                next_public_key: None,
             })
             .collect()
     }
@@ -1314,6 +1587,121 @@ ports = ["any"]
             to_dead, 1,
             "one initiation to the dead endpoint, then the next"
         );
+    }
+
+    #[test]
+    fn a_rotation_announced_first_moves_the_session_to_the_next_key_in_one_handshake() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        assert_eq!(m.take_tun("n2").len(), 1);
+
+        // n2 learns n1's next key; the running session is kept and still carries traffic.
+        let next = PrivateKey::generate();
+        let mut n2_peers = m.peers_of("n2");
+        n2_peers[0].next_public_key = Some(next.public_key());
+        m.reconfigure("n2", &n2_peers);
+        m.send("n1", &echo(a, b, false, b"2"));
+        assert_eq!(m.take_tun("n2").len(), 1, "the old session still works");
+
+        // The coordinator's switch reaches n2 before n1 switches: the old session stays.
+        n2_peers[0].public_key = next.public_key();
+        n2_peers[0].next_public_key = None;
+        m.reconfigure("n2", &n2_peers);
+        m.send("n1", &echo(a, b, false, b"3"));
+        assert_eq!(
+            m.take_tun("n2").len(),
+            1,
+            "kept until n1 handshakes under the new key"
+        );
+
+        // n1 switches and handshakes at once; n2 moves the session to the new key.
+        let n1 = m.node("n1");
+        m.nodes[n1].key = next.clone();
+        let peers = m.peers_of("n1");
+        m.reconfigure("n1", &peers);
+        m.seen.clear();
+        m.tick("n1");
+        let kinds: Vec<u8> = m.seen.iter().map(|(_, _, d)| d[0]).collect();
+        assert_eq!(
+            kinds[..2],
+            [1, 2],
+            "one initiation, one response: {kinds:?}"
+        );
+        m.send("n1", &echo(a, b, false, b"4"));
+        assert_eq!(m.take_tun("n2"), vec![echo(a, b, false, b"4")]);
+        m.send("n2", &echo(b, a, true, b"5"));
+        assert_eq!(m.take_tun("n1"), vec![echo(b, a, true, b"5")]);
+        assert!(m.nodes[m.node("n2")].table.take_mismatches().is_empty());
+    }
+
+    #[test]
+    fn a_key_change_the_peer_missed_is_reported_as_a_mismatch_on_both_sides() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"1"));
+        assert_eq!(m.take_tun("n2").len(), 1);
+
+        // n1 switches; n2 never hears of the new key.
+        let next = PrivateKey::generate();
+        let n1 = m.node("n1");
+        m.nodes[n1].key = next.clone();
+        let peers = m.peers_of("n1");
+        m.reconfigure("n1", &peers);
+        m.seen.clear();
+        m.tick("n1");
+        let init = m.seen.first().map(|(_, _, d)| d.clone());
+        let n2 = m.node("n2");
+        let seen = m.nodes[n2].table.take_mismatches();
+        assert_eq!(
+            seen,
+            vec![KeyMismatch {
+                peer: "n1".into(),
+                from: underlay(1),
+                kind: MismatchKind::UnknownKey(next.public_key()),
+            }]
+        );
+        assert!(
+            seen[0].to_string().contains("peer key mismatch"),
+            "{}",
+            seen[0]
+        );
+        assert_eq!(
+            m.nodes[n2].table.mismatch_warnings(),
+            vec![seen[0].to_string()],
+            "status shows it until the keys agree"
+        );
+        assert!(m.nodes[n2].table.take_mismatches().is_empty(), "taken once");
+
+        // n2's own handshake goes to n1's old key: n1 says n2 holds a stale key.
+        m.retry("n2");
+        let at_n1 = m.nodes[n1].table.take_mismatches();
+        assert_eq!(at_n1.len(), 1, "{at_n1:?}");
+        assert_eq!(at_n1[0].peer, "n2");
+        assert_eq!(at_n1[0].kind, MismatchKind::StaleKeyForUs);
+
+        // The same handshake from an address that is no peer's is counted, not reported.
+        let before = m.drops("n2", DropReason::UnknownKey);
+        let init = init.expect("n1's initiation crossed the network");
+        m.inject(SocketAddr::from(([198, 51, 100, 99], 4000)), "n2", &init);
+        assert_eq!(m.drops("n2", DropReason::UnknownKey), before + 1);
+        assert!(m.nodes[n2].table.take_mismatches().is_empty());
+
+        // n2 gets the key it missed (a fresh netmap): it handshakes under it at once.
+        let mut n2_peers = m.peers_of("n2");
+        n2_peers[0].next_public_key = Some(next.public_key());
+        m.reconfigure("n2", &n2_peers);
+        m.seen.clear();
+        m.tick("n2");
+        assert_eq!(
+            m.seen.first().map(|(from, to, d)| (*from, *to, d[0])),
+            Some((underlay(2), underlay(1), 1)),
+            "n2 initiates under the key it learnt"
+        );
+        m.send("n2", &echo(b, a, false, b"healed"));
+        assert_eq!(m.take_tun("n1"), vec![echo(b, a, false, b"healed")]);
+        assert!(m.nodes[n2].table.mismatch_warnings().is_empty());
+        assert!(m.nodes[n1].table.mismatch_warnings().is_empty());
     }
 
     #[test]

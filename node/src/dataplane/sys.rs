@@ -195,6 +195,8 @@ pub struct RecvBatch {
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
+    /// Room for each datagram's pktinfo cmsg (its local address, see `source`).
+    controls: Vec<[u64; super::source::CONTROL_WORDS]>,
     received: usize,
 }
 
@@ -216,6 +218,7 @@ impl RecvBatch {
                 })
                 .collect(),
             hdrs: (0..count).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            controls: vec![[0; super::source::CONTROL_WORDS]; count],
             received: 0,
         }
     }
@@ -232,14 +235,14 @@ impl RecvBatch {
             h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_iov = &mut self.iovs[i];
             h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
+            h.msg_hdr.msg_control = self.controls[i].as_mut_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_controllen = size_of_val(&self.controls[i]);
             h.msg_hdr.msg_flags = 0;
             h.msg_len = 0;
         }
         let count = libc::c_uint::try_from(self.hdrs.len()).unwrap_or(libc::c_uint::MAX);
-        // SAFETY: every header points at a live buffer, address and iovec of this struct,
-        // with their true sizes; the kernel writes only within them.
+        // SAFETY: every header points at a live buffer, address, iovec and control buffer of
+        // this struct, with their true sizes; the kernel writes only within them.
         let rc = unsafe {
             libc::recvmmsg(
                 fd,
@@ -254,6 +257,15 @@ impl RecvBatch {
         }
         self.received = rc as usize;
         Ok(self.received)
+    }
+
+    /// The local address datagram `i` of the last `recv` was sent to, when the socket reports
+    /// it (see `source::enable_pktinfo`).
+    pub fn local(&self, i: usize) -> Option<std::net::IpAddr> {
+        if i >= self.received {
+            return None;
+        }
+        super::source::local_address(&self.hdrs[i].msg_hdr)
     }
 
     /// Datagram `i` of the last `recv` with its sender; `None` when it was truncated (larger

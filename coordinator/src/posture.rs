@@ -1,0 +1,554 @@
+//! Posture and quarantine (issue 6), and the measured time to enforcement of audited changes.
+//!
+//! Every node sends its posture ([`Posture`]: version, kernel, OS, operator facts) after its
+//! hello and on every report. The policy's `[[posture]]` entries say what a node matched by
+//! their selector must report. A node that fails one, or never reported, is quarantined: at the
+//! next recompute it leaves every peer's netmap and its own netmap has no peers, exactly as a
+//! revoked node leaves them, until a report passes again. Entering and leaving quarantine are
+//! audited (`node.quarantine`, `node.release`) with the reason.
+//!
+//! `max_session`: a session older than the entry allows quarantines the node and closes its
+//! control channel with `reauthenticate`; the node connects again (mutual TLS, its certificate
+//! checked again), and the first posture of the new session releases it. The age is checked on
+//! each posture message and every second by [`watch_sessions`].
+//!
+//! Time to enforcement: for a revoke, a quarantine, a release or a policy apply, a task waits
+//! until every connected node whose netmap changed acknowledged the new version, then writes
+//! the time from the change to the last acknowledgement into the audit entry
+//! ([`Enforcement`]). Acknowledgements are polled every [`POLL`]; a peer that does not
+//! acknowledge within [`TRACK_TIMEOUT`] is named.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use netpolicy::{NodeIdentity, Policy, PostureFacts};
+use sqlx::SqliteConnection;
+use tracing::{info, warn};
+use ztnet_proto::admin::{Enforcement, PendingAck};
+use ztnet_proto::control::{Netmap, Posture};
+
+use crate::enroll::refuse;
+use crate::hub::Hub;
+use crate::store::networks::Network;
+use crate::store::nodes::Node;
+use crate::store::{NetworkId, NodeId, Store, StoreError, audit, to_i64, unix_now};
+
+/// How often acknowledgements are polled while a change is tracked.
+pub const POLL: Duration = Duration::from_millis(5);
+/// How long a change is tracked before the peers that did not acknowledge are named.
+pub const TRACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most operator facts kept per report.
+const MAX_FACTS: usize = 64;
+/// Longest fact name, value or version string kept, in characters.
+const MAX_TEXT: usize = 256;
+
+/// One node's stored posture state.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    /// Its last report, if any.
+    pub report: Option<Posture>,
+    /// Unix seconds of that report.
+    pub reported_at: Option<u64>,
+    /// Which control session sent it.
+    pub session_key: Option<String>,
+    /// Unix seconds at which that session started.
+    pub session_started_at: Option<u64>,
+    /// Why it is quarantined, when it is.
+    pub quarantine: Option<String>,
+}
+
+/// Every posture row of a network's nodes.
+pub async fn rows(
+    conn: &mut SqliteConnection,
+    network: NetworkId,
+) -> Result<HashMap<NodeId, Row>, StoreError> {
+    type Raw = (
+        i64,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+    );
+    let raw: Vec<Raw> = sqlx::query_as(
+        "SELECT p.node_id, p.report_json, p.reported_at, p.session_key, p.session_started_at,
+                p.quarantine
+         FROM node_posture p JOIN nodes n ON n.id = p.node_id WHERE n.network_id = ?",
+    )
+    .bind(network.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = HashMap::new();
+    for (id, json, at, key, started, quarantine) in raw {
+        let report = match json {
+            Some(j) => Some(crate::store::from_json::<Posture>(&j, "stored posture")?),
+            None => None,
+        };
+        out.insert(
+            NodeId(id),
+            Row {
+                report,
+                reported_at: at.and_then(|v| u64::try_from(v).ok()),
+                session_key: key,
+                session_started_at: started.and_then(|v| u64::try_from(v).ok()),
+                quarantine,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// A process-wide nonce, so that session keys of two coordinator runs never collide.
+fn nonce() -> u64 {
+    static NONCE: OnceLock<u64> = OnceLock::new();
+    *NONCE.get_or_init(|| rand::RngCore::next_u64(&mut rand::rngs::OsRng))
+}
+
+fn session_key(conn_id: u64) -> String {
+    format!("{:016x}-{conn_id}", nonce())
+}
+
+fn clip(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_TEXT)
+        .collect()
+}
+
+/// Keeps what a report may hold: bounded lengths, no control characters, valid fact names.
+fn sanitize(p: Posture) -> Posture {
+    let facts = p
+        .facts
+        .into_iter()
+        .filter(|(k, _)| {
+            !k.is_empty()
+                && k.len() <= MAX_TEXT
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+        .take(MAX_FACTS)
+        .map(|(k, v)| (k, clip(&v)))
+        .collect();
+    Posture {
+        version: clip(&p.version),
+        kernel: clip(&p.kernel),
+        os: clip(&p.os),
+        facts,
+        error: p.error.as_deref().map(clip),
+    }
+}
+
+fn identity(node: &Node) -> NodeIdentity {
+    NodeIdentity {
+        name: node.name.clone(),
+        namespace: node.namespace.clone(),
+        tags: node.tags.clone(),
+        spiffe_id: node.spiffe_id.clone(),
+        addresses: Vec::new(),
+        routes: Vec::new(),
+    }
+}
+
+/// Why `node` fails the policy's posture entries now, or `None` when it passes (or none
+/// applies). `live` is the key of its live session, if it has one.
+pub fn judge(
+    policy: Option<&Policy>,
+    node: &Node,
+    row: Option<&Row>,
+    live: Option<&str>,
+    now: u64,
+) -> Option<String> {
+    let policy = policy?;
+    let id = identity(node);
+    let rules: Vec<_> = policy
+        .posture()
+        .iter()
+        .filter(|r| r.applies_to(&id))
+        .collect();
+    if rules.is_empty() {
+        return None;
+    }
+    let Some(report) = row.and_then(|r| r.report.as_ref()) else {
+        return Some(format!(
+            "posture at line {}: no posture report yet",
+            rules[0].line
+        ));
+    };
+    let mut facts = report.facts.clone();
+    facts.insert("kernel".into(), report.kernel.clone());
+    facts.insert("os".into(), report.os.clone());
+    // A live session other than the one that sent the report has just started.
+    let started = row.and_then(|r| r.session_started_at);
+    let same_session = row.and_then(|r| r.session_key.as_deref()) == live;
+    let session_secs = match (started, same_session || live.is_none()) {
+        (Some(at), true) => now.saturating_sub(at),
+        _ => 0,
+    };
+    let judged = PostureFacts {
+        version: report.version.clone(),
+        facts,
+        session_secs,
+    };
+    for rule in rules {
+        if let Some(why) = rule.failure(&judged) {
+            let said = report
+                .error
+                .as_deref()
+                .map(|e| format!(" (the node says: {e})"))
+                .unwrap_or_default();
+            return Some(format!("posture at line {}: {why}{said}", rule.line));
+        }
+    }
+    None
+}
+
+/// Stores a posture report from `node`'s live session; recomputes the network when the judgment
+/// changes, and closes a session older than its `max_session`.
+pub async fn on_report(hub: &Hub, node: &Node, report: Posture) -> Result<(), StoreError> {
+    let report = sanitize(report);
+    let now = unix_now();
+    let live = hub.session_id(node.id).map(session_key);
+    let mut tx = hub.store.write().await?;
+    let old = rows(&mut tx, node.network).await?.remove(&node.id);
+    let new_session = old.as_ref().and_then(|r| r.session_key.as_deref()) != live.as_deref();
+    let started = match (&old, new_session) {
+        (Some(r), false) => r.session_started_at.unwrap_or(now),
+        _ => now,
+    };
+    sqlx::query(
+        "INSERT INTO node_posture (node_id, report_json, reported_at, session_key,
+                                   session_started_at)
+         VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (node_id) DO UPDATE SET report_json = excluded.report_json,
+             reported_at = excluded.reported_at, session_key = excluded.session_key,
+             session_started_at = excluded.session_started_at",
+    )
+    .bind(node.id.0)
+    .bind(crate::store::to_json(&report))
+    .bind(to_i64(now))
+    .bind(live.as_deref())
+    .bind(to_i64(started))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+
+    let policy = hub.effective(node.network).policy;
+    let row = Row {
+        report: Some(report),
+        reported_at: Some(now),
+        session_key: live.clone(),
+        session_started_at: Some(started),
+        quarantine: old.as_ref().and_then(|r| r.quarantine.clone()),
+    };
+    let judged = judge(policy.as_deref(), node, Some(&row), live.as_deref(), now);
+    if let Some(why) = &judged
+        && why.contains("max_session")
+    {
+        info!(node = %node.name, "session over max_session: asking the node to authenticate again");
+        hub.close_session(
+            node.id,
+            refuse(
+                "reauthenticate",
+                format!("{why}; connect again to authenticate"),
+            ),
+        );
+    }
+    if judged != row.quarantine {
+        hub.recompute(node.network).await?;
+    }
+    Ok(())
+}
+
+/// How often [`watch_sessions`] looks for sessions older than their `max_session`.
+pub const SESSION_CHECK: Duration = Duration::from_secs(1);
+
+/// Closes, every [`SESSION_CHECK`], the control sessions older than the `max_session` of an
+/// entry that selects their node, and recomputes their networks (which quarantines them until
+/// the node's new session reports). Does not rely on the node reporting: a node that stops
+/// sending posture is cut at its deadline all the same. Runs for the coordinator's life.
+pub async fn watch_sessions(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(SESSION_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = check_sessions(&hub).await {
+            warn!(error = %e, "max_session check failed");
+        }
+    }
+}
+
+async fn check_sessions(hub: &Hub) -> Result<(), StoreError> {
+    let now = unix_now();
+    for network in crate::store::networks::list(&hub.store).await? {
+        let Some(policy) = hub.effective(network.id).policy else {
+            continue;
+        };
+        if policy
+            .posture()
+            .iter()
+            .all(|r| r.max_session_secs.is_none())
+        {
+            continue;
+        }
+        let mut conn = hub.store.pool().acquire().await?;
+        let members = crate::store::nodes::active(&mut conn, network.id).await?;
+        let stored = rows(&mut conn, network.id).await?;
+        drop(conn);
+        let mut expired = false;
+        for node in &members {
+            let Some(live) = hub.session_id(node.id).map(session_key) else {
+                continue;
+            };
+            let row = stored.get(&node.id);
+            if row.and_then(|r| r.session_key.as_deref()) != Some(live.as_str()) {
+                continue;
+            }
+            let Some(why) = judge(Some(&policy), node, row, Some(&live), now) else {
+                continue;
+            };
+            if !why.contains("max_session") {
+                continue;
+            }
+            info!(node = %node.name, "session over max_session: asking the node to authenticate again");
+            hub.close_session(
+                node.id,
+                refuse(
+                    "reauthenticate",
+                    format!("{why}; connect again to authenticate"),
+                ),
+            );
+            expired = true;
+        }
+        if expired {
+            hub.recompute(network.id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`enforce`] changed: the audit entries of quarantines and releases, and the node ids
+/// by name (for tracking their acknowledgements).
+#[derive(Debug, Default)]
+pub struct Enforced {
+    started: Option<Instant>,
+    entries: Vec<(i64, String)>,
+    ids: HashMap<String, NodeId>,
+}
+
+/// Judges every member's posture, stores and audits what changed, and takes quarantined nodes
+/// out of every netmap in `fresh` (a quarantined node's own netmap keeps no peers). Runs inside
+/// the recompute's transaction.
+pub async fn enforce(
+    conn: &mut SqliteConnection,
+    network: &Network,
+    members: &[Node],
+    policy: Option<&Policy>,
+    fresh: &mut BTreeMap<String, Netmap>,
+    live: impl Fn(NodeId) -> Option<u64>,
+) -> Result<Enforced, StoreError> {
+    let started = Instant::now();
+    let now = unix_now();
+    let stored = rows(conn, network.id).await?;
+    let mut out = Enforced {
+        started: Some(started),
+        entries: Vec::new(),
+        ids: members.iter().map(|n| (n.name.clone(), n.id)).collect(),
+    };
+    let mut quarantined = BTreeSet::new();
+    for node in members {
+        let row = stored.get(&node.id);
+        let key = live(node.id).map(session_key);
+        let judged = judge(policy, node, row, key.as_deref(), now);
+        let before = row.and_then(|r| r.quarantine.clone());
+        if let Some(why) = &judged {
+            quarantined.insert(node.name.clone());
+            if before.as_deref() == Some(why.as_str()) {
+                continue;
+            }
+        } else if before.is_none() {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO node_posture (node_id, quarantine, quarantined_at) VALUES (?, ?, ?)
+             ON CONFLICT (node_id) DO UPDATE SET quarantine = excluded.quarantine,
+                 quarantined_at = excluded.quarantined_at",
+        )
+        .bind(node.id.0)
+        .bind(judged.as_deref())
+        .bind(judged.as_ref().map(|_| to_i64(now)))
+        .execute(&mut *conn)
+        .await?;
+        let (action, detail) = match &judged {
+            Some(why) => {
+                warn!(node = %node.name, reason = %why, "node quarantined");
+                ("node.quarantine", why.clone())
+            }
+            None => {
+                info!(node = %node.name, "node passes its posture again: released");
+                (
+                    "node.release",
+                    format!(
+                        "passes its posture again (was: {})",
+                        before.unwrap_or_default()
+                    ),
+                )
+            }
+        };
+        let id = audit::append_id(
+            conn,
+            audit::Entry {
+                network: Some(network.id),
+                actor: "coordinator",
+                action,
+                target: &node.name,
+                detail,
+            },
+        )
+        .await?;
+        out.entries.push((id, node.name.clone()));
+    }
+    if !quarantined.is_empty() {
+        for (name, map) in fresh.iter_mut() {
+            if quarantined.contains(name) {
+                map.peers.clear();
+            } else {
+                map.peers.retain(|p| !quarantined.contains(&p.name));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Enforced {
+    /// Tracks the acknowledgements of the changed netmaps for every audited quarantine or
+    /// release. Call after the netmaps were pushed, without holding the hub's session lock.
+    pub fn track(self, hub: &Hub, pending: &[PendingAck]) {
+        let Some(started) = self.started else {
+            return;
+        };
+        for (audit_id, subject) in &self.entries {
+            track_with(hub, *audit_id, started, pending, &self.ids, subject);
+        }
+    }
+}
+
+/// Tracks the acknowledgements after a change made outside a recompute (a revoke, a policy
+/// apply): `started` is when the change committed, `pending` what the recompute returned.
+pub async fn track(
+    hub: &Hub,
+    network: NetworkId,
+    audit_id: i64,
+    started: Instant,
+    pending: &[PendingAck],
+    subject: &str,
+) -> Result<(), StoreError> {
+    let mut conn = hub.store.pool().acquire().await?;
+    let ids: HashMap<String, NodeId> = crate::store::nodes::active(&mut conn, network)
+        .await?
+        .into_iter()
+        .map(|n| (n.name, n.id))
+        .collect();
+    track_with(hub, audit_id, started, pending, &ids, subject);
+    Ok(())
+}
+
+fn track_with(
+    hub: &Hub,
+    audit_id: i64,
+    started: Instant,
+    pending: &[PendingAck],
+    ids: &HashMap<String, NodeId>,
+    subject: &str,
+) {
+    // Only connected peers can acknowledge; the subject itself is not a peer of the change.
+    let waiting: Vec<(NodeId, String, u64)> = pending
+        .iter()
+        .filter(|p| p.node != subject)
+        .filter_map(|p| {
+            let id = *ids.get(&p.node)?;
+            hub.is_online(id)
+                .then(|| (id, p.node.clone(), p.netmap_version))
+        })
+        .collect();
+    let store = hub.store.clone();
+    tokio::spawn(async move {
+        let e = wait_acks(&store, started, &waiting).await;
+        if let Err(err) = write_enforcement(&store, audit_id, &e).await {
+            warn!(error = %err, "time to enforcement not stored");
+        } else {
+            info!(audit = audit_id, summary = %e.summary, "time to enforcement");
+        }
+    });
+}
+
+async fn wait_acks(
+    store: &Store,
+    started: Instant,
+    waiting: &[(NodeId, String, u64)],
+) -> Enforcement {
+    let peers = u32::try_from(waiting.len()).unwrap_or(u32::MAX);
+    if waiting.is_empty() {
+        return Enforcement {
+            ms: Some(0),
+            peers: 0,
+            acknowledged: 0,
+            summary: "enforced at once: no connected peer had to change".into(),
+        };
+    }
+    let deadline = started + TRACK_TIMEOUT;
+    let missing = loop {
+        let mut left = Vec::new();
+        for (id, name, version) in waiting {
+            let applied: Option<(i64,)> =
+                sqlx::query_as("SELECT applied_version FROM nodes WHERE id = ?")
+                    .bind(id.0)
+                    .fetch_optional(store.pool())
+                    .await
+                    .unwrap_or(None);
+            if applied.is_none_or(|(a,)| a < to_i64(*version)) {
+                left.push(name.clone());
+            }
+        }
+        if left.is_empty() {
+            let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            return Enforcement {
+                ms: Some(ms),
+                peers,
+                acknowledged: peers,
+                summary: format!("enforced in {ms} ms: {peers} peers acknowledged"),
+            };
+        }
+        if Instant::now() >= deadline {
+            break left;
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let acked = peers.saturating_sub(u32::try_from(missing.len()).unwrap_or(u32::MAX));
+    Enforcement {
+        ms: None,
+        peers,
+        acknowledged: acked,
+        summary: format!(
+            "{} of {peers} peers did not acknowledge within {} s: {}",
+            missing.len(),
+            TRACK_TIMEOUT.as_secs(),
+            missing.join(", ")
+        ),
+    }
+}
+
+async fn write_enforcement(
+    store: &Store,
+    audit_id: i64,
+    e: &Enforcement,
+) -> Result<(), StoreError> {
+    let mut tx = store.write().await?;
+    sqlx::query("UPDATE audit SET enforcement = ? WHERE id = ?")
+        .bind(crate::store::to_json(e))
+        .bind(audit_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -1061,6 +1061,7 @@ mod filter_tests {
                     persistent_keepalive: None,
                     identity: None,
                     preshared_key: None,
+                    next_public_key: None,
                 };
                 let me = format!("n{}", i + 1);
                 PeerTable::new(

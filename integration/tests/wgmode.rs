@@ -7,6 +7,7 @@
 //! puts a router namespace between them instead.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -721,4 +722,59 @@ fn hex_of_base64(key: &str) -> Result<String> {
         bail!("a key is 32 bytes, not {}", bytes.len());
     }
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[test]
+fn the_zero_trust_static_mode_refuses_wg_set_and_keeps_its_peers() -> Result<()> {
+    require_root();
+    let dir = tempfile::tempdir()?;
+    let ns = Netns::new("zws")?;
+    let name = unique("zwz");
+    let guard = Iface {
+        name: name.clone(),
+        key_file: dir.path().join("n1.key"),
+        public_key: String::new(),
+        log: dir.path().join("static.log"),
+    };
+    fs::write(&guard.key_file, run("wg", &["genkey"])?.stdout)?;
+    fs::set_permissions(&guard.key_file, fs::Permissions::from_mode(0o600))?;
+    let peer = pubkey(&run("wg", &["genkey"])?.stdout)?;
+    let config = dir.path().join("node.toml");
+    fs::write(
+        &config,
+        format!(
+            "[interface]\nname = \"{name}\"\nprivate_key_file = \"n1.key\"\n\
+             addresses = [\"10.98.0.1/24\"]\n[identity]\nname = \"n1\"\n\
+             [[peer]]\nname = \"n2\"\npublic_key = \"{peer}\"\nallowed_ips = [\"10.98.0.2/32\"]\n"
+        ),
+    )?;
+    let node = bin("ztnet-node");
+    let config_arg = config.to_string_lossy().into_owned();
+    let _proc = ns.spawn(&node, &["--config", &config_arg], &guard.log)?;
+    let sock = PathBuf::from(format!("/var/run/wireguard/{name}.sock"));
+    wait_for("the static node's sockets", Duration::from_secs(10), || {
+        Ok(sock.exists().then_some(()))
+    })
+    .with_context(|| fs::read_to_string(&guard.log).unwrap_or_default())?;
+    let before = wg(&["showconf", &name])?;
+
+    let other = pubkey(&run("wg", &["genkey"])?.stdout)?;
+    let refused = Command::new("wg")
+        .args(["set", &name, "peer", &other, "allowed-ips", "10.98.0.0/24"])
+        .output()?;
+
+    assert!(!refused.status.success(), "wg set must fail in static mode");
+    // errno 1 (EPERM), which wg prints as an unknown error -1.
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("error -1"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(wg(&["showconf", &name])?, before);
+    assert!(before.contains(&peer) && !before.contains(&other));
+    assert!(
+        fs::read_to_string(&guard.log)?.contains("`wg set` refused"),
+        "the refusal is logged"
+    );
+    Ok(())
 }

@@ -86,6 +86,18 @@ fuzz_target!(|data: &[u8]| {
             "{first:?} then {again:?}"
         );
     }
+    // A filter used through a peer handle decides both packets as the name does.
+    let mut by_ref = Filter::new(spec().clone(), ConntrackConfig { max_flows: 4 });
+    let verdicts: Vec<_> = [now, later]
+        .into_iter()
+        .map(|t| match by_ref.peer(peer) {
+            Some(h) if selector & 0x80 == 0 => by_ref.inbound_ref(h, packet, t),
+            Some(h) => by_ref.outbound_ref(h, packet, t),
+            None if selector & 0x80 == 0 => by_ref.inbound(peer, packet, t),
+            None => by_ref.outbound(peer, packet, t),
+        })
+        .collect();
+    assert_eq!(verdicts, [first, again]);
     filter.install(FilterSpec::default(), later);
     assert!(matches!(
         filter.inbound(peer, packet, later),

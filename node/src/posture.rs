@@ -131,26 +131,44 @@ fn read_file(path: &std::path::Path) -> Result<String, String> {
 }
 
 /// Runs the command directly (no shell), with a timeout; returns its stdout.
+///
+/// Reads at most [`MAX_INPUT`] bytes: a command that prints more is killed at once and
+/// refused, so a chatty or broken script cannot make the daemon buffer without bound.
 async fn run_command(argv: &[String], timeout: Duration) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
-    let child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => return Err(format!("did not finish within {} s", timeout.as_secs_f32())),
-        Ok(Err(e)) => return Err(e.to_string()),
-        Ok(Ok(out)) => out,
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
+    let Some(stdout) = child.stdout.take() else {
+        return Err("has no standard output".into());
     };
-    if !out.status.success() {
-        return Err(format!("exited with {}", out.status));
+    let run = async {
+        // One byte past the limit tells "exactly the limit" from "more than it".
+        let mut out = Vec::new();
+        let read = stdout
+            .take(MAX_INPUT as u64 + 1)
+            .read_to_end(&mut out)
+            .await;
+        read.map_err(|e| format!("cannot read its output: {e}"))?;
+        if out.len() > MAX_INPUT {
+            return Err(format!("printed more than {MAX_INPUT} bytes"));
+        }
+        let status = child.wait().await.map_err(|e| e.to_string())?;
+        Ok((status, out))
+    };
+    let (status, out) = match tokio::time::timeout(timeout, run).await {
+        Err(_) => return Err(format!("did not finish within {} s", timeout.as_secs_f32())),
+        Ok(result) => result?,
+    };
+    if !status.success() {
+        return Err(format!("exited with {status}"));
     }
-    if out.stdout.len() > MAX_INPUT {
-        return Err(format!("printed more than {MAX_INPUT} bytes"));
-    }
-    String::from_utf8(out.stdout).map_err(|_| "printed something that is not UTF-8".into())
+    String::from_utf8(out).map_err(|_| "printed something that is not UTF-8".into())
 }
 
 /// Parses flat `name = value` facts: a JSON object or a TOML table of strings, booleans and
@@ -336,6 +354,26 @@ mod tests {
         let p = collect("0.1.0", &src).await;
         assert!(p.error.unwrap().contains("did not finish"));
         assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn a_command_that_prints_without_end_is_cut_off_at_the_limit() {
+        // `yes` prints forever: the node must stop reading at the limit, not at the timeout.
+        let src = PostureSource {
+            command: vec!["yes".into()],
+            timeout: Duration::from_secs(30),
+            ..PostureSource::default()
+        };
+        let started = std::time::Instant::now();
+        let p = collect("0.1.0", &src).await;
+        let error = p.error.expect("an endless command is refused");
+        assert!(error.contains("more than"), "{error}");
+        assert!(p.facts.is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

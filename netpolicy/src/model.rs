@@ -374,10 +374,11 @@ impl PostureRule {
         if let Some(max) = self.max_session_secs
             && facts.session_secs > max
         {
+            // No age in the text: the reason must stay the same while the session lasts, or
+            // every re-check would read as a new quarantine (and audit it again).
             return Some(format!(
-                "its control session is {} s old, over max_session {max} s: it must \
-                 authenticate again",
-                facts.session_secs
+                "its control session is older than max_session {max} s: it must authenticate \
+                 again"
             ));
         }
         None
@@ -506,6 +507,11 @@ mod tests {
         assert!(rule.failure(&facts).unwrap().contains("not reported"));
         facts.facts.insert("disk".into(), "on".into());
         facts.session_secs = 61;
-        assert!(rule.failure(&facts).unwrap().contains("max_session"));
+        let over = rule.failure(&facts).unwrap();
+        assert!(over.contains("max_session"), "{over}");
+        // The reason does not change while the session ages: the coordinator audits a
+        // quarantine only when its reason changes.
+        facts.session_secs = 3600;
+        assert_eq!(rule.failure(&facts).unwrap(), over);
     }
 }

@@ -77,8 +77,11 @@ Example:
     /// Policies: apply, show, history, and the offline check and explain.
     #[command(subcommand)]
     Policy(PolicyCmd),
-    /// The audit log of a network.
-    #[command(after_help = "Example:\n  ztnet audit --network prod-vpc --output json")]
+    /// The audit log of a network, or with --global the entries of no network.
+    #[command(
+        after_help = "Examples:\n  ztnet audit --network prod-vpc --output json\n  \
+                            ztnet audit --global"
+    )]
     Audit(AuditArgs),
     /// The local node's status, read from its status socket.
     #[command(after_help = "\
@@ -435,10 +438,14 @@ pub struct PolicyExplainArgs {
 
 /// `ztnet audit`.
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("scope").required(true).args(["network", "global"]))]
 pub struct AuditArgs {
     /// Network name.
     #[arg(long, short = 'n')]
-    pub network: String,
+    pub network: Option<String>,
+    /// The entries that belong to no network: API keys and CA rotation.
+    #[arg(long)]
+    pub global: bool,
 }
 
 /// `ztnet status`.

@@ -20,6 +20,7 @@
 //! | `GET /v1/networks/{net}/policy` | | [`PolicyRecord`] |
 //! | `GET /v1/networks/{net}/policy/history` | | `Vec<PolicyRecord>` |
 //! | `GET /v1/networks/{net}/audit` | | `Vec<AuditEvent>` |
+//! | `GET /v1/audit` | | `Vec<AuditEvent>`: the entries of no network (API keys, CA) |
 //! | `GET /v1/health` (no auth) | | [`Health`] |
 
 use std::net::SocketAddr;

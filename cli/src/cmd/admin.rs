@@ -445,10 +445,13 @@ fn netmap_state(n: &NodeInfo) -> String {
     }
 }
 
-/// `ztnet audit`.
-pub fn audit(client: &ApiClient, fmt: OutputFormat, network: &str) -> Result<()> {
-    let events: Vec<AuditEvent> =
-        client.get(&format!("/v1/networks/{}/audit", segment(network)?))?;
+/// `ztnet audit --network N`, or without a network (`--global`) the entries of no network.
+pub fn audit(client: &ApiClient, fmt: OutputFormat, network: &Option<String>) -> Result<()> {
+    let path = match network {
+        Some(n) => format!("/v1/networks/{}/audit", segment(n)?),
+        None => "/v1/audit".to_string(),
+    };
+    let events: Vec<AuditEvent> = client.get(&path)?;
     emit(fmt, &events, |events| {
         let mut t = Table::new(&[
             "ID", "TIME", "ACTOR", "ACTION", "TARGET", "DETAIL", "ENFORCED",

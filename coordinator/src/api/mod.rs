@@ -73,6 +73,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         )
         .route("/v1/networks/{net}/policy/history", get(policy::history))
         .route("/v1/networks/{net}/audit", get(policy::audit))
+        .route("/v1/audit", get(policy::audit_global))
         .route(
             "/v1/networks/{net}/workloads",
             post(workloads::register).get(workloads::list),

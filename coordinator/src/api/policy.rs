@@ -136,6 +136,14 @@ pub async fn audit(
     Ok(Json(audit::list(&hub.store, network.id).await?))
 }
 
+/// `GET /v1/audit`: the entries of no network (API keys, CA rotation).
+pub async fn audit_global(
+    State(hub): State<Arc<Hub>>,
+    _actor: Actor,
+) -> Result<Json<Vec<AuditEvent>>, ApiErr> {
+    Ok(Json(audit::list_global(&hub.store).await?))
+}
+
 /// `GET /v1/health`, without authentication.
 pub async fn health(State(hub): State<Arc<Hub>>) -> Json<Health> {
     let problems = hub.problems();

@@ -53,9 +53,10 @@ pub async fn append_alone(store: &Store, entry: Entry<'_>) -> Result<(), StoreEr
     Ok(())
 }
 
+type Raw = (i64, i64, String, String, String, String, Option<String>);
+
 /// Every entry of a network, oldest first.
 pub async fn list(store: &Store, network: NetworkId) -> Result<Vec<AuditEvent>, StoreError> {
-    type Raw = (i64, i64, String, String, String, String, Option<String>);
     let rows: Vec<Raw> = sqlx::query_as(
         "SELECT id, at_ms, actor, action, target, detail, enforcement FROM audit
          WHERE network_id = ? ORDER BY id",
@@ -63,6 +64,21 @@ pub async fn list(store: &Store, network: NetworkId) -> Result<Vec<AuditEvent>, 
     .bind(network.0)
     .fetch_all(store.pool())
     .await?;
+    events(rows)
+}
+
+/// Every entry that belongs to no network (API keys, CA rotation), oldest first.
+pub async fn list_global(store: &Store) -> Result<Vec<AuditEvent>, StoreError> {
+    let rows: Vec<Raw> = sqlx::query_as(
+        "SELECT id, at_ms, actor, action, target, detail, enforcement FROM audit
+         WHERE network_id IS NULL ORDER BY id",
+    )
+    .fetch_all(store.pool())
+    .await?;
+    events(rows)
+}
+
+fn events(rows: Vec<Raw>) -> Result<Vec<AuditEvent>, StoreError> {
     rows.into_iter()
         .map(|(id, at_ms, actor, action, target, detail, enforcement)| {
             let enforcement = match enforcement {

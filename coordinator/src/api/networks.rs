@@ -240,6 +240,14 @@ pub async fn set(
     let network = find(&hub, &net).await?;
     if let Some(ttl) = req.key_ttl_secs {
         crate::rotation::check_ttl(ttl).map_err(ApiErr::BadRequest)?;
+        if !network.zero_trust {
+            // Stored it would change nothing: keys expire only in a zero-trust network.
+            return Err(ApiErr::Conflict(format!(
+                "network {:?} is not a --zero-trust network: its node keys do not expire, so a \
+                 key life would have no effect (create the network with --zero-trust)",
+                network.name
+            )));
+        }
         let mut tx = hub.store.write().await?;
         crate::rotation::set_key_ttl(&mut tx, network.id, ttl).await?;
         audit::append(
@@ -249,14 +257,7 @@ pub async fn set(
                 actor: &actor.0,
                 action: "network.set",
                 target: &network.name,
-                detail: format!(
-                    "key_ttl {ttl} s (applies: {})",
-                    if network.zero_trust {
-                        "zero-trust"
-                    } else {
-                        "no, not zero-trust"
-                    }
-                ),
+                detail: format!("key_ttl {ttl} s"),
             },
         )
         .await?;

@@ -123,6 +123,29 @@ async fn networks_get_prefixes_and_names_conflict() {
         .await;
     assert_eq!(lab["cidr"], "100.100.0.0/24");
 
+    // A key life has an effect only in a zero-trust network: elsewhere it is refused, not
+    // stored in silence; in a zero-trust network it is taken.
+    let (status, body) = api
+        .call(
+            "PATCH",
+            "/v1/networks/lab",
+            Some(json!({"key_ttl_secs": 3600})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.to_string().contains("not a --zero-trust network"),
+        "{body}"
+    );
+    let prod = api
+        .ok(
+            "PATCH",
+            "/v1/networks/prod-vpc",
+            Some(json!({"key_ttl_secs": 3600})),
+        )
+        .await;
+    assert_eq!(prod["key_ttl_secs"], 3600, "{prod}");
+
     let all = api.ok("GET", "/v1/networks", None).await;
     let names: Vec<_> = all
         .as_array()

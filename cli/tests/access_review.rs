@@ -1,10 +1,218 @@
 //! Issue 6's access review against the real `ztnet` and `ztnet-coordinator` binaries: the audit
 //! entries of no network, and (with in-process nodes enrolled over the real control channel)
-//! who-can-reach and diff leaving quarantined nodes out and listing workloads.
+//! who-can-reach and diff leaving quarantined nodes out.
 
 mod common;
 
-use common::{Coordinator, expect_failure};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Coordinator, expect_failure, wait_for};
+use tokio::sync::oneshot;
+use ztnet_node::control::DataplaneSink;
+use ztnet_node::control::client::{self, Exit, NodeOptions};
+use ztnet_node::netconfig::DataplaneConfig;
+use ztnet_node::state::StateDir;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Takes every configuration and applies nothing: the review reads the coordinator only.
+struct NullSink;
+
+impl DataplaneSink for NullSink {
+    fn apply(&self, _config: DataplaneConfig) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn listen_port(&self) -> u16 {
+        51820
+    }
+
+    fn local_endpoints(&self) -> Vec<SocketAddr> {
+        vec!["127.0.0.1:51820".parse().expect("addr")]
+    }
+
+    fn set_control_connected(&self, _connected: bool) {}
+}
+
+/// A control client (the real one, over QUIC) running in the background, reporting `version`.
+struct Node {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<Exit>>,
+}
+
+impl Node {
+    fn start(state: &Path, name: &str, token: String) -> Node {
+        let opts = NodeOptions {
+            state: StateDir::open(state).expect("state dir"),
+            coordinator: None,
+            token: Some(token),
+            name: name.into(),
+            version: "0.9.0".into(),
+            renew_fraction: 0.5,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let sink: Arc<dyn DataplaneSink> = Arc::new(NullSink);
+        let task = tokio::spawn(client::run(opts, sink, async move {
+            let _ = stopped.await;
+        }));
+        Node {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(WAIT, self.task).await;
+    }
+}
+
+fn token(c: &Coordinator, network: &str, tag: &str) -> String {
+    let args = [
+        "token",
+        "create",
+        "--network",
+        network,
+        "--namespace",
+        "production",
+        "--tag",
+        tag,
+    ];
+    c.ok(&args).trim().to_string()
+}
+
+fn apply(c: &Coordinator, dir: &Path, network: &str, source: &str) {
+    let file = dir.join("policy.toml");
+    std::fs::write(&file, source).expect("write");
+    let file = file.to_str().expect("utf-8");
+    c.ok(&["policy", "apply", "--network", network, "-f", file]);
+}
+
+/// web may reach db on 5432; a grant names only a workload ID (of ops-1's workload), which the
+/// data plane cannot enforce; ops nodes must run at least 1.0 and ours run 0.9.0.
+const POLICY: &str = r#"
+[[grant]]
+from = ["tag:web"]
+to = ["tag:db"]
+ports = ["tcp:5432"]
+
+[[grant]]
+from = ["spiffe://corp.example/ns/production/sa/ops"]
+to = ["tag:db"]
+ports = ["tcp:5432"]
+"#;
+
+/// Quarantines web-2: it runs 0.9.0.
+const QUARANTINE_WEB2: &str = r#"
+[[posture]]
+selector = ["node:web-2"]
+min_version = "1.0"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_can_reach_and_diff_leave_quarantined_nodes_out() {
+    let c = Coordinator::start();
+    c.ok(&["network", "create", "--name", "rev3"]);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let mut nodes = Vec::new();
+    for (name, tag) in [
+        ("web-1", "web"),
+        ("web-2", "web"),
+        ("db-1", "db"),
+        ("ops-1", "ops"),
+    ] {
+        let t = token(&c, "rev3", tag);
+        nodes.push(Node::start(&dirs.path().join(name), name, t));
+    }
+    wait_for("four nodes enrolled", WAIT, || {
+        c.json(&["node", "list", "--network", "rev3"])
+            .as_array()
+            .is_some_and(|a| a.len() == 4)
+    });
+    apply(&c, dirs.path(), "rev3", POLICY);
+    let who = [
+        "policy",
+        "who-can-reach",
+        "--network",
+        "rev3",
+        "db-1",
+        "--port",
+        "tcp:5432",
+    ];
+
+    let out = c.ok(&who);
+    assert!(out.lines().any(|l| l.starts_with("web-2")), "{out}");
+    assert!(!out.contains("left out"), "{out}");
+
+    // web-2 fails posture: quarantined, it is left out and said so.
+    let diff_file = dirs.path().join("new.toml");
+    std::fs::write(
+        &diff_file,
+        format!(
+            "{POLICY}\n[[grant]]\nfrom = [\"tag:ops\"]\nto = [\"tag:web\"]\nports = [\"tcp:22\"]\n"
+        ),
+    )
+    .expect("write");
+    let diff_file = diff_file.to_str().expect("utf-8");
+    apply(
+        &c,
+        dirs.path(),
+        "rev3",
+        &format!("{POLICY}\n{QUARANTINE_WEB2}"),
+    );
+    wait_for("web-2 quarantined", WAIT, || {
+        c.json(&["node", "show", "--network", "rev3", "web-2"])["quarantine"].is_string()
+    });
+    let out = c.ok(&who);
+    assert!(
+        out.contains("left out: web-2 is quarantined (")
+            && out.contains("so it reaches nobody and nobody reaches it now"),
+        "{out}"
+    );
+    assert!(!out.lines().any(|l| l.starts_with("web-2")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("web-1")), "{out}");
+    let json = c.json(&who);
+    assert_eq!(json["left_out"][0]["node"], "web-2", "{json}");
+
+    // The quarantined node is out of the diff too: ops may newly reach web-1, not web-2.
+    let diff = c.json(&["policy", "diff", "--network", "rev3", "-f", diff_file]);
+    let added: Vec<String> = diff["added"]
+        .as_array()
+        .expect("added")
+        .iter()
+        .map(|p| {
+            format!(
+                "{}->{}",
+                p["from"].as_str().expect("from"),
+                p["to"].as_str().expect("to")
+            )
+        })
+        .collect();
+    assert_eq!(added, ["ops-1->web-1"], "{diff}");
+    assert_eq!(diff["left_out"][0]["node"], "web-2", "{diff}");
+    let table = c.ok(&["policy", "diff", "--network", "rev3", "-f", diff_file]);
+    assert!(table.contains("left out: web-2 is quarantined"), "{table}");
+
+    // The target itself quarantined: nobody reaches it, and the answer says why.
+    let out = c.ok(&[
+        "policy",
+        "who-can-reach",
+        "--network",
+        "rev3",
+        "web-2",
+        "--port",
+        "tcp:22",
+    ]);
+    assert!(out.contains("left out: web-2 is quarantined"), "{out}");
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
 
 #[test]
 fn audit_global_lists_the_entries_of_no_network() {

@@ -91,29 +91,72 @@ fn policy_in_force(client: &ApiClient, network: &str) -> Result<(Policy, Option<
     Ok((checked.policy, Some(rec.version)))
 }
 
-/// The network's active nodes as the coordinator compiles policy over them: host prefixes of
-/// their overlay addresses, no routes.
-fn inventory(client: &ApiClient, network: &str) -> Result<netpolicy::Inventory> {
-    let nodes = node_list(client, network)?;
-    Ok(netpolicy::Inventory {
-        nodes: nodes
-            .into_iter()
-            .map(|n| NodeIdentity {
-                addresses: n
-                    .addresses
-                    .iter()
-                    .map(|a| match a {
-                        ipnet::IpNet::V4(v4) => ipnet::IpNet::V4(v4.addr().into()),
-                        ipnet::IpNet::V6(v6) => ipnet::IpNet::V6(v6.addr().into()),
-                    })
-                    .collect(),
-                name: n.name,
-                namespace: n.namespace,
-                tags: n.tags,
-                spiffe_id: n.spiffe_id,
-                routes: Vec::new(),
+/// A node the access review leaves out, and why.
+#[derive(Debug, Serialize)]
+struct LeftOut {
+    node: String,
+    /// The coordinator's reason for the quarantine.
+    reason: String,
+}
+
+impl LeftOut {
+    fn sentence(&self) -> String {
+        format!(
+            "left out: {} is quarantined ({}); a quarantined node is in no netmap, so it reaches \
+             nobody and nobody reaches it now",
+            self.node, self.reason
+        )
+    }
+}
+
+/// The nodes the coordinator compiles policy over now (active, not quarantined), and the
+/// quarantined ones, left out as revoked ones are.
+struct ReviewNodes {
+    inventory: netpolicy::Inventory,
+    quarantined: Vec<LeftOut>,
+}
+
+/// A node as the coordinator compiles policy over it: host prefixes of its overlay addresses,
+/// no routes.
+fn identity(n: &NodeInfo) -> NodeIdentity {
+    NodeIdentity {
+        addresses: n
+            .addresses
+            .iter()
+            .map(|a| match a {
+                ipnet::IpNet::V4(v4) => ipnet::IpNet::V4(v4.addr().into()),
+                ipnet::IpNet::V6(v6) => ipnet::IpNet::V6(v6.addr().into()),
             })
             .collect(),
+        name: n.name.clone(),
+        namespace: n.namespace.clone(),
+        tags: n.tags.clone(),
+        spiffe_id: n.spiffe_id.clone(),
+        routes: Vec::new(),
+    }
+}
+
+/// The network's nodes for the review: revoked ones are not listed, quarantined ones are set
+/// apart (the coordinator puts them in no netmap).
+fn review_nodes(client: &ApiClient, network: &str) -> Result<ReviewNodes> {
+    let mut nodes = Vec::new();
+    let mut quarantined = Vec::new();
+    for n in node_list(client, network)? {
+        match (&n.quarantine, n.state.as_str()) {
+            (Some(reason), _) => quarantined.push(LeftOut {
+                node: n.name.clone(),
+                reason: reason.clone(),
+            }),
+            (None, "quarantined") => quarantined.push(LeftOut {
+                node: n.name.clone(),
+                reason: "no reason given".into(),
+            }),
+            (None, _) => nodes.push(identity(&n)),
+        }
+    }
+    Ok(ReviewNodes {
+        inventory: netpolicy::Inventory { nodes },
+        quarantined,
     })
 }
 
@@ -124,6 +167,9 @@ struct WhoCanReach {
     port: String,
     policy_version: Option<u64>,
     reachers: Vec<netpolicy::Reacher>,
+    /// Quarantined nodes, left out (the target itself, when it is quarantined).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    left_out: Vec<LeftOut>,
 }
 
 /// `ztnet policy who-can-reach --network N NODE --port P`.
@@ -131,19 +177,23 @@ fn who_can_reach(client: &ApiClient, fmt: OutputFormat, a: &PolicyWhoArgs) -> Re
     let probe = Probe::from_str(&a.port)
         .map_err(|e| anyhow!("--port {:?}: {e} (try tcp:5432, udp:53 or icmp)", a.port))?;
     let (policy, version) = policy_in_force(client, &a.network)?;
-    let inv = inventory(client, &a.network)?;
-    let reachers = netpolicy::who_can_reach(&policy, &inv, &a.node, probe).map_err(|e| {
-        anyhow!(
-            "{e}; `ztnet node list --network {}` shows its nodes",
-            a.network
-        )
-    })?;
-    let out = WhoCanReach {
+    let nodes = review_nodes(client, &a.network)?;
+    let mut out = WhoCanReach {
         node: a.node.clone(),
         port: a.port.clone(),
         policy_version: version,
-        reachers,
+        reachers: Vec::new(),
+        left_out: nodes.quarantined,
     };
+    if !out.left_out.iter().any(|q| q.node == a.node) {
+        out.reachers = netpolicy::who_can_reach(&policy, &nodes.inventory, &a.node, probe)
+            .map_err(|e| {
+                anyhow!(
+                    "{e}; `ztnet node list --network {}` shows its nodes",
+                    a.network
+                )
+            })?;
+    }
     emit(fmt, &out, |w| {
         let mut t = Table::new(&["NODE", "ALLOWED BY"]);
         for r in &w.reachers {
@@ -156,7 +206,12 @@ fn who_can_reach(client: &ApiClient, fmt: OutputFormat, a: &PolicyWhoArgs) -> Re
             ),
             None => format!("no policy in force: no node may reach {}", w.node),
         };
-        t.render(&none)
+        let mut s = t.render(&none);
+        for q in &w.left_out {
+            s.push_str(&q.sentence());
+            s.push('\n');
+        }
+        s
     })
 }
 
@@ -166,6 +221,9 @@ struct PolicyDiff {
     policy_version: Option<u64>,
     #[serde(flatten)]
     diff: netpolicy::AccessDiff,
+    /// Quarantined nodes, left out of both sides.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    left_out: Vec<LeftOut>,
 }
 
 /// `ztnet policy diff --network N -f FILE`.
@@ -182,28 +240,38 @@ fn diff(client: &ApiClient, fmt: OutputFormat, a: &PolicyDiffArgs) -> Result<()>
         }
     };
     let (old, version) = policy_in_force(client, &a.network)?;
-    let inv = inventory(client, &a.network)?;
+    let nodes = review_nodes(client, &a.network)?;
     let out = PolicyDiff {
         policy_version: version,
-        diff: netpolicy::diff(&old, &new, &inv),
+        diff: netpolicy::diff(&old, &new, &nodes.inventory),
+        left_out: nodes.quarantined,
     };
     emit(fmt, &out, |d| {
-        if d.diff.is_empty() {
-            return "no change in access\n".to_string();
+        let mut s = render_diff(&d.diff);
+        for q in &d.left_out {
+            s.push_str(&q.sentence());
+            s.push('\n');
         }
-        let mut t = Table::new(&["CHANGE", "FROM", "TO", "PORTS"]);
-        for (sign, changes) in [("+ added", &d.diff.added), ("- removed", &d.diff.removed)] {
-            for c in changes {
-                t.row(vec![
-                    sign.to_string(),
-                    c.from.clone(),
-                    c.to.clone(),
-                    c.ports.join(" "),
-                ]);
-            }
-        }
-        t.render("no change in access")
+        s
     })
+}
+
+fn render_diff(d: &netpolicy::AccessDiff) -> String {
+    if d.is_empty() {
+        return "no change in access\n".to_string();
+    }
+    let mut t = Table::new(&["CHANGE", "FROM", "TO", "PORTS"]);
+    for (sign, changes) in [("+ added", &d.added), ("- removed", &d.removed)] {
+        for c in changes {
+            t.row(vec![
+                sign.to_string(),
+                c.from.clone(),
+                c.to.clone(),
+                c.ports.join(" "),
+            ]);
+        }
+    }
+    t.render("no change in access")
 }
 
 /// What `policy apply --wait` reports.

@@ -1,6 +1,6 @@
 //! Issue 6's access review against the real `ztnet` and `ztnet-coordinator` binaries: the audit
 //! entries of no network, and (with in-process nodes enrolled over the real control channel)
-//! who-can-reach and diff leaving quarantined nodes out.
+//! who-can-reach and diff leaving quarantined nodes out and listing workloads.
 
 mod common;
 
@@ -93,6 +93,10 @@ fn apply(c: &Coordinator, dir: &Path, network: &str, source: &str) {
     c.ok(&["policy", "apply", "--network", network, "-f", file]);
 }
 
+const API: &str = "spiffe://corp.example/ns/production/sa/api";
+const BATCH: &str = "spiffe://corp.example/ns/production/sa/batch";
+const OPS: &str = "spiffe://corp.example/ns/production/sa/ops";
+
 /// web may reach db on 5432; a grant names only a workload ID (of ops-1's workload), which the
 /// data plane cannot enforce; ops nodes must run at least 1.0 and ours run 0.9.0.
 const POLICY: &str = r#"
@@ -115,7 +119,7 @@ min_version = "1.0"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn who_can_reach_and_diff_leave_quarantined_nodes_out() {
+async fn who_can_reach_lists_workloads_and_leaves_quarantined_nodes_out() {
     let c = Coordinator::start();
     c.ok(&["network", "create", "--name", "rev3"]);
     let dirs = tempfile::tempdir().expect("tempdir");
@@ -134,6 +138,20 @@ async fn who_can_reach_and_diff_leave_quarantined_nodes_out() {
             .as_array()
             .is_some_and(|a| a.len() == 4)
     });
+    for (id, node) in [(API, "web-1"), (BATCH, "web-2"), (OPS, "ops-1")] {
+        c.ok(&[
+            "workload",
+            "register",
+            "--network",
+            "rev3",
+            "--spiffe-id",
+            id,
+            "--node",
+            node,
+            "--selector",
+            "unix:uid:1001",
+        ]);
+    }
     apply(&c, dirs.path(), "rev3", POLICY);
     let who = [
         "policy",
@@ -146,10 +164,45 @@ async fn who_can_reach_and_diff_leave_quarantined_nodes_out() {
     ];
 
     let out = c.ok(&who);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("workload {API} on web-1")) && l.contains("grant[0]")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("workload {BATCH} on web-2")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "note: workload {OPS} on ops-1: grant[1] (line 7) allows its SPIFFE ID, but the \
+             data plane decides by node and ops-1 may not reach db-1, so the workload cannot"
+        )),
+        "{out}"
+    );
+    assert!(!out.lines().any(|l| l.starts_with("ops-1")), "{out}");
     assert!(out.lines().any(|l| l.starts_with("web-2")), "{out}");
     assert!(!out.contains("left out"), "{out}");
+    let json = c.json(&who);
+    let workloads: Vec<(String, String, String)> = json["workloads"]
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .map(|w| {
+            (
+                w["spiffe_id"].as_str().expect("id").to_owned(),
+                w["node"].as_str().expect("node").to_owned(),
+                w["rule"].as_str().expect("rule").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        workloads,
+        [
+            (API.into(), "web-1".into(), "grant[0] (line 2)".into()),
+            (BATCH.into(), "web-2".into(), "grant[0] (line 2)".into()),
+        ],
+        "{json}"
+    );
 
-    // web-2 fails posture: quarantined, it is left out and said so.
+    // web-2 fails posture: quarantined, it is left out and said so; its workload with it.
     let diff_file = dirs.path().join("new.toml");
     std::fs::write(
         &diff_file,
@@ -175,9 +228,15 @@ async fn who_can_reach_and_diff_leave_quarantined_nodes_out() {
         "{out}"
     );
     assert!(!out.lines().any(|l| l.starts_with("web-2")), "{out}");
+    assert!(!out.contains(BATCH), "{out}");
     assert!(out.lines().any(|l| l.starts_with("web-1")), "{out}");
     let json = c.json(&who);
     assert_eq!(json["left_out"][0]["node"], "web-2", "{json}");
+    assert_eq!(
+        json["workloads"].as_array().map(Vec::len),
+        Some(1),
+        "{json}"
+    );
 
     // The quarantined node is out of the diff too: ops may newly reach web-1, not web-2.
     let diff = c.json(&["policy", "diff", "--network", "rev3", "-f", diff_file]);

@@ -1,6 +1,7 @@
 //! `ztnet policy ...`: apply, show and history through the admin API; who-can-reach and diff
-//! over the policy in force and the node list fetched from it; check and explain offline,
-//! with netpolicy alone.
+//! over the policy in force and the node list (and for who-can-reach the workload
+//! registrations) fetched from it, with netpolicy's queries; check and explain offline, with
+//! netpolicy alone.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -10,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use netpolicy::{Diagnostic, NodeIdentity, Policy, Probe, Severity, TestReport};
 use serde::Serialize;
 use ztnet_proto::admin::{ApplyPolicy, NodeInfo, PendingAck, PolicyApplied, PolicyRecord};
+use ztnet_proto::workload::WorkloadInfo;
 
 use crate::args::{
     OutputFormat, PolicyApplyArgs, PolicyCmd, PolicyDiffArgs, PolicyExplainArgs, PolicyWhoArgs,
@@ -160,6 +162,15 @@ fn review_nodes(client: &ApiClient, network: &str) -> Result<ReviewNodes> {
     })
 }
 
+/// A workload that may open the flow: its node may, and the data plane decides by node.
+#[derive(Debug, Serialize)]
+struct WorkloadReach {
+    spiffe_id: String,
+    node: String,
+    /// The grant that lets its node open the flow.
+    rule: String,
+}
+
 /// What `policy who-can-reach` reports.
 #[derive(Debug, Serialize)]
 struct WhoCanReach {
@@ -167,6 +178,12 @@ struct WhoCanReach {
     port: String,
     policy_version: Option<u64>,
     reachers: Vec<netpolicy::Reacher>,
+    /// Workload registrations on the reaching nodes.
+    workloads: Vec<WorkloadReach>,
+    /// Where the policy says about a workload's SPIFFE ID something else than about its node:
+    /// the node's answer is what the data plane enforces.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    workload_notes: Vec<String>,
     /// Quarantined nodes, left out (the target itself, when it is quarantined).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     left_out: Vec<LeftOut>,
@@ -183,6 +200,8 @@ fn who_can_reach(client: &ApiClient, fmt: OutputFormat, a: &PolicyWhoArgs) -> Re
         port: a.port.clone(),
         policy_version: version,
         reachers: Vec::new(),
+        workloads: Vec::new(),
+        workload_notes: Vec::new(),
         left_out: nodes.quarantined,
     };
     if !out.left_out.iter().any(|q| q.node == a.node) {
@@ -193,11 +212,29 @@ fn who_can_reach(client: &ApiClient, fmt: OutputFormat, a: &PolicyWhoArgs) -> Re
                     a.network
                 )
             })?;
+        let path = format!("/v1/networks/{}/workloads", segment(&a.network)?);
+        let registered: Vec<WorkloadInfo> = client.get(&path)?;
+        let (workloads, notes) = workload_reach(
+            &policy,
+            &nodes.inventory,
+            &a.node,
+            probe,
+            &out.reachers,
+            &registered,
+        );
+        out.workloads = workloads;
+        out.workload_notes = notes;
     }
     emit(fmt, &out, |w| {
         let mut t = Table::new(&["NODE", "ALLOWED BY"]);
         for r in &w.reachers {
             t.row(vec![r.node.clone(), r.rule.clone()]);
+        }
+        for r in &w.workloads {
+            t.row(vec![
+                format!("workload {} on {}", r.spiffe_id, r.node),
+                format!("{} (as its node)", r.rule),
+            ]);
         }
         let none = match w.policy_version {
             Some(v) => format!(
@@ -207,12 +244,75 @@ fn who_can_reach(client: &ApiClient, fmt: OutputFormat, a: &PolicyWhoArgs) -> Re
             None => format!("no policy in force: no node may reach {}", w.node),
         };
         let mut s = t.render(&none);
+        for n in &w.workload_notes {
+            s.push_str(&format!("note: {n}\n"));
+        }
         for q in &w.left_out {
             s.push_str(&q.sentence());
             s.push('\n');
         }
         s
     })
+}
+
+/// The workload registrations on nodes that may reach `target`, each with its node's grant,
+/// and notes where netpolicy answers differently for the workload's SPIFFE ID (asked as the
+/// node's identity carrying that ID) than for the node: the data plane sees only the node a
+/// packet came from, so the node's answer is the one enforced.
+fn workload_reach(
+    policy: &Policy,
+    inventory: &netpolicy::Inventory,
+    target: &str,
+    probe: Probe,
+    reachers: &[netpolicy::Reacher],
+    registered: &[WorkloadInfo],
+) -> (Vec<WorkloadReach>, Vec<String>) {
+    let mut reach = Vec::new();
+    let mut notes = Vec::new();
+    let Some(to) = inventory.nodes.iter().find(|n| n.name == target) else {
+        return (reach, notes);
+    };
+    for w in registered {
+        let Some(node) = inventory.nodes.iter().find(|n| n.name == w.node) else {
+            continue;
+        };
+        if node.name == target {
+            continue;
+        }
+        let as_id = NodeIdentity {
+            spiffe_id: w.spiffe_id.to_string(),
+            ..node.clone()
+        };
+        let id_answer = netpolicy::explain(policy, &as_id, to, None, probe);
+        match (
+            reachers.iter().find(|r| r.node == node.name),
+            id_answer.allowed,
+        ) {
+            (Some(r), allowed) => {
+                if !allowed {
+                    notes.push(format!(
+                        "workload {} on {}: the policy does not allow its SPIFFE ID ({}), but \
+                         the data plane decides by node and {} may reach {target}, so the \
+                         workload can too",
+                        w.spiffe_id, node.name, id_answer.decided_by, node.name
+                    ));
+                }
+                reach.push(WorkloadReach {
+                    spiffe_id: w.spiffe_id.to_string(),
+                    node: node.name.clone(),
+                    rule: r.rule.clone(),
+                });
+            }
+            (None, true) => notes.push(format!(
+                "workload {} on {}: {} allows its SPIFFE ID, but the data plane decides by node \
+                 and {} may not reach {target}, so the workload cannot",
+                w.spiffe_id, node.name, id_answer.decided_by, node.name
+            )),
+            (None, false) => {}
+        }
+    }
+    reach.sort_by(|a, b| (&a.node, &a.spiffe_id).cmp(&(&b.node, &b.spiffe_id)));
+    (reach, notes)
 }
 
 /// What `policy diff` reports.

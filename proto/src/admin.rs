@@ -204,6 +204,13 @@ pub struct NodeInfo {
     /// Its last posture report, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub posture: Option<crate::control::Posture>,
+    /// Unix seconds when its WireGuard key was made (enrollment or last rotation).
+    #[serde(default)]
+    pub key_created_at: u64,
+    /// Unix seconds when that key expires; `None` where keys do not expire (a network without
+    /// `--zero-trust`). The node rotates it at half its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_expires_at: Option<u64>,
 }
 
 /// `POST /v1/networks/{net}/nodes/{name}/revoke`: the node leaves every netmap, its control

@@ -356,6 +356,14 @@ fn node_fields(n: &NodeInfo) -> String {
         ("spiffe id", n.spiffe_id.clone()),
         ("addresses", list(&n.addresses)),
         ("public key", n.public_key.to_base64()),
+        ("key made", time(n.key_created_at)),
+        (
+            "key expires",
+            n.key_expires_at.map_or_else(
+                || "never (not a --zero-trust network)".into(),
+                |at| format!("{} (rotated by the node at half its life)", time(at)),
+            ),
+        ),
         (
             "endpoints",
             format!(

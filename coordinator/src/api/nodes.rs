@@ -27,9 +27,13 @@ pub async fn list(
     let mut all = nodes::active(&mut conn, network.id).await?;
     all.extend(nodes::revoked(&mut conn, network.id).await?);
     let posture = crate::posture::rows(&mut conn, network.id).await?;
+    let ttl = crate::rotation::key_ttl(&mut conn, &network).await?;
     Ok(Json(
         all.iter()
-            .map(|n| with_posture(info(&hub, &network, n), posture.get(&n.id)))
+            .map(|n| {
+                let shown = with_posture(info(&hub, &network, n), posture.get(&n.id));
+                with_key_life(shown, n, ttl)
+            })
             .collect(),
     ))
 }
@@ -44,10 +48,9 @@ pub async fn show(
     let node = find_node(&hub, &network, &name).await?;
     let mut conn = hub.store.pool().acquire().await?;
     let posture = crate::posture::rows(&mut conn, network.id).await?;
-    Ok(Json(with_posture(
-        info(&hub, &network, &node),
-        posture.get(&node.id),
-    )))
+    let ttl = crate::rotation::key_ttl(&mut conn, &network).await?;
+    let shown = with_posture(info(&hub, &network, &node), posture.get(&node.id));
+    Ok(Json(with_key_life(shown, &node, ttl)))
 }
 
 /// `DELETE /v1/networks/{net}/nodes/{name}`.
@@ -307,7 +310,15 @@ fn info(hub: &Hub, network: &networks::Network, n: &nodes::Node) -> NodeInfo {
         revoke_reason: n.revoke_reason.clone(),
         quarantine: None,
         posture: None,
+        key_created_at: n.key_created_at,
+        key_expires_at: None,
     }
+}
+
+/// Adds when the node's key expires under the network's key life (none outside zero trust).
+fn with_key_life(mut info: NodeInfo, n: &nodes::Node, ttl: u64) -> NodeInfo {
+    info.key_expires_at = n.key_expires_at(ttl);
+    info
 }
 
 /// Adds a node's posture and quarantine; an active quarantined node shows as `quarantined`.

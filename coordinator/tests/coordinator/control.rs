@@ -59,6 +59,10 @@ async fn enrollment_issues_addresses_and_a_spiffe_certificate() {
     assert_eq!(n["tags"], json!(["web"]));
     assert_eq!(n["public_key"], web1.public_key().to_base64());
     assert_eq!(n["endpoints"], json!(["127.0.0.1:51820", "10.1.2.3:51820"]));
+    // A zero-trust network: the key's age and expiry are shown, 24 h by default.
+    let made = n["key_created_at"].as_u64().expect("key_created_at");
+    assert!(made > 0, "{n}");
+    assert_eq!(n["key_expires_at"].as_u64(), Some(made + 24 * 3600), "{n}");
     let tokens = api.ok("GET", "/v1/networks/prod-vpc/tokens", None).await;
     assert_eq!(tokens[0]["id"], id);
     assert_eq!(tokens[0]["uses_left"], 0);

@@ -52,6 +52,12 @@ const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const RETIRE_MARGIN_SECS: u64 = 5;
 /// The environment variable that shortens node certificates (seconds, 60 to 86400).
 pub const NODE_CERT_LIFETIME_ENV: &str = "ZTNET_NODE_CERT_LIFETIME_SECS";
+/// How long past NotAfter an expired node certificate may still renew itself, unless
+/// [`RENEW_GRACE_ENV`] says otherwise (FC-22).
+pub const RENEW_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The environment variable that sets the renewal window for expired node certificates
+/// (seconds, 0 to 31536000; 0 turns renewal of expired certificates off).
+pub const RENEW_GRACE_ENV: &str = "ZTNET_EXPIRED_RENEW_GRACE_SECS";
 
 const BUNDLE_FILE: &str = "ca.pem";
 const STATE_FILE: &str = "ca-state.json";
@@ -668,6 +674,32 @@ pub fn node_cert_lifetime() -> Duration {
     })
 }
 
+/// The renewal window for expired node certificates: 30 days, or `ZTNET_EXPIRED_RENEW_GRACE_SECS`
+/// (0 to 31536000 seconds; anything else is ignored with a warning). Read once.
+pub fn renew_grace() -> Duration {
+    static GRACE: OnceLock<Duration> = OnceLock::new();
+    *GRACE.get_or_init(|| match std::env::var(RENEW_GRACE_ENV) {
+        Err(_) => RENEW_GRACE,
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) if s <= 365 * 24 * 3600 => Duration::from_secs(s),
+            _ => {
+                tracing::warn!(
+                    value = %v,
+                    "{RENEW_GRACE_ENV} must be 0 to 31536000 seconds; using 30 days"
+                );
+                RENEW_GRACE
+            }
+        },
+    })
+}
+
+/// NotAfter of a DER certificate, Unix seconds.
+pub fn not_after_of(der: &[u8]) -> Option<u64> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok()
+}
+
 /// Serial number of a DER certificate in the form [`IssuedCert::serial`] uses.
 pub fn serial_of(der: &[u8]) -> Option<String> {
     use x509_parser::prelude::FromDer;
@@ -724,14 +756,34 @@ impl ClientCertVerifier for ClientCerts {
         &[]
     }
 
+    /// Verifies as the bundle's verifier does, with one exception (FC-22): a certificate whose
+    /// only fault is that it has expired is accepted when it verifies in full at its own
+    /// NotAfter (same chain, signature and key usage, by a CA still in the bundle). The control
+    /// channel, the only user of these certificates, then allows such a session nothing but a
+    /// renewal, and only within the renewal window ([`renew_grace`]) for an active node whose
+    /// certificate is on record; see `crate::control`.
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current()
-            .verify_client_cert(end_entity, intermediates, now)
+        let verifier = self.current();
+        match verifier.verify_client_cert(end_entity, intermediates, now) {
+            Err(e) if matches!(&e, rustls::Error::InvalidCertificate(why) if is_expiry(why)) => {
+                let Some(not_after) = not_after_of(end_entity) else {
+                    return Err(e);
+                };
+                if not_after >= now.as_secs() {
+                    return Err(e);
+                }
+                let then = UnixTime::since_unix_epoch(Duration::from_secs(not_after));
+                verifier
+                    .verify_client_cert(end_entity, intermediates, then)
+                    .map_err(|_| e)
+            }
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -755,6 +807,14 @@ impl ClientCertVerifier for ClientCerts {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.current().supported_verify_schemes()
     }
+}
+
+/// Whether a certificate error says "expired" and nothing else.
+fn is_expiry(e: &rustls::CertificateError) -> bool {
+    matches!(
+        e,
+        rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. }
+    )
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -5,6 +5,13 @@
 //! A session (a connection that starts with `Hello`) must present a node certificate that the
 //! CA issued and that maps to an active node; it then gets its full netmap, deltas after that,
 //! and may send acknowledgements, reports and renewal requests.
+//!
+//! A node certificate that has expired (FC-22: a machine that was off longer than the
+//! certificate's life) still opens a session when it is on record for an active node and
+//! expired at most the renewal window ago (`ZTNET_EXPIRED_RENEW_GRACE_SECS`, 30 days by
+//! default). Such a session is renewal-only: its one message after `Hello` must be `Renew`,
+//! which is answered as a normal renewal and audited as `node.cert-renew-expired`; anything
+//! else is refused with `renewal-only`. It gets no netmap and is not counted as online.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,8 +113,9 @@ async fn handle(conn: Connection, hub: Arc<Hub>) {
     }
 }
 
-/// Finds the active node that the connection's client certificate belongs to.
-async fn authenticate(conn: &Connection, hub: &Hub) -> Result<Node, ControlError> {
+/// Finds the active node that the connection's client certificate belongs to, and when the
+/// certificate expired if it has (only within the renewal window; past it, refused).
+async fn authenticate(conn: &Connection, hub: &Hub) -> Result<(Node, Option<u64>), ControlError> {
     let certs = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -146,7 +154,32 @@ async fn authenticate(conn: &Connection, hub: &Hub) -> Result<Node, ControlError
             ),
         ));
     }
-    Ok(node)
+    let not_after = crate::ca::not_after_of(&certs[0])
+        .ok_or_else(|| refuse("unknown-node", "node certificate does not parse".into()))?;
+    let now = crate::store::unix_now();
+    if not_after >= now {
+        return Ok((node, None));
+    }
+    let grace = crate::ca::renew_grace().as_secs();
+    if now - not_after > grace {
+        return Err(refuse(
+            "cert-expired",
+            format!(
+                "node certificate of {} expired at {} ({} days ago), beyond the renewal window \
+                 of {} days: expired beyond the renewal window; enroll again",
+                node.name,
+                rfc3339(not_after),
+                (now - not_after) / 86_400,
+                grace / 86_400
+            ),
+        ));
+    }
+    Ok((node, Some(not_after)))
+}
+
+fn rfc3339(unix: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 async fn session(
@@ -157,7 +190,7 @@ async fn session(
     hub: Arc<Hub>,
 ) {
     let remote = conn.remote_address();
-    let node = match authenticate(&conn, &hub).await {
+    let (node, expired_at) = match authenticate(&conn, &hub).await {
         Ok(n) => n,
         Err(err) => {
             info!(%remote, code = %err.code, "control session refused");
@@ -176,9 +209,128 @@ async fn session(
         return close_with(&conn, &mut send, err).await;
     }
     let span = info_span!("session", node = %node.name, %remote);
-    run_session(conn, send, recv, hello, hub, node)
-        .instrument(span)
-        .await;
+    match expired_at {
+        None => {
+            run_session(conn, send, recv, hello, hub, node)
+                .instrument(span)
+                .await;
+        }
+        Some(at) => {
+            renewal_only(conn, send, recv, hub, node, at)
+                .instrument(span)
+                .await;
+        }
+    }
+}
+
+/// A session on an expired certificate: one `Renew`, answered, then the connection closes.
+async fn renewal_only(
+    conn: Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    hub: Arc<Hub>,
+    node: Node,
+    expired_at: u64,
+) {
+    info!(
+        expired_at = %rfc3339(expired_at),
+        "renewal-only session on an expired node certificate"
+    );
+    let msg = match timeout(FIRST_MESSAGE_TIMEOUT, frame::read::<_, NodeMsg>(&mut recv)).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            let err = refuse("protocol", format!("unreadable message: {e}"));
+            return close_with(&conn, &mut send, err).await;
+        }
+        Err(_) => {
+            let err = refuse("protocol", "no renewal request in time".into());
+            return close_with(&conn, &mut send, err).await;
+        }
+    };
+    let NodeMsg::Renew { csr_pem } = msg else {
+        let err = refuse(
+            "renewal-only",
+            format!(
+                "the node certificate expired at {}: this session may only renew it (send \
+                 renew); {} refused",
+                rfc3339(expired_at),
+                msg_kind(&msg)
+            ),
+        );
+        return close_with(&conn, &mut send, err).await;
+    };
+    let detail = format!("certificate expired at {}", rfc3339(expired_at));
+    let audit = Some(("node.cert-renew-expired", detail));
+    match renew(&hub, &node, &mut send, &csr_pem, audit).await {
+        Ok(()) => {
+            linger(&conn, &mut send).await;
+            conn.close(0u32.into(), b"renewed");
+        }
+        Err(err) => close_with(&conn, &mut send, err).await,
+    }
+}
+
+/// The name of a node message, for refusals.
+fn msg_kind(msg: &NodeMsg) -> &'static str {
+    match msg {
+        NodeMsg::Enroll(_) => "enroll",
+        NodeMsg::Hello(_) => "hello",
+        NodeMsg::Ack { .. } => "ack",
+        NodeMsg::Report(_) => "report",
+        NodeMsg::Renew { .. } => "renew",
+        NodeMsg::RotateKey { .. } => "rotate-key",
+        NodeMsg::Resync { .. } => "resync",
+        NodeMsg::Posture(_) => "posture",
+        NodeMsg::WorkloadList { .. } => "workload-list",
+        NodeMsg::SignSvid { .. } => "sign-svid",
+    }
+}
+
+/// Signs a new node certificate from `csr_pem`, records it (with an audit entry when `audit`
+/// names one), and sends it.
+async fn renew(
+    hub: &Hub,
+    node: &Node,
+    send: &mut SendStream,
+    csr_pem: &str,
+    audit: Option<(&str, String)>,
+) -> Result<(), ControlError> {
+    let internal = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "database failed");
+        refuse("internal", "database failure".into())
+    };
+    let cert = hub
+        .ca
+        .issue_node(csr_pem, &node.spiffe_id)
+        .map_err(|e| refuse("bad-request", e.to_string()))?;
+    let mut tx = hub.store.write().await.map_err(internal)?;
+    nodes::add_cert(&mut tx, node.id, &cert.serial, cert.not_after)
+        .await
+        .map_err(internal)?;
+    if let Some((action, detail)) = audit {
+        crate::store::audit::append(
+            &mut tx,
+            crate::store::audit::Entry {
+                network: Some(node.network),
+                actor: &format!("node:{}", node.name),
+                action,
+                target: &node.name,
+                detail,
+            },
+        )
+        .await
+        .map_err(internal)?;
+    }
+    tx.commit().await.map_err(|e| internal(e.into()))?;
+    info!(not_after = cert.not_after, "node certificate renewed");
+    let answer = ServerMsg::Renewed {
+        cert_pem: cert.pem,
+        ca_pem: hub.ca.ca_pem().to_string(),
+    };
+    frame::write(send, &answer)
+        .await
+        .map_err(|e| refuse("protocol", e.to_string()))
 }
 
 async fn run_session(
@@ -294,25 +446,7 @@ async fn on_message(
                 hub.recompute(node.network).await.map_err(internal)?;
             }
         }
-        NodeMsg::Renew { csr_pem } => {
-            let cert = hub
-                .ca
-                .issue_node(&csr_pem, &node.spiffe_id)
-                .map_err(|e| refuse("bad-request", e.to_string()))?;
-            let mut tx = hub.store.write().await.map_err(internal)?;
-            nodes::add_cert(&mut tx, node.id, &cert.serial, cert.not_after)
-                .await
-                .map_err(internal)?;
-            tx.commit().await.map_err(|e| internal(e.into()))?;
-            info!(not_after = cert.not_after, "node certificate renewed");
-            let answer = ServerMsg::Renewed {
-                cert_pem: cert.pem,
-                ca_pem: hub.ca.ca_pem().to_string(),
-            };
-            frame::write(send, &answer)
-                .await
-                .map_err(|e| refuse("protocol", e.to_string()))?;
-        }
+        NodeMsg::Renew { csr_pem } => renew(hub, node, send, &csr_pem, None).await?,
         NodeMsg::RotateKey { public_key } => {
             info!(next = %public_key.short(), "node proposed a new key");
             tokio::spawn(crate::rotation::propose(

@@ -1,9 +1,12 @@
-//! FC-22 for node certificates, end to end: a node restarted with a node certificate that has
-//! expired, or that is not valid yet (its NotBefore is ahead of every clock here, as a clock
-//! skew would make it), says so in plain words ("expired", "clock skew"), keeps retrying
-//! without crash-looping, and connects again through the normal path as soon as a valid
-//! certificate is back in its state directory. The bad certificates are made with `openssl
-//! ca` from the coordinator's own CA and the node's own TLS key, so only their dates are wrong.
+//! FC-22 for node certificates, end to end: a node restarted with a node certificate that
+//! expired an hour ago (as after a weekend switched off) says so in plain words, renews it by
+//! itself on a renewal-only session and comes online with a fresh, valid `node.pem`, nothing
+//! put back by hand. One that is not valid yet (its NotBefore is ahead of every clock here, as
+//! a clock skew would make it) says "clock skew", keeps retrying without crash-looping, and
+//! connects again as soon as a valid certificate is back in its state directory. The bad
+//! certificates are made with `openssl ca` from the coordinator's own CA and the node's own TLS
+//! key (the expired one with the serial the coordinator has on record), so only their dates
+//! are wrong.
 //!
 //! FC-17, the SVID half: with renewal blocked (the registration deleted, then the coordinator
 //! stopped) `ztnet identity fetch --watch` does not renew past NotAfter, says so, and leaves
@@ -23,7 +26,8 @@ use ztnet_integration::{Netns, Proc, bin, require_root, wait_for};
 const API: &str = "spiffe://corp.example/ns/production/sa/api";
 
 #[test]
-fn a_node_with_an_expired_or_not_yet_valid_certificate_says_so_and_recovers() -> Result<()> {
+fn a_node_with_an_expired_certificate_renews_it_and_one_not_yet_valid_says_clock_skew() -> Result<()>
+{
     require_root();
     let specs: Vec<_> = story_nodes()
         .into_iter()
@@ -39,54 +43,121 @@ fn a_node_with_an_expired_or_not_yet_valid_certificate_says_so_and_recovers() ->
     wait_offline(&topo)?;
 
     let state = topo.node("web1").state_dir.clone();
-    let good = fs::read_to_string(state.join("node.pem"))?;
     let work = tempfile::tempdir()?;
-    let cases = [
-        (
-            "expired",
-            "20200101000000Z",
-            "20200102000000Z",
-            "expired at 2020-01-02",
-        ),
-        (
-            "not yet valid",
-            "20990101000000Z",
-            "20990102000000Z",
-            "clock skew",
-        ),
-    ];
-    for (what, start, end, says) in cases {
-        let bad = sign_with_dates(&topo.coordinator_dir(), &state, work.path(), start, end)?;
-        fs::write(state.join("node.pem"), bad)?;
-        let log_before = node_log(&topo);
-        topo.start_node("web1", None)?;
-        // It says what is wrong, more than once (it retries), and keeps running.
-        wait_for(
-            &format!("web1 to report its {what} certificate twice"),
-            Duration::from_secs(60),
-            || {
-                let log = node_log(&topo);
-                let new = &log[log_before.len().min(log.len())..];
-                if !running(&mut topo) {
-                    bail!("ztnet-node exited on a {what} certificate:\n{new}");
-                }
-                Ok((new.matches(says).count() >= 2).then_some(()))
-            },
-        )?;
-        assert!(running(&mut topo), "no crash loop on a {what} certificate");
-        let listed = topo.node_list()?;
-        assert_eq!(
-            listed[0]["online"], false,
-            "refused by the coordinator: {listed:?}"
-        );
 
-        // The normal path: a valid certificate back in place, and the running node connects.
-        fs::write(state.join("node.pem"), &good)?;
-        topo.wait_online(&["web1"], Duration::from_secs(60))?;
-        topo.stop_node("web1")?;
-        wait_offline(&topo)?;
+    // Expired an hour ago, the serial on record: the node renews it by itself.
+    let issued = fs::read_to_string(state.join("node.pem"))?;
+    let serial = serial_of(&state.join("node.pem"))?;
+    let expired = sign_with_dates(
+        &topo.coordinator_dir(),
+        &state,
+        work.path(),
+        &openssl_date("-2 days")?,
+        &openssl_date("-1 hour")?,
+        &serial,
+    )?;
+    fs::write(state.join("node.pem"), &expired)?;
+    let log_before = node_log(&topo);
+    topo.start_node("web1", None)?;
+    if let Err(e) = topo.wait_online(&["web1"], Duration::from_secs(60)) {
+        let log = node_log(&topo);
+        bail!("{e}:\n{}", &log[log_before.len().min(log.len())..]);
     }
+    let log = node_log(&topo);
+    let new = &log[log_before.len().min(log.len())..];
+    assert!(
+        new.contains("node certificate expired at") && new.contains("renewing it"),
+        "no plain words about the expiry:\n{new}"
+    );
+    assert!(new.contains("expired node certificate renewed"), "{new}");
+    let renewed = fs::read_to_string(state.join("node.pem"))?;
+    assert!(
+        renewed != expired && renewed != issued,
+        "node.pem was not replaced"
+    );
+    run(Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(state.join("ca.pem"))
+        .arg(state.join("node.pem")))?;
+    run(Command::new("openssl")
+        .args(["x509", "-noout", "-checkend", "3600", "-in"])
+        .arg(state.join("node.pem")))?;
+    let audit = topo.ztnet(&["audit", "--network", NETWORK])?;
+    assert!(
+        audit.contains("node.cert-renew-expired"),
+        "no audit entry: {audit}"
+    );
+    topo.stop_node("web1")?;
+    wait_offline(&topo)?;
+
+    // Not valid yet (clock skew): said so, retried, and recovered once a valid one is back.
+    let good = renewed;
+    let (what, start, end, says) = (
+        "not yet valid",
+        "20990101000000Z",
+        "20990102000000Z",
+        "clock skew",
+    );
+    let bad = sign_with_dates(
+        &topo.coordinator_dir(),
+        &state,
+        work.path(),
+        start,
+        end,
+        "7a01",
+    )?;
+    fs::write(state.join("node.pem"), bad)?;
+    let log_before = node_log(&topo);
+    topo.start_node("web1", None)?;
+    // It says what is wrong, more than once (it retries), and keeps running.
+    wait_for(
+        &format!("web1 to report its {what} certificate twice"),
+        Duration::from_secs(60),
+        || {
+            let log = node_log(&topo);
+            let new = &log[log_before.len().min(log.len())..];
+            if !running(&mut topo) {
+                bail!("ztnet-node exited on a {what} certificate:\n{new}");
+            }
+            Ok((new.matches(says).count() >= 2).then_some(()))
+        },
+    )?;
+    assert!(running(&mut topo), "no crash loop on a {what} certificate");
+    let listed = topo.node_list()?;
+    assert_eq!(
+        listed[0]["online"], false,
+        "refused by the coordinator: {listed:?}"
+    );
+
+    // The normal path: a valid certificate back in place, and the running node connects.
+    fs::write(state.join("node.pem"), &good)?;
+    topo.wait_online(&["web1"], Duration::from_secs(60))?;
+    topo.stop_node("web1")?;
+    wait_offline(&topo)?;
     Ok(())
+}
+
+/// The serial of a PEM certificate in hex, as `openssl ca` reads it from its serial file.
+fn serial_of(cert: &Path) -> Result<String> {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(cert)
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text
+        .trim()
+        .strip_prefix("serial=")
+        .context("openssl printed no serial")?
+        .to_owned())
+}
+
+/// A time relative to now (as `date -d` reads it) in openssl's YYYYMMDDHHMMSSZ.
+fn openssl_date(relative: &str) -> Result<String> {
+    let out = Command::new("date")
+        .args(["-u", "-d", relative, "+%Y%m%d%H%M%SZ"])
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
 #[test]
@@ -288,13 +359,16 @@ fn check_valid(dir: &Path) -> Result<()> {
 }
 
 /// A certificate for the node's own TLS key, signed by the coordinator's CA, valid from
-/// `start` to `end` (openssl's YYYYMMDDHHMMSSZ).
+/// `start` to `end` (openssl's YYYYMMDDHHMMSSZ), with `serial` (hex): X.509 v3 with the
+/// usages of a node certificate, so that only its dates (and for a made-up serial, its being
+/// on record) are wrong.
 fn sign_with_dates(
     coordinator: &Path,
     state: &Path,
     work: &Path,
     start: &str,
     end: &str,
+    serial: &str,
 ) -> Result<String> {
     let (ca_cert, ca_key) = if coordinator.join("ca-state.json").exists() {
         bail!("this test expects the first CA, not a rotated one");
@@ -304,13 +378,17 @@ fn sign_with_dates(
     let dir = work.join(start);
     fs::create_dir_all(dir.join("certs"))?;
     fs::write(dir.join("index.txt"), "")?;
-    fs::write(dir.join("serial"), "7a01\n")?;
+    fs::write(dir.join("serial"), format!("{serial}\n"))?;
     fs::write(
         dir.join("ca.cnf"),
         format!(
             "[ca]\ndefault_ca = d\n[d]\ndir = {d}\ndatabase = $dir/index.txt\n\
              new_certs_dir = $dir/certs\nserial = $dir/serial\ndefault_md = sha256\n\
-             policy = any\nunique_subject = no\n[any]\ncommonName = supplied\n",
+             policy = any\nunique_subject = no\nx509_extensions = node\n\
+             [any]\ncommonName = supplied\n\
+             [node]\nbasicConstraints = critical,CA:FALSE\n\
+             keyUsage = critical,digitalSignature\nextendedKeyUsage = clientAuth\n\
+             authorityKeyIdentifier = keyid\n",
             d = dir.display()
         ),
     )?;

@@ -298,8 +298,8 @@ impl CertValidity {
             CertTime::Valid => None,
             CertTime::Expired => Some(format!(
                 "node certificate expired at {} (this node's clock says {}): it was offline \
-                 longer than the certificate's life, or its clock is fast; delete the node \
-                 (`ztnet node delete`) and enroll again with a new token",
+                 longer than the certificate's life, or its clock is fast; renewing it through \
+                 the coordinator",
                 unix_to_rfc3339(self.not_after),
                 unix_to_rfc3339(now)
             )),

@@ -18,9 +18,9 @@ use ztnet_proto::token::fingerprint;
 use ztnet_proto::{COORDINATOR_SERVER_NAME, JoinToken, PROTOCOL_VERSION, TokenError, frame};
 
 use crate::control::{
-    Backoff, CachedNetmap, CertValidity, DataplaneSink, NetmapTracker, Refusal, UpdateRefused,
-    classify, dataplane_config, deny_all_config, expired_peers, judge_cached, rotation_due, tls,
-    unix_to_rfc3339,
+    Backoff, CachedNetmap, CertTime, CertValidity, DataplaneSink, NetmapTracker, Refusal,
+    UpdateRefused, classify, dataplane_config, deny_all_config, expired_peers, judge_cached,
+    rotation_due, tls, unix_to_rfc3339,
 };
 use crate::dataplane::peers::{KeyMismatch, MismatchKind};
 use crate::state::{Enrollment, NodeCerts, StateDir, StateError, new_tls_key};
@@ -29,6 +29,8 @@ use crate::state::{Enrollment, NodeCerts, StateDir, StateError, new_tls_key};
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(30);
 /// How long to wait for an answer to a renewal before asking again.
 const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// How long a renewal of an expired certificate waits for the coordinator's answer.
+const EXPIRED_RENEW_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long enrollment waits for the coordinator's answer.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a QUIC handshake may take before the attempt counts as failed.
@@ -361,32 +363,105 @@ enum SessionEnd {
 }
 
 async fn connect_and_serve(ctx: &Ctx) -> anyhow::Result<SessionEnd> {
-    let certs = ctx
-        .state
-        .certs()?
-        .context("the node certificate is missing from the state directory")?;
-    let validity = CertValidity::from_pem(&certs.cert_pem).map_err(|e| anyhow!(e))?;
-    // This node's clock may be the wrong one: say what it sees, then let the coordinator's
-    // check decide, so a skewed clock alone does not keep the node away.
-    let problem = validity.problem(now_unix());
-    if let Some(p) = &problem {
-        error!("{p}");
-    }
-    let key_pem = zeroize::Zeroizing::new(ctx.state.tls_key()?.serialize_pem());
-    let config = tls::session_config(&certs.ca_pem, &certs.cert_pem, &key_pem)?;
-    let (_endpoint, conn) = match connect(&ctx.coordinator, config).await {
-        Ok(c) => c,
-        Err(e) => {
-            return Err(match problem {
-                Some(p) => e.context(p),
-                None => e,
-            });
+    // At most one renewal of an expired certificate per attempt: when the node's clock still
+    // calls the new one expired, the coordinator's check decides.
+    let mut renewed = false;
+    loop {
+        let certs = ctx
+            .state
+            .certs()?
+            .context("the node certificate is missing from the state directory")?;
+        let validity = CertValidity::from_pem(&certs.cert_pem).map_err(|e| anyhow!(e))?;
+        // This node's clock may be the wrong one: say what it sees, then let the coordinator's
+        // check decide, so a skewed clock alone does not keep the node away.
+        let now = now_unix();
+        let problem = validity.problem(now);
+        let expired = !renewed && validity.judge(now) == CertTime::Expired;
+        match &problem {
+            Some(p) if expired => warn!("{p}"),
+            Some(p) => error!("{p}"),
+            None => {}
         }
+        let key_pem = zeroize::Zeroizing::new(ctx.state.tls_key()?.serialize_pem());
+        let config = tls::session_config(&certs.ca_pem, &certs.cert_pem, &key_pem)?;
+        let (_endpoint, conn) = match connect(&ctx.coordinator, config).await {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(match problem {
+                    Some(p) => e.context(p),
+                    None => e,
+                });
+            }
+        };
+        let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
+        if expired {
+            let end = renew_expired(ctx, send, recv, validity).await;
+            conn.close(0u32.into(), b"renewed");
+            match end? {
+                Some(end) => return Ok(end),
+                None => {
+                    renewed = true;
+                    continue;
+                }
+            }
+        }
+        let end = session(ctx, send, recv, validity).await;
+        conn.close(0u32.into(), b"bye");
+        return end;
+    }
+}
+
+/// Renews an expired node certificate on a renewal-only session (FC-22): `Hello`, then
+/// `Renew` with a new key, then the answer saved (key, then certificate, each atomically).
+/// `None` when renewed; a revocation ends the node; any other refusal is an error that the
+/// caller retries with backoff.
+async fn renew_expired(
+    ctx: &Ctx,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    old: CertValidity,
+) -> anyhow::Result<Option<SessionEnd>> {
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        have_version: ctx.applier.have_version(),
+        report: report(ctx),
     };
-    let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
-    let end = session(ctx, send, recv, validity).await;
-    conn.close(0u32.into(), b"bye");
-    end
+    frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
+    let key = new_tls_key().map_err(|e| anyhow!("making a TLS key: {e}"))?;
+    let csr_pem = csr_pem(&ctx.name, &key)?;
+    frame::write(&mut send, &NodeMsg::Renew { csr_pem }).await?;
+    let answer = tokio::time::timeout(EXPIRED_RENEW_TIMEOUT, async {
+        loop {
+            match frame::read::<_, ServerMsg>(&mut recv).await? {
+                None => anyhow::bail!("the coordinator closed the stream without renewing"),
+                Some(ServerMsg::Renewed { cert_pem, ca_pem }) => return Ok(Ok((cert_pem, ca_pem))),
+                Some(ServerMsg::Error(e)) => return Ok(Err(e)),
+                // The coordinator found the certificate valid (this node's clock is off) and
+                // opened a normal session: the renewal answer follows.
+                Some(other) => debug!("{} before the renewal answer; ignored", msg_kind(&other)),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("no answer to the renewal of the expired certificate in time"))??;
+    match answer {
+        Ok((cert_pem, ca_pem)) => {
+            let v = finish_renewal(ctx, Some(key), cert_pem, ca_pem)?;
+            info!(
+                expired_at = %unix_to_rfc3339(old.not_after),
+                until = %unix_to_rfc3339(v.not_after),
+                "expired node certificate renewed; connecting with the new one"
+            );
+            Ok(None)
+        }
+        Err(e) if classify(&e) == Refusal::Revoked => Ok(Some(SessionEnd::Revoked(e))),
+        Err(e) => Err(anyhow!(
+            "the coordinator refused to renew the node certificate that expired at {} ({}): {}",
+            unix_to_rfc3339(old.not_after),
+            e.code,
+            e.message
+        )),
+    }
 }
 
 async fn session(

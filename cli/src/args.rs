@@ -65,13 +65,13 @@ pub enum Command {
 Example:
   ztnet login --coordinator 10.0.0.1:7443 --api-key-file /secure/admin.key --ca-cert ca.pem")]
     Login(LoginArgs),
-    /// Networks: create, list, show.
+    /// Networks: create, list, show, set.
     #[command(subcommand)]
     Network(NetworkCmd),
     /// Join tokens: create, list, revoke.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Enrolled nodes: list, show, delete, revoke.
+    /// Enrolled nodes: list, show, delete, revoke, set-endpoint, rotate-key.
     #[command(subcommand)]
     Node(NodeCmd),
     /// Policies: apply, show, history, and the offline check and explain.

@@ -26,8 +26,7 @@ use ztnet_integration::{Netns, Proc, bin, require_root, wait_for};
 const API: &str = "spiffe://corp.example/ns/production/sa/api";
 
 #[test]
-fn a_node_with_an_expired_certificate_renews_it_and_one_not_yet_valid_says_clock_skew() -> Result<()>
-{
+fn an_expired_certificate_renews_itself_and_one_not_yet_valid_says_clock_skew() -> Result<()> {
     require_root();
     let specs: Vec<_> = story_nodes()
         .into_iter()

@@ -18,7 +18,7 @@
 //! ([`Enforcement`]). Acknowledgements are polled every [`POLL`]; a peer that does not
 //! acknowledge within [`TRACK_TIMEOUT`] is named.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -355,14 +355,14 @@ pub async fn enforce(
         entries: Vec::new(),
         ids: members.iter().map(|n| (n.name.clone(), n.id)).collect(),
     };
-    let mut quarantined = BTreeSet::new();
+    let mut quarantined = BTreeMap::new();
     for node in members {
         let row = stored.get(&node.id);
         let key = live(node.id).map(session_key);
         let judged = judge(policy, node, row, key.as_deref(), now);
         let before = row.and_then(|r| r.quarantine.clone());
         if let Some(why) = &judged {
-            quarantined.insert(node.name.clone());
+            quarantined.insert(node.name.clone(), why.clone());
             if before.as_deref() == Some(why.as_str()) {
                 continue;
             }
@@ -410,10 +410,12 @@ pub async fn enforce(
     }
     if !quarantined.is_empty() {
         for (name, map) in fresh.iter_mut() {
-            if quarantined.contains(name) {
+            if let Some(why) = quarantined.get(name) {
+                // Told why, so that its own log says it, not only "no peers".
                 map.peers.clear();
+                map.node.quarantine = Some(why.clone());
             } else {
-                map.peers.retain(|p| !quarantined.contains(&p.name));
+                map.peers.retain(|p| !quarantined.contains_key(&p.name));
             }
         }
     }

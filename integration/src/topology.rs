@@ -129,6 +129,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// What the running daemon has logged so far (empty when it is not running).
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+    }
+
     /// The path of its status socket.
     pub fn status_socket(&self) -> PathBuf {
         Path::new(STATUS_DIR).join(format!("{}.sock", self.iface))

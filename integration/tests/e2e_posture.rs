@@ -317,6 +317,19 @@ fn a_posture_fact_flipped_quarantines_the_node_and_flipping_it_back_releases_it(
         peers_of(&topo, "db1").is_empty(),
         "a quarantined node has no peers"
     );
+    // ... and it is told why, in its own log, not only that it has no peers.
+    wait_for(
+        "db1 to log why it is quarantined",
+        Duration::from_secs(10),
+        || {
+            let log = topo.node("db1").log();
+            Ok(
+                (log.contains("quarantined by the coordinator") && log.contains("disk_encryption"))
+                    .then_some(()),
+            )
+        },
+    )
+    .expect("db1's log names its quarantine");
     assert!(
         !tcp_echo(&topo.node("web1").ns, db1, 5433, "while quarantined").expect("socat"),
         "a new connection to the quarantined db1 must fail"

@@ -414,6 +414,7 @@ mod tests {
                 routes: vec!["100.64.0.0/16".parse::<IpNet>().expect("net")],
                 key_expires_at: None,
                 key_rotate_at: None,
+                quarantine: None,
             },
             peers,
             filter: FilterSpec::default(),

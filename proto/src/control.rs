@@ -381,6 +381,10 @@ pub struct SelfInfo {
     /// Unix seconds from which the node should rotate its key (half its life).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_rotate_at: Option<u64>,
+    /// Why this node is quarantined (it fails a `[[posture]]` entry), when it is: its netmap
+    /// then has no peers and no peer's netmap has it, until it passes again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
 }
 
 /// What policy selects on.

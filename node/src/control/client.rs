@@ -887,6 +887,16 @@ impl Applier {
     fn handle(&self, update: &NetmapUpdate, now: u64) -> Result<NetmapVersion, HandleError> {
         let mut tracker = self.lock();
         let next = tracker.prepare(update, now).map_err(HandleError::Refused)?;
+        let was = tracker.current().and_then(|n| n.node.quarantine.clone());
+        match (&was, &next.node.quarantine) {
+            (_, Some(why)) if was.as_ref() != Some(why) => warn!(
+                reason = %why,
+                "this node is quarantined by the coordinator: no peer accepts it until it \
+                 passes its posture again"
+            ),
+            (Some(_), None) => info!("this node passes its posture again: quarantine lifted"),
+            _ => {}
+        }
         self.sink
             .apply(dataplane_config(&next, now))
             .map_err(HandleError::Dataplane)?;

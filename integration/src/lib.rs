@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod pcap;
+pub mod stream;
 pub mod topology;
 
 /// Panics with a clear message unless the test runs as root.

@@ -4,15 +4,12 @@
 //! web1's netmap and `ztnet node list` says why; flipping it back releases db1 and access comes
 //! back. Both changes are audited with their measured time to enforcement. Needs root.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt as _;
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use ztnet_integration::stream::{Receiver, Sender};
 use ztnet_integration::topology::{NETWORK, NodeSpec, Topology, story_nodes, tcp_echo};
-use ztnet_integration::{Netns, require_root, wait_for};
+use ztnet_integration::{require_root, wait_for};
 
 /// web may reach db on two TCP ports; both must report disk encryption on, and run a
 /// ztnet-node at least 0.0.1.
@@ -32,101 +29,6 @@ facts = { disk_encryption = "on" }
 const BOUND: Duration = Duration::from_secs(3);
 /// How long the receiver must stay silent before the stream counts as cut.
 const QUIET: Duration = Duration::from_millis(1500);
-
-/// A child process killed on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A TCP receiver in db1's namespace: the time of the last line it read.
-struct Receiver {
-    _child: Guard,
-    last: Arc<Mutex<Option<(Instant, u64)>>>,
-}
-
-impl Receiver {
-    fn start(ns: &Netns, listen: &str) -> Receiver {
-        let mut child = ns
-            .command("socat")
-            .args(["-u", listen, "STDOUT"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start the receiver");
-        let stdout = child.stdout.take().expect("receiver stdout");
-        let last = Arc::new(Mutex::new(None));
-        let seen = last.clone();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout);
-            let mut line = String::new();
-            let mut count = 0u64;
-            while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
-                count += 1;
-                *seen.lock().expect("no panic holds this lock") = Some((Instant::now(), count));
-                line.clear();
-            }
-        });
-        Receiver {
-            _child: Guard(child),
-            last,
-        }
-    }
-
-    fn last(&self) -> Option<(Instant, u64)> {
-        *self.last.lock().expect("no panic holds this lock")
-    }
-}
-
-/// A sender in web1's namespace, a numbered line every 5 ms.
-struct Sender {
-    _child: Guard,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Sender {
-    fn start(ns: &Netns, target: &str) -> Sender {
-        let mut child = ns
-            .command("socat")
-            .args(["-u", "STDIN", target])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start the sender");
-        let mut stdin: ChildStdin = child.stdin.take().expect("sender stdin");
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let halt = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
-                n += 1;
-                if writeln!(stdin, "seq {n} ztnet-posture-stream").is_err()
-                    || stdin.flush().is_err()
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Sender {
-            _child: Guard(child),
-            stop,
-        }
-    }
-}
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
 
 fn specs() -> Vec<NodeSpec> {
     story_nodes()
@@ -256,6 +158,8 @@ fn a_posture_fact_flipped_quarantines_the_node_and_flipping_it_back_releases_it(
             sender = Some(Sender::start(
                 &topo.node("web1").ns,
                 &format!("TCP4:{db1}:5432,connect-timeout=2"),
+                "ztnet-posture-stream",
+                Duration::from_millis(5),
             ));
             std::thread::sleep(Duration::from_millis(500));
         }

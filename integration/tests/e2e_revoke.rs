@@ -8,13 +8,9 @@
 //! its own namespace while the figure is measured), so it goes on sending like a node that
 //! ignores the coordinator: what ends access is the peer, not the revoked node's goodwill.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::IpAddr;
-use std::os::unix::process::CommandExt as _;
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ztnet_integration::stream::{Receiver, Sender, socat_host};
 use ztnet_integration::topology::{COORDINATOR_PORT, NETWORK, NodeSpec, Topology, story_nodes};
 use ztnet_integration::{Netns, require_root, wait_for};
 
@@ -33,112 +29,11 @@ const QUIET: Duration = Duration::from_millis(1500);
 /// Sending period of both streams.
 const PERIOD: Duration = Duration::from_millis(5);
 
-/// A child process (in its own process group) killed on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A receiver in the peer's namespace: the time its stdout last brought bytes, and how many.
-struct Receiver {
-    _child: Guard,
-    last: Arc<Mutex<Option<(Instant, u64)>>>,
-}
-
-impl Receiver {
-    fn start(ns: &Netns, listen: &str) -> Receiver {
-        let mut child = ns
-            .command("socat")
-            .args(["-u", listen, "STDOUT"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start the receiver");
-        let stdout = child.stdout.take().expect("receiver stdout");
-        let last = Arc::new(Mutex::new(None));
-        let seen = last.clone();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout);
-            let mut line = String::new();
-            let mut count = 0u64;
-            while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
-                count += 1;
-                *seen.lock().expect("no panic holds this lock") = Some((Instant::now(), count));
-                line.clear();
-            }
-        });
-        Receiver {
-            _child: Guard(child),
-            last,
-        }
-    }
-
-    fn last(&self) -> Option<(Instant, u64)> {
-        *self.last.lock().expect("no panic holds this lock")
-    }
-}
-
-/// A sender in the revoked node's namespace, fed a numbered line every [`PERIOD`].
-struct Sender {
-    _child: Guard,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Sender {
-    fn start(ns: &Netns, target: &str) -> Sender {
-        let mut child = ns
-            .command("socat")
-            .args(["-u", "STDIN", target])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start the sender");
-        let mut stdin: ChildStdin = child.stdin.take().expect("sender stdin");
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let halt = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
-                n += 1;
-                if writeln!(stdin, "seq {n} ztnet-revoke-stream").is_err() || stdin.flush().is_err()
-                {
-                    break;
-                }
-                std::thread::sleep(PERIOD);
-            }
-        });
-        Sender {
-            _child: Guard(child),
-            stop,
-        }
-    }
-}
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 fn specs() -> Vec<NodeSpec> {
     story_nodes()
         .into_iter()
         .filter(|s| s.name == "web1" || s.name == "db1")
         .collect()
-}
-
-fn socat_host(a: IpAddr) -> String {
-    match a {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("[{v6}]"),
-    }
 }
 
 /// Drops (or lets through again) the node's control traffic to the coordinator, in the
@@ -187,10 +82,14 @@ fn revoking_a_node_ends_its_live_streams_within_the_bound_and_it_cannot_come_bac
             senders.push(Sender::start(
                 web_ns,
                 &format!("TCP4:{}:5432,connect-timeout=2", socat_host(db1)),
+                "ztnet-revoke-stream",
+                PERIOD,
             ));
             senders.push(Sender::start(
                 web_ns,
                 &format!("UDP4:{}:5433", socat_host(db1)),
+                "ztnet-revoke-stream",
+                PERIOD,
             ));
             std::thread::sleep(Duration::from_millis(500));
         }

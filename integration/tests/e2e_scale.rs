@@ -14,13 +14,13 @@
 //! 10 ms until every flow has been silent for [`QUIET`]. A peer's sample is the later of its TCP
 //! and UDP flows' last line after the command returned (0 when both had already stopped).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::process::CommandExt as _;
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{ChildStdin, Stdio};
 use std::time::{Duration, Instant};
 
+use ztnet_integration::stream::{Arrivals, Guard};
 use ztnet_integration::topology::{COORDINATOR_PORT, Cloud, NETWORK, NodeSpec, Topology};
 use ztnet_integration::{Netns, require_root, wait_for};
 
@@ -78,22 +78,12 @@ fn specs(victims: usize) -> Vec<NodeSpec> {
         .collect()
 }
 
-/// A child process (in its own process group) killed on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One flow opened by a peer towards the victim: `socat` in the peer's namespace, its stdout
 /// read by a thread that stamps every line.
 struct Flow {
     _child: Guard,
     _stdin: Option<ChildStdin>,
-    last: Arc<Mutex<Option<(Instant, u64)>>>,
+    arrivals: Arrivals,
 }
 
 impl Flow {
@@ -123,27 +113,15 @@ impl Flow {
             let _ = s.flush();
         }
         let stdout = child.stdout.take().expect("flow stdout");
-        let last = Arc::new(Mutex::new(None));
-        let seen = last.clone();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout);
-            let mut line = String::new();
-            let mut count = 0u64;
-            while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
-                count += 1;
-                *seen.lock().expect("no panic holds this lock") = Some((Instant::now(), count));
-                line.clear();
-            }
-        });
         Flow {
             _child: Guard(child),
             _stdin: stdin,
-            last,
+            arrivals: Arrivals::count(stdout),
         }
     }
 
     fn last(&self) -> Option<(Instant, u64)> {
-        *self.last.lock().expect("no panic holds this lock")
+        self.arrivals.last()
     }
 }
 

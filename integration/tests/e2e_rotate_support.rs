@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::unix::process::CommandExt as _;
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{ChildStdin, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,14 +31,7 @@ pub const UDP_PERIOD: Duration = Duration::from_millis(1);
 pub const TCP_PERIOD: Duration = Duration::from_millis(5);
 
 /// A child process (in its own process group) killed on drop.
-pub struct Guard(pub Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use ztnet_integration::stream::Guard;
 
 /// A receiver in a namespace that times every line it gets.
 pub struct Arrivals {

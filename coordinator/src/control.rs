@@ -7,11 +7,13 @@
 //! and may send acknowledgements, reports and renewal requests.
 //!
 //! A node certificate that has expired (FC-22: a machine that was off longer than the
-//! certificate's life) still opens a session when it is on record for an active node and
-//! expired at most the renewal window ago (`ZTNET_EXPIRED_RENEW_GRACE_SECS`, 30 days by
-//! default). Such a session is renewal-only: its one message after `Hello` must be `Renew`,
-//! which is answered as a normal renewal and audited as `node.cert-renew-expired`; anything
-//! else is refused with `renewal-only`. It gets no netmap and is not counted as online.
+//! certificate's life) still opens a session when it is on record for an active node, expired
+//! at most the renewal window ago (`ZTNET_EXPIRED_RENEW_GRACE_SECS`, 30 days by default), and
+//! is for the node's TLS key on record (the SHA-256 of the SubjectPublicKeyInfo of the
+//! certificate last issued to it; a mismatch is refused with `cert-key-mismatch`). Such a
+//! session is renewal-only: its one message after `Hello` must be `Renew`, which is answered as
+//! a normal renewal and audited as `node.cert-renew-expired`; anything else is refused with
+//! `renewal-only`. It gets no netmap and is not counted as online.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -158,6 +160,7 @@ async fn authenticate(conn: &Connection, hub: &Hub) -> Result<(Node, Option<u64>
         .ok_or_else(|| refuse("unknown-node", "node certificate does not parse".into()))?;
     let now = crate::store::unix_now();
     if not_after >= now {
+        fill_tls_key(hub, &node, &certs[0]).await;
         return Ok((node, None));
     }
     let grace = crate::ca::renew_grace().as_secs();
@@ -174,7 +177,65 @@ async fn authenticate(conn: &Connection, hub: &Hub) -> Result<(Node, Option<u64>
             ),
         ));
     }
+    check_tls_key(hub, &node, &certs[0]).await?;
     Ok((node, Some(not_after)))
+}
+
+/// Refuses an expired certificate whose key is not the node's TLS key on record: the serial
+/// alone does not show that the certificate is the one issued to this node. A node enrolled
+/// before keys were recorded passes on its serial, with a warning; its renewal records its key.
+async fn check_tls_key(
+    hub: &Hub,
+    node: &Node,
+    cert: &CertificateDer<'_>,
+) -> Result<(), ControlError> {
+    let presented = nodes::tls_key_hash(cert.as_ref())
+        .ok_or_else(|| refuse("unknown-node", "node certificate does not parse".into()))?;
+    let on_record = nodes::tls_key(&hub.store, node.id).await.map_err(|e| {
+        tracing::error!(error = %e, "TLS key lookup failed");
+        refuse("internal", "node lookup failed".into())
+    })?;
+    match on_record {
+        Some(key) if key == presented => Ok(()),
+        Some(_) => {
+            warn!(
+                node = %node.name,
+                "expired node certificate refused: its serial is on record for this node but \
+                 its key is not the node's TLS key on record"
+            );
+            Err(refuse(
+                "cert-key-mismatch",
+                format!(
+                    "this expired certificate names node {} but is not for the TLS key on \
+                     record for it (the key of its last enrollment or renewal): not renewed; \
+                     enroll again with a new token if this node's tls.key was replaced",
+                    node.name
+                ),
+            ))
+        }
+        None => {
+            warn!(
+                node = %node.name,
+                "node {} has no TLS key on record (enrolled before keys were recorded): its \
+                 expired certificate is accepted on its serial alone; its renewal records its \
+                 key",
+                node.name
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Records the key of a valid certificate for a node that has none on record yet.
+async fn fill_tls_key(hub: &Hub, node: &Node, cert: &CertificateDer<'_>) {
+    let Some(hash) = nodes::tls_key_hash(cert.as_ref()) else {
+        return;
+    };
+    match nodes::fill_tls_key(&hub.store, node.id, &hash).await {
+        Ok(true) => info!(node = %node.name, "TLS key of the node recorded"),
+        Ok(false) => {}
+        Err(e) => debug!(error = %e, "TLS key not recorded"),
+    }
 }
 
 fn rfc3339(unix: u64) -> String {
@@ -306,6 +367,14 @@ async fn renew(
         .map_err(|e| refuse("bad-request", e.to_string()))?;
     let mut tx = hub.store.write().await.map_err(internal)?;
     nodes::add_cert(&mut tx, node.id, &cert.serial, cert.not_after)
+        .await
+        .map_err(internal)?;
+    let key = nodes::tls_key_hash_pem(&cert.pem).ok_or_else(|| {
+        internal(crate::store::StoreError::Corrupt(
+            "the certificate just issued does not parse".into(),
+        ))
+    })?;
+    nodes::set_tls_key(&mut tx, node.id, &key)
         .await
         .map_err(internal)?;
     if let Some((action, detail)) = audit {

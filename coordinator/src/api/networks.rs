@@ -202,10 +202,10 @@ pub async fn revoke_token(
     let network = find(&hub, &net).await?;
     let mut tx = hub.store.write().await?;
     // Revoking twice changes nothing and writes no second audit entry.
-    if let Some(info) = tokens::find(&mut tx, network.id, &id).await? {
-        if info.revoked {
-            return Ok(Json(info));
-        }
+    if let Some(info) = tokens::find(&mut tx, network.id, &id).await?
+        && info.revoked
+    {
+        return Ok(Json(info));
     }
     if !tokens::revoke(&mut tx, network.id, &id).await? {
         return Err(ApiErr::NotFound(format!("network {net} has no token {id}")));

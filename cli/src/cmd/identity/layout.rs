@@ -165,12 +165,15 @@ impl SvidDir {
     /// then removes the older hidden directories.
     fn swap(&self, c: Contents<'_>) -> Result<()> {
         let staged = self.stage(c)?;
+        // In a fresh directory the links come first (dangling, as good as no file), so that
+        // the `..data` rename is the last event of every write, the first one included.
+        self.link_names(Absent::Only)?;
         if let Err(e) = self.publish(&staged) {
             let _ = fs::remove_dir_all(self.dir.join(&staged));
             return Err(e);
         }
         // From here on the new pair is in force, whatever fails below.
-        self.link_names()?;
+        self.link_names(Absent::AndReplace)?;
         self.remove_stale(Some(&staged));
         Ok(())
     }
@@ -239,14 +242,17 @@ impl SvidDir {
         sync_dir(&self.dir)
     }
 
-    /// Makes each public name a link `..data/<name>` where it is not one yet, each by a rename
-    /// over whatever was there.
-    fn link_names(&self) -> Result<()> {
+    /// Makes public names links `..data/<name>` where they are not yet, each by a rename over
+    /// whatever was there (`which` says whether something there is replaced).
+    fn link_names(&self, which: Absent) -> Result<()> {
         let mut changed = false;
         for name in self.names() {
             let path = self.dir.join(name);
             let target = Path::new(DATA).join(name);
             if fs::read_link(&path).is_ok_and(|t| t == target) {
+                continue;
+            }
+            if which == Absent::Only && fs::symlink_metadata(&path).is_ok() {
                 continue;
             }
             let mut tmp_name = OsString::from("..");
@@ -317,6 +323,15 @@ impl SvidDir {
         }
         Ok(())
     }
+}
+
+/// Which public names [`SvidDir::link_names`] makes links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Absent {
+    /// Only the names that do not exist at all.
+    Only,
+    /// Those, and every name that is something else (a file of an older ztnet or the user).
+    AndReplace,
 }
 
 /// Removes a leftover temporary symlink at `path`; anything else there is an error.
@@ -533,6 +548,28 @@ mod tests {
             .expect("write once the way is clear");
         assert_eq!(read(dir, "svid.pem"), "cert 3");
         assert_eq!(staged_in(dir).len(), 1);
+    }
+
+    #[test]
+    fn in_a_fresh_directory_the_links_are_made_before_data() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let out = SvidDir::beside(&dir.join("svid.pem"), Layout::Swap).expect("dir");
+        // The first write fails at the `..data` rename, after the links were made.
+        fs::create_dir(dir.join(DATA_TMP)).expect("mkdir");
+
+        out.write(Fake::new(1).contents())
+            .expect_err("the swap fails");
+
+        for name in ["svid.pem", KEY, BUNDLE] {
+            let link = fs::read_link(dir.join(name)).expect("linked before the swap");
+            assert_eq!(link, Path::new(DATA).join(name));
+            assert!(
+                !dir.join(name).exists(),
+                "{name} dangles: as good as no file"
+            );
+        }
+        assert!(staged_in(dir).is_empty(), "{:?}", names_in(dir));
     }
 
     #[test]

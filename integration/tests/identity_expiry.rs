@@ -54,7 +54,14 @@ fn an_expired_certificate_renews_itself_and_one_not_yet_valid_says_clock_skew() 
     let other = work.path().join("other");
     fs::create_dir(&other)?;
     run(Command::new("openssl")
-        .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
         .arg(other.join("tls.key")))?;
     let forged = sign_with_dates(
         &topo.coordinator_dir(),
@@ -84,8 +91,15 @@ fn an_expired_certificate_renews_itself_and_one_not_yet_valid_says_clock_skew() 
     let log = node_log(&topo);
     let new = &log[log_before.len().min(log.len())..];
     assert!(new.contains("not for the TLS key on record"), "{new}");
-    assert!(!new.contains("BEGIN"), "key material in the node's log:\n{new}");
-    assert_eq!(topo.node_list()?[0]["online"], false, "refused: still offline");
+    assert!(
+        !new.contains("BEGIN"),
+        "key material in the node's log:\n{new}"
+    );
+    assert_eq!(
+        topo.node_list()?[0]["online"],
+        false,
+        "refused: still offline"
+    );
     assert_eq!(
         fs::read_to_string(state.join("node.pem"))?,
         forged,
@@ -355,18 +369,34 @@ fn wrap_in(ns: &Netns, cmd: Command) -> Command {
     outer
 }
 
-/// The contents of every file in `dir`, by name (temporary files included).
+/// Everything in `dir`, by name (temporary files included): a file's bytes, a symlink's
+/// target (`..data` and the names linked into it), and the same for what the hidden
+/// directories of the swap layout hold.
 fn snapshot(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut all = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        all.push((
-            e.file_name().to_string_lossy().into_owned(),
-            fs::read(e.path())?,
-        ));
-    }
+    walk(dir, "", &mut all)?;
     all.sort();
     Ok(all)
+}
+
+fn walk(dir: &Path, prefix: &str, all: &mut Vec<(String, Vec<u8>)>) -> Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+        let kind = e.file_type()?;
+        if kind.is_symlink() {
+            let target = fs::read_link(e.path())?;
+            all.push((
+                format!("{name} ->"),
+                target.into_os_string().into_encoded_bytes(),
+            ));
+        } else if kind.is_dir() {
+            walk(&e.path(), &format!("{name}/"), all)?;
+        } else {
+            all.push((name, fs::read(e.path())?));
+        }
+    }
+    Ok(())
 }
 
 /// When the certificate in `cert` stops being valid, as an `Instant`.

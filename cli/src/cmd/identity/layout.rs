@@ -6,7 +6,9 @@
 //! `DIR/..data`, so one rename switches the certificate, the key and the bundle together; then
 //! DIR is fsynced and older `..ztnet_*` directories are removed. The names a workload opens,
 //! `DIR/<cert>`, `DIR/svid.key` and `DIR/bundle.pem`, are relative symlinks `..data/<name>`,
-//! made once. A reader watching DIR sees `IN_MOVED_TO` for `..data` at every rotation.
+//! made once (in a fresh directory before the first `..data`, so that its rename is the last
+//! step of every write). A reader watching DIR sees `IN_MOVED_TO` for `..data` at every
+//! rotation. Each write holds an exclusive `flock` on DIR: one writer at a time.
 //!
 //! [`Layout::Flat`] is the older layout: three regular files replaced one rename at a time, so
 //! for a moment the key on disk and the certificate on disk do not match.

@@ -4,7 +4,9 @@
 //!
 //! A session (a connection that starts with `Hello`) must present a node certificate that the
 //! CA issued and that maps to an active node; it then gets its full netmap, deltas after that,
-//! and may send acknowledgements, reports and renewal requests.
+//! and may send acknowledgements, reports and renewal requests. A node's new session replaces
+//! its live one; with `Hello::replaces` (a re-authentication ahead of a `max_session`
+//! deadline, see `crate::posture`) that is logged as such, and the node stays online throughout.
 //!
 //! A node certificate that has expired (FC-22: a machine that was off longer than the
 //! certificate's life) still opens a session when it is on record for an active node, expired
@@ -415,6 +417,7 @@ async fn run_session(
         tracing::error!(error = %e, "storing the node's report failed");
     }
     let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
+    let replacing = hello.replaces && hub.is_online(node.id);
     let (tx, mut events) = mpsc::unbounded_channel();
     match hub.attach(&node, conn_id, remote, tx).await {
         Ok(Attached::Live) => {}
@@ -435,7 +438,16 @@ async fn run_session(
             return close_with(&conn, &mut send, err).await;
         }
     }
-    info!(have = ?hello.have_version.map(|v| v.0), "control channel connected");
+    if replacing {
+        // The node's re-authentication ahead of its max_session deadline: the old session was
+        // replaced in `attach` and closes without taking the node offline.
+        info!(
+            have = ?hello.have_version.map(|v| v.0),
+            "control session re-authenticated: it replaces the node's previous session"
+        );
+    } else {
+        info!(have = ?hello.have_version.map(|v| v.0), "control channel connected");
+    }
 
     let mut messages = spawn_reader(recv);
     let mut sent = None;
@@ -453,6 +465,10 @@ async fn run_session(
                     }
                 }
                 Some(SessionEvent::Send(msg)) => {
+                    // A node that does not re-authenticate by itself would not know it.
+                    if matches!(*msg, ServerMsg::SessionDeadline { .. }) && !hello.reauthenticates {
+                        continue;
+                    }
                     if let Err(e) = frame::write(&mut send, msg.as_ref()).await {
                         break format!("push failed: {e}");
                     }

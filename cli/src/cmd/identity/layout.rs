@@ -169,12 +169,15 @@ impl SvidDir {
         let staged = self.stage(c)?;
         // In a fresh directory the links come first (dangling, as good as no file), so that
         // the `..data` rename is the last event of every write, the first one included.
-        self.link_names(Absent::Only)?;
-        if let Err(e) = self.publish(&staged) {
+        let published = self
+            .link_names(Absent::Only)
+            .and_then(|()| self.publish(&staged));
+        if let Err(e) = published {
             let _ = fs::remove_dir_all(self.dir.join(&staged));
             return Err(e);
         }
         // From here on the new pair is in force, whatever fails below.
+        sync_dir(&self.dir)?;
         self.link_names(Absent::AndReplace)?;
         self.remove_stale(Some(&staged));
         Ok(())
@@ -224,7 +227,7 @@ impl SvidDir {
         )
     }
 
-    /// Points `..data` at `staged` with one rename, then fsyncs DIR.
+    /// Points `..data` at `staged` with one rename; `Ok` means it is in force.
     fn publish(&self, staged: &OsStr) -> Result<()> {
         let tmp = self.dir.join(DATA_TMP);
         clear_link(&tmp)?;
@@ -241,7 +244,7 @@ impl SvidDir {
                 )
             });
         }
-        sync_dir(&self.dir)
+        Ok(())
     }
 
     /// Makes public names links `..data/<name>` where they are not yet, each by a rename over

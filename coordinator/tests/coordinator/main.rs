@@ -14,4 +14,5 @@ mod migrate;
 mod netmaps;
 mod policy;
 mod revoke;
+mod session;
 mod workload;

@@ -103,9 +103,7 @@ pub struct FetchArgs {
     /// Keep running: rewrite the files at half of each SVID's life.
     #[arg(long)]
     pub watch: bool,
-    /// How the files are laid out: `swap` (the names are symlinks into `..data`, switched all
-    /// at once by one rename) or `flat` (three regular files replaced one by one: for a moment
-    /// the key and the certificate on disk do not match).
+    /// How the files are laid out on disk (docs/identity.md, "Files and rotation").
     #[arg(long, value_enum, default_value_t = Layout::Swap)]
     pub layout: Layout,
 }

@@ -256,7 +256,9 @@ pub struct Posture {
 #[error("{code}: {message}")]
 pub struct ControlError {
     /// Stable code: `token-invalid`, `token-expired`, `token-used-up`, `name-taken`,
-    /// `revoked`, `unknown-node`, `bad-request`, `protocol`, `internal`.
+    /// `revoked`, `unknown-node`, `bad-request`, `protocol`, `internal`; on an expired node
+    /// certificate `cert-expired`, `cert-key-mismatch` (not the node's TLS key on record) and
+    /// `renewal-only`; `reauthenticate` for a session past its `max_session`.
     pub code: String,
     /// Readable reason.
     pub message: String,

@@ -462,6 +462,14 @@ async fn renew_expired(
             Ok(None)
         }
         Err(e) if classify(&e) == Refusal::Revoked => Ok(Some(SessionEnd::Revoked(e))),
+        Err(e) if e.code == "cert-key-mismatch" => Err(anyhow!(
+            "the coordinator refused to renew the node certificate that expired at {} ({}): {}; \
+             this node's tls.key is not the key the coordinator has on record for it: put \
+             back the state directory's own tls.key, or enroll again with a new token",
+            unix_to_rfc3339(old.not_after),
+            e.code,
+            e.message
+        )),
         Err(e) => Err(anyhow!(
             "the coordinator refused to renew the node certificate that expired at {} ({}): {}",
             unix_to_rfc3339(old.not_after),

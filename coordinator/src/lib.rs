@@ -78,6 +78,19 @@ pub enum StartError {
     /// TLS set-up failed.
     #[error("tls: {0}")]
     Tls(String),
+    /// Another coordinator holds the data directory.
+    #[error(
+        "another ztnet-coordinator{} is running on the data directory {}: two on one database \
+         would split the state; stop it first, or give this one another --data-dir",
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        .dir.display()
+    )]
+    Locked {
+        /// The data directory.
+        dir: PathBuf,
+        /// The holder's pid, as it wrote it into the lock file.
+        pid: Option<u32>,
+    },
 }
 
 /// A running coordinator.
@@ -94,6 +107,8 @@ pub struct Running {
     pub hub: Arc<Hub>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
+    /// Held for the coordinator's life: the exclusive lock on the data directory.
+    _lock: fs::File,
 }
 
 impl Running {
@@ -115,6 +130,7 @@ pub async fn run(config: Config) -> Result<Running, StartError> {
     check_trust_domain(&config.trust_domain)?;
     let dir = &config.data_dir;
     make_data_dir(dir)?;
+    let lock = lock_data_dir(dir)?;
     let ca = Ca::load_or_create(dir)?;
     let fingerprint = ca.fingerprint();
 
@@ -183,6 +199,7 @@ pub async fn run(config: Config) -> Result<Running, StartError> {
         hub,
         endpoint,
         tasks,
+        _lock: lock,
     })
 }
 
@@ -208,6 +225,43 @@ fn check_trust_domain(td: &str) -> Result<(), StartError> {
             "trust domain {td:?} is invalid: use lowercase letters, digits, '-' and '.'"
         )))
     }
+}
+
+/// Name of the lock file in the data directory.
+const LOCK_FILE: &str = "coordinator.lock";
+
+/// Takes an exclusive lock (`flock`) on `DIR/coordinator.lock` and writes this process's pid into it;
+/// the kernel drops the lock when the process ends, however it ends.
+fn lock_data_dir(dir: &Path) -> Result<fs::File, StartError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let path = dir.join(LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io("opening the data directory's lock file"))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(StartError::Locked {
+                dir: dir.to_path_buf(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io("locking the data directory")(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(io("writing the data directory's lock file"))?;
+    Ok(file)
 }
 
 fn make_data_dir(dir: &Path) -> Result<(), StartError> {

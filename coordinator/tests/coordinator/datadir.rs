@@ -1,6 +1,6 @@
 //! Signals from the data directory and the process: a changed trust domain refused, a lost
 //! admin key file reported, each error cause said once, a cloned node identity warned about,
-//! admin bodies with unknown fields refused.
+//! admin bodies with unknown fields refused, a second coordinator on one directory refused.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -82,6 +82,28 @@ fn a_start_with_another_trust_domain_is_refused() {
         log.contains("\"corp.example\"") && log.contains("\"other.example\""),
         "{log}"
     );
+    let again = start(tmp.path());
+    assert!(again.log().contains("coordinator started"));
+}
+
+#[test]
+fn a_second_coordinator_on_one_data_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = start(tmp.path());
+    let pid = first.child.id();
+
+    let (mut child, rx) = spawn(tmp.path(), "corp.example", "127.0.0.1:0");
+    let code = wait_exit(&mut child);
+    let log = read_until(&rx, "\u{0}");
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains(&format!("another ztnet-coordinator (pid {pid}) is running")),
+        "{log}"
+    );
+    assert!(!log.contains("ready"), "{log}");
+
+    // The lock goes with the process, so the next start after it takes the directory.
+    first.stop();
     let again = start(tmp.path());
     assert!(again.log().contains("coordinator started"));
 }

@@ -161,7 +161,7 @@ pub struct NetworkCreateArgs {
     #[arg(long)]
     pub zero_trust: bool,
     /// IPv4 overlay prefix inside 100.64.0.0/10 (default: the next free /16).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_cidr)]
     pub cidr: Option<ipnet::IpNet>,
 }
 
@@ -483,6 +483,23 @@ fn parse_gap(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (try 0s, 10s)"))
 }
 
+/// An overlay prefix `ADDRESS/LENGTH`, refused with the part that is wrong.
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} has no prefix length; write it as 100.65.0.0/16"))?;
+    let addr: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address (try 100.65.0.0/16)"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| format!("prefix length {len:?} is not a number from 0 to {max}"))?;
+    ipnet::IpNet::new(addr, len).map_err(|e| e.to_string())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (try 30s, 15m, 1h, 2d)"))?;
     if d.is_zero() {
@@ -496,6 +513,26 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn a_wrong_cidr_names_the_wrong_part() {
+        assert!(parse_cidr("100.64.0.0/33").unwrap_err().contains("0 to 32"));
+        assert!(parse_cidr("fd00::/129").unwrap_err().contains("0 to 128"));
+        assert!(
+            parse_cidr("100.64.0.0")
+                .unwrap_err()
+                .contains("no prefix length")
+        );
+        assert!(
+            parse_cidr("100.64.0/16")
+                .unwrap_err()
+                .contains("not an IP address")
+        );
+        assert_eq!(
+            parse_cidr("100.65.0.0/16").unwrap().to_string(),
+            "100.65.0.0/16"
+        );
+    }
 
     #[test]
     fn command_line_definition_is_consistent() {

@@ -485,6 +485,7 @@ pub fn audit(client: &ApiClient, fmt: OutputFormat, network: &Option<String>) ->
 fn enforced(e: &AuditEvent) -> String {
     match &e.enforcement {
         Some(x) => match x.ms {
+            Some(ms) if x.peers == 1 => format!("{ms} ms (1 peer)"),
             Some(ms) => format!("{ms} ms ({} peers)", x.peers),
             None => x.summary.clone(),
         },

@@ -26,9 +26,18 @@ pub fn run(fmt: OutputFormat, args: &StatusArgs) -> Result<()> {
 
 /// Sends `status\n` and reads one JSON report.
 pub fn query(path: &std::path::Path) -> Result<StatusReport> {
-    let hint = "is ztnet-node running on this interface? (try --interface or --socket)";
-    let mut s = UnixStream::connect(path)
-        .with_context(|| format!("cannot open the status socket {}; {hint}", path.display()))?;
+    let mut s = UnixStream::connect(path).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                "the socket is root-only: run this as root (sudo ztnet status)"
+            }
+            _ => "is ztnet-node running on this interface? (try --interface or --socket)",
+        };
+        anyhow::anyhow!(
+            "cannot open the status socket {}: {e}; {hint}",
+            path.display()
+        )
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(5))))
         .context("setting socket timeouts")?;

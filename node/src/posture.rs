@@ -178,8 +178,23 @@ pub fn parse_facts(text: &str) -> Result<BTreeMap<String, String>, String> {
     let table: BTreeMap<String, serde_json::Value> = if trimmed.starts_with('{') {
         serde_json::from_str(text).map_err(|e| format!("not a JSON object of facts: {e}"))?
     } else {
-        let t: toml::Table =
-            toml::from_str(text).map_err(|e| format!("not TOML facts: {}", e.message().trim()))?;
+        let t: toml::Table = toml::from_str(text).map_err(|e| {
+            // The parser's message spans lines; keep it on one, after the line it is about.
+            let message = e
+                .message()
+                .split('\n')
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("not TOML facts: line {line}: {message}")
+                }
+                None => format!("not TOML facts: {message}"),
+            }
+        })?;
         t.into_iter()
             .map(|(k, v)| Ok((k, toml_to_json(v)?)))
             .collect::<Result<_, String>>()?
@@ -286,6 +301,14 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_toml_error_names_its_line_on_one_line() {
+        let err = parse_facts("a = \"on\"\ndisk = off\n").unwrap_err();
+        assert!(err.starts_with("not TOML facts: line 2: "), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert!(!err.contains("stringexpected"), "{err}");
+    }
 
     #[test]
     fn toml_and_json_facts_parse_flat() {

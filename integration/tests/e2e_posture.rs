@@ -413,6 +413,11 @@ fn max_session_reauthenticates_without_loss_and_a_node_that_cannot_is_cut() {
                 .contains("re-authenticated ahead of its max_session deadline"),
             "{n} logs its re-authentications"
         );
+        assert!(
+            !topo.node(n).log().contains("control channel lost"),
+            "{n} lost its control channel to a re-authentication:\n{}",
+            topo.node(n).log()
+        );
     }
 
     // db1 cut off from the coordinator, its tunnel to web1 intact: quarantined at its deadline.
@@ -508,7 +513,7 @@ fn audit_since(topo: &Topology, after_id: u64) -> Vec<Value> {
 }
 
 /// `socat -u UDP4-RECV:PORT STDOUT` in a namespace; every line is a sequence number, kept
-/// with the time the largest gap between two arrivals.
+/// with the time of the last arrival and the longest gap between two.
 struct UdpReceiver {
     _child: Guard,
     seen: Arc<Mutex<Seen>>,
@@ -532,6 +537,15 @@ impl UdpReceiver {
             .spawn()
             .expect("start the UDP receiver");
         let stdout = child.stdout.take().expect("receiver stdout");
+        wait_for(
+            "the UDP receiver to listen",
+            Duration::from_secs(10),
+            || {
+                let sockets = ns.exec("ss", &["-Hlun", &format!("sport = :{port}")])?;
+                Ok((!sockets.trim().is_empty()).then_some(()))
+            },
+        )
+        .expect("socat listens");
         let seen = Arc::new(Mutex::new(Seen::default()));
         let shared = seen.clone();
         std::thread::spawn(move || {
@@ -580,8 +594,8 @@ impl UdpReceiver {
     }
 }
 
-/// `socat -u STDIN UDP4:TARGET` in a namespace, fed one numbered line (one datagram, numbered
-/// from `first`) at `rate_hz` until stopped.
+/// `socat -u STDIN UDP4-SENDTO:TARGET` in a namespace, fed one numbered line (one datagram,
+/// numbered from `first`) at `rate_hz` until stopped.
 struct UdpSender {
     _child: Guard,
     stop: Arc<AtomicBool>,
@@ -592,7 +606,8 @@ impl UdpSender {
     fn start(ns: &Netns, target: &str, rate_hz: u64, first: u64) -> UdpSender {
         let mut child = ns
             .command("socat")
-            .args(["-u", "STDIN", &format!("UDP4:{target}")])
+            // Unconnected: a datagram refused before the receiver listens does not end socat.
+            .args(["-u", "STDIN", &format!("UDP4-SENDTO:{target}")])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -509,6 +509,9 @@ async fn session(
     let mut first: Option<ServerMsg> = None;
     // When to re-authenticate, and the deadline by which the coordinator cuts this session.
     let mut reauth: Option<(Instant, Instant)> = None;
+    let mut opening: Option<Opening<'_>> = None;
+    // How the live session ended while its replacement was opening.
+    let mut old_end: Option<SessionEnd> = None;
     ctx.sink.set_control_connected(true);
     info!(coordinator = %ctx.coordinator, node = %ctx.name, "control channel connected");
 
@@ -524,11 +527,28 @@ async fn session(
     let mut resync = Resync::default();
     loop {
         tokio::select! {
-            msg = next_message(&mut first, &mut rx) => {
+            msg = next_message(&mut first, &mut rx), if old_end.is_none() => {
                 let msg = match msg {
-                    None => return Ok(SessionEnd::Lost("the coordinator closed the stream".into())),
-                    Some(Err(e)) => return Ok(SessionEnd::Lost(e)),
-                    Some(Ok(m)) => m,
+                    None => Err(SessionEnd::Lost("the coordinator closed the stream".into())),
+                    Some(Err(e)) => Err(SessionEnd::Lost(e)),
+                    Some(Ok(ServerMsg::Error(e))) if classify(&e) == Refusal::Revoked => {
+                        Err(SessionEnd::Revoked(e))
+                    }
+                    Some(Ok(ServerMsg::Error(e))) => {
+                        Err(SessionEnd::Lost(format!("the coordinator refused: {e}")))
+                    }
+                    Some(Ok(m)) => Ok(m),
+                };
+                let msg = match msg {
+                    Ok(m) => m,
+                    // The coordinator tells the live session that the replacement took over
+                    // as soon as it reads the new hello: the replacement's outcome decides.
+                    Err(end) if opening.is_some() => {
+                        debug!("the session ended while its replacement opens");
+                        old_end = Some(end);
+                        continue;
+                    }
+                    Err(end) => return Ok(end),
                 };
                 match msg {
                     ServerMsg::Netmap(update) => {
@@ -581,12 +601,6 @@ async fn session(
                         );
                         reauth = Some((at, deadline));
                     }
-                    ServerMsg::Error(e) => {
-                        if classify(&e) == Refusal::Revoked {
-                            return Ok(SessionEnd::Revoked(e));
-                        }
-                        return Ok(SessionEnd::Lost(format!("the coordinator refused: {e}")));
-                    }
                     other => {
                         return Ok(SessionEnd::Lost(format!(
                             "unexpected message {} on a session", msg_kind(&other)
@@ -620,19 +634,30 @@ async fn session(
                 report = now;
                 frame::write(&mut send, &NodeMsg::Report(report.clone())).await?;
             }
-            () = sleep_until_some(reauth.map(|(at, _)| at)) => {
-                match reauthenticate(ctx, endpoint, &mut posture).await {
+            () = sleep_until_some(reauth.map(|(at, _)| at)), if opening.is_none() => {
+                // Opened beside the live session, which goes on serving until the swap.
+                opening = Some(Box::pin(reauthenticate(ctx, endpoint)));
+            }
+            opened = until_opened(&mut opening) => {
+                opening = None;
+                match opened {
                     Ok(next) => {
                         let old = std::mem::replace(conn, next.conn);
                         send = next.send;
                         rx = next.rx;
+                        // Dropping the old reader aborts it: nothing more is read there.
                         _reader = next.reader;
                         first = Some(next.first);
                         old.close(0u32.into(), b"reauthenticated");
+                        old_end = None;
                         reauth = None;
                         info!("control session re-authenticated ahead of its max_session deadline");
                     }
                     Err(e) => {
+                        if let Some(end) = old_end.take() {
+                            warn!("re-authentication failed: {}", causes(&e));
+                            return Ok(end);
+                        }
                         let deadline = reauth.map_or_else(Instant::now, |(_, d)| d);
                         let retry = Instant::now() + REAUTH_RETRY;
                         warn!(
@@ -666,14 +691,21 @@ struct Replacement {
     first: ServerMsg,
 }
 
+/// A re-authentication under way.
+type Opening<'a> = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Replacement>> + Send + 'a>>;
+
+/// Completes with the outcome of the re-authentication under way; never without one.
+async fn until_opened(opening: &mut Option<Opening<'_>>) -> anyhow::Result<Replacement> {
+    match opening {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Opens a new session from `endpoint` with the certificate on disk (`Hello::replaces`, then
 /// the posture), and waits for its first message. The coordinator makes it the node's current
 /// session when it reads the hello; the caller then drops the old one.
-async fn reauthenticate(
-    ctx: &Ctx,
-    endpoint: &quinn::Endpoint,
-    posture: &mut crate::posture::Reporter,
-) -> anyhow::Result<Replacement> {
+async fn reauthenticate(ctx: &Ctx, endpoint: &quinn::Endpoint) -> anyhow::Result<Replacement> {
     let certs = ctx
         .state
         .certs()?
@@ -691,7 +723,8 @@ async fn reauthenticate(
             replaces: true,
         };
         frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
-        frame::write(&mut send, &posture.first().await).await?;
+        let posture = crate::posture::Reporter::new(&ctx.version).first().await;
+        frame::write(&mut send, &posture).await?;
         let (tx, mut rx) = mpsc::channel(16);
         let reader = AbortOnDrop(tokio::spawn(read_frames(recv, tx)));
         let first = tokio::time::timeout(REAUTH_TIMEOUT, rx.recv())

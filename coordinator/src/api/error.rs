@@ -73,6 +73,9 @@ impl From<sqlx::Error> for ApiErr {
     }
 }
 
+/// axum's default limit on a request body, in bytes.
+const BODY_LIMIT: usize = 2 << 20;
+
 /// A JSON body whose rejection is an [`ApiErr::BadRequest`] naming what is wrong.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
@@ -83,6 +86,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiErr> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiErr::BadRequest(format!(
+                    "request body refused: it is larger than the {} MiB the admin API accepts \
+                     (a policy file this large is not supported; split its groups or grants)",
+                    BODY_LIMIT >> 20
+                )))
+            }
             Err(rejection) => Err(ApiErr::BadRequest(format!(
                 "request body refused: {}",
                 rejection.body_text()
@@ -94,4 +104,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// Answers an unknown path.
 pub async fn not_found() -> ApiErr {
     ApiErr::NotFound("no such API path".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::extract::FromRequest;
+    use axum::http::Request;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_in_words() {
+        let body = format!("{{\"source\": \"{}\"}}", "x".repeat(BODY_LIMIT + 1));
+        let req = Request::builder()
+            .method("POST")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .expect("a request");
+        let refused = ApiJson::<serde_json::Value>::from_request(req, &()).await;
+        let Err(ApiErr::BadRequest(text)) = refused else {
+            panic!("a body over the limit was not refused as a bad request");
+        };
+        assert!(text.contains("larger than the 2 MiB"), "{text}");
+        assert!(!text.contains("Failed to buffer"), "{text}");
+    }
 }

@@ -620,3 +620,98 @@ async fn write_enforcement(
     tx.commit().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, tags: &[&str]) -> Node {
+        Node {
+            id: NodeId(1),
+            network: NetworkId(1),
+            name: name.into(),
+            namespace: "prod".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            spiffe_id: format!("spiffe://td/ns/prod/node/{name}"),
+            public_key: ztnet_proto::WgKey([1; 32]),
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, 1),
+            ipv6: "fd00::1".parse().expect("v6"),
+            token_id: None,
+            listen_port: 51820,
+            endpoints: vec![],
+            pinned_endpoint: None,
+            endpoint_revision: 0,
+            version: String::new(),
+            state: "active".into(),
+            revoked_at: None,
+            revoke_reason: None,
+            netmap_version: 0,
+            netmap_json: None,
+            applied_version: 0,
+            applied_at: None,
+            last_seen: None,
+            created_at: 0,
+            key_created_at: 0,
+            next_public_key: None,
+        }
+    }
+
+    fn row(session: &str, started: u64) -> Row {
+        Row {
+            report: Some(Posture {
+                version: "0.1.0".into(),
+                ..Posture::default()
+            }),
+            reported_at: Some(started),
+            session_key: Some(session.into()),
+            session_started_at: Some(started),
+            quarantine: None,
+        }
+    }
+
+    #[test]
+    fn the_shortest_max_session_that_selects_the_node_applies() {
+        let policy = Policy::parse(
+            "[[posture]]\nselector = [\"tag:db\"]\nmax_session = \"8h\"\n\n\
+             [[posture]]\nselector = [\"*\"]\nmax_session = \"10m\"\n\n\
+             [[posture]]\nselector = [\"tag:web\"]\nmin_version = \"0.0.1\"\n",
+        )
+        .expect("policy")
+        .policy;
+        assert_eq!(max_session_for(&policy, &node("db1", &["db"])), Some(600));
+        assert_eq!(max_session_for(&policy, &node("web1", &["web"])), Some(600));
+        let only_db = Policy::parse("[[posture]]\nselector = [\"tag:db\"]\nmax_session = \"8h\"\n")
+            .expect("policy")
+            .policy;
+        assert_eq!(max_session_for(&only_db, &node("web1", &["web"])), None);
+    }
+
+    #[test]
+    fn a_replacement_session_is_young_until_it_reports_and_an_old_one_is_not() {
+        let policy = Policy::parse("[[posture]]\nselector = [\"*\"]\nmax_session = \"10s\"\n")
+            .expect("policy")
+            .policy;
+        let db1 = node("db1", &["db"]);
+        let old = row("a-1", 1000);
+        // Within its life the old session passes; past it, it fails, live or offline.
+        assert_eq!(
+            judge(Some(&policy), &db1, Some(&old), Some("a-1"), 1010),
+            None
+        );
+        let past = judge(Some(&policy), &db1, Some(&old), Some("a-1"), 1011);
+        assert!(past.is_some_and(|w| w.contains("max_session 10 s")));
+        assert!(judge(Some(&policy), &db1, Some(&old), None, 1011).is_some());
+        // A replacement that has not reported yet is not judged by the old session's age.
+        assert_eq!(
+            judge(Some(&policy), &db1, Some(&old), Some("a-2"), 1011),
+            None
+        );
+        // Once it reported, its own start counts.
+        let new = row("a-2", 1008);
+        assert_eq!(
+            judge(Some(&policy), &db1, Some(&new), Some("a-2"), 1018),
+            None
+        );
+        assert!(judge(Some(&policy), &db1, Some(&new), Some("a-2"), 1019).is_some());
+    }
+}

@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# Ping latency, ztnet-node against boringtun-cli 0.7.1, measured fairly: both tunnels run at
+# the same time between the same two namespaces (veth, offloads off, MTU 1420), and the pings
+# alternate between them in rounds (ztnet, boringtun, ztnet, boringtun, ...), so that both see
+# the same load on the machine. Prints each implementation's median and p90 over all rounds,
+# the per-round medians, and how many rounds each won.
+#
+# With STRACE=1 it then counts the system calls each daemon makes per ping (strace -c -f on
+# both ends, $STRACE_PINGS pings, syscalls per round trip for the pair).
+#
+# Needs root. Traffic stays inside the two namespaces it makes; it removes them and the
+# processes it started when it ends, on failure too.
+#
+#   sudo bench/ping-interleaved.sh                 # 10 rounds of 100 pings each
+#   ROUNDS=20 PINGS=50 ONLY="ztnet boringtun boringtun-1t" sudo -E bench/ping-interleaved.sh
+#   NODE_BIN=/path/to/ztnet-node sudo -E bench/ping-interleaved.sh   # another build
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-10}
+PINGS=${PINGS:-100}
+INTERVAL=${INTERVAL:-0.02}
+ONLY=${ONLY:-"ztnet boringtun"}
+STRACE=${STRACE:-0}
+STRACE_PINGS=${STRACE_PINGS:-200}
+CACHE=${ZTNET_BENCH_CACHE:-$HOME/.cache/ztnet-bench}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TAG=zp$$
+NS_A=${TAG}a
+NS_B=${TAG}b
+WORK=$(mktemp -d /tmp/ztnet-ping.XXXXXX)
+PIDS=()
+declare -A DPID # impl,side -> daemon pid
+declare -A DST  # impl -> overlay address of side b
+
+[ "$(id -u)" = 0 ] || { echo "bench/ping-interleaved.sh needs root (namespaces, TUN)" >&2; exit 1; }
+
+cleanup() {
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+    ip netns del "$NS_A" 2>/dev/null || true
+    ip netns del "$NS_B" 2>/dev/null || true
+    rm -f /var/run/wireguard/"$TAG"*.sock /var/run/ztnet/"$TAG"*.sock
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+for tool in wg ethtool bc; do
+    command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq \
+        wireguard-tools ethtool bc >/dev/null; break; }
+done
+
+echo "== building ztnet-node (release)" >&2
+(cd "$ROOT" && cargo build --release -q -p ztnet-node)
+cp "${NODE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ztnet-node}" "$WORK/ztnet-node"
+ZTNET="$WORK/ztnet-node"
+BTUN="$CACHE/bin/boringtun-cli"
+if [ ! -x "$BTUN" ]; then
+    echo "== installing boringtun-cli 0.7.1 into $CACHE" >&2
+    cargo install -q boringtun-cli --version 0.7.1 --locked --root "$CACHE"
+fi
+
+in_a() { ip netns exec "$NS_A" "$@"; }
+
+wait_until() {
+    local i
+    for i in $(seq 1 150); do
+        if eval "$1" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    echo "timed out waiting for: $1" >&2
+    return 1
+}
+
+ip netns add "$NS_A"
+ip netns add "$NS_B"
+ip -n "$NS_A" link set lo up
+ip -n "$NS_B" link set lo up
+ip -n "$NS_A" link add va type veth peer name vb netns "$NS_B"
+ip -n "$NS_A" addr add 192.0.2.1/24 dev va
+ip -n "$NS_B" addr add 192.0.2.2/24 dev vb
+for s in "$NS_A va" "$NS_B vb"; do
+    set -- $s
+    ip -n "$1" link set "$2" up
+    ip netns exec "$1" ethtool -K "$2" tso off gso off gro off tx off rx off >/dev/null 2>&1 || true
+done
+
+umask 077
+wg genkey >"$WORK/a.key"; wg genkey >"$WORK/b.key"
+A_PUB=$(wg pubkey <"$WORK/a.key"); B_PUB=$(wg pubkey <"$WORK/b.key")
+
+# Each implementation gets its own listen port and overlay subnet.
+n=0
+for impl in $ONLY; do
+    n=$((n + 1))
+    port=$((51820 + n)) net=10.98.$n
+    DST[$impl]=$net.2
+    case $impl in
+    ztnet | ztnet-alt*)
+        cat >"$WORK/policy.toml" <<'EOF'
+[[grant]]
+from = ["*"]
+to = ["*"]
+ports = ["any"]
+EOF
+        for side in a b; do
+            me=1 peer=2 peer_pub=$B_PUB ns=$NS_A
+            [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; }
+            cat >"$WORK/$impl.$side.toml" <<EOF
+[interface]
+name = "${TAG}z$n$side"
+private_key_file = "$side.key"
+listen_port = $port
+addresses = ["$net.$me/24"]
+policy_file = "policy.toml"
+[identity]
+name = "n$me"
+[[peer]]
+name = "n$peer"
+public_key = "$peer_pub"
+endpoint = "192.0.2.$peer:$port"
+allowed_ips = ["$net.$peer/32"]
+EOF
+            # ztnet-altN: the same binary with the environment in $ALT_ENV_N (or $ALT_ENV).
+            envs=()
+            if [ "$impl" != ztnet ]; then
+                var=ALT_ENV_${impl#ztnet-alt}
+                read -r -a envs <<<"${!var:-${ALT_ENV:-}}"
+            fi
+            env "${envs[@]}" RUST_LOG=warn ip netns exec "$ns" "$ZTNET" \
+                --config "$WORK/$impl.$side.toml" >>"$WORK/ztnet.log" 2>&1 &
+            DPID[$impl,$side]=$!
+            PIDS+=($!)
+            wait_until "[ -S /var/run/ztnet/${TAG}z$n$side.sock ]"
+        done
+        ;;
+    boringtun | boringtun-1t)
+        extra=()
+        [ "$impl" = boringtun-1t ] && extra=(--threads 1)
+        for side in a b; do
+            me=1 peer=2 peer_pub=$B_PUB ns=$NS_A
+            [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; }
+            ifc=${TAG}b$n$side
+            ip netns exec "$ns" "$BTUN" --foreground --disable-drop-privileges "${extra[@]}" \
+                "$ifc" >>"$WORK/$impl.log" 2>&1 &
+            DPID[$impl,$side]=$!
+            PIDS+=($!)
+            wait_until "[ -S /var/run/wireguard/$ifc.sock ]"
+            ip netns exec "$ns" wg set "$ifc" private-key "$WORK/$side.key" listen-port "$port" \
+                peer "$peer_pub" endpoint "192.0.2.$peer:$port" allowed-ips "$net.$peer/32"
+            ip -n "$ns" addr add "$net.$me/24" dev "$ifc"
+            ip -n "$ns" link set "$ifc" mtu 1420 up
+        done
+        ;;
+    *) echo "unknown implementation $impl (ztnet, boringtun, boringtun-1t)" >&2; exit 1 ;;
+    esac
+    wait_until "in_a ping -c1 -W1 ${DST[$impl]}"
+done
+
+# Median and p90 of the numbers in a file.
+stats() { sort -n "$1" | awk '{ v[NR] = $1 } END {
+    printf "%.3f %.3f %d\n", v[int((NR + 1) / 2)], v[int(NR * 0.9 + 0.5)], NR }'; }
+
+echo "== $ROUNDS rounds of $PINGS pings, interval ${INTERVAL}s, order: $ONLY" >&2
+declare -A WINS
+for r in $(seq 1 "$ROUNDS"); do
+    best="" bestv=""
+    line="round $r:"
+    for impl in $ONLY; do
+        in_a ping -n -c "$PINGS" -i "$INTERVAL" "${DST[$impl]}" |
+            sed -n 's/.*time=\([0-9.]*\).*/\1/p' >"$WORK/round.txt"
+        cat "$WORK/round.txt" >>"$WORK/$impl.rtt"
+        med=$(stats "$WORK/round.txt" | cut -d' ' -f1)
+        line="$line $impl $med"
+        if [ -z "$bestv" ] || [ "$(echo "$med < $bestv" | bc)" = 1 ]; then best=$impl bestv=$med; fi
+    done
+    WINS[$best]=$(( ${WINS[$best]:-0} + 1 ))
+    echo "$line" >&2
+done
+
+printf '\n%-14s %10s %10s %8s %12s\n' implementation "median ms" "p90 ms" pings "rounds won"
+for impl in $ONLY; do
+    read -r med p90 cnt < <(stats "$WORK/$impl.rtt")
+    printf '%-14s %10s %10s %8s %12s\n' "$impl" "$med" "$p90" "$cnt" "${WINS[$impl]:-0}/$ROUNDS"
+done
+echo "(load average $(cut -d' ' -f1-3 /proc/loadavg))"
+
+# Context switches (thread wake-ups) of both daemons per round trip: voluntary ones are a
+# thread going to sleep and being woken again.
+ctx() { # pid...
+    local t=0 p f
+    for p in "$@"; do
+        for f in /proc/"$p"/task/*/status; do
+            t=$((t + $(awk '/^voluntary_ctxt_switches/ { print $2 }' "$f" 2>/dev/null || echo 0)))
+        done
+    done
+    echo $t
+}
+echo
+echo "thread wake-ups per round trip (voluntary context switches of both daemons, $STRACE_PINGS pings):"
+for impl in $ONLY; do
+    c0=$(ctx "${DPID[$impl,a]}" "${DPID[$impl,b]}")
+    in_a ping -n -q -c "$STRACE_PINGS" -i "$INTERVAL" "${DST[$impl]}" >/dev/null
+    c1=$(ctx "${DPID[$impl,a]}" "${DPID[$impl,b]}")
+    echo "  $impl: $(echo "scale=2; ($c1 - $c0) / $STRACE_PINGS" | bc)"
+done
+
+if [ "$STRACE" = 1 ]; then
+    command -v strace >/dev/null || { echo "no strace" >&2; exit 0; }
+    echo
+    echo "system calls per round trip (both daemons, $STRACE_PINGS pings, strace -c -f):"
+    for impl in $ONLY; do
+        for side in a b; do
+            strace -c -f -q -o "$WORK/strace.$impl.$side" -p "${DPID[$impl,$side]}" &
+            PIDS+=($!)
+        done
+        sleep 1 # strace attaches asynchronously; no signal says it is ready
+        in_a ping -n -q -c "$STRACE_PINGS" -i "$INTERVAL" "${DST[$impl]}" >/dev/null
+        for side in a b; do
+            kill -INT "${PIDS[-1]}" 2>/dev/null || true
+            wait "${PIDS[-1]}" 2>/dev/null || true
+            unset 'PIDS[-1]'
+        done
+        for side in a b; do
+            total=$(awk '$NF == "total" { print $4 }' "$WORK/strace.$impl.$side")
+            per=$(echo "scale=1; ${total:-0} / $STRACE_PINGS" | bc)
+            calls=$(awk 'NR > 2 && $NF != "total" && $1 !~ /^-/ {
+                printf "%s=%s ", $NF, $4 }' "$WORK/strace.$impl.$side")
+            echo "  $impl side $side: $per per ping ($calls)"
+        done
+    done
+fi

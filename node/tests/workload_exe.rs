@@ -2,7 +2,8 @@
 //! (`setpriv --bounding-set`), asked by a real caller of another uid (`setpriv --reuid 65534
 //! socat`). Without `CAP_SYS_PTRACE` the node cannot read the caller's `/proc/PID/exe`: the
 //! refusal must say so and why, the log must WARN once at start and once per cause (not once per
-//! call). With `CAP_SYS_PTRACE` added, the same caller is named by its executable.
+//! call). With the capabilities of the shipped unit (`deploy/systemd/ztnet-node.service`, read
+//! here), the same caller is named by its executable.
 //!
 //! The server is this test binary itself, run again under `setpriv` with `INNER` set; the outer
 //! test keeps its full capabilities to start the caller under another uid. Needs root and
@@ -276,20 +277,36 @@ fn without_cap_sys_ptrace_the_refusal_names_the_error_and_the_log_says_it_once()
     drop(server);
 }
 
+/// The shipped node unit's `CapabilityBoundingSet`, as `setpriv --bounding-set` takes it.
+fn units_bounding_set() -> String {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/ztnet-node.service");
+    let text = std::fs::read_to_string(&unit).expect("the shipped node unit");
+    let caps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds the capabilities");
+    let mut set = String::from("-all");
+    for cap in caps.split_whitespace() {
+        let name = cap.strip_prefix("CAP_").expect("a capability name");
+        set.push_str(&format!(",+{}", name.to_ascii_lowercase()));
+    }
+    set
+}
+
 #[test]
-fn with_cap_sys_ptrace_a_caller_of_another_uid_is_named_by_its_executable() {
+fn with_the_shipped_units_capabilities_a_caller_of_another_uid_is_named_by_its_executable() {
     if let Some(why) = missing_tools() {
         eprintln!("SKIPPED: {why}; needs root, setpriv and socat");
         return;
     }
     let dir = reachable_dir();
-    // The capabilities of the fixed unit.
-    let (server, log, socket) = start_server(
-        "wlexe-ptrace",
-        "-all,+net_admin,+net_bind_service,+sys_ptrace",
-        dir.path(),
+    let bounding = units_bounding_set();
+    let (server, log, socket) = start_server("wlexe-unit", &bounding, dir.path());
+    assert_eq!(
+        api::has_sys_ptrace(&cap_eff_of(server.0.id())),
+        Some(true),
+        "the unit's set {bounding} lacks CAP_SYS_PTRACE"
     );
-    assert_eq!(api::has_sys_ptrace(&cap_eff_of(server.0.id())), Some(true));
 
     let message = refusal(ask_as_nobody(&socket));
 
@@ -306,7 +323,7 @@ fn with_cap_sys_ptrace_a_caller_of_another_uid_is_named_by_its_executable() {
     let lines = lines_until(&log, |l| l.iter().any(|l| l.contains("no registration")));
     assert!(
         !lines.iter().any(|l| l.contains("WARN")),
-        "no warning with the capability: {lines:#?}"
+        "no warning with the unit's capabilities: {lines:#?}"
     );
     drop(server);
 }

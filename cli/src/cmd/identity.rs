@@ -25,7 +25,8 @@ use ztnet_proto::workload::{WorkloadReply, WorkloadRequest, X509Svid};
 use crate::output::{noteln, time, write_stdout};
 use layout::{Contents, Layout, SvidDir};
 
-/// How long to wait for the node's answer (it may wait 10 s on the coordinator).
+/// How long to wait for the node's answer. The node answers within 10 s: it refuses at once
+/// when it has no control session, and gives up on the coordinator after 10 s for one caller.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest answer read.
 const MAX_ANSWER: u64 = 1 << 20;
@@ -248,9 +249,19 @@ fn fetch_one(socket: &Path, want: Option<&str>) -> Result<X509Svid> {
     s.write_all(&line)
         .with_context(|| format!("writing to {}", socket.display()))?;
     let mut body = Vec::new();
-    s.take(MAX_ANSWER)
-        .read_to_end(&mut body)
-        .with_context(|| format!("reading the answer from {}", socket.display()))?;
+    if let Err(e) = s.take(MAX_ANSWER).read_to_end(&mut body) {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            bail!(
+                "the node did not answer on {} within {}s; see its log (journalctl -u ztnet-node)",
+                socket.display(),
+                ANSWER_TIMEOUT.as_secs()
+            );
+        }
+        return Err(e).with_context(|| format!("reading the answer from {}", socket.display()));
+    }
     let reply: WorkloadReply = serde_json::from_slice(&body)
         .with_context(|| format!("the answer from {} does not parse", socket.display()))?;
     let svids = match reply {

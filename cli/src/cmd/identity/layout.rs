@@ -12,6 +12,12 @@
 //!
 //! [`Layout::Flat`] is the older layout: three regular files replaced one rename at a time, so
 //! for a moment the key on disk and the certificate on disk do not match.
+//!
+//! One directory holds one SVID: the key and the bundle have fixed names, so a second
+//! `--output` name in the same directory would replace the first one's key under it. A write
+//! is refused when the directory holds the SVID of another certificate name ([`other_svid`]):
+//! a link into `..data` (or a file in it) under another name, or, in the flat layout, another
+//! file that is the certificate of the `svid.key` there.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -100,11 +106,31 @@ impl SvidDir {
         if !dir.is_dir() {
             bail!("the output directory {} does not exist", dir.display());
         }
-        Ok(SvidDir {
+        let out = SvidDir {
             dir,
             cert_name: cert_name.to_os_string(),
             layout,
-        })
+        };
+        out.refuse_shared()?;
+        Ok(out)
+    }
+
+    /// Refuses a directory that holds the SVID of another certificate name.
+    fn refuse_shared(&self) -> Result<()> {
+        let Some(other) = other_svid(&self.dir, &self.cert_name) else {
+            return Ok(());
+        };
+        let mine = self.cert_path();
+        bail!(
+            "{other} holds another SVID in {dir} (another `ztnet identity fetch --output \
+             {other}`, perhaps a running --watch); {mine} would share and replace its {KEY} and \
+             {BUNDLE}, and {other} would no longer match its key: write {name} into another \
+             directory, or use --output {other} (remove {other} if nothing uses it)",
+            other = other.display(),
+            dir = self.dir.display(),
+            mine = mine.display(),
+            name = self.cert_name.to_string_lossy(),
+        )
     }
 
     /// The path a workload opens for the certificate.
@@ -120,6 +146,8 @@ impl SvidDir {
             fs::File::open(&self.dir).with_context(|| format!("opening {}", self.dir.display()))?;
         lock.lock()
             .with_context(|| format!("locking {}", self.dir.display()))?;
+        // Again under the lock: another fetch may have started here since [`SvidDir::beside`].
+        self.refuse_shared()?;
         match self.layout {
             Layout::Swap => {
                 self.keep_what_is_there()?;
@@ -328,6 +356,72 @@ impl SvidDir {
         }
         Ok(())
     }
+}
+
+/// The certificate of another SVID in `dir` than the one named `cert_name`, if there is one.
+pub fn other_svid(dir: &Path, cert_name: &OsStr) -> Option<PathBuf> {
+    let ours = |n: &OsStr| n == cert_name || n == KEY || n == BUNDLE;
+    // The swap layout: the names in the directory in force.
+    if let Ok(entries) = fs::read_dir(dir.join(DATA)) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if !ours(&name) {
+                return Some(dir.join(name));
+            }
+        }
+    }
+    let entries: Vec<fs::DirEntry> = fs::read_dir(dir).ok()?.flatten().collect();
+    // Links into `..data` under another name, dangling ones included.
+    for e in &entries {
+        let name = e.file_name();
+        if ours(&name) || name.as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
+        let Ok(target) = fs::read_link(e.path()) else {
+            continue;
+        };
+        if target.starts_with(DATA) && target.components().count() == 2 {
+            return Some(e.path());
+        }
+    }
+    // The flat layout: a regular key, and another file that is the certificate for it (unless
+    // ours is, which makes the other one a copy).
+    let key_path = dir.join(KEY);
+    if !fs::symlink_metadata(&key_path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let key = fs::read_to_string(&key_path).ok()?;
+    let key = rcgen::KeyPair::from_pem(&key).ok()?;
+    let for_the_key = |path: &Path| leaf_key(path).is_some_and(|k| k == key.public_key_raw());
+    if for_the_key(&dir.join(cert_name)) {
+        return None;
+    }
+    entries
+        .iter()
+        .filter(|e| {
+            let name = e.file_name();
+            !ours(&name)
+                && !name.as_encoded_bytes().starts_with(b".")
+                && e.file_type().is_ok_and(|t| t.is_file())
+        })
+        .map(|e| e.path())
+        .find(|p| for_the_key(p))
+}
+
+/// The public key of the first certificate in the PEM file at `path`; `None` for anything
+/// else, a file larger than a certificate chain included.
+fn leaf_key(path: &Path) -> Option<Vec<u8>> {
+    const MAX_CHAIN: u64 = 64 * 1024;
+    if fs::metadata(path).ok()?.len() > MAX_CHAIN {
+        return None;
+    }
+    let pem = fs::read(path).ok()?;
+    if !pem.starts_with(b"-----BEGIN CERTIFICATE-----") {
+        return None;
+    }
+    let der = rustls_pemfile::certs(&mut pem.as_slice()).next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.public_key().subject_public_key.data.to_vec())
 }
 
 /// Which public names [`SvidDir::link_names`] makes links.
@@ -668,5 +762,95 @@ mod tests {
         assert_eq!(fs::read_to_string(&key).expect("read"), "new");
         assert_eq!(mode(&key), 0o600);
         assert_eq!(names_in(dir.path()), ["svid.key"]);
+    }
+
+    /// A real key and a self-signed certificate for it, as PEM.
+    fn real_pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn shared_refusal(e: anyhow::Error, other: &Path) -> String {
+        let text = format!("{e:#}");
+        assert!(
+            text.contains(&format!("{} holds another SVID", other.display()))
+                && text.contains("into another directory")
+                && text.contains(&format!("--output {}", other.display())),
+            "{text}"
+        );
+        text
+    }
+
+    #[test]
+    fn a_second_output_name_beside_a_swapped_svid_is_refused_and_changes_nothing() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let svid = SvidDir::beside(&dir.join("svid.pem"), Layout::Swap).expect("dir");
+        // Made before the first SVID is there: the write checks again under the lock.
+        let early = SvidDir::beside(&dir.join("t.pem"), Layout::Swap).expect("empty dir");
+        svid.write(Fake::new(1).contents()).expect("write");
+        let before = names_in(dir);
+
+        for layout in [Layout::Swap, Layout::Flat] {
+            let e = SvidDir::beside(&dir.join("t.pem"), layout).expect_err("shared");
+            shared_refusal(e, &dir.join("svid.pem"));
+        }
+        let e = early.write(Fake::new(2).contents()).expect_err("shared");
+        shared_refusal(e, &dir.join("svid.pem"));
+
+        assert_eq!(names_in(dir), before, "nothing was written");
+        assert_eq!(read(dir, "svid.pem"), "cert 1");
+        assert_eq!(read(dir, KEY), "key 1");
+        // The same --output goes on working.
+        svid.write(Fake::new(3).contents()).expect("same name");
+        assert_eq!(read(dir, KEY), "key 3");
+    }
+
+    #[test]
+    fn a_link_into_data_under_another_name_counts_even_dangling() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        std::os::unix::fs::symlink("..data/old.pem", dir.join("old.pem")).expect("link");
+        let e = SvidDir::beside(&dir.join("svid.pem"), Layout::Swap).expect_err("shared");
+        shared_refusal(e, &dir.join("old.pem"));
+        // An unrelated link is not an SVID.
+        fs::remove_file(dir.join("old.pem")).expect("rm");
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("other")).expect("link");
+        SvidDir::beside(&dir.join("svid.pem"), Layout::Swap).expect("not an SVID");
+    }
+
+    #[test]
+    fn a_second_output_name_beside_a_flat_svid_is_refused_but_a_copy_is_not() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let (cert, key) = real_pair();
+        let (ca, _) = real_pair();
+        let flat = SvidDir::beside(&dir.join("svid.pem"), Layout::Flat).expect("dir");
+        let pair = Contents {
+            cert: cert.as_bytes(),
+            key: key.as_bytes(),
+            bundle: ca.as_bytes(),
+        };
+        flat.write(pair).expect("write");
+        // Another certificate in the directory that is not for svid.key is no SVID.
+        fs::write(dir.join("ca-copy.pem"), &ca).expect("write");
+
+        for layout in [Layout::Swap, Layout::Flat] {
+            let e = SvidDir::beside(&dir.join("t.pem"), layout).expect_err("shared");
+            shared_refusal(e, &dir.join("svid.pem"));
+        }
+        assert_eq!(read(dir, KEY), key, "the key is untouched");
+
+        // A copy of the certificate beside the pair it belongs to does not stop that pair.
+        fs::write(dir.join("svid.pem.bak"), &cert).expect("write");
+        SvidDir::beside(&dir.join("svid.pem"), Layout::Flat)
+            .expect("its own name")
+            .write(pair)
+            .expect("write");
+        SvidDir::beside(&dir.join("svid.pem"), Layout::Swap).expect("the same name, swapped");
     }
 }

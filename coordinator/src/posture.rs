@@ -376,7 +376,10 @@ async fn check_sessions(hub: &Hub, told: &mut Told) -> Result<(), StoreError> {
             if !why.contains("max_session") {
                 continue;
             }
-            info!(node = %node.name, "session over max_session: asking the node to authenticate again");
+            info!(
+                node = %node.name,
+                "session over max_session: asking the node to authenticate again"
+            );
             hub.close_session(
                 node.id,
                 refuse(

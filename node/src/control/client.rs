@@ -526,158 +526,182 @@ async fn session(
     let mut switched_at: Option<NetmapVersion> = None;
     let mut resync = Resync::default();
     loop {
-        tokio::select! {
-            msg = next_message(&mut first, &mut rx), if old_end.is_none() => {
-                let msg = match msg {
-                    None => Err(SessionEnd::Lost("the coordinator closed the stream".into())),
-                    Some(Err(e)) => Err(SessionEnd::Lost(e)),
-                    Some(Ok(ServerMsg::Error(e))) if classify(&e) == Refusal::Revoked => {
-                        Err(SessionEnd::Revoked(e))
-                    }
-                    Some(Ok(ServerMsg::Error(e))) => {
-                        Err(SessionEnd::Lost(format!("the coordinator refused: {e}")))
-                    }
-                    Some(Ok(m)) => Ok(m),
-                };
-                let msg = match msg {
-                    Ok(m) => m,
-                    // The coordinator tells the live session that the replacement took over
-                    // as soon as it reads the new hello: the replacement's outcome decides.
-                    Err(end) if opening.is_some() => {
-                        debug!("the session ended while its replacement opens");
-                        old_end = Some(end);
-                        continue;
-                    }
-                    Err(end) => return Ok(end),
-                };
-                match msg {
-                    ServerMsg::Netmap(update) => {
-                        if let Some(end) = apply_update(ctx, &mut send, &update).await? {
-                            return Ok(end);
+        // One step of the session; an error writing to a session that its replacement is
+        // taking over (the coordinator closes it once it reads the new hello) waits for the
+        // replacement's outcome, like the session's end does.
+        let step: anyhow::Result<Option<SessionEnd>> = async {
+            tokio::select! {
+                msg = next_message(&mut first, &mut rx), if old_end.is_none() => {
+                    let msg = match msg {
+                        None => Err(SessionEnd::Lost("the coordinator closed the stream".into())),
+                        Some(Err(e)) => Err(SessionEnd::Lost(e)),
+                        Some(Ok(ServerMsg::Error(e))) if classify(&e) == Refusal::Revoked => {
+                            Err(SessionEnd::Revoked(e))
                         }
-                    }
-                    ServerMsg::Renewed { cert_pem, ca_pem } => {
-                        match finish_renewal(ctx, pending_key.take(), cert_pem, ca_pem) {
-                            // Never sooner than the retry interval, whatever the fraction.
-                            Ok(v) => {
-                                let at = instant_at(v.renew_at_fraction(ctx.renew_fraction));
-                                renew_deadline = at.max(Instant::now() + RENEW_RETRY);
+                        Some(Ok(ServerMsg::Error(e))) => {
+                            Err(SessionEnd::Lost(format!("the coordinator refused: {e}")))
+                        }
+                        Some(Ok(m)) => Ok(m),
+                    };
+                    let msg = match msg {
+                        Ok(m) => m,
+                        // The coordinator tells the live session that the replacement took over
+                        // as soon as it reads the new hello: the replacement's outcome decides.
+                        Err(end) if opening.is_some() => {
+                            debug!("the session ended while its replacement opens");
+                            old_end = Some(end);
+                            return Ok(None);
+                        }
+                        Err(end) => return Ok(Some(end)),
+                    };
+                    match msg {
+                        ServerMsg::Netmap(update) => {
+                            if let Some(end) = apply_update(ctx, &mut send, &update).await? {
+                                return Ok(Some(end));
                             }
-                            Err(e) => warn!("certificate renewal answer not used: {}", causes(&e)),
+                        }
+                        ServerMsg::Renewed { cert_pem, ca_pem } => {
+                            match finish_renewal(ctx, pending_key.take(), cert_pem, ca_pem) {
+                                // Never sooner than the retry interval, whatever the fraction.
+                                Ok(v) => {
+                                    let at = instant_at(v.renew_at_fraction(ctx.renew_fraction));
+                                    renew_deadline = at.max(Instant::now() + RENEW_RETRY);
+                                }
+                                Err(e) => {
+                                    warn!("certificate renewal answer not used: {}", causes(&e))
+                                }
+                            }
+                        }
+                        ServerMsg::Workloads { .. }
+                        | ServerMsg::Svid { .. }
+                        | ServerMsg::WorkloadRefused { .. } => {
+                            if let Some(port) = workload_port.as_mut() {
+                                port.handle_answer(&msg);
+                            }
+                        }
+                        ServerMsg::RotateKey => {
+                            info!("the coordinator asked for a key rotation");
+                            propose_key(ctx, &mut send).await?;
+                            rotation_sent = Some(Instant::now());
+                        }
+                        ServerMsg::SwitchKey { public_key } => {
+                            if switch_key(ctx, public_key)? {
+                                rotation_sent = None;
+                                switched_at = ctx.applier.have_version();
+                            }
+                        }
+                        ServerMsg::RotateRefused { error } => {
+                            warn!(code = %error.code, "key rotation refused: {}", error.message);
+                            discard_next_key(ctx);
+                            rotation_sent = Some(Instant::now());
+                        }
+                        ServerMsg::SessionDeadline { max_session_secs, remaining_secs } => {
+                            let now = Instant::now();
+                            let at = now + reauth_delay(max_session_secs, remaining_secs);
+                            let deadline = now + Duration::from_secs(remaining_secs);
+                            debug!(
+                                max_session_secs,
+                                remaining_secs,
+                                in_ms = at.duration_since(now).as_millis() as u64,
+                                "session deadline: re-authenticating ahead of it"
+                            );
+                            reauth = Some((at, deadline));
+                        }
+                        other => {
+                            return Ok(Some(SessionEnd::Lost(format!(
+                                "unexpected message {} on a session", msg_kind(&other)
+                            ))));
                         }
                     }
-                    ServerMsg::Workloads { .. }
-                    | ServerMsg::Svid { .. }
-                    | ServerMsg::WorkloadRefused { .. } => {
-                        if let Some(port) = workload_port.as_mut() {
-                            port.handle_answer(&msg);
-                        }
-                    }
-                    ServerMsg::RotateKey => {
-                        info!("the coordinator asked for a key rotation");
+                }
+                msg = posture.next() => frame::write(&mut send, &msg).await?,
+                request = crate::workload::next_message(&mut workload_port) => {
+                    frame::write(&mut send, &request).await?;
+                }
+                _ = key_tick.tick() => {
+                    let due = rotation_sent.is_none_or(|at| at.elapsed() >= ROTATE_RETRY)
+                        && (next_key(ctx)?.is_some()
+                            || ctx.applier.rotation_due(now_unix(), switched_at));
+                    if due {
                         propose_key(ctx, &mut send).await?;
                         rotation_sent = Some(Instant::now());
                     }
-                    ServerMsg::SwitchKey { public_key } => {
-                        if switch_key(ctx, public_key)? {
-                            rotation_sent = None;
-                            switched_at = ctx.applier.have_version();
+                    for m in ctx.sink.take_key_mismatches() {
+                        if let Some(reason) = resync.consider(&m, Instant::now()) {
+                            frame::write(&mut send, &NodeMsg::Resync { reason }).await?;
                         }
                     }
-                    ServerMsg::RotateRefused { error } => {
-                        warn!(code = %error.code, "key rotation refused: {}", error.message);
-                        discard_next_key(ctx);
-                        rotation_sent = Some(Instant::now());
-                    }
-                    ServerMsg::SessionDeadline { max_session_secs, remaining_secs } => {
-                        let now = Instant::now();
-                        let at = now + reauth_delay(max_session_secs, remaining_secs);
-                        let deadline = now + Duration::from_secs(remaining_secs);
-                        debug!(
-                            max_session_secs,
-                            remaining_secs,
-                            in_ms = at.duration_since(now).as_millis() as u64,
-                            "session deadline: re-authenticating ahead of it"
-                        );
-                        reauth = Some((at, deadline));
-                    }
-                    other => {
-                        return Ok(SessionEnd::Lost(format!(
-                            "unexpected message {} on a session", msg_kind(&other)
-                        )));
-                    }
                 }
-            }
-            msg = posture.next() => frame::write(&mut send, &msg).await?,
-            request = crate::workload::next_message(&mut workload_port) => {
-                frame::write(&mut send, &request).await?;
-            }
-            _ = key_tick.tick() => {
-                let due = rotation_sent.is_none_or(|at| at.elapsed() >= ROTATE_RETRY)
-                    && (next_key(ctx)?.is_some()
-                        || ctx.applier.rotation_due(now_unix(), switched_at));
-                if due {
-                    propose_key(ctx, &mut send).await?;
-                    rotation_sent = Some(Instant::now());
-                }
-                for m in ctx.sink.take_key_mismatches() {
-                    if let Some(reason) = resync.consider(&m, Instant::now()) {
-                        frame::write(&mut send, &NodeMsg::Resync { reason }).await?;
+                _ = report_tick.tick() => {
+                    let now = self::report(ctx);
+                    if now.endpoints != report.endpoints {
+                        info!(endpoints = ?now.endpoints, "local endpoints changed");
                     }
+                    report = now;
+                    frame::write(&mut send, &NodeMsg::Report(report.clone())).await?;
                 }
-            }
-            _ = report_tick.tick() => {
-                let now = self::report(ctx);
-                if now.endpoints != report.endpoints {
-                    info!(endpoints = ?now.endpoints, "local endpoints changed");
+                () = sleep_until_some(reauth.map(|(at, _)| at)), if opening.is_none() => {
+                    // Opened beside the live session, which goes on serving until the swap.
+                    opening = Some(Box::pin(reauthenticate(ctx, endpoint)));
                 }
-                report = now;
-                frame::write(&mut send, &NodeMsg::Report(report.clone())).await?;
-            }
-            () = sleep_until_some(reauth.map(|(at, _)| at)), if opening.is_none() => {
-                // Opened beside the live session, which goes on serving until the swap.
-                opening = Some(Box::pin(reauthenticate(ctx, endpoint)));
-            }
-            opened = until_opened(&mut opening) => {
-                opening = None;
-                match opened {
-                    Ok(next) => {
-                        let old = std::mem::replace(conn, next.conn);
-                        send = next.send;
-                        rx = next.rx;
-                        // Dropping the old reader aborts it: nothing more is read there.
-                        _reader = next.reader;
-                        first = Some(next.first);
-                        old.close(0u32.into(), b"reauthenticated");
-                        old_end = None;
-                        reauth = None;
-                        info!("control session re-authenticated ahead of its max_session deadline");
-                    }
-                    Err(e) => {
-                        if let Some(end) = old_end.take() {
-                            warn!("re-authentication failed: {}", causes(&e));
-                            return Ok(end);
+                opened = until_opened(&mut opening) => {
+                    opening = None;
+                    match opened {
+                        Ok(next) => {
+                            let old = std::mem::replace(conn, next.conn);
+                            send = next.send;
+                            rx = next.rx;
+                            // Dropping the old reader aborts it: nothing more is read there.
+                            _reader = next.reader;
+                            first = Some(next.first);
+                            old.close(0u32.into(), b"reauthenticated");
+                            old_end = None;
+                            reauth = None;
+                            info!(
+                                "control session re-authenticated ahead of its max_session \
+                                 deadline"
+                            );
                         }
-                        let deadline = reauth.map_or_else(Instant::now, |(_, d)| d);
-                        let retry = Instant::now() + REAUTH_RETRY;
-                        warn!(
-                            "re-authentication failed, the current session goes on: {}",
-                            causes(&e)
-                        );
-                        // Past the deadline the coordinator cuts this session and the node
-                        // connects again as after any loss.
-                        reauth = (retry < deadline).then_some((retry, deadline));
+                        Err(e) => {
+                            if let Some(end) = old_end.take() {
+                                warn!("re-authentication failed: {}", causes(&e));
+                                return Ok(Some(end));
+                            }
+                            let deadline = reauth.map_or_else(Instant::now, |(_, d)| d);
+                            let retry = Instant::now() + REAUTH_RETRY;
+                            warn!(
+                                "re-authentication failed, the current session goes on: {}",
+                                causes(&e)
+                            );
+                            // Past the deadline the coordinator cuts this session and the node
+                            // connects again as after any loss.
+                            reauth = (retry < deadline).then_some((retry, deadline));
+                        }
                     }
                 }
+                () = tokio::time::sleep_until(renew_deadline) => {
+                    let key = new_tls_key().map_err(|e| anyhow!("making a TLS key: {e}"))?;
+                    let csr_pem = csr_pem(&ctx.name, &key)?;
+                    frame::write(&mut send, &NodeMsg::Renew { csr_pem }).await?;
+                    debug!("asked for a renewed node certificate");
+                    pending_key = Some(key);
+                    renew_deadline = Instant::now() + RENEW_RETRY;
+                }
             }
-            () = tokio::time::sleep_until(renew_deadline) => {
-                let key = new_tls_key().map_err(|e| anyhow!("making a TLS key: {e}"))?;
-                let csr_pem = csr_pem(&ctx.name, &key)?;
-                frame::write(&mut send, &NodeMsg::Renew { csr_pem }).await?;
-                debug!("asked for a renewed node certificate");
-                pending_key = Some(key);
-                renew_deadline = Instant::now() + RENEW_RETRY;
+            Ok(None)
+        }
+        .await;
+        match step {
+            Ok(None) => {}
+            Ok(Some(end)) => return Ok(end),
+            Err(e) if opening.is_some() => {
+                debug!(
+                    "the session failed while its replacement opens: {}",
+                    causes(&e)
+                );
+                old_end.get_or_insert(SessionEnd::Lost(causes(&e)));
             }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -12,6 +12,10 @@
 //!    [`NetmapUpdate::Full`], then pushes [`NetmapUpdate::Delta`]s on every change that affects
 //!    the node. The node sends [`NodeMsg::Ack`] for every version it applied and
 //!    [`NodeMsg::Report`] when its endpoints change (and at least every 30 s).
+//! 3. Re-authentication: under a `max_session`, a node whose hello set
+//!    [`Hello::reauthenticates`] is sent [`ServerMsg::SessionDeadline`]; before it, the node
+//!    opens a new session from the same QUIC endpoint with [`Hello::replaces`], which becomes
+//!    the node's session at once, and then closes the old connection.
 //!
 //! Every frame is [`crate::frame`]-encoded JSON.
 

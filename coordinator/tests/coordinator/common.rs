@@ -399,6 +399,7 @@ impl Session {
                 endpoints: vec![format!("10.1.2.3:{listen_port}").parse().unwrap()],
                 version: "test".into(),
             },
+            features: Vec::new(),
         });
         frame::write(&mut send, &hello).await.unwrap();
         Session {

@@ -425,6 +425,7 @@ async fn renew_expired(
         protocol: PROTOCOL_VERSION,
         have_version: ctx.applier.have_version(),
         report: report(ctx),
+        features: Vec::new(),
     };
     frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
     let key = new_tls_key().map_err(|e| anyhow!("making a TLS key: {e}"))?;
@@ -475,6 +476,7 @@ async fn session(
         protocol: PROTOCOL_VERSION,
         have_version: ctx.applier.have_version(),
         report: report.clone(),
+        features: session_features(ctx),
     };
     frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
     let mut posture = crate::posture::Reporter::new(&ctx.version);
@@ -542,6 +544,10 @@ async fn session(
                         discard_next_key(ctx);
                         rotation_sent = Some(Instant::now());
                     }
+                    ServerMsg::FlowQuery { id } => {
+                        let answer = crate::control::flow_answer(ctx.sink.as_ref(), id);
+                        frame::write(&mut send, &answer).await?;
+                    }
                     ServerMsg::Error(e) => {
                         if classify(&e) == Refusal::Revoked {
                             return Ok(SessionEnd::Revoked(e));
@@ -591,6 +597,15 @@ async fn session(
             }
         }
     }
+}
+
+/// The optional messages this node's session answers.
+fn session_features(ctx: &Ctx) -> Vec<String> {
+    let mut features = Vec::new();
+    if ctx.sink.answers_flow_queries() {
+        features.push(ztnet_proto::control::FEATURE_FLOWS.to_string());
+    }
+    features
 }
 
 /// Sends the next key's public half, making the key first when there is none on disk.
@@ -1095,6 +1110,7 @@ fn msg_kind(m: &ServerMsg) -> &'static str {
         ServerMsg::RotateKey => "rotate-key",
         ServerMsg::SwitchKey { .. } => "switch-key",
         ServerMsg::RotateRefused { .. } => "rotate-refused",
+        ServerMsg::FlowQuery { .. } => "flow-query",
     }
 }
 

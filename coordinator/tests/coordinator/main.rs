@@ -13,5 +13,6 @@ mod inprocess;
 mod migrate;
 mod netmaps;
 mod policy;
+mod preview;
 mod revoke;
 mod workload;

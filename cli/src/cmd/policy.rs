@@ -885,6 +885,100 @@ mod tests {
         assert!(e("a,ns=").contains("empty value"));
     }
 
+    fn cut_flow() -> CutFlow {
+        CutFlow {
+            from: "web1".into(),
+            to: "db1".into(),
+            port: "tcp:5432".into(),
+            from_addr: "100.64.0.1".parse().unwrap(),
+            from_port: 40000,
+            to_addr: "100.64.0.3".parse().unwrap(),
+            to_port: 5432,
+            state: netpolicy::FlowState::Established,
+            idle_secs: 75,
+            reason: "no grant allows it any more (default deny)".into(),
+            reported_by: vec!["db1".into(), "web1".into()],
+        }
+    }
+
+    #[test]
+    fn the_diff_prints_its_three_sections() {
+        let mut d = PolicyDiff {
+            policy_version: Some(3),
+            diff: netpolicy::AccessDiff::default(),
+            left_out: Vec::new(),
+            open_flows: Some(OpenFlows {
+                total: 4,
+                cut: vec![cut_flow()],
+                not_reported: vec![NotReported {
+                    node: "web2".into(),
+                    reason: "offline".into(),
+                }],
+                truncated: Vec::new(),
+            }),
+            posture: Some(vec![PostureChange {
+                node: "ops1".into(),
+                change: "quarantine".into(),
+                reason: "posture at line 9: fact disk is not reported".into(),
+            }]),
+            notes: Vec::new(),
+        };
+        let s = render_policy_diff(&d);
+        assert!(s.starts_with("access pairs:\nno change in access\n"), "{s}");
+        assert!(s.contains("open flows that would be cut (1 of 4):"), "{s}");
+        assert!(
+            s.contains("web1 100.64.0.1:40000  db1 100.64.0.3:5432  tcp:5432"),
+            "{s}"
+        );
+        assert!(s.contains("established  1m 15s"), "{s}");
+        assert!(s.contains("not reported: web2 (offline)\n"), "{s}");
+        assert!(
+            s.contains("would quarantine ops1: posture at line 9"),
+            "{s}"
+        );
+
+        d.open_flows.as_mut().unwrap().cut.clear();
+        d.posture = Some(Vec::new());
+        let s = render_policy_diff(&d);
+        assert!(
+            s.contains("open flows: none of 4 open flow(s) would be cut"),
+            "{s}"
+        );
+        assert!(
+            s.contains("posture: no node would be quarantined or released"),
+            "{s}"
+        );
+
+        // An older coordinator: the pairs, and a note instead of the other two.
+        d.open_flows = None;
+        d.posture = None;
+        d.notes
+            .push("the coordinator is older than the policy preview".into());
+        let s = render_policy_diff(&d);
+        assert!(!s.contains("open flows"), "{s}");
+        assert!(s.contains("note: the coordinator is older"), "{s}");
+        let json = serde_json::to_value(&d).unwrap();
+        assert!(
+            json["open_flows"].is_null() && json["posture"].is_null(),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn only_an_unknown_path_counts_as_an_older_coordinator() {
+        let failure = |status, message: &str| {
+            anyhow::Error::from(ApiFailure(ztnet_proto::admin::ApiError {
+                status,
+                message: message.into(),
+                diagnostics: Vec::new(),
+            }))
+        };
+        assert!(is_missing_endpoint(&failure(404, "no such API path")));
+        assert!(!is_missing_endpoint(&failure(404, "network x not found")));
+        assert!(!is_missing_endpoint(&failure(422, "no such API path")));
+        assert!(!is_missing_endpoint(&anyhow!("connection refused")));
+    }
+
     #[test]
     fn diagnostics_point_at_the_text() {
         let d = Diagnostic {

@@ -382,10 +382,11 @@ mod tests {
         let t0 = Instant::now();
         let mut f = busy_filter(t0);
         let before = f.flow_snapshot(t0, 100).flows();
-        let without_db = "[[grant]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\n\
-                          ports = [\"udp:53\", \"icmp\"]\n\
-                          [[grant]]\nfrom = [\"tag:db\"]\nto = [\"tag:web\"]\nports = [\"tcp:22\"]\n\
-                          [[deny]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"icmp\"]\n";
+        let without_db = concat!(
+            "[[grant]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"udp:53\", \"icmp\"]\n",
+            "[[grant]]\nfrom = [\"tag:db\"]\nto = [\"tag:web\"]\nports = [\"tcp:22\"]\n",
+            "[[deny]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"icmp\"]\n",
+        );
         let candidate = Filter::new(db_spec(without_db), ConntrackConfig { max_flows: 16 });
         let fates: Vec<FlowFate> = before
             .iter()
@@ -437,7 +438,10 @@ mod tests {
         /// exactly the flows that survive installing the candidate.
         #[test]
         fn judging_matches_install_for_any_grants(
-            flows in prop::collection::vec((any::<bool>(), any::<bool>(), 20u16..30, 1000u16..1010), 1..20),
+            flows in prop::collection::vec(
+                (any::<bool>(), any::<bool>(), 20u16..30, 1000u16..1010),
+                1..20,
+            ),
             tcp in prop::collection::vec(20u16..30, 0..4),
             udp in prop::collection::vec(20u16..30, 0..4),
         ) {

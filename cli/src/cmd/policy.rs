@@ -391,7 +391,8 @@ fn diff(client: &ApiClient, fmt: OutputFormat, a: &PolicyDiffArgs) -> Result<()>
             out.posture = Some(p.posture);
         }
         Err(e) if is_missing_endpoint(&e) => out.notes.push(
-            "the coordinator is older than the policy preview: open flows and posture changes              are not shown"
+            "the coordinator is older than the policy preview: open flows and posture changes \
+             are not shown"
                 .into(),
         ),
         Err(e) => return Err(with_rendered_diagnostics(e, &a.file, &source)),

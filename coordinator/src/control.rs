@@ -4,14 +4,18 @@
 //!
 //! A session (a connection that starts with `Hello`) must present a node certificate that the
 //! CA issued and that maps to an active node; it then gets its full netmap, deltas after that,
-//! and may send acknowledgements, reports and renewal requests.
+//! and may send acknowledgements, reports and renewal requests. A node's new session replaces
+//! its live one; with `Hello::replaces` (a re-authentication ahead of a `max_session`
+//! deadline, see `crate::posture`) that is logged as such, and the node stays online throughout.
 //!
 //! A node certificate that has expired (FC-22: a machine that was off longer than the
-//! certificate's life) still opens a session when it is on record for an active node and
-//! expired at most the renewal window ago (`ZTNET_EXPIRED_RENEW_GRACE_SECS`, 30 days by
-//! default). Such a session is renewal-only: its one message after `Hello` must be `Renew`,
-//! which is answered as a normal renewal and audited as `node.cert-renew-expired`; anything
-//! else is refused with `renewal-only`. It gets no netmap and is not counted as online.
+//! certificate's life) still opens a session when it is on record for an active node, expired
+//! at most the renewal window ago (`ZTNET_EXPIRED_RENEW_GRACE_SECS`, 30 days by default), and
+//! is for the node's TLS key on record (the SHA-256 of the SubjectPublicKeyInfo of the
+//! certificate last issued to it; a mismatch is refused with `cert-key-mismatch`). Such a
+//! session is renewal-only: its one message after `Hello` must be `Renew`, which is answered as
+//! a normal renewal and audited as `node.cert-renew-expired`; anything else is refused with
+//! `renewal-only`. It gets no netmap and is not counted as online.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -160,6 +164,7 @@ async fn authenticate(conn: &Connection, hub: &Hub) -> Result<(Node, Option<u64>
         .ok_or_else(|| refuse("unknown-node", "node certificate does not parse".into()))?;
     let now = crate::store::unix_now();
     if not_after >= now {
+        fill_tls_key(hub, &node, &certs[0]).await;
         return Ok((node, None));
     }
     let grace = crate::ca::renew_grace().as_secs();
@@ -176,7 +181,65 @@ async fn authenticate(conn: &Connection, hub: &Hub) -> Result<(Node, Option<u64>
             ),
         ));
     }
+    check_tls_key(hub, &node, &certs[0]).await?;
     Ok((node, Some(not_after)))
+}
+
+/// Refuses an expired certificate whose key is not the node's TLS key on record: the serial
+/// alone does not show that the certificate is the one issued to this node. A node enrolled
+/// before keys were recorded passes on its serial, with a warning; its renewal records its key.
+async fn check_tls_key(
+    hub: &Hub,
+    node: &Node,
+    cert: &CertificateDer<'_>,
+) -> Result<(), ControlError> {
+    let presented = nodes::tls_key_hash(cert.as_ref())
+        .ok_or_else(|| refuse("unknown-node", "node certificate does not parse".into()))?;
+    let on_record = nodes::tls_key(&hub.store, node.id).await.map_err(|e| {
+        tracing::error!(error = %e, "TLS key lookup failed");
+        refuse("internal", "node lookup failed".into())
+    })?;
+    match on_record {
+        Some(key) if key == presented => Ok(()),
+        Some(_) => {
+            warn!(
+                node = %node.name,
+                "expired node certificate refused: its serial is on record for this node but \
+                 its key is not the node's TLS key on record"
+            );
+            Err(refuse(
+                "cert-key-mismatch",
+                format!(
+                    "this expired certificate names node {} but is not for the TLS key on \
+                     record for it (the key of its last enrollment or renewal): not renewed; \
+                     enroll again with a new token if this node's tls.key was replaced",
+                    node.name
+                ),
+            ))
+        }
+        None => {
+            warn!(
+                node = %node.name,
+                "node {} has no TLS key on record (enrolled before keys were recorded): its \
+                 expired certificate is accepted on its serial alone; its renewal records its \
+                 key",
+                node.name
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Records the key of a valid certificate for a node that has none on record yet.
+async fn fill_tls_key(hub: &Hub, node: &Node, cert: &CertificateDer<'_>) {
+    let Some(hash) = nodes::tls_key_hash(cert.as_ref()) else {
+        return;
+    };
+    match nodes::fill_tls_key(&hub.store, node.id, &hash).await {
+        Ok(true) => info!(node = %node.name, "TLS key of the node recorded"),
+        Ok(false) => {}
+        Err(e) => debug!(error = %e, "TLS key not recorded"),
+    }
 }
 
 fn rfc3339(unix: u64) -> String {
@@ -311,6 +374,14 @@ async fn renew(
     nodes::add_cert(&mut tx, node.id, &cert.serial, cert.not_after)
         .await
         .map_err(internal)?;
+    let key = nodes::tls_key_hash_pem(&cert.pem).ok_or_else(|| {
+        internal(crate::store::StoreError::Corrupt(
+            "the certificate just issued does not parse".into(),
+        ))
+    })?;
+    nodes::set_tls_key(&mut tx, node.id, &key)
+        .await
+        .map_err(internal)?;
     if let Some((action, detail)) = audit {
         crate::store::audit::append(
             &mut tx,
@@ -349,6 +420,7 @@ async fn run_session(
         tracing::error!(error = %e, "storing the node's report failed");
     }
     let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
+    let replacing = hello.replaces && hub.is_online(node.id);
     let (tx, mut events) = mpsc::unbounded_channel();
     match hub.attach(&node, conn_id, remote, tx).await {
         Ok(Attached::Live) => {}
@@ -372,7 +444,16 @@ async fn run_session(
     if hello.has_feature(ztnet_proto::control::FEATURE_FLOWS) {
         hub.enable_flow_queries(node.id, conn_id);
     }
-    info!(have = ?hello.have_version.map(|v| v.0), "control channel connected");
+    if replacing {
+        // The node's re-authentication ahead of its max_session deadline: the old session was
+        // replaced in `attach` and closes without taking the node offline.
+        info!(
+            have = ?hello.have_version.map(|v| v.0),
+            "control session re-authenticated: it replaces the node's previous session"
+        );
+    } else {
+        info!(have = ?hello.have_version.map(|v| v.0), "control channel connected");
+    }
 
     let mut messages = spawn_reader(recv);
     let mut sent = None;
@@ -390,6 +471,10 @@ async fn run_session(
                     }
                 }
                 Some(SessionEvent::Send(msg)) => {
+                    // A node that does not re-authenticate by itself would not know it.
+                    if matches!(*msg, ServerMsg::SessionDeadline { .. }) && !hello.reauthenticates {
+                        continue;
+                    }
                     if let Err(e) = frame::write(&mut send, msg.as_ref()).await {
                         break format!("push failed: {e}");
                     }

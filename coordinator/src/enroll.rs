@@ -1,7 +1,8 @@
 //! Enrollment: a join token's secret, a node name, a WireGuard public key and a certificate
 //! request in; a node record, its addresses and a signed node certificate out. The token use,
-//! the node row, its certificate record and the audit entry commit in one transaction, so a
-//! refused enrollment stores nothing and leaves the token's uses as they were.
+//! the node row, its certificate record, its TLS key on record (the SHA-256 of the certificate's
+//! SubjectPublicKeyInfo) and the audit entry commit in one transaction, so a refused enrollment
+//! stores nothing and leaves the token's uses as they were.
 
 use std::net::SocketAddr;
 
@@ -166,6 +167,9 @@ async fn enroll_tx(
         Err(InsertError::Store(e)) => return Err(e.into()),
     };
     nodes::add_cert(&mut tx, node.id, &cert.serial, cert.not_after).await?;
+    let key = nodes::tls_key_hash_pem(&cert.pem)
+        .ok_or_else(|| StoreError::Corrupt("the certificate just issued does not parse".into()))?;
+    nodes::set_tls_key(&mut tx, node.id, &key).await?;
     audit::append(
         &mut tx,
         audit::Entry {

@@ -7,10 +7,16 @@
 //! revoked node leaves them, until a report passes again. Entering and leaving quarantine are
 //! audited (`node.quarantine`, `node.release`) with the reason.
 //!
-//! `max_session`: a session older than the entry allows quarantines the node and closes its
-//! control channel with `reauthenticate`; the node connects again (mutual TLS, its certificate
-//! checked again), and the first posture of the new session releases it. The age is checked on
-//! each posture message and every second by [`watch_sessions`].
+//! `max_session`: a session's age counts from its first posture report. Once that is in,
+//! [`watch_sessions`] tells a node that said `Hello::reauthenticates` its deadline
+//! (`ServerMsg::SessionDeadline`); such a node opens a new mutual-TLS session ahead of it
+//! (`Hello::replaces`), which replaces the old one at once and whose own age starts at its first
+//! report, so an honest node is never quarantined and its peers never lose it. A session older
+//! than the entry allows (the node did not re-authenticate in time, or cannot) quarantines the
+//! node and is closed with `reauthenticate`; the node connects again (its certificate checked
+//! again), and the first posture of the new session releases it. The age is checked on each
+//! posture message and every second by [`watch_sessions`]. While a replacement session has not
+//! reported yet, the age counts as zero: the old session's report is not the live one's.
 //!
 //! Time to enforcement: for a revoke, a quarantine, a release or a policy apply, a task waits
 //! until every connected node whose netmap changed acknowledged the new version, then writes
@@ -24,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use netpolicy::{NodeIdentity, Policy, PostureFacts};
 use sqlx::SqliteConnection;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use ztnet_proto::admin::{Enforcement, PendingAck};
 use ztnet_proto::control::{Netmap, Posture};
 
@@ -263,22 +269,69 @@ pub async fn on_report(hub: &Hub, node: &Node, report: Posture) -> Result<(), St
 /// How often [`watch_sessions`] looks for sessions older than their `max_session`.
 pub const SESSION_CHECK: Duration = Duration::from_secs(1);
 
-/// Closes, every [`SESSION_CHECK`], the control sessions older than the `max_session` of an
-/// entry that selects their node, and recomputes their networks (which quarantines them until
-/// the node's new session reports). Does not rely on the node reporting: a node that stops
-/// sending posture is cut at its deadline all the same. Runs for the coordinator's life.
+/// Every [`SESSION_CHECK`]: tells each live session under a `max_session` its deadline (once
+/// per session and deadline), closes the sessions older than the `max_session` of an entry that
+/// selects their node, and recomputes their networks (which quarantines them until the node's
+/// new session reports). Does not rely on the node reporting: a node that stops sending posture
+/// is cut at its deadline all the same. Runs for the coordinator's life.
 pub async fn watch_sessions(hub: Arc<Hub>) {
     let mut tick = tokio::time::interval(SESSION_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut told = Told::new();
     loop {
         tick.tick().await;
-        if let Err(e) = check_sessions(&hub).await {
+        if let Err(e) = check_sessions(&hub, &mut told).await {
             warn!(error = %e, "max_session check failed");
         }
+        told.retain(|id, _| hub.is_online(*id));
     }
 }
 
-async fn check_sessions(hub: &Hub) -> Result<(), StoreError> {
+/// The deadline each node's live session was told: its session key and the Unix second.
+type Told = HashMap<NodeId, (String, u64)>;
+
+/// The shortest `max_session` of the policy's entries that select `node`, in seconds.
+pub fn max_session_for(policy: &Policy, node: &Node) -> Option<u64> {
+    let id = identity(node);
+    policy
+        .posture()
+        .iter()
+        .filter(|r| r.applies_to(&id))
+        .filter_map(|r| r.max_session_secs)
+        .min()
+}
+
+/// Sends `node`'s live session its deadline when it was not told this one yet.
+fn tell_deadline(
+    hub: &Hub,
+    told: &mut Told,
+    node: &Node,
+    live: &str,
+    row: &Row,
+    max: u64,
+    now: u64,
+) {
+    let Some(started) = row.session_started_at else {
+        return;
+    };
+    let deadline = started.saturating_add(max);
+    if told
+        .get(&node.id)
+        .is_some_and(|(k, d)| k == live && *d == deadline)
+    {
+        return;
+    }
+    let msg = ztnet_proto::control::ServerMsg::SessionDeadline {
+        max_session_secs: max,
+        remaining_secs: deadline.saturating_sub(now),
+    };
+    if hub.send(node.id, msg) {
+        debug!(node = %node.name, deadline, "session deadline sent");
+        told.insert(node.id, (live.to_owned(), deadline));
+    }
+}
+
+async fn check_sessions(hub: &Hub, told: &mut Told) -> Result<(), StoreError> {
     let now = unix_now();
     for network in crate::store::networks::list(&hub.store).await? {
         let Some(policy) = hub.effective(network.id).policy else {
@@ -298,12 +351,25 @@ async fn check_sessions(hub: &Hub) -> Result<(), StoreError> {
         let mut expired = false;
         for node in &members {
             let Some(live) = hub.session_id(node.id).map(session_key) else {
+                // Offline (cut off from the coordinator, say) but maybe still talking to its
+                // peers: its last session's age goes on counting, and it is quarantined at
+                // that session's deadline, once.
+                let row = stored.get(&node.id);
+                expired |= row.is_some_and(|r| r.quarantine.is_none())
+                    && judge(Some(&policy), node, row, None, now)
+                        .is_some_and(|why| why.contains("max_session"));
                 continue;
             };
-            let row = stored.get(&node.id);
-            if row.and_then(|r| r.session_key.as_deref()) != Some(live.as_str()) {
+            let Some(row) = stored
+                .get(&node.id)
+                .filter(|r| r.session_key.as_deref() == Some(live.as_str()))
+            else {
                 continue;
+            };
+            if let Some(max) = max_session_for(&policy, node) {
+                tell_deadline(hub, told, node, &live, row, max, now);
             }
+            let row = Some(row);
             let Some(why) = judge(Some(&policy), node, row, Some(&live), now) else {
                 continue;
             };

@@ -2,14 +2,24 @@
 //! web1 from a command run without a shell), the policy requires disk encryption of both, and
 //! flipping db1's fact to "off" quarantines it: a busy TCP stream from web1 ends, db1 leaves
 //! web1's netmap and `ztnet node list` says why; flipping it back releases db1 and access comes
-//! back. Both changes are audited with their measured time to enforcement. Needs root.
+//! back. Both changes are audited with their measured time to enforcement. `max_session`: a
+//! UDP stream crosses re-authentications without loss, and a node that cannot re-authenticate
+//! is cut at its deadline. Needs root.
 
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt as _;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use ztnet_integration::stream::{Receiver, Sender};
-use ztnet_integration::topology::{NETWORK, NodeSpec, Topology, story_nodes, tcp_echo};
-use ztnet_integration::{require_root, wait_for};
+use ztnet_integration::stream::{Guard, Receiver, Sender};
+use ztnet_integration::topology::{
+    COORDINATOR_ADDR, COORDINATOR_PORT, NETWORK, NodeSpec, Topology, story_nodes, tcp_echo,
+};
+use ztnet_integration::{Netns, require_root, wait_for};
 
 /// web may reach db on two TCP ports; both must report disk encryption on, and run a
 /// ztnet-node at least 0.0.1.
@@ -297,11 +307,33 @@ fn a_posture_fact_flipped_quarantines_the_node_and_flipping_it_back_releases_it(
     .expect("a missing facts file quarantines");
 }
 
-/// `max_session`: the coordinator closes a session older than the entry allows (whatever the
-/// node reports), quarantining the node until it has authenticated again; the node reconnects
-/// by itself and is released.
+/// Both nodes must re-authenticate every 10 s (the shortest `max_session`); web may send db
+/// UDP on 5433 and TCP on 5434.
+const MAX_SESSION_POLICY: &str = r#"
+[[grant]]
+from = ["tag:web"]
+to = ["tag:db"]
+ports = ["udp:5433", "tcp:5434"]
+
+[[posture]]
+selector = ["tag:db", "tag:web"]
+max_session = "10s"
+"#;
+
+/// Datagrams per second of the stream across the re-authentications.
+const RATE_HZ: u64 = 100;
+/// Re-authentications of each node the stream must span.
+const REAUTHS: usize = 2;
+
+/// `max_session` without loss (issue 6): each node learns its session's deadline and opens a
+/// new session ahead of it, so a UDP stream at 100 Hz from web1 to db1 loses nothing across at
+/// least two re-authentications of each node, neither is quarantined and both stay online; the
+/// coordinator logs every replacement. Then db1 is cut off from the coordinator (an nftables
+/// drop in its own namespace) while its tunnel to web1 still works: it cannot re-authenticate,
+/// and at its session's deadline it is quarantined as before, web1 drops it and the stream
+/// stops; once the coordinator is reachable again it reconnects and is released.
 #[test]
-fn a_session_older_than_max_session_must_authenticate_again() {
+fn max_session_reauthenticates_without_loss_and_a_node_that_cannot_is_cut() {
     require_root();
     let mut topo = Topology::build(&specs()).expect("build the topology");
     topo.start_coordinator().expect("start the coordinator");
@@ -312,45 +344,295 @@ fn a_session_older_than_max_session_must_authenticate_again() {
     }
     topo.wait_online(&["web1", "db1"], Duration::from_secs(90))
         .expect("both nodes enroll and connect");
-    let policy = r#"
-[[grant]]
-from = ["tag:web"]
-to = ["tag:db"]
-ports = ["tcp:5433"]
-
-[[posture]]
-selector = ["tag:db"]
-max_session = "10s"
-"#;
-    let applied = Instant::now();
-    topo.apply_policy(policy, &["web1", "db1"], Duration::from_secs(30))
-        .expect("apply the policy");
-    topo.start_echo_servers("db1", &[5433], &[])
-        .expect("echo server");
+    topo.apply_policy(
+        MAX_SESSION_POLICY,
+        &["web1", "db1"],
+        Duration::from_secs(30),
+    )
+    .expect("apply the policy");
+    let audit_before = last_audit_id(&topo);
     let db1 = topo.overlay_v4("db1").expect("db1 address");
-    wait_for("web1 reaches db1", Duration::from_secs(20), || {
-        Ok(tcp_echo(&topo.node("web1").ns, db1, 5433, "before")?.then_some(()))
-    })
-    .expect("access before the session ages");
 
-    let q = enforced_entry(&topo, "node.quarantine", "db1", 0);
-    let at = applied.elapsed();
+    let rx = UdpReceiver::start(&topo.node("db1").ns, 5433);
+    let tx = UdpSender::start(&topo.node("web1").ns, &format!("{db1}:5433"), RATE_HZ, 1);
+    let start = wait_for("the UDP stream to flow", Duration::from_secs(30), || {
+        Ok(rx.highest().filter(|&n| n > 20))
+    })
+    .expect("web1 streams to db1");
+    let reauths = |name: &str| -> usize {
+        std::fs::read_to_string(topo.dir.path().join("coordinator.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("node={name}")) && l.contains("re-authenticated"))
+            .count()
+    };
+    let (db_before, web_before) = (reauths("db1"), reauths("web1"));
+    let began = Instant::now();
+    wait_for(
+        "two re-authentications of each node",
+        Duration::from_secs(60),
+        || {
+            Ok(
+                (reauths("db1") >= db_before + REAUTHS && reauths("web1") >= web_before + REAUTHS)
+                    .then_some(()),
+            )
+        },
+    )
+    .expect("both nodes re-authenticate ahead of max_session");
+    let sent = tx.stop();
+    wait_for("the last datagram", Duration::from_secs(5), || {
+        Ok((rx.highest() == Some(sent)).then_some(()))
+    })
+    .ok();
+    let (db_n, web_n) = (reauths("db1") - db_before, reauths("web1") - web_before);
+    let missing = rx.missing(start + 1, sent);
+    eprintln!(
+        "max_session: {} datagrams at {RATE_HZ} Hz over {} ms across {db_n} re-authentications \
+         of db1 and {web_n} of web1: {} lost, longest gap between arrivals {} ms",
+        sent - start,
+        began.elapsed().as_millis(),
+        missing.len(),
+        rx.longest_gap().as_millis()
+    );
+    assert!(
+        missing.is_empty(),
+        "datagrams lost across the re-authentications: {missing:?}"
+    );
+    let events = audit_since(&topo, audit_before);
+    assert!(
+        !events.iter().any(|e| e["action"] == "node.quarantine"),
+        "an honest node was quarantined: {events:?}"
+    );
+    for n in ["web1", "db1"] {
+        let entry = node_entry(&topo, n);
+        assert_eq!(entry["online"], true, "{n} stayed online: {entry}");
+        assert!(entry["quarantine"].is_null(), "{n}: {entry}");
+        assert!(
+            topo.node(n)
+                .log()
+                .contains("re-authenticated ahead of its max_session deadline"),
+            "{n} logs its re-authentications"
+        );
+    }
+
+    // db1 cut off from the coordinator, its tunnel to web1 intact: quarantined at its deadline.
+    let table = format!("ztnet_cut_{}", std::process::id());
+    let coordinator = COORDINATOR_ADDR.split(':').next().unwrap_or_default();
+    let db_ns = &topo.node("db1").ns;
+    db_ns
+        .sh(&format!(
+            "nft add table inet {table} && nft add chain inet {table} out \
+             '{{ type filter hook output priority 0; }}' && nft add rule inet {table} out \
+             ip daddr {coordinator} udp dport {COORDINATOR_PORT} drop"
+        ))
+        .expect("block db1's control channel");
+    let cut_at = Instant::now();
+    let audit_cut = last_audit_id(&topo);
+    // A second stream, numbered on from a million: it still reaches db1 through the tunnel.
+    let second = 1_000_000;
+    let tx = UdpSender::start(
+        &topo.node("web1").ns,
+        &format!("{db1}:5433"),
+        RATE_HZ,
+        second,
+    );
+    wait_for("the second stream to flow", Duration::from_secs(10), || {
+        Ok(rx.highest().filter(|&n| n > second + 10))
+    })
+    .expect("db1, cut off from the coordinator, still reaches web1 through the tunnel");
+    let q = enforced_entry(&topo, "node.quarantine", "db1", audit_cut);
     let detail = q["detail"].as_str().unwrap_or_default().to_string();
     assert!(detail.contains("max_session 10 s"), "{q}");
     eprintln!(
-        "max_session: db1 quarantined {} s after the policy apply: {detail}",
-        at.as_secs()
+        "max_session: db1, cut off from the coordinator, quarantined {} ms later: {}",
+        cut_at.elapsed().as_millis(),
+        q["enforcement"]["summary"]
     );
-    let r = enforced_entry(&topo, "node.release", "db1", 0);
-    eprintln!("max_session: released: {}", r["enforcement"]["summary"]);
     assert!(
-        r["id"].as_u64() > q["id"].as_u64(),
-        "released after the quarantine"
+        cut_at.elapsed() < Duration::from_secs(25),
+        "quarantined only {:?} after the cut (max_session is 10 s)",
+        cut_at.elapsed()
     );
+    wait_for("db1 to leave web1's peers", Duration::from_secs(10), || {
+        Ok((!peers_of(&topo, "web1").contains(&"db1".to_string())).then_some(()))
+    })
+    .expect("db1 is not web1's peer");
+    wait_for("the stream to stop", Duration::from_secs(10), || {
+        Ok(rx.quiet_for(Duration::from_secs(1)).then_some(()))
+    })
+    .expect("nothing from web1 reaches the quarantined db1");
+    let sent = tx.stop();
+    let arrived = rx.highest().unwrap_or(0).saturating_sub(second);
+    eprintln!(
+        "max_session: the second stream stopped at datagram {arrived} of the {} sent",
+        sent - second + 1
+    );
+    assert!(
+        arrived + 50 < sent - second,
+        "the stream went on after the quarantine"
+    );
+
+    // The coordinator reachable again: db1 reconnects by itself and is released.
+    db_ns
+        .exec("nft", &["delete", "table", "inet", &table])
+        .expect("unblock db1");
+    let r = enforced_entry(&topo, "node.release", "db1", q["id"].as_u64().unwrap_or(0));
+    eprintln!("max_session: released: {}", r["enforcement"]["summary"]);
+    topo.start_echo_servers("db1", &[5434], &[])
+        .expect("echo server");
     wait_for("web1 reaches db1 again", Duration::from_secs(20), || {
-        Ok(tcp_echo(&topo.node("web1").ns, db1, 5433, "after")?.then_some(()))
+        Ok(tcp_echo(&topo.node("web1").ns, db1, 5434, "after")?.then_some(()))
     })
     .expect("access after the new session");
-    let entry = node_entry(&topo, "db1");
-    assert_eq!(entry["online"], true, "db1 reconnected: {entry}");
+}
+
+fn last_audit_id(topo: &Topology) -> u64 {
+    topo.ztnet_json(&["audit", "--network", NETWORK])
+        .expect("audit")
+        .as_array()
+        .and_then(|v| v.iter().filter_map(|e| e["id"].as_u64()).max())
+        .unwrap_or(0)
+}
+
+fn audit_since(topo: &Topology, after_id: u64) -> Vec<Value> {
+    topo.ztnet_json(&["audit", "--network", NETWORK])
+        .expect("audit")
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter(|e| e["id"].as_u64().is_some_and(|id| id > after_id))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `socat -u UDP4-RECV:PORT STDOUT` in a namespace; every line is a sequence number, kept
+/// with the time the largest gap between two arrivals.
+struct UdpReceiver {
+    _child: Guard,
+    seen: Arc<Mutex<Seen>>,
+}
+
+#[derive(Default)]
+struct Seen {
+    numbers: BTreeSet<u64>,
+    last: Option<Instant>,
+    longest_gap: Duration,
+}
+
+impl UdpReceiver {
+    fn start(ns: &Netns, port: u16) -> UdpReceiver {
+        let mut child = ns
+            .command("socat")
+            .args(["-u", &format!("UDP4-RECV:{port}"), "STDOUT"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start the UDP receiver");
+        let stdout = child.stdout.take().expect("receiver stdout");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let shared = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(n) = line.trim().parse::<u64>() else {
+                    continue;
+                };
+                let now = Instant::now();
+                let mut s = shared.lock().expect("no panic holds this lock");
+                if let Some(at) = s.last {
+                    s.longest_gap = s.longest_gap.max(now - at);
+                }
+                s.last = Some(now);
+                s.numbers.insert(n);
+            }
+        });
+        UdpReceiver {
+            _child: Guard(child),
+            seen,
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().expect("no panic holds this lock")
+    }
+
+    fn highest(&self) -> Option<u64> {
+        self.seen().numbers.last().copied()
+    }
+
+    /// The numbers from `from` to `to` (both included) that never arrived.
+    fn missing(&self, from: u64, to: u64) -> Vec<u64> {
+        let s = self.seen();
+        (from..=to).filter(|n| !s.numbers.contains(n)).collect()
+    }
+
+    /// Whether nothing arrived for `quiet`.
+    fn quiet_for(&self, quiet: Duration) -> bool {
+        self.seen().last.is_some_and(|at| at.elapsed() >= quiet)
+    }
+
+    /// The longest time between two arrivals so far.
+    fn longest_gap(&self) -> Duration {
+        self.seen().longest_gap
+    }
+}
+
+/// `socat -u STDIN UDP4:TARGET` in a namespace, fed one numbered line (one datagram, numbered
+/// from `first`) at `rate_hz` until stopped.
+struct UdpSender {
+    _child: Guard,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl UdpSender {
+    fn start(ns: &Netns, target: &str, rate_hz: u64, first: u64) -> UdpSender {
+        let mut child = ns
+            .command("socat")
+            .args(["-u", "STDIN", &format!("UDP4:{target}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start the UDP sender");
+        let mut stdin = child.stdin.take().expect("sender stdin");
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let period = Duration::from_micros(1_000_000 / rate_hz);
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut n = 0u64;
+            while !halt.load(Ordering::Relaxed) {
+                if writeln!(stdin, "{}", first + n).is_err() || stdin.flush().is_err() {
+                    break;
+                }
+                n += 1;
+                // The stream's pace, not a wait for a condition: datagram n leaves at n periods.
+                let next = started + period * u32::try_from(n).unwrap_or(u32::MAX);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            first + n.saturating_sub(1)
+        });
+        UdpSender {
+            _child: Guard(child),
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sending; returns the number of the last datagram sent.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for UdpSender {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use ztnet_integration::topology::{NETWORK, Topology, story_nodes};
 use ztnet_integration::{Netns, Proc, bin, require_root, wait_for};
 
@@ -87,12 +87,33 @@ fn workloads_get_only_their_own_svids_and_complete_mutual_tls() -> Result<()> {
 
     // uid 1001 on web1 gets the api identity, verified by openssl, with exactly one URI SAN.
     let api = files.dir(1001, "api")?;
-    fetch(&web1.ns, &web1.iface, 1001, &api, None)?;
+    fetch(&web1.ns, &web1.iface, 1001, &api, &[])?;
     check_svid(&api, API)?;
+    check_swap_layout(&api, 1001)?;
+
+    // `--layout flat` writes three regular files; the default layout over them later turns
+    // the names into links without losing the pair.
+    let flat = files.dir(1001, "flat")?;
+    fetch(&web1.ns, &web1.iface, 1001, &flat, &["--layout", "flat"])?;
+    check_svid(&flat, API)?;
+    for name in ["svid.pem", "svid.key", "bundle.pem"] {
+        assert!(fs::symlink_metadata(flat.join(name))?.is_file(), "{name}");
+    }
+    assert!(!flat.join("..data").exists());
+    fetch(&web1.ns, &web1.iface, 1001, &flat, &[])?;
+    check_svid(&flat, API)?;
+    check_swap_layout(&flat, 1001)?;
 
     // uid 1001 holds nothing else on web1: asking for the worker's ID names what it holds.
     let other = files.dir(1001, "other")?;
-    let e = fetch(&web1.ns, &web1.iface, 1001, &other, Some(WORKER)).expect_err("not its own");
+    let e = fetch(
+        &web1.ns,
+        &web1.iface,
+        1001,
+        &other,
+        &["--spiffe-id", WORKER],
+    )
+    .expect_err("not its own");
     assert!(
         format!("{e:#}").contains(&format!("it holds: {API}")),
         "{e:#}"
@@ -100,12 +121,12 @@ fn workloads_get_only_their_own_svids_and_complete_mutual_tls() -> Result<()> {
 
     // uid 1002 gets only the worker identity.
     let worker = files.dir(1002, "worker")?;
-    fetch(&web1.ns, &web1.iface, 1002, &worker, None)?;
+    fetch(&web1.ns, &web1.iface, 1002, &worker, &[])?;
     check_svid(&worker, WORKER)?;
 
     // An unregistered uid is refused in plain words and gets no files.
     let stray = files.dir(1003, "stray")?;
-    let e = fetch(&web1.ns, &web1.iface, 1003, &stray, None).expect_err("unregistered uid");
+    let e = fetch(&web1.ns, &web1.iface, 1003, &stray, &[]).expect_err("unregistered uid");
     assert!(
         format!("{e:#}").contains("no workload registration on this node matches"),
         "{e:#}"
@@ -114,7 +135,7 @@ fn workloads_get_only_their_own_svids_and_complete_mutual_tls() -> Result<()> {
 
     // The same uid on web2 gets web2's registration, not web1's.
     let client = files.dir(1001, "client")?;
-    fetch(&web2.ns, &web2.iface, 1001, &client, None)?;
+    fetch(&web2.ns, &web2.iface, 1001, &client, &[])?;
     check_svid(&client, CLIENT)?;
 
     // Mutual TLS between the two SVID holders, inside web1's namespace on 127.0.0.1.
@@ -129,7 +150,7 @@ fn workloads_get_only_their_own_svids_and_complete_mutual_tls() -> Result<()> {
         .context("the worker registration has an id")?;
     topo.ztnet(&["workload", "delete", "--network", NETWORK, &id.to_string()])?;
     let again = files.dir(1002, "again")?;
-    let e = fetch(&web1.ns, &web1.iface, 1002, &again, None).expect_err("deleted");
+    let e = fetch(&web1.ns, &web1.iface, 1002, &again, &[]).expect_err("deleted");
     assert!(format!("{e:#}").contains("matches"), "{e:#}");
     let audit = topo.ztnet(&["audit", "--network", NETWORK])?;
     assert!(audit.contains("workload.register") && audit.contains("workload.delete"));
@@ -184,8 +205,8 @@ fn watch_rewrites_a_short_lived_svid_and_every_pair_on_disk_stays_valid() -> Res
     let log = files.root.path().join("watch.log");
     let mut watcher = Proc::spawn(cmd, &log)?;
 
-    // Each time svid.pem changes (it is renamed last), the three files are a valid, unexpired
-    // pair under the bundle. Three distinct certificates means at least two rewrites.
+    // Each time svid.pem (a link into `..data`) shows a new certificate, the three names are a
+    // valid, unexpired pair under the bundle. Three distinct certificates: two rewrites.
     let mut serials: Vec<String> = Vec::new();
     wait_for("two rewrites by --watch", Duration::from_secs(40), || {
         if let Some(st) = watcher.try_wait() {
@@ -196,10 +217,14 @@ fn watch_rewrites_a_short_lived_svid_and_every_pair_on_disk_stays_valid() -> Res
         }
         let serial = openssl(&["x509", "-noout", "-serial", "-in"], &out)?;
         if serials.last() != Some(&serial) {
-            check_pair(&dir)?;
+            one_pair(&dir, || check_pair(&dir))?;
             serials.push(serial);
         }
         Ok((serials.len() >= 3).then_some(()))
+    })?;
+    // Between two swaps (not in the middle of one), one hidden directory is left.
+    wait_for("the swap layout", Duration::from_secs(10), || {
+        Ok(check_swap_layout(&dir, 1001).ok())
     })?;
     watcher.stop(Duration::from_secs(5));
     Ok(())
@@ -238,8 +263,8 @@ fn as_uid(ns: &Netns, uid: u32) -> Command {
     cmd
 }
 
-/// `ztnet identity fetch` as `uid` into `dir/svid.pem`.
-fn fetch(ns: &Netns, iface: &str, uid: u32, dir: &Path, id: Option<&str>) -> Result<()> {
+/// `ztnet identity fetch` as `uid` into `dir/svid.pem`, with `extra` arguments.
+fn fetch(ns: &Netns, iface: &str, uid: u32, dir: &Path, extra: &[&str]) -> Result<()> {
     let mut cmd = as_uid(ns, uid);
     cmd.args([
         "identity",
@@ -250,10 +275,8 @@ fn fetch(ns: &Netns, iface: &str, uid: u32, dir: &Path, id: Option<&str>) -> Res
         iface,
     ])
     .arg("--output")
-    .arg(dir.join("svid.pem"));
-    if let Some(id) = id {
-        cmd.args(["--spiffe-id", id]);
-    }
+    .arg(dir.join("svid.pem"))
+    .args(extra);
     let out = cmd.output().context("run ztnet identity fetch")?;
     if !out.status.success() {
         bail!(
@@ -299,6 +322,54 @@ fn check_svid(dir: &Path, want: &str) -> Result<()> {
         "svid.key belongs to the caller"
     );
     Ok(())
+}
+
+/// The directory swap layout: the three names link into `..data`, which names the one hidden
+/// directory, 0755 and the caller's.
+fn check_swap_layout(dir: &Path, uid: u32) -> Result<()> {
+    for name in ["svid.pem", "svid.key", "bundle.pem"] {
+        let link = fs::read_link(dir.join(name)).with_context(|| format!("{name} is no link"))?;
+        ensure!(
+            link == Path::new("..data").join(name),
+            "{name} -> {}",
+            link.display()
+        );
+    }
+    let hidden: Vec<_> = fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("..ztnet_"))
+        .collect();
+    ensure!(hidden.len() == 1, "not one hidden directory: {hidden:?}");
+    ensure!(fs::read_link(dir.join("..data"))? == Path::new(&hidden[0]));
+    let meta = fs::metadata(dir.join(&hidden[0]))?;
+    ensure!(
+        meta.permissions().mode() & 0o777 == 0o755,
+        "{} mode",
+        hidden[0]
+    );
+    ensure!(
+        meta.uid() == uid,
+        "the hidden directory is not the caller's"
+    );
+    Ok(())
+}
+
+/// Runs `check` on the pair in `dir` and returns its result, when `..data` named the same
+/// directory before and after; reads again when a swap fell in between (the reader's rule
+/// in docs/identity.md).
+fn one_pair(dir: &Path, mut check: impl FnMut() -> Result<()>) -> Result<()> {
+    for _ in 0..5 {
+        let before = fs::read_link(dir.join("..data"))?;
+        let result = check();
+        if fs::read_link(dir.join("..data"))? == before {
+            return result;
+        }
+    }
+    bail!(
+        "..data in {} changed under five reads in a row",
+        dir.display()
+    )
 }
 
 /// svid.pem verifies against bundle.pem, is unexpired, and belongs to svid.key.

@@ -6,7 +6,9 @@
 //! connects again as soon as a valid certificate is back in its state directory. The bad
 //! certificates are made with `openssl ca` from the coordinator's own CA and the node's own TLS
 //! key (the expired one with the serial the coordinator has on record), so only their dates
-//! are wrong.
+//! are wrong. Before that, the same expired certificate made for another key (the serial on
+//! record, the CA's signature, another `tls.key`) is refused with `cert-key-mismatch`, which
+//! the node logs (issue 5: a renewal is bound to the node's TLS key on record).
 //!
 //! FC-17, the SVID half: with renewal blocked (the registration deleted, then the coordinator
 //! stopped) `ztnet identity fetch --watch` does not renew past NotAfter, says so, and leaves
@@ -44,9 +46,74 @@ fn an_expired_certificate_renews_itself_and_one_not_yet_valid_says_clock_skew() 
     let state = topo.node("web1").state_dir.clone();
     let work = tempfile::tempdir()?;
 
-    // Expired an hour ago, the serial on record: the node renews it by itself.
+    // Expired an hour ago, the serial on record, but for another TLS key than the node's on
+    // record (issue 5): refused with its code, which the node logs, and it stays offline.
     let issued = fs::read_to_string(state.join("node.pem"))?;
     let serial = serial_of(&state.join("node.pem"))?;
+    let own_key = fs::read(state.join("tls.key"))?;
+    let other = work.path().join("other");
+    fs::create_dir(&other)?;
+    run(Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(other.join("tls.key")))?;
+    let forged = sign_with_dates(
+        &topo.coordinator_dir(),
+        &other,
+        work.path(),
+        &openssl_date("-3 days")?,
+        &openssl_date("-1 hour")?,
+        &serial,
+    )?;
+    fs::copy(other.join("tls.key"), state.join("tls.key"))?;
+    fs::set_permissions(state.join("tls.key"), fs::Permissions::from_mode(0o600))?;
+    fs::write(state.join("node.pem"), &forged)?;
+    let log_before = node_log(&topo);
+    topo.start_node("web1", None)?;
+    wait_for(
+        "web1 to log the refused key",
+        Duration::from_secs(60),
+        || {
+            let log = node_log(&topo);
+            let new = &log[log_before.len().min(log.len())..];
+            if !running(&mut topo) {
+                bail!("ztnet-node exited on a refused key:\n{new}");
+            }
+            Ok(new.contains("cert-key-mismatch").then_some(()))
+        },
+    )?;
+    let log = node_log(&topo);
+    let new = &log[log_before.len().min(log.len())..];
+    assert!(new.contains("not for the TLS key on record"), "{new}");
+    assert!(
+        !new.contains("BEGIN"),
+        "key material in the node's log:\n{new}"
+    );
+    assert_eq!(
+        topo.node_list()?[0]["online"],
+        false,
+        "refused: still offline"
+    );
+    assert_eq!(
+        fs::read_to_string(state.join("node.pem"))?,
+        forged,
+        "nothing was renewed for the other key"
+    );
+    topo.stop_node("web1")?;
+    let audit = topo.ztnet(&["audit", "--network", NETWORK])?;
+    assert!(
+        !audit.contains("node.cert-renew-expired"),
+        "a refused renewal was audited: {audit}"
+    );
+    fs::write(state.join("tls.key"), &own_key)?;
+
+    // Expired an hour ago, the serial on record, its own key: the node renews it by itself.
     let expired = sign_with_dates(
         &topo.coordinator_dir(),
         &state,
@@ -302,18 +369,34 @@ fn wrap_in(ns: &Netns, cmd: Command) -> Command {
     outer
 }
 
-/// The contents of every file in `dir`, by name (temporary files included).
+/// Everything in `dir`, by name (temporary files included): a file's bytes, a symlink's
+/// target (`..data` and the names linked into it), and the same for what the hidden
+/// directories of the swap layout hold.
 fn snapshot(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut all = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        all.push((
-            e.file_name().to_string_lossy().into_owned(),
-            fs::read(e.path())?,
-        ));
-    }
+    walk(dir, "", &mut all)?;
     all.sort();
     Ok(all)
+}
+
+fn walk(dir: &Path, prefix: &str, all: &mut Vec<(String, Vec<u8>)>) -> Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+        let kind = e.file_type()?;
+        if kind.is_symlink() {
+            let target = fs::read_link(e.path())?;
+            all.push((
+                format!("{name} ->"),
+                target.into_os_string().into_encoded_bytes(),
+            ));
+        } else if kind.is_dir() {
+            walk(&e.path(), &format!("{name}/"), all)?;
+        } else {
+            all.push((name, fs::read(e.path())?));
+        }
+    }
+    Ok(())
 }
 
 /// When the certificate in `cert` stops being valid, as an `Instant`.

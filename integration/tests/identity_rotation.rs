@@ -1,12 +1,15 @@
 //! SVID rotation under load and a CA rotation in the middle of it (issue 5), end to end: a
 //! coordinator and two nodes in namespaces, two workloads on web1 with one-minute SVIDs kept
-//! fresh by `ztnet identity fetch --watch`, a reader that re-verifies the files with openssl on
-//! every inotify event, a rustls server that reloads its SVID on inotify and demands a client
-//! SVID, and `openssl s_client` handshaking with it without pause. Half-way, `ztnet ca rotate`:
-//! the new CA must reach every node's `ca.pem`, sign only once every SVID issued before has
-//! run out, and no handshake and no control connection may fail on the way. Needs root and
-//! inotifywait (Debian package inotify-tools). About three minutes.
+//! fresh by `ztnet identity fetch --watch` (the directory swap layout: the names are links
+//! into `..data`), a reader that re-verifies the files with openssl at every `IN_MOVED_TO` of
+//! `..data`, a poller per directory that checks the pair in process thousands of times over
+//! the run, a rustls server that reloads its SVID on the same event and demands a client SVID,
+//! and `openssl s_client` handshaking with it without pause. Half-way, `ztnet ca rotate`: the
+//! new CA must reach every node's `ca.pem`, sign only once every SVID issued before has run
+//! out, and no handshake, no check and no control connection may fail on the way. Needs root
+//! and inotifywait (Debian package inotify-tools). About three minutes.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -28,6 +31,12 @@ const CLIENT: &str = "spiffe://corp.example/ns/production/sa/client";
 const TTL_SECS: u64 = 60;
 /// 2.5 lifetimes.
 const RUN: Duration = Duration::from_secs(150);
+/// The symlink `--watch` renames at every rotation.
+const DATA: &str = "..data";
+/// The pause between two checks of a poller: tight, yet leaving the two cores to the rest.
+const POLL_PAUSE: Duration = Duration::from_millis(2);
+/// The failures kept in full; the rest are counted.
+const FAILURES_KEPT: usize = 50;
 
 /// Removes the node's workload socket even when a daemon was killed before it could.
 struct SocketGuard(PathBuf);
@@ -42,17 +51,30 @@ impl Drop for SocketGuard {
 #[derive(Default)]
 struct Findings {
     failures: Mutex<Vec<String>>,
+    failures_dropped: AtomicU64,
     handshakes: AtomicU64,
-    rewrites: Mutex<Vec<(String, String)>>,
+    /// Reads that a `..data` swap fell into, read again (not failures).
+    raced: AtomicU64,
+    /// Per `..data` event: the directory, the hidden directory in force, the issuer.
+    rewrites: Mutex<Vec<Rewrite>>,
+}
+
+#[derive(Clone, Debug)]
+struct Rewrite {
+    dir: PathBuf,
+    in_force: PathBuf,
+    issuer: String,
 }
 
 impl Findings {
     fn fail(&self, start: Instant, what: String) {
         let t = start.elapsed().as_secs_f32();
-        self.failures
-            .lock()
-            .unwrap()
-            .push(format!("{t:.1}s: {what}"));
+        let mut failures = self.failures.lock().unwrap();
+        if failures.len() < FAILURES_KEPT {
+            failures.push(format!("{t:.1}s: {what}"));
+        } else {
+            self.failures_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -104,7 +126,8 @@ fn svids_rotate_under_load_and_a_ca_rotation_breaks_no_handshake_or_control_chan
     let server_dir = owned_dir(root.path(), "server", 1001)?;
     let client_dir = owned_dir(root.path(), "client", 1002)?;
 
-    // The readers: one inotifywait per directory, every svid.pem rename re-verified.
+    // The readers: one inotifywait per directory; at every IN_MOVED_TO of `..data` the three
+    // names (links into it) are re-verified with openssl, and the server reloads.
     let server_cfg: Arc<RwLock<Option<Arc<rustls::ServerConfig>>>> = Arc::default();
     let mut inotify = Vec::new();
     for dir in [&server_dir, &client_dir] {
@@ -115,20 +138,20 @@ fn svids_rotate_under_load_and_a_ca_rotation_breaks_no_handshake_or_control_chan
         let reload = (dir == server_dir).then(|| server_cfg.clone());
         std::thread::spawn(move || {
             for name in events {
-                if name != "svid.pem" {
+                if name != DATA {
                     continue;
                 }
-                match check_pair(&dir) {
-                    Ok(issuer) => findings
-                        .rewrites
-                        .lock()
-                        .unwrap()
-                        .push((dir.display().to_string(), issuer)),
+                match one_pair(&dir, &findings.raced, || check_pair(&dir)) {
+                    Ok((in_force, issuer)) => findings.rewrites.lock().unwrap().push(Rewrite {
+                        dir: dir.clone(),
+                        in_force,
+                        issuer,
+                    }),
                     Err(e) => findings.fail(start, format!("{}: {e:#}", dir.display())),
                 }
                 if let Some(cfg) = &reload {
-                    match server_config(&dir) {
-                        Ok(c) => *cfg.write().unwrap() = Some(Arc::new(c)),
+                    match one_pair(&dir, &findings.raced, || server_config(&dir)) {
+                        Ok((_, c)) => *cfg.write().unwrap() = Some(Arc::new(c)),
                         Err(e) => findings.fail(start, format!("server reload: {e:#}")),
                     }
                 }
@@ -152,6 +175,16 @@ fn svids_rotate_under_load_and_a_ca_rotation_breaks_no_handshake_or_control_chan
         )
     })?;
 
+    // The pollers: the pair read through the links and checked in process without pause, for
+    // the whole run.
+    let pollers: Vec<_> = [&server_dir, &client_dir]
+        .into_iter()
+        .map(|dir| {
+            let (dir, findings, stop) = (dir.clone(), findings.clone(), stop.clone());
+            std::thread::spawn(move || poll_pairs(&dir, &stop, &findings, start))
+        })
+        .collect();
+
     // The workloads: a rustls server on 127.0.0.1 with the server SVID (reloaded above), and
     // openssl s_client with the client SVID, read afresh for every handshake.
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -167,8 +200,8 @@ fn svids_rotate_under_load_and_a_ca_rotation_breaks_no_handshake_or_control_chan
         let dir = client_dir.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                match handshake(port, &dir) {
-                    Ok(()) => {
+                match one_pair(&dir, &findings.raced, || handshake(port, &dir)) {
+                    Ok(_) => {
                         findings.handshakes.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => findings.fail(start, format!("handshake: {e:#}")),
@@ -284,28 +317,106 @@ fn svids_rotate_under_load_and_a_ca_rotation_breaks_no_handshake_or_control_chan
     }
     stop.store(true, Ordering::Relaxed);
     let _ = client.join();
+    let polls: Vec<Polled> = pollers
+        .into_iter()
+        .map(|p| p.join().expect("a poller panicked"))
+        .collect();
+    // The last swap of each directory was announced: its reader saw `..data` move to it.
+    for dir in [&server_dir, &client_dir] {
+        wait_for("the last swap's event", Duration::from_secs(10), || {
+            let now = fs::read_link(dir.join(DATA))?;
+            let seen = findings
+                .rewrites
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.dir == *dir && r.in_force == now);
+            Ok(seen.then_some(()))
+        })?;
+    }
 
     let failures = findings.failures.lock().unwrap().clone();
+    let dropped = findings.failures_dropped.load(Ordering::Relaxed);
     let handshakes = findings.handshakes.load(Ordering::Relaxed);
     let rewrites = findings.rewrites.lock().unwrap().clone();
     eprintln!(
-        "{handshakes} handshakes ({} after both moved to the new CA), {} verified rewrites",
+        "{handshakes} handshakes ({} after both moved to the new CA), {} verified rewrites, \
+         {} reads raced a swap and were read again",
         handshakes - handshakes_at_switch,
-        rewrites.len()
+        rewrites.len(),
+        findings.raced.load(Ordering::Relaxed)
     );
+    for p in &polls {
+        eprintln!(
+            "poller {}: {} checks of the pair, {} directories in force seen",
+            p.dir.display(),
+            p.checks,
+            p.seen.len()
+        );
+    }
     if !failures.is_empty() {
         topo.dump_logs();
     }
-    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "failures ({dropped} more not shown):\n{}",
+        failures.join("\n")
+    );
     assert!(handshakes >= 100, "only {handshakes} handshakes");
     assert!(
         handshakes - handshakes_at_switch >= 10,
         "few handshakes on the new CA"
     );
     for dir in [&server_dir, &client_dir] {
-        let name = dir.display().to_string();
-        let n = rewrites.iter().filter(|(d, _)| *d == name).count();
-        assert!(n >= 5, "{name}: {n} rewrites in 2.5 lifetimes");
+        let mine: Vec<_> = rewrites.iter().filter(|r| r.dir == *dir).collect();
+        let n = mine.len();
+        assert!(n >= 5, "{}: {n} rewrites in 2.5 lifetimes", dir.display());
+        let distinct: BTreeSet<_> = mine.iter().map(|r| &r.in_force).collect();
+        assert_eq!(
+            distinct.len(),
+            n,
+            "every `..data` event named a new directory: {mine:?}"
+        );
+        assert!(
+            mine.iter().any(|r| r.issuer.contains("CA 2")),
+            "{}: no rewrite by the new CA",
+            dir.display()
+        );
+        let staged: Vec<_> = fs::read_dir(dir)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("..ztnet_"))
+            .collect();
+        assert!(
+            staged.len() <= 2,
+            "old hidden directories pile up: {staged:?}"
+        );
+    }
+    for p in &polls {
+        assert!(
+            p.checks >= 5_000,
+            "{}: only {} checks of the pair",
+            p.dir.display(),
+            p.checks
+        );
+        // Every directory that was ever in force was announced by an IN_MOVED_TO of `..data`.
+        let announced: BTreeSet<_> = rewrites
+            .iter()
+            .filter(|r| r.dir == p.dir)
+            .map(|r| &r.in_force)
+            .collect();
+        let unannounced: Vec<_> = p.seen.iter().filter(|d| !announced.contains(d)).collect();
+        assert!(
+            unannounced.is_empty(),
+            "{}: in force without a `..data` event: {unannounced:?}",
+            p.dir.display()
+        );
+        assert!(
+            p.seen.len() + 1 >= announced.len(),
+            "{}: the poller saw {} of {} directories in force",
+            p.dir.display(),
+            p.seen.len(),
+            announced.len()
+        );
     }
     // web1's control channel never dropped, through staging and the switch.
     let lost = node_log(&topo, "web1")
@@ -391,9 +502,100 @@ fn watch_dir(dir: &Path) -> Result<(Child, mpsc::Receiver<String>)> {
     bail!("inotifywait did not report the probe in {}", dir.display())
 }
 
-/// svid.pem verifies against bundle.pem, is unexpired, and belongs to svid.key; returns its
-/// issuer.
+/// The hidden directory `..data` points at; an error before the first SVID.
+fn in_force(dir: &Path) -> Result<PathBuf> {
+    fs::read_link(dir.join(DATA)).with_context(|| format!("no {DATA} in {}", dir.display()))
+}
+
+/// Runs `read` (which opens the three names one by one) and returns what it found with the
+/// directory in force, when `..data` pointed at the same directory before and after it. A
+/// swap between its opens is the one way such a reader can see two pairs; it then reads
+/// again, as docs/identity.md tells workloads to do.
+fn one_pair<T>(
+    dir: &Path,
+    raced: &AtomicU64,
+    mut read: impl FnMut() -> Result<T>,
+) -> Result<(PathBuf, T)> {
+    for _ in 0..5 {
+        let before = in_force(dir)?;
+        let found = read();
+        if in_force(dir)? == before {
+            return found.map(|v| (before, v));
+        }
+        raced.fetch_add(1, Ordering::Relaxed);
+    }
+    bail!(
+        "{DATA} in {} changed under five reads in a row",
+        dir.display()
+    )
+}
+
+/// What one poller did.
+struct Polled {
+    dir: PathBuf,
+    checks: u64,
+    seen: BTreeSet<PathBuf>,
+}
+
+/// Checks the pair in `dir` in process, read through the links, until `stop`.
+fn poll_pairs(dir: &Path, stop: &AtomicBool, findings: &Findings, start: Instant) -> Polled {
+    let provider = rustls::crypto::ring::default_provider();
+    let mut polled = Polled {
+        dir: dir.to_path_buf(),
+        checks: 0,
+        seen: BTreeSet::new(),
+    };
+    while !stop.load(Ordering::Relaxed) {
+        match one_pair(dir, &findings.raced, || check_in_process(dir, &provider)) {
+            Ok((in_force, ())) => {
+                polled.checks += 1;
+                polled.seen.insert(in_force);
+            }
+            Err(e) => findings.fail(start, format!("poller {}: {e:#}", dir.display())),
+        }
+        std::thread::sleep(POLL_PAUSE);
+    }
+    polled
+}
+
+/// svid.pem chains to bundle.pem, is valid now (webpki, as a TLS peer would check it), and
+/// svid.key is its private key.
+fn check_in_process(dir: &Path, provider: &rustls::crypto::CryptoProvider) -> Result<()> {
+    let chain: Vec<_> = rustls_pemfile::certs(&mut fs::read(dir.join("svid.pem"))?.as_slice())
+        .collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut fs::read(dir.join("svid.key"))?.as_slice())?
+        .context("svid.key holds no key")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls_pemfile::certs(&mut fs::read(dir.join("bundle.pem"))?.as_slice()) {
+        roots.add(ca?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(provider.clone()),
+    )
+    .build()?;
+    let (leaf, intermediates) = chain
+        .split_first()
+        .context("svid.pem holds no certificate")?;
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .context("svid.pem does not verify under bundle.pem now")?;
+    let signing = provider.key_provider.load_private_key(key)?;
+    rustls::sign::CertifiedKey::new(chain, signing)
+        .keys_match()
+        .context("svid.pem and svid.key are not a pair")?;
+    Ok(())
+}
+
+/// svid.pem verifies against bundle.pem, is unexpired, and belongs to svid.key, each name a
+/// link into `..data`; returns its issuer.
 fn check_pair(dir: &Path) -> Result<String> {
+    for name in ["svid.pem", "svid.key", "bundle.pem"] {
+        let link = fs::read_link(dir.join(name)).with_context(|| format!("{name} is no link"))?;
+        if link != Path::new(DATA).join(name) {
+            bail!("{name} links to {}, not into {DATA}", link.display());
+        }
+    }
     let cert = dir.join("svid.pem");
     let out = Command::new("openssl")
         .arg("verify")

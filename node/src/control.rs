@@ -7,6 +7,7 @@
 //!   fail-open);
 //! - [`CertValidity`]: node certificate expiry, clock skew and the renewal time;
 //! - [`Backoff`]: reconnect delays, with the jitter passed in;
+//! - [`reauth_delay`]: when to re-authenticate ahead of a `max_session` deadline;
 //! - [`classify`]: what a refusal from the coordinator means for the node.
 //!
 //! The I/O shell is in [`client`] (QUIC connections, enrollment, the session loop) and
@@ -338,6 +339,18 @@ impl CertValidity {
     }
 }
 
+/// The least time before a session deadline at which the node re-authenticates.
+pub const REAUTH_LEAD_MIN: Duration = Duration::from_secs(3);
+
+/// How long from now to open a new session, told a `max_session` of `max_session_secs` with
+/// `remaining_secs` left: a tenth of `max_session` before the deadline, at least
+/// [`REAUTH_LEAD_MIN`] and at most half of it; at once when less than that is left.
+pub fn reauth_delay(max_session_secs: u64, remaining_secs: u64) -> Duration {
+    let max = Duration::from_secs(max_session_secs);
+    let lead = (max / 10).max(REAUTH_LEAD_MIN).min(max / 2);
+    Duration::from_secs(remaining_secs).saturating_sub(lead)
+}
+
 /// Exponential reconnect delays from [`Backoff::MIN`] to [`Backoff::MAX`], with jitter.
 #[derive(Debug, Clone, Default)]
 pub struct Backoff {
@@ -651,6 +664,21 @@ mod tests {
         assert_eq!(b.next_delay(0.0), Backoff::MAX / 2);
         b.reset();
         assert_eq!(b.next_delay(0.0), Backoff::MIN);
+    }
+
+    #[test]
+    fn reauthentication_is_due_a_tenth_of_max_session_early_and_at_least_three_seconds() {
+        let s = Duration::from_secs;
+        // The shortest max_session: 3 s early, so 7 s into a fresh session.
+        assert_eq!(reauth_delay(10, 10), s(7));
+        assert_eq!(reauth_delay(10, 9), s(6));
+        // Eight hours: 48 minutes early.
+        assert_eq!(reauth_delay(8 * 3600, 8 * 3600), s(8 * 3600 - 48 * 60));
+        // Told late, or a deadline already due: at once.
+        assert_eq!(reauth_delay(10, 2), s(0));
+        assert_eq!(reauth_delay(10, 0), s(0));
+        // Never more than half of a (malformed) tiny max_session early.
+        assert_eq!(reauth_delay(4, 4), s(2));
     }
 
     #[test]

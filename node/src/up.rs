@@ -13,6 +13,7 @@ use crate::control::client::{self, Exit, NodeOptions};
 use crate::dataplane::Dataplane;
 use crate::netconfig::{DataplaneConfig, InterfaceConfig};
 use crate::state::StateDir;
+use ztnet_proto::token::JoinToken;
 
 /// Arguments of coordinator mode. Its `Debug` hides the token.
 #[derive(Clone)]
@@ -72,6 +73,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     if enrolled && args.token.is_some() {
         warn!("already enrolled: --token is not used (delete the state directory to re-enroll)");
+    }
+    if !enrolled {
+        // Refuse a bad name or token before a key file or an interface is made.
+        ztnet_proto::names::node(&name).map_err(|e| {
+            anyhow::anyhow!("{e} (give another with --name; names are single DNS labels)")
+        })?;
+        if let Some(token) = &args.token {
+            JoinToken::parse(token).context("--token")?;
+        }
     }
 
     let private_key = state.wg_key()?;

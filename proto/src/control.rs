@@ -147,6 +147,16 @@ pub enum ServerMsg {
         /// Why.
         error: ControlError,
     },
+    /// This session is closed with `reauthenticate` `remaining_secs` from now, because a
+    /// `[[posture]]` entry's `max_session` (`max_session_secs`) selects the node. Sent only to a
+    /// node whose hello said [`Hello::reauthenticates`], when the session's first posture is in
+    /// and when the deadline changes; the node opens a new session before it.
+    SessionDeadline {
+        /// The `max_session` that applies, in seconds.
+        max_session_secs: u64,
+        /// Seconds left, by the coordinator's clock, when this was sent.
+        remaining_secs: u64,
+    },
     /// A [`NodeMsg::WorkloadList`] or [`NodeMsg::SignSvid`] refused; the session goes on.
     WorkloadRefused {
         /// From the request.
@@ -224,6 +234,14 @@ pub struct Hello {
     pub have_version: Option<NetmapVersion>,
     /// Endpoints and posture.
     pub report: Report,
+    /// The node opens a new session by itself before a [`ServerMsg::SessionDeadline`]; only
+    /// such a node is sent one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reauthenticates: bool,
+    /// This session replaces a live session of the same node ahead of its deadline (a
+    /// re-authentication), over the same QUIC endpoint; the old one closes once this is up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replaces: bool,
     /// Optional messages this node understands ([`FEATURE_FLOWS`]). Empty from a node built
     /// before them, and ignored by a coordinator built before them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -274,7 +292,9 @@ pub struct Posture {
 #[error("{code}: {message}")]
 pub struct ControlError {
     /// Stable code: `token-invalid`, `token-expired`, `token-used-up`, `name-taken`,
-    /// `revoked`, `unknown-node`, `bad-request`, `protocol`, `internal`.
+    /// `revoked`, `unknown-node`, `bad-request`, `protocol`, `internal`; on an expired node
+    /// certificate `cert-expired`, `cert-key-mismatch` (not the node's TLS key on record) and
+    /// `renewal-only`; `reauthenticate` for a session past its `max_session`.
     pub code: String,
     /// Readable reason.
     pub message: String,

@@ -11,6 +11,7 @@ pub mod ca;
 pub mod control;
 pub mod frame;
 pub mod key;
+pub mod names;
 pub mod report;
 pub mod status;
 pub mod token;

@@ -61,4 +61,14 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Bytes sent to the peer (before encryption).
     pub tx_bytes: u64,
+    /// Handshake initiations this node sent to the peer. Absent from older nodes.
+    #[serde(default)]
+    pub initiations_sent: u64,
+    /// Handshake initiations from the peer that reached its session. Absent from older nodes.
+    #[serde(default)]
+    pub initiations_received: u64,
+    /// Initiations this node held back so as not to cross the peer's (FC-26). Absent from
+    /// older nodes.
+    #[serde(default)]
+    pub initiations_held: u64,
 }

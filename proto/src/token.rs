@@ -57,11 +57,25 @@ impl JoinToken {
     /// Parses the string form, tolerating surrounding whitespace.
     pub fn parse(s: &str) -> Result<JoinToken, TokenError> {
         let body = s.trim().strip_prefix(PREFIX).ok_or(TokenError::Prefix)?;
-        let json = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|e| TokenError::Corrupt(e.to_string()))?;
-        let token: JoinToken =
-            serde_json::from_slice(&json).map_err(|e| TokenError::Corrupt(e.to_string()))?;
+        let json = URL_SAFE_NO_PAD.decode(body).map_err(|e| {
+            TokenError::Corrupt(match e {
+                base64::DecodeError::InvalidByte(at, _) => format!(
+                    "character {} after the {PREFIX} prefix cannot be part of a token \
+                     (was it changed or wrapped when copied?)",
+                    at + 1
+                ),
+                _ => "it is cut short or has extra characters (copy the whole token, on one \
+                      line)"
+                    .into(),
+            })
+        })?;
+        let token: JoinToken = serde_json::from_slice(&json).map_err(|_| {
+            TokenError::Corrupt(
+                "its text decodes but does not hold a ztnet token (was it cut or joined \
+                 with something else?)"
+                    .into(),
+            )
+        })?;
         if token.coordinator.is_empty() {
             return Err(TokenError::Field("coordinator"));
         }
@@ -119,9 +133,15 @@ mod tests {
     #[test]
     fn garbage_tokens_are_refused() {
         assert_eq!(JoinToken::parse("hello").unwrap_err(), TokenError::Prefix);
-        assert!(matches!(
-            JoinToken::parse("ztjoin1_!!!"),
-            Err(TokenError::Corrupt(_))
-        ));
+        let bad_char = JoinToken::parse("ztjoin1_ab!c").unwrap_err().to_string();
+        assert!(bad_char.contains("character 3 after"), "{bad_char}");
+        let t = JoinToken::generate("[::1]:7443".into(), "ab".repeat(32)).encode();
+        let cut = JoinToken::parse(&t[..t.len() - 3]).unwrap_err().to_string();
+        assert!(cut.contains("corrupted"), "{cut}");
+        assert!(!cut.contains("symbol") && !cut.contains("offset"), "{cut}");
+        let not_json = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(b"{\"x\":1"));
+        let msg = JoinToken::parse(&not_json).unwrap_err().to_string();
+        assert!(msg.contains("does not hold a ztnet token"), "{msg}");
+        assert!(!msg.contains("EOF") && !msg.contains("line 1"), "{msg}");
     }
 }

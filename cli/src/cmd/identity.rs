@@ -1,15 +1,18 @@
 //! `ztnet identity fetch`: asks the local node's workload API for this process's X.509-SVID
 //! and writes the certificate chain, the private key (0600) and the trust bundle beside each
-//! other. Each file is replaced atomically (temporary file, fsync, rename, fsync of the
-//! directory) in the order bundle, key, certificate, so a workload that reloads when
-//! `svid.pem` changes finds all three new. `--watch` rewrites them at half of each SVID's life.
+//! other. By default ([`Layout::Swap`], see [`layout`]) the three names are symlinks into
+//! `..data`, and one rename of `..data` switches all three at once, so a reader sees the old
+//! pair or the new pair and never a mix; a workload reloads on `IN_MOVED_TO` of `..data`.
+//! `--layout flat` keeps the older three regular files, replaced one rename at a time (not
+//! atomic as a pair). `--watch` rewrites them at half of each SVID's life.
 //!
 //! Its `--output PATH` would clash with the global `--output FORMAT`, so `ztnet identity ...`
 //! is parsed by its own parser ([`run_if_identity`], called before the main one).
 
+pub mod layout;
+
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,6 +23,7 @@ use ztnet_proto::status::STATUS_DIR;
 use ztnet_proto::workload::{WorkloadReply, WorkloadRequest, X509Svid};
 
 use crate::output::{noteln, time, write_stdout};
+use layout::{Contents, Layout, SvidDir};
 
 /// How long to wait for the node's answer (it may wait 10 s on the coordinator).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -99,6 +103,9 @@ pub struct FetchArgs {
     /// Keep running: rewrite the files at half of each SVID's life.
     #[arg(long)]
     pub watch: bool,
+    /// How the files are laid out on disk (docs/identity.md, "Files and rotation").
+    #[arg(long, value_enum, default_value_t = Layout::Swap)]
+    pub layout: Layout,
 }
 
 /// Runs `ztnet identity fetch`.
@@ -107,20 +114,21 @@ pub fn fetch(args: &FetchArgs) -> Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| Path::new(STATUS_DIR).join(format!("{}.workload.sock", args.interface)));
-    let files = Files::beside(&args.output)?;
+    let files = SvidDir::beside(&args.output, args.layout)?;
+    let cert = files.cert_path();
     if !args.watch {
         let svid = fetch_one(&socket, args.spiffe_id.as_deref())?;
-        files.write(&svid)?;
+        files.write(contents(&svid))?;
         return write_stdout(&format!(
             "{} written to {} (valid until {})\n",
             svid.spiffe_id,
-            files.cert.display(),
+            cert.display(),
             time(svid.not_after)
         ));
     }
 
     // FC-22: say what is on disk before replacing it, in plain words.
-    let mut valid_until = match OnDisk::read(&files.cert) {
+    let mut valid_until = match OnDisk::read(&cert) {
         Some(disk) => {
             noteln!("{}", disk.describe(now_unix()));
             Some(disk.not_after)
@@ -130,14 +138,14 @@ pub fn fetch(args: &FetchArgs) -> Result<()> {
     let mut retry = Duration::from_secs(1);
     loop {
         match fetch_one(&socket, args.spiffe_id.as_deref()).and_then(|s| {
-            files.write(&s)?;
+            files.write(contents(&s))?;
             Ok(s)
         }) {
             Ok(svid) => {
                 noteln!(
                     "{} written to {} (valid until {})",
                     svid.spiffe_id,
-                    files.cert.display(),
+                    cert.display(),
                     time(svid.not_after)
                 );
                 retry = Duration::from_secs(1);
@@ -336,69 +344,13 @@ fn rfc3339(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
-/// The three files of an SVID.
-struct Files {
-    cert: PathBuf,
-    key: PathBuf,
-    bundle: PathBuf,
-    dir: PathBuf,
-}
-
-impl Files {
-    fn beside(cert: &Path) -> Result<Files> {
-        let dir = match cert.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !dir.is_dir() {
-            bail!("the output directory {} does not exist", dir.display());
-        }
-        if cert.file_name().is_none() {
-            bail!("--output {} names no file", cert.display());
-        }
-        Ok(Files {
-            cert: cert.to_path_buf(),
-            key: dir.join("svid.key"),
-            bundle: dir.join("bundle.pem"),
-            dir,
-        })
+/// The bytes of `svid` as they go to disk.
+fn contents(svid: &X509Svid) -> Contents<'_> {
+    Contents {
+        cert: svid.cert_chain_pem.as_bytes(),
+        key: svid.key_pem.as_bytes(),
+        bundle: svid.bundle_pem.as_bytes(),
     }
-
-    fn write(&self, svid: &X509Svid) -> Result<()> {
-        replace(&self.bundle, svid.bundle_pem.as_bytes(), 0o644)?;
-        replace(&self.key, svid.key_pem.as_bytes(), 0o600)?;
-        replace(&self.cert, svid.cert_chain_pem.as_bytes(), 0o644)?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing {}", self.dir.display()))
-    }
-}
-
-/// Writes `bytes` to a temporary file beside `path` with `mode`, fsyncs it, renames it over.
-fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let name = path
-        .file_name()
-        .context("the path names no file")?
-        .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let written = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have narrowed the mode; set it exactly before any byte lands.
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    Ok(())
 }
 
 fn now_unix() -> u64 {
@@ -410,22 +362,6 @@ fn now_unix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn replace_writes_the_key_owner_only_and_leaves_no_temporary_file() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let key = dir.path().join("svid.key");
-        fs::write(&key, "old").expect("write");
-        replace(&key, b"new", 0o600).expect("replace");
-        assert_eq!(fs::read_to_string(&key).expect("read"), "new");
-        let mode = fs::metadata(&key).expect("meta").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .expect("list")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(names.len(), 1, "{names:?}");
-    }
 
     #[test]
     fn fetch_takes_output_as_a_path() {
@@ -444,6 +380,12 @@ mod tests {
         let IdentityCmd::Fetch(a) = cli.command;
         assert_eq!(a.output, Path::new("/run/c/svid.pem"));
         assert!(a.watch);
+        assert_eq!(a.layout, Layout::Swap, "the atomic swap is the default");
+        let flat =
+            IdentityCli::try_parse_from(["identity", "fetch", "--output", "x", "--layout", "flat"])
+                .expect("parses");
+        let IdentityCmd::Fetch(a) = flat.command;
+        assert_eq!(a.layout, Layout::Flat);
     }
 
     #[test]
@@ -459,14 +401,6 @@ mod tests {
             late.contains("clock skew") && late.contains("expired"),
             "{late}"
         );
-    }
-
-    #[test]
-    fn output_in_a_missing_directory_is_refused() {
-        let e = Files::beside(Path::new("/nonexistent-ztnet-dir/svid.pem"))
-            .err()
-            .expect("refused");
-        assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
     /// An SVID made here with rcgen: a CA, a leaf for `id` valid in `window`, its key.

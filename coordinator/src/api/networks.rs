@@ -201,6 +201,12 @@ pub async fn revoke_token(
 ) -> Result<Json<TokenInfo>, ApiErr> {
     let network = find(&hub, &net).await?;
     let mut tx = hub.store.write().await?;
+    // Revoking twice changes nothing and writes no second audit entry.
+    if let Some(info) = tokens::find(&mut tx, network.id, &id).await?
+        && info.revoked
+    {
+        return Ok(Json(info));
+    }
     if !tokens::revoke(&mut tx, network.id, &id).await? {
         return Err(ApiErr::NotFound(format!("network {net} has no token {id}")));
     }

@@ -269,14 +269,40 @@ async fn find_node(
     network: &networks::Network,
     name: &str,
 ) -> Result<nodes::Node, ApiErr> {
-    nodes::by_name(&hub.store, network.id, name)
-        .await?
-        .ok_or_else(|| {
-            ApiErr::NotFound(format!(
-                "network {} has no node named {name:?}",
-                network.name
-            ))
-        })
+    if let Some(node) = nodes::by_name(&hub.store, network.id, name).await? {
+        return Ok(node);
+    }
+    // Say so when the name belongs to a revoked node: "no node named" reads as a typo.
+    let mut conn = hub.store.pool().acquire().await?;
+    let revoked = nodes::revoked(&mut conn, network.id).await?;
+    if let Some(gone) = revoked
+        .iter()
+        .rev()
+        .find(|n| n.name.eq_ignore_ascii_case(name))
+    {
+        let when = gone
+            .revoked_at
+            .map(|t| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                )
+                .to_string()
+            })
+            .unwrap_or_else(|| "an unknown time".into());
+        let reason = match gone.revoke_reason.as_deref() {
+            Some(r) if !r.is_empty() => format!(" ({r})"),
+            _ => String::new(),
+        };
+        return Err(ApiErr::Conflict(format!(
+            "node {} of network {} was revoked at {when}{reason}; a revoked node comes back \
+             only by enrolling again with a new token, as a new node",
+            gone.name, network.name
+        )));
+    }
+    Err(ApiErr::NotFound(format!(
+        "network {} has no node named {name:?}",
+        network.name
+    )))
 }
 
 fn info(hub: &Hub, network: &networks::Network, n: &nodes::Node) -> NodeInfo {

@@ -311,6 +311,62 @@ pub async fn add_cert(
     Ok(())
 }
 
+/// The form in which a node's TLS key is kept on record: the lowercase hex SHA-256 of the
+/// SubjectPublicKeyInfo of a DER certificate. `None` when the certificate does not parse.
+pub fn tls_key_hash(cert_der: &[u8]) -> Option<String> {
+    use sha2::Digest;
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).ok()?;
+    Some(hex::encode(sha2::Sha256::digest(
+        cert.tbs_certificate.subject_pki.raw,
+    )))
+}
+
+/// [`tls_key_hash`] of the first certificate of a PEM.
+pub fn tls_key_hash_pem(cert_pem: &str) -> Option<String> {
+    let mut reader = cert_pem.as_bytes();
+    let der = rustls_pemfile::certs(&mut reader).next()?.ok()?;
+    tls_key_hash(der.as_ref())
+}
+
+/// Records the TLS key (its [`tls_key_hash`]) of the certificate just issued to a node, in
+/// the caller's transaction: at enrollment and at every renewal.
+pub async fn set_tls_key(
+    conn: &mut SqliteConnection,
+    node: NodeId,
+    hash: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE nodes SET tls_spki_sha256 = ? WHERE id = ?")
+        .bind(hash)
+        .bind(node.0)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The TLS key on record for a node; `None` for a node enrolled before keys were recorded.
+pub async fn tls_key(store: &Store, node: NodeId) -> Result<Option<String>, StoreError> {
+    let row: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT tls_spki_sha256 FROM nodes WHERE id = ?")
+            .bind(node.0)
+            .fetch_optional(store.pool())
+            .await?;
+    Ok(row.and_then(|(h,)| h))
+}
+
+/// Records `hash` as a node's TLS key only when none is on record (a node enrolled before keys
+/// were recorded). True when it was filled in.
+pub async fn fill_tls_key(store: &Store, node: NodeId, hash: &str) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE nodes SET tls_spki_sha256 = ? WHERE id = ? AND tls_spki_sha256 IS NULL",
+    )
+    .bind(hash)
+    .bind(node.0)
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// The node a certificate serial was issued to, whatever its state.
 pub async fn by_cert_serial(store: &Store, serial: &str) -> Result<Option<Node>, StoreError> {
     let row: Option<Raw> = sqlx::query_as(&format!(
@@ -576,4 +632,119 @@ pub async fn switch_key(
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{networks, tokens};
+
+    async fn enrolled(store: &Store) -> Node {
+        let mut tx = store.write().await.expect("tx");
+        let network = networks::insert(
+            &mut tx,
+            "prod-vpc",
+            "100.64.0.0/16".parse().expect("v4"),
+            "fd00::/64".parse().expect("v6"),
+            false,
+        )
+        .await
+        .expect("network");
+        tokens::insert(
+            &mut tx,
+            &tokens::NewToken {
+                id: "t",
+                secret_hash: "h",
+                network: network.id,
+                namespace: "prod",
+                tags: &[],
+                uses: 1,
+                expires_at: u64::MAX / 4,
+                created_by: "test",
+                created_at: 0,
+            },
+        )
+        .await
+        .expect("token");
+        let node = insert(
+            &mut tx,
+            &NewNode {
+                network: network.id,
+                name: "web1",
+                namespace: "prod",
+                tags: &[],
+                spiffe_id: "spiffe://td/ns/prod/node/web1",
+                public_key: WgKey([1; 32]),
+                offset: 1,
+                ipv4: Ipv4Addr::new(100, 64, 0, 1),
+                ipv6: "fd00::1".parse().expect("v6"),
+                token_id: "t",
+                listen_port: 51820,
+                endpoints: &[],
+                version: "0",
+            },
+        )
+        .await
+        .expect("insert");
+        tx.commit().await.expect("commit");
+        node
+    }
+
+    fn cert_for(key: &rcgen::KeyPair) -> rcgen::Certificate {
+        rcgen::CertificateParams::new(vec!["n".into()])
+            .expect("params")
+            .self_signed(key)
+            .expect("cert")
+    }
+
+    #[test]
+    fn the_key_hash_is_the_certificates_spki_and_differs_per_key() {
+        let k1 = rcgen::KeyPair::generate().expect("key");
+        let k2 = rcgen::KeyPair::generate().expect("key");
+        let (a, b, c) = (cert_for(&k1), cert_for(&k1), cert_for(&k2));
+        let ha = tls_key_hash(a.der()).expect("parses");
+        assert_eq!(ha.len(), 64, "{ha}");
+        assert_eq!(
+            Some(ha.clone()),
+            tls_key_hash(b.der()),
+            "same key, same hash"
+        );
+        assert_ne!(Some(ha.clone()), tls_key_hash(c.der()), "another key");
+        assert_eq!(tls_key_hash_pem(&a.pem()), Some(ha));
+        assert_eq!(tls_key_hash(b"not a certificate"), None);
+        assert_eq!(tls_key_hash_pem("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn a_recorded_tls_key_is_replaced_by_a_renewal_and_never_by_a_fill() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).await.expect("open").store;
+        let node = enrolled(&store).await;
+        assert_eq!(tls_key(&store, node.id).await.expect("read"), None);
+
+        // A node enrolled before keys were recorded gets the first key it shows.
+        assert!(fill_tls_key(&store, node.id, "aa").await.expect("fill"));
+        assert!(!fill_tls_key(&store, node.id, "bb").await.expect("fill"));
+        assert_eq!(
+            tls_key(&store, node.id).await.expect("read").as_deref(),
+            Some("aa")
+        );
+
+        // A renewal records its new key; a rolled-back one changes nothing.
+        let mut tx = store.write().await.expect("tx");
+        set_tls_key(&mut tx, node.id, "cc").await.expect("set");
+        drop(tx);
+        assert_eq!(
+            tls_key(&store, node.id).await.expect("read").as_deref(),
+            Some("aa")
+        );
+        let mut tx = store.write().await.expect("tx");
+        set_tls_key(&mut tx, node.id, "cc").await.expect("set");
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            tls_key(&store, node.id).await.expect("read").as_deref(),
+            Some("cc")
+        );
+        assert_eq!(tls_key(&store, NodeId(999)).await.expect("read"), None);
+    }
 }

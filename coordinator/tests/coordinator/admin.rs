@@ -211,6 +211,15 @@ async fn tokens_carry_address_and_fingerprint_and_only_their_hash_is_stored() {
         )
         .await;
     assert_eq!(revoked["revoked"], true);
+    // A second revoke answers the same and audits nothing more.
+    let again = api
+        .ok(
+            "DELETE",
+            &format!("/v1/networks/prod-vpc/tokens/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(again["revoked"], true);
     let (status, _) = api
         .call("DELETE", "/v1/networks/prod-vpc/tokens/000000000000", None)
         .await;

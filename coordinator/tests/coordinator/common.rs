@@ -399,6 +399,8 @@ impl Session {
                 endpoints: vec![format!("10.1.2.3:{listen_port}").parse().unwrap()],
                 version: "test".into(),
             },
+            reauthenticates: false,
+            replaces: false,
             features: Vec::new(),
         });
         frame::write(&mut send, &hello).await.unwrap();

@@ -15,4 +15,5 @@ mod netmaps;
 mod policy;
 mod preview;
 mod revoke;
+mod session;
 mod workload;

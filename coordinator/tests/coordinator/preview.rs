@@ -94,6 +94,8 @@ async fn open_with_flows(coord: &Coord, node: &TestNode) -> Session {
             endpoints: vec![format!("10.1.2.3:{}", node.listen_port).parse().unwrap()],
             version: "test".into(),
         },
+        reauthenticates: false,
+        replaces: false,
         features: vec![FEATURE_FLOWS.into()],
     });
     frame::write(&mut send, &hello).await.unwrap();

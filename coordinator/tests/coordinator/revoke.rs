@@ -70,7 +70,7 @@ async fn a_revoked_node_leaves_every_netmap_and_its_key_stays_refused() {
     assert_eq!(code, "revoked");
     assert!(message.contains("revoked: disk stolen"), "{message}");
 
-    // It stays listed, with its state and reason; show and a second revoke do not find it.
+    // It stays listed, with its state and reason.
     let list = api.ok("GET", "/v1/networks/prod-vpc/nodes", None).await;
     let listed: Vec<(String, String)> = list
         .as_array()
@@ -85,15 +85,22 @@ async fn a_revoked_node_leaves_every_netmap_and_its_key_stays_refused() {
         .collect();
     assert!(listed.contains(&("db1".into(), "revoked".into())), "{list}");
     assert!(listed.contains(&("web1".into(), "active".into())), "{list}");
-    let (status, _) = api.get("/v1/networks/prod-vpc/nodes/db1").await;
-    assert_eq!(status, 404);
-    let (status, _) = api
-        .call(
-            "POST",
-            "/v1/networks/prod-vpc/nodes/db1/revoke",
-            Some(json!({})),
-        )
-        .await;
+    // Show, a second revoke and a key rotation say that it was revoked, not that it is unknown.
+    for (method, path) in [
+        ("GET", "/v1/networks/prod-vpc/nodes/db1"),
+        ("POST", "/v1/networks/prod-vpc/nodes/db1/revoke"),
+        ("POST", "/v1/networks/prod-vpc/nodes/DB1/rotate-key"),
+    ] {
+        let body = (method == "POST").then(|| json!({}));
+        let (status, answer) = api.call(method, path, body).await;
+        assert_eq!(status, 409, "{method} {path}: {answer}");
+        let text = answer.to_string();
+        assert!(
+            text.contains("db1 of network prod-vpc was revoked at") && text.contains("disk stolen"),
+            "{method} {path}: {answer}"
+        );
+    }
+    let (status, _) = api.get("/v1/networks/prod-vpc/nodes/nosuch").await;
     assert_eq!(status, 404);
 
     // A new token with the revoked WireGuard key is refused and uses nothing.

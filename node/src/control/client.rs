@@ -20,7 +20,7 @@ use ztnet_proto::{COORDINATOR_SERVER_NAME, JoinToken, PROTOCOL_VERSION, TokenErr
 use crate::control::{
     Backoff, CachedNetmap, CertTime, CertValidity, DataplaneSink, NetmapTracker, Refusal,
     UpdateRefused, classify, dataplane_config, deny_all_config, expired_peers, judge_cached,
-    rotation_due, tls, unix_to_rfc3339,
+    reauth_delay, rotation_due, tls, unix_to_rfc3339,
 };
 use crate::dataplane::peers::{KeyMismatch, MismatchKind};
 use crate::state::{Enrollment, NodeCerts, StateDir, StateError, new_tls_key};
@@ -51,6 +51,10 @@ const RESYNC_SPACING: Duration = Duration::from_secs(2);
 const RESYNC_ATTEMPTS: u32 = 3;
 /// How long the node stops asking after [`RESYNC_ATTEMPTS`] did not heal a mismatch.
 const RESYNC_QUIET: Duration = Duration::from_secs(60);
+/// How long a re-authentication waits for its new session's first message.
+const REAUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon a failed re-authentication is tried again, while the deadline is ahead.
+const REAUTH_RETRY: Duration = Duration::from_secs(1);
 /// The next WireGuard key while a rotation is under way (0600, like `wg.key`).
 const NEXT_WG_KEY: &str = "wg.key.next";
 
@@ -384,7 +388,7 @@ async fn connect_and_serve(ctx: &Ctx) -> anyhow::Result<SessionEnd> {
         }
         let key_pem = zeroize::Zeroizing::new(ctx.state.tls_key()?.serialize_pem());
         let config = tls::session_config(&certs.ca_pem, &certs.cert_pem, &key_pem)?;
-        let (_endpoint, conn) = match connect(&ctx.coordinator, config).await {
+        let (endpoint, conn) = match connect(&ctx.coordinator, config).await {
             Ok(c) => c,
             Err(e) => {
                 return Err(match problem {
@@ -405,7 +409,8 @@ async fn connect_and_serve(ctx: &Ctx) -> anyhow::Result<SessionEnd> {
                 }
             }
         }
-        let end = session(ctx, send, recv, validity).await;
+        let mut conn = conn;
+        let end = session(ctx, &endpoint, &mut conn, send, recv, validity).await;
         conn.close(0u32.into(), b"bye");
         return end;
     }
@@ -425,6 +430,8 @@ async fn renew_expired(
         protocol: PROTOCOL_VERSION,
         have_version: ctx.applier.have_version(),
         report: report(ctx),
+        reauthenticates: false,
+        replaces: false,
         features: Vec::new(),
     };
     frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
@@ -456,6 +463,14 @@ async fn renew_expired(
             Ok(None)
         }
         Err(e) if classify(&e) == Refusal::Revoked => Ok(Some(SessionEnd::Revoked(e))),
+        Err(e) if e.code == "cert-key-mismatch" => Err(anyhow!(
+            "the coordinator refused to renew the node certificate that expired at {} ({}): {}; \
+             this node's tls.key is not the key the coordinator has on record for it: put \
+             back the state directory's own tls.key, or enroll again with a new token",
+            unix_to_rfc3339(old.not_after),
+            e.code,
+            e.message
+        )),
         Err(e) => Err(anyhow!(
             "the coordinator refused to renew the node certificate that expired at {} ({}): {}",
             unix_to_rfc3339(old.not_after),
@@ -465,8 +480,14 @@ async fn renew_expired(
     }
 }
 
+/// Serves one session on `conn` until it ends. A `max_session` deadline from the coordinator
+/// is met by [`reauthenticate`]: a new session from the same endpoint replaces the live one in
+/// place (`conn`, the stream and the reader are swapped; the netmap in force and the data plane
+/// are not touched), so the node's traffic never stops for it.
 async fn session(
     ctx: &Ctx,
+    endpoint: &quinn::Endpoint,
+    conn: &mut quinn::Connection,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     validity: CertValidity,
@@ -476,6 +497,8 @@ async fn session(
         protocol: PROTOCOL_VERSION,
         have_version: ctx.applier.have_version(),
         report: report.clone(),
+        reauthenticates: true,
+        replaces: false,
         features: session_features(ctx),
     };
     frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
@@ -483,7 +506,11 @@ async fn session(
     frame::write(&mut send, &posture.first().await).await?;
 
     let (tx, mut rx) = mpsc::channel(16);
-    let _reader = AbortOnDrop(tokio::spawn(read_frames(recv, tx)));
+    let mut _reader = AbortOnDrop(tokio::spawn(read_frames(recv, tx)));
+    // The first message of a replacement session, handled before anything else it sends.
+    let mut first: Option<ServerMsg> = None;
+    // When to re-authenticate, and the deadline by which the coordinator cuts this session.
+    let mut reauth: Option<(Instant, Instant)> = None;
     ctx.sink.set_control_connected(true);
     info!(coordinator = %ctx.coordinator, node = %ctx.name, "control channel connected");
 
@@ -499,7 +526,7 @@ async fn session(
     let mut resync = Resync::default();
     loop {
         tokio::select! {
-            msg = rx.recv() => {
+            msg = next_message(&mut first, &mut rx) => {
                 let msg = match msg {
                     None => return Ok(SessionEnd::Lost("the coordinator closed the stream".into())),
                     Some(Err(e)) => return Ok(SessionEnd::Lost(e)),
@@ -548,6 +575,18 @@ async fn session(
                         let answer = crate::control::flow_answer(ctx.sink.as_ref(), id);
                         frame::write(&mut send, &answer).await?;
                     }
+                    ServerMsg::SessionDeadline { max_session_secs, remaining_secs } => {
+                        let now = Instant::now();
+                        let at = now + reauth_delay(max_session_secs, remaining_secs);
+                        let deadline = now + Duration::from_secs(remaining_secs);
+                        debug!(
+                            max_session_secs,
+                            remaining_secs,
+                            in_ms = at.duration_since(now).as_millis() as u64,
+                            "session deadline: re-authenticating ahead of it"
+                        );
+                        reauth = Some((at, deadline));
+                    }
                     ServerMsg::Error(e) => {
                         if classify(&e) == Refusal::Revoked {
                             return Ok(SessionEnd::Revoked(e));
@@ -587,6 +626,31 @@ async fn session(
                 report = now;
                 frame::write(&mut send, &NodeMsg::Report(report.clone())).await?;
             }
+            () = sleep_until_some(reauth.map(|(at, _)| at)) => {
+                match reauthenticate(ctx, endpoint, &mut posture).await {
+                    Ok(next) => {
+                        let old = std::mem::replace(conn, next.conn);
+                        send = next.send;
+                        rx = next.rx;
+                        _reader = next.reader;
+                        first = Some(next.first);
+                        old.close(0u32.into(), b"reauthenticated");
+                        reauth = None;
+                        info!("control session re-authenticated ahead of its max_session deadline");
+                    }
+                    Err(e) => {
+                        let deadline = reauth.map_or_else(Instant::now, |(_, d)| d);
+                        let retry = Instant::now() + REAUTH_RETRY;
+                        warn!(
+                            "re-authentication failed, the current session goes on: {}",
+                            causes(&e)
+                        );
+                        // Past the deadline the coordinator cuts this session and the node
+                        // connects again as after any loss.
+                        reauth = (retry < deadline).then_some((retry, deadline));
+                    }
+                }
+            }
             () = tokio::time::sleep_until(renew_deadline) => {
                 let key = new_tls_key().map_err(|e| anyhow!("making a TLS key: {e}"))?;
                 let csr_pem = csr_pem(&ctx.name, &key)?;
@@ -606,6 +670,86 @@ fn session_features(ctx: &Ctx) -> Vec<String> {
         features.push(ztnet_proto::control::FEATURE_FLOWS.to_string());
     }
     features
+}
+
+/// A session opened ahead of the live one's deadline, up to its first message.
+struct Replacement {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    rx: mpsc::Receiver<Result<ServerMsg, String>>,
+    reader: AbortOnDrop<()>,
+    first: ServerMsg,
+}
+
+/// Opens a new session from `endpoint` with the certificate on disk (`Hello::replaces`, then
+/// the posture), and waits for its first message. The coordinator makes it the node's current
+/// session when it reads the hello; the caller then drops the old one.
+async fn reauthenticate(
+    ctx: &Ctx,
+    endpoint: &quinn::Endpoint,
+    posture: &mut crate::posture::Reporter,
+) -> anyhow::Result<Replacement> {
+    let certs = ctx
+        .state
+        .certs()?
+        .context("the node certificate is missing from the state directory")?;
+    let key_pem = zeroize::Zeroizing::new(ctx.state.tls_key()?.serialize_pem());
+    let config = tls::session_config(&certs.ca_pem, &certs.cert_pem, &key_pem)?;
+    let conn = dial(endpoint, &ctx.coordinator, config).await?;
+    let opened = async {
+        let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            have_version: ctx.applier.have_version(),
+            report: report(ctx),
+            reauthenticates: true,
+            replaces: true,
+            features: session_features(ctx),
+        };
+        frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
+        frame::write(&mut send, &posture.first().await).await?;
+        let (tx, mut rx) = mpsc::channel(16);
+        let reader = AbortOnDrop(tokio::spawn(read_frames(recv, tx)));
+        let first = tokio::time::timeout(REAUTH_TIMEOUT, rx.recv())
+            .await
+            .map_err(|_| anyhow!("no answer within {}s", REAUTH_TIMEOUT.as_secs()))?
+            .context("the coordinator closed the new session without answering")?
+            .map_err(|e| anyhow!(e))?;
+        anyhow::Ok((send, rx, reader, first))
+    }
+    .await;
+    match opened {
+        Ok((send, rx, reader, first)) => Ok(Replacement {
+            conn,
+            send,
+            rx,
+            reader,
+            first,
+        }),
+        Err(e) => {
+            conn.close(0u32.into(), b"reauthentication failed");
+            Err(e)
+        }
+    }
+}
+
+/// The held-back first message of a replacement session, else the next one from the reader.
+async fn next_message(
+    first: &mut Option<ServerMsg>,
+    rx: &mut mpsc::Receiver<Result<ServerMsg, String>>,
+) -> Option<Result<ServerMsg, String>> {
+    match first.take() {
+        Some(m) => Some(Ok(m)),
+        None => rx.recv().await,
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sends the next key's public half, making the key first when there is none on disk.
@@ -1047,9 +1191,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Dials the coordinator over QUIC with a fresh client endpoint.
 async fn connect(
     coordinator: &str,
-    mut config: quinn::ClientConfig,
+    config: quinn::ClientConfig,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
-    config.transport_config(Arc::new(transport()?));
     let addr = resolve(coordinator).await?;
     let bind: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
@@ -1057,6 +1200,19 @@ async fn connect(
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket for QUIC")?;
+    let conn = dial(&endpoint, coordinator, config).await?;
+    Ok((endpoint, conn))
+}
+
+/// Dials the coordinator over QUIC from `endpoint`: a re-authentication reuses the live
+/// session's endpoint, so the coordinator sees the new session come from the same address.
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    coordinator: &str,
+    mut config: quinn::ClientConfig,
+) -> anyhow::Result<quinn::Connection> {
+    config.transport_config(Arc::new(transport()?));
+    let addr = resolve(coordinator).await?;
     let connecting = endpoint
         .connect_with(config, addr, COORDINATOR_SERVER_NAME)
         .context("starting the QUIC handshake")?;
@@ -1065,7 +1221,7 @@ async fn connect(
         .map_err(|_| anyhow!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))
         .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to the coordinator at {coordinator} ({addr})"))?;
-    Ok((endpoint, conn))
+    Ok(conn)
 }
 
 /// QUIC timers of the control channel: a keep-alive every 2 s and an idle timeout of 8 s, so a
@@ -1111,6 +1267,7 @@ fn msg_kind(m: &ServerMsg) -> &'static str {
         ServerMsg::SwitchKey { .. } => "switch-key",
         ServerMsg::RotateRefused { .. } => "rotate-refused",
         ServerMsg::FlowQuery { .. } => "flow-query",
+        ServerMsg::SessionDeadline { .. } => "session-deadline",
     }
 }
 

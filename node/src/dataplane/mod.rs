@@ -27,6 +27,7 @@ pub mod iface;
 pub mod offload;
 pub mod peers;
 mod plain;
+mod rekey;
 pub mod routes;
 mod source;
 mod sys;
@@ -357,6 +358,9 @@ impl Shared {
                 }),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
+                initiations_sent: p.initiations_sent,
+                initiations_received: p.initiations_received,
+                initiations_held: p.initiations_held,
             })
             .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -784,7 +788,7 @@ fn timer_loop(s: &Shared) {
     while !s.stopping() {
         let events = {
             let table = s.table.read().unwrap_or_else(|p| p.into_inner());
-            table.handle_timers(&mut buf, &mut io)
+            table.handle_timers(Instant::now(), &mut buf, &mut io)
         };
         for e in events {
             match e {

@@ -35,6 +35,7 @@ use netpolicy::{Filter, Verdict};
 use ztnet_proto::{PrivateKey, WgKey};
 
 use super::counters::{Counters, DropReason};
+use super::rekey;
 use super::routes::PrefixTable;
 use crate::netconfig::PeerConfig;
 
@@ -133,6 +134,12 @@ pub struct PeerSnapshot {
     pub tx_bytes: u64,
     /// Bytes received from the peer, after decryption.
     pub rx_bytes: u64,
+    /// Handshake initiations sent to the peer (first handshakes, rekeys, retries).
+    pub initiations_sent: u64,
+    /// Handshake initiations from the peer that reached its session (after the MAC check).
+    pub initiations_received: u64,
+    /// Fresh initiations held back by the tie-break of [`rekey::defers`].
+    pub initiations_held: u64,
 }
 
 /// The node's peers and how packets reach them. See the module doc for the order of calls.
@@ -186,6 +193,16 @@ struct PeerState {
     /// The last key mismatch seen from this peer, until an authenticated packet from it shows
     /// that the keys agree again: shown in status as a warning.
     mismatch: Option<String>,
+    /// This node initiated the session in force (it processed the handshake response and
+    /// answered no initiation since): it is the one to rekey an idle session.
+    own_session: bool,
+    /// Rekeys of idle sessions started, for the jitter.
+    rekey_round: u32,
+    /// When `tunn` last produced a handshake initiation (sent or held).
+    last_initiation: Option<Instant>,
+    initiations_sent: u64,
+    initiations_received: u64,
+    initiations_held: u64,
 }
 
 /// The kind of an incoming WireGuard message, kept to decide what authenticates.
@@ -330,6 +347,8 @@ impl PeerTable {
                         );
                         state.tunn_key = seen;
                         state.initiate = state.endpoint.is_some();
+                        state.own_session = false;
+                        state.last_initiation = None;
                     }
                     drop(state);
                     Peer {
@@ -391,6 +410,7 @@ impl PeerTable {
         match state.tunn.encapsulate(packet, buf) {
             TunnResult::WriteToNetwork(datagram) => {
                 let sent = if is_initiation(datagram) {
+                    state.last_initiation = Some(now);
                     state.send_initiation(datagram, out)
                 } else if let Some(to) = state.endpoint {
                     out.send_udp_from(to, state.source, datagram);
@@ -440,6 +460,9 @@ impl PeerTable {
         };
         let peer = &self.peers[slot];
         let mut state = lock(&peer.state);
+        if let Kind::Init(_) = kind {
+            state.initiations_received += 1;
+        }
         if let Kind::Init(key) = kind
             && key != state.tunn_key.0
         {
@@ -462,6 +485,13 @@ impl PeerTable {
                 let authenticated = reply.first() != Some(&3);
                 out.send_udp_from(from, local, reply);
                 if authenticated {
+                    match kind {
+                        // Answered: the peer started the newest session and rekeys it.
+                        Kind::Init(_) => state.own_session = false,
+                        // The answer to this node's initiation: its session now.
+                        Kind::Response => state.own_session = true,
+                        Kind::Cookie | Kind::Data => {}
+                    }
                     state.authenticated(from, local);
                     self.flush_queue(&mut state, buf, out);
                 }
@@ -487,24 +517,53 @@ impl PeerTable {
     }
 
     /// Runs boringtun's timers for every peer: first handshakes of new peers, handshake
-    /// retries (each to the next endpoint while unanswered), keepalives, rekeys, expiry.
-    /// Returns the sessions that came up or went down since the last call.
-    pub fn handle_timers(&self, buf: &mut [u8], out: &mut impl Transmit) -> Vec<SessionEvent> {
+    /// retries (each to the next endpoint while unanswered), keepalives, rekeys, expiry, and
+    /// the rekeys of idle keepalive sessions that boringtun leaves out ([`rekey`]). `now` is
+    /// the time of the tick. Returns the sessions that came up or went down since the last
+    /// call.
+    pub fn handle_timers(
+        &self,
+        now: Instant,
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) -> Vec<SessionEvent> {
         self.rate_limiter.reset_count();
         let mut events = Vec::new();
         for peer in &self.peers {
             let mut state = lock(&peer.state);
+            let keepalive = peer.config.persistent_keepalive.is_some_and(|k| k > 0);
             if std::mem::take(&mut state.initiate) && !has_session(&state.tunn) {
                 // Not forced: a handshake already under way is left to its own retries.
                 if let TunnResult::WriteToNetwork(d) =
                     state.tunn.format_handshake_initiation(buf, false)
                 {
+                    state.last_initiation = Some(now);
                     state.send_initiation(d, out);
                 }
             }
+            if keepalive {
+                self.rekey_idle(peer, &mut state, now, buf, out);
+            }
             match state.tunn.update_timers(buf) {
                 TunnResult::WriteToNetwork(datagram) if is_initiation(datagram) => {
-                    state.send_initiation(datagram, out);
+                    let fresh = state
+                        .last_initiation
+                        .is_none_or(|t| now.saturating_duration_since(t) >= rekey::FRESH_GAP);
+                    state.last_initiation = Some(now);
+                    if fresh
+                        && keepalive
+                        && !has_session(&state.tunn)
+                        && rekey::defers(self.public.as_bytes(), &state.tunn_key.0)
+                    {
+                        // boringtun resends it in 5 s unless the peer's comes first.
+                        state.initiations_held += 1;
+                        tracing::debug!(
+                            peer = %peer.config.name,
+                            "no session: holding this side's initiation back for the peer's"
+                        );
+                    } else {
+                        state.send_initiation(datagram, out);
+                    }
                 }
                 TunnResult::WriteToNetwork(datagram) => {
                     if let Some(to) = state.endpoint {
@@ -541,6 +600,9 @@ impl PeerTable {
                     since_handshake: since,
                     tx_bytes: tx as u64,
                     rx_bytes: rx as u64,
+                    initiations_sent: state.initiations_sent,
+                    initiations_received: state.initiations_received,
+                    initiations_held: state.initiations_held,
                 }
             })
             .collect()
@@ -619,6 +681,12 @@ impl PeerTable {
                 initiate: endpoint.is_some(),
                 seen_key: None,
                 mismatch: None,
+                own_session: false,
+                rekey_round: 0,
+                last_initiation: None,
+                initiations_sent: 0,
+                initiations_received: 0,
+                initiations_held: 0,
             })),
         }
     }
@@ -771,10 +839,45 @@ impl PeerTable {
                 );
                 state.tunn = tunn;
                 state.tunn_key = key;
+                state.own_session = false;
+                state.last_initiation = None;
                 state.authenticated(from, local);
             }
             TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
             _ => self.counters.drop_packet(DropReason::HandshakeFailed),
+        }
+    }
+
+    /// Starts the rekey of an idle keepalive session that is due ([`rekey::due`]); boringtun
+    /// would let it lapse instead. A handshake already under way is left alone.
+    fn rekey_idle(
+        &self,
+        peer: &Peer,
+        state: &mut PeerState,
+        now: Instant,
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
+        if !has_session(&state.tunn) {
+            return;
+        }
+        let Some(age) = state.tunn.time_since_last_handshake() else {
+            return;
+        };
+        let jitter = rekey::jitter(peer.index, state.rekey_round);
+        if !rekey::due(state.own_session, age, jitter) {
+            return;
+        }
+        if let TunnResult::WriteToNetwork(d) = state.tunn.format_handshake_initiation(buf, false) {
+            state.rekey_round = state.rekey_round.wrapping_add(1);
+            state.last_initiation = Some(now);
+            tracing::debug!(
+                peer = %peer.config.name,
+                age_s = age.as_secs(),
+                initiator = state.own_session,
+                "rekeying an idle session"
+            );
+            state.send_initiation(d, out);
         }
     }
 
@@ -868,6 +971,7 @@ impl PeerState {
         };
         out.send_udp_from(to, self.source, datagram);
         self.unanswered = true;
+        self.initiations_sent += 1;
         true
     }
 }
@@ -1146,7 +1250,9 @@ ports = ["any"]
         fn tick(&mut self, name: &str) {
             let i = self.node(name);
             let mut wire = Wire::default();
-            self.nodes[i].table.handle_timers(&mut self.buf, &mut wire);
+            self.nodes[i]
+                .table
+                .handle_timers(Instant::now(), &mut self.buf, &mut wire);
             self.absorb(i, wire);
             self.pump();
         }

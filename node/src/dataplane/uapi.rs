@@ -537,6 +537,9 @@ mod tests {
             since_handshake: Some(Duration::from_secs(5)),
             tx_bytes: 10,
             rx_bytes: 20,
+            initiations_sent: 1,
+            initiations_received: 0,
+            initiations_held: 0,
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
 

@@ -360,7 +360,9 @@ Examples:
     )]
     WhoCanReach(PolicyWhoArgs),
     /// Shows the access pairs a policy document would add and remove, compared with the policy
-    /// in force, over the network's current nodes. Changes nothing.
+    /// in force, over the network's current nodes; the open flows it would cut, as the nodes
+    /// report them now; and the nodes its [[posture]] entries would quarantine or release.
+    /// Changes nothing.
     #[command(after_help = "Example:\n  ztnet policy diff --network prod-vpc -f new.toml")]
     Diff(PolicyDiffArgs),
 }

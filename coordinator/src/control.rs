@@ -27,7 +27,9 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tracing::{Instrument, debug, info, info_span, warn};
-use ztnet_proto::control::{ControlError, Hello, NetmapUpdate, NodeMsg, ServerMsg};
+use ztnet_proto::control::{
+    ControlError, Hello, MAX_FLOWS_ANSWERED, NetmapUpdate, NodeMsg, ServerMsg,
+};
 use ztnet_proto::frame;
 
 use crate::enroll::{enroll, refuse};
@@ -347,6 +349,7 @@ fn msg_kind(msg: &NodeMsg) -> &'static str {
         NodeMsg::Posture(_) => "posture",
         NodeMsg::WorkloadList { .. } => "workload-list",
         NodeMsg::SignSvid { .. } => "sign-svid",
+        NodeMsg::Flows { .. } => "flows",
     }
 }
 
@@ -437,6 +440,9 @@ async fn run_session(
             );
             return close_with(&conn, &mut send, err).await;
         }
+    }
+    if hello.has_feature(ztnet_proto::control::FEATURE_FLOWS) {
+        hub.enable_flow_queries(node.id, conn_id);
     }
     if replacing {
         // The node's re-authentication ahead of its max_session deadline: the old session was
@@ -565,6 +571,15 @@ async fn on_message(
             frame::write(send, &answer)
                 .await
                 .map_err(|e| refuse("protocol", e.to_string()))?;
+        }
+        NodeMsg::Flows {
+            id,
+            mut flows,
+            truncated,
+        } => {
+            let truncated = truncated || flows.len() > MAX_FLOWS_ANSWERED;
+            flows.truncate(MAX_FLOWS_ANSWERED);
+            hub.answer_flows(node.id, id, crate::hub::FlowAnswer { flows, truncated });
         }
         NodeMsg::Enroll(_) | NodeMsg::Hello(_) => {
             return Err(refuse(

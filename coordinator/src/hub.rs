@@ -54,6 +54,26 @@ struct Session {
     conn_id: u64,
     remote: SocketAddr,
     tx: mpsc::UnboundedSender<SessionEvent>,
+    /// Its hello announced the flow query.
+    answers_flows: bool,
+}
+
+/// A node's answer to a flow query.
+#[derive(Debug)]
+pub struct FlowAnswer {
+    /// At most [`ztnet_proto::control::MAX_FLOWS_ANSWERED`] open flows.
+    pub flows: Vec<netpolicy::OpenFlow>,
+    /// The node had more than it sent.
+    pub truncated: bool,
+}
+
+/// Why a node's flows cannot be asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoFlowQuery {
+    /// No control session.
+    Offline,
+    /// Its session did not announce the query (a ztnet-node built before it).
+    Unsupported,
 }
 
 /// Everything the admin API and the control server share.
@@ -76,6 +96,9 @@ pub struct Hub {
     /// Key rotations an operator asked for, not yet started by their node.
     pub rotations: crate::rotation::Requests,
     rotation_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Flow queries waiting for their answer: id to the node asked and where the answer goes.
+    flow_queries: Mutex<HashMap<u64, (NodeId, tokio::sync::oneshot::Sender<FlowAnswer>)>>,
+    next_flow_query: AtomicU64,
 }
 
 /// Locks a std mutex, carrying on with the data if a holder panicked (every critical section
@@ -105,6 +128,8 @@ impl Hub {
             apply_lock: tokio::sync::Mutex::new(()),
             rotations: crate::rotation::Requests::default(),
             rotation_locks: Mutex::new(HashMap::new()),
+            flow_queries: Mutex::new(HashMap::new()),
+            next_flow_query: AtomicU64::new(1),
         };
         for network in networks::list(&hub.store).await? {
             let history = policies::history(&hub.store, network.id).await?;
@@ -182,6 +207,7 @@ impl Hub {
             conn_id,
             remote,
             tx: tx.clone(),
+            answers_flows: false,
         };
         // Register first, read the node's state second: a revoke or delete commits before it
         // closes sessions, so either it finds this session or this read sees it gone.
@@ -245,6 +271,55 @@ impl Hub {
         lock(&self.sessions)
             .get(&node)
             .is_some_and(|s| s.tx.send(SessionEvent::Send(Box::new(msg))).is_ok())
+    }
+
+    /// Records that a node's session (still the live one) answers flow queries.
+    pub fn enable_flow_queries(&self, node: NodeId, conn_id: u64) {
+        if let Some(s) = lock(&self.sessions).get_mut(&node)
+            && s.conn_id == conn_id
+        {
+            s.answers_flows = true;
+        }
+    }
+
+    /// Sends a node a flow query; the answer arrives on the receiver. Call
+    /// [`Hub::forget_flow_query`] with the id when giving up on it.
+    pub fn ask_flows(
+        &self,
+        node: NodeId,
+    ) -> Result<(u64, tokio::sync::oneshot::Receiver<FlowAnswer>), NoFlowQuery> {
+        let id = self.next_flow_query.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sessions = lock(&self.sessions);
+        let session = sessions.get(&node).ok_or(NoFlowQuery::Offline)?;
+        if !session.answers_flows {
+            return Err(NoFlowQuery::Unsupported);
+        }
+        lock(&self.flow_queries).insert(id, (node, tx));
+        let msg = ServerMsg::FlowQuery { id };
+        if session.tx.send(SessionEvent::Send(Box::new(msg))).is_err() {
+            lock(&self.flow_queries).remove(&id);
+            return Err(NoFlowQuery::Offline);
+        }
+        Ok((id, rx))
+    }
+
+    /// Hands a node's answer to the query waiting for it. An answer to a query that was not
+    /// sent to this node, or that was given up, is dropped.
+    pub fn answer_flows(&self, node: NodeId, id: u64, answer: FlowAnswer) {
+        let mut queries = lock(&self.flow_queries);
+        if queries.get(&id).is_some_and(|(asked, _)| *asked == node)
+            && let Some((_, tx)) = queries.remove(&id)
+        {
+            let _ = tx.send(answer);
+        } else {
+            debug!(query = id, "flow answer for no waiting query dropped");
+        }
+    }
+
+    /// Gives up on a flow query.
+    pub fn forget_flow_query(&self, id: u64) {
+        lock(&self.flow_queries).remove(&id);
     }
 
     /// The lock that runs one key rotation of a node at a time.

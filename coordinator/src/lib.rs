@@ -16,6 +16,7 @@ pub mod names;
 pub mod netmap;
 pub mod policy;
 pub mod posture;
+pub mod preview;
 pub mod rotation;
 pub mod store;
 pub mod workload;

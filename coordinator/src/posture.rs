@@ -111,7 +111,7 @@ fn nonce() -> u64 {
     *NONCE.get_or_init(|| rand::RngCore::next_u64(&mut rand::rngs::OsRng))
 }
 
-fn session_key(conn_id: u64) -> String {
+pub(crate) fn session_key(conn_id: u64) -> String {
     format!("{:016x}-{conn_id}", nonce())
 }
 

@@ -17,6 +17,7 @@ use crate::compile::RuleEntry;
 pub(crate) use crate::flows::Direction;
 use crate::flows::{Find, Flow, FlowKey, FlowTable, TcpState};
 use crate::model::{PacketClass, PortSpec};
+use crate::open::{self, FlowFate, FlowSnapshot, OpenFlow};
 use crate::packet::{
     self, Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, Transport,
 };
@@ -176,22 +177,8 @@ impl State {
             else {
                 return false;
             };
-            let table = match flow.origin {
-                Direction::Outbound => &tables.outbound,
-                Direction::Inbound => &tables.inbound,
-            };
-            let (src, dst, port) = match flow.origin {
-                Direction::Outbound => (key.local(), key.remote(), key.remote_port()),
-                Direction::Inbound => (key.remote(), key.local(), key.local_port()),
-            };
-            let class = match key.proto() {
-                PROTO_TCP => PacketClass::Tcp(port),
-                PROTO_UDP => PacketClass::Udp(port),
-                _ if flow.echo => PacketClass::IcmpEcho,
-                _ => PacketClass::Other,
-            };
             matches!(
-                table.decide(&src, &dst, key.v4(), class),
+                rejudge(tables, key, flow.origin, flow.echo),
                 Some(e) if e.kind == RuleKind::Grant
             )
         });
@@ -201,6 +188,53 @@ impl State {
 
     pub(crate) fn flow_count(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Copies at most `limit` live flows that are not ending, and counts all of them.
+    pub(crate) fn flow_snapshot(&self, now: Instant, limit: usize) -> FlowSnapshot {
+        let now = self.ticks_peek(now);
+        let mut entries = Vec::with_capacity(limit.min(self.flows.len()));
+        let mut live = 0;
+        for (key, flow) in self.flows.iter() {
+            if !open::listed(flow, now) {
+                continue;
+            }
+            live += 1;
+            if entries.len() < limit {
+                entries.push((*key, *flow));
+            }
+        }
+        let names = self
+            .peers
+            .iter()
+            .map(|p| p.tables.as_ref().map(|_| p.name.clone()))
+            .collect();
+        FlowSnapshot {
+            entries,
+            names,
+            live,
+            now,
+        }
+    }
+
+    /// How the installed rules judge an open flow: as [`State::install`] judges each one.
+    pub(crate) fn judge_open_flow(&self, flow: &OpenFlow) -> FlowFate {
+        let Some((key, origin)) = open::key_of(flow) else {
+            return FlowFate::Malformed;
+        };
+        let Some(tables) = self
+            .by_name
+            .get(flow.peer.as_str())
+            .and_then(|&slot| self.peers.get(slot as usize))
+            .and_then(|p| p.tables.as_ref())
+        else {
+            return FlowFate::PeerGone;
+        };
+        match rejudge(tables, &key, origin, flow.echo) {
+            Some(e) if e.kind == RuleKind::Grant => FlowFate::Kept(e.rule),
+            Some(e) => FlowFate::Denied(e.rule),
+            None => FlowFate::NoRule,
+        }
     }
 
     /// The handle of a peer, if the installed spec has it.
@@ -249,6 +283,17 @@ impl State {
             Some((last, ticks)) if last == now => ticks,
             _ => self.ticks_of(now),
         }
+    }
+
+    /// [`State::ticks`] without remembering `now`.
+    fn ticks_peek(&self, now: Instant) -> u64 {
+        let Some(epoch) = self.epoch else {
+            return 0;
+        };
+        let d = now.saturating_duration_since(epoch);
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
     }
 
     #[inline(never)]
@@ -664,6 +709,31 @@ impl State {
     }
 }
 
+/// The entry that decides an open flow now, as if its first packet came from the side that
+/// opened it: what `install` keeps a flow by, and what [`State::judge_open_flow`] answers.
+fn rejudge<'a>(
+    tables: &'a PeerTable,
+    key: &FlowKey,
+    origin: Direction,
+    echo: bool,
+) -> Option<&'a CompiledEntry> {
+    let table = match origin {
+        Direction::Outbound => &tables.outbound,
+        Direction::Inbound => &tables.inbound,
+    };
+    let (src, dst, port) = match origin {
+        Direction::Outbound => (key.local(), key.remote(), key.remote_port()),
+        Direction::Inbound => (key.remote(), key.local(), key.local_port()),
+    };
+    let class = match key.proto() {
+        PROTO_TCP => PacketClass::Tcp(port),
+        PROTO_UDP => PacketClass::Udp(port),
+        _ if echo => PacketClass::IcmpEcho,
+        _ => PacketClass::Other,
+    };
+    table.decide(&src, &dst, key.v4(), class)
+}
+
 /// The key of a TCP or UDP packet's flow.
 #[inline]
 fn ported_key(
@@ -946,6 +1016,18 @@ impl Flow {
             (PROTO_UDP, _) => ns(UDP_UNREPLIED_TIMEOUT),
             _ if self.echo => ns(ICMP_TIMEOUT),
             _ => ns(OTHER_TIMEOUT),
+        }
+    }
+
+    /// The timeout that the flow's last packet set: its idle time is this minus what is left.
+    pub(crate) fn lifetime(&self, proto: u8) -> u64 {
+        match (proto, self.tcp) {
+            (PROTO_TCP, TcpState::Opening) => ns(TCP_OPENING_TIMEOUT),
+            (PROTO_TCP, TcpState::Established) => ns(TCP_ESTABLISHED_TIMEOUT),
+            (PROTO_TCP, TcpState::Closing) => ns(TCP_CLOSING_TIMEOUT),
+            (PROTO_TCP, TcpState::Reset) => ns(TCP_RESET_TIMEOUT),
+            _ if self.echo => ns(ICMP_TIMEOUT),
+            _ => self.idle_timeout(proto),
         }
     }
 

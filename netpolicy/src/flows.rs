@@ -277,6 +277,15 @@ impl FlowTable {
         true
     }
 
+    /// Every entry, expired ones not yet removed included, in slot order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&FlowKey, &Flow)> {
+        self.tags
+            .iter()
+            .zip(&self.slots)
+            .filter(|(t, _)| **t != EMPTY_TAG)
+            .map(|(_, s)| (&s.key, &s.flow))
+    }
+
     /// Keeps the flows for which `keep` is true; it sees each flow once.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&FlowKey, &mut Flow) -> bool) {
         let n = self.slots.len();

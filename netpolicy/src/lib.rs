@@ -22,6 +22,7 @@ mod compile;
 mod filter;
 mod flows;
 mod model;
+mod open;
 mod packet;
 mod parse;
 mod query;
@@ -34,6 +35,7 @@ pub use filter::{
     UDP_UNREPLIED_TIMEOUT,
 };
 pub use model::{PostureFacts, PostureRule, parse_version};
+pub use open::{FlowFate, FlowOrigin, FlowSnapshot, FlowState, OpenFlow};
 pub use query::{AccessChange, AccessDiff, QueryError, Reacher, diff, who_can_reach};
 pub use render::{render_diagnostics, render_test_report};
 
@@ -352,6 +354,20 @@ impl Filter {
     /// Number of flows in the table, expired ones not yet swept included.
     pub fn flow_count(&self) -> usize {
         self.state.flow_count()
+    }
+
+    /// Copies at most `limit` of the flows live at `now` that are not ending (TCP after FIN
+    /// both ways or a RST), and counts them all. Only copies: call [`FlowSnapshot::flows`]
+    /// after releasing whatever lock guards the filter.
+    pub fn flow_snapshot(&self, now: Instant, limit: usize) -> FlowSnapshot {
+        self.state.flow_snapshot(now, limit)
+    }
+
+    /// How the installed spec judges an open flow (of this filter's node, from any filter's
+    /// snapshot): exactly as [`Filter::install`] re-checks every open flow, so a flow that is
+    /// not [`FlowFate::Kept`] here stops when this spec is installed on its node.
+    pub fn judge_open_flow(&self, flow: &OpenFlow) -> FlowFate {
+        self.state.judge_open_flow(flow)
     }
 }
 

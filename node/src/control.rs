@@ -19,7 +19,9 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ztnet_proto::control::{ControlError, Netmap, NetmapUpdate, NetmapVersion, PeerInfo};
+use ztnet_proto::control::{
+    ControlError, MAX_FLOWS_ANSWERED, Netmap, NetmapUpdate, NetmapVersion, NodeMsg, PeerInfo,
+};
 
 use crate::netconfig::{DataplaneConfig, PeerConfig};
 
@@ -40,6 +42,29 @@ pub trait DataplaneSink: Send + Sync {
     /// Key mismatches the data plane saw since the last call (FC-20).
     fn take_key_mismatches(&self) -> Vec<crate::dataplane::peers::KeyMismatch> {
         Vec::new()
+    }
+    /// Whether [`DataplaneSink::open_flows`] tells the truth (a sink without a filter does
+    /// not, and the session then does not announce the flow query).
+    fn answers_flow_queries(&self) -> bool {
+        false
+    }
+    /// At most `limit` open flows with peers in the configuration in force, and whether there
+    /// were more.
+    fn open_flows(&self, limit: usize) -> (Vec<netpolicy::OpenFlow>, bool) {
+        let _ = limit;
+        (Vec::new(), false)
+    }
+}
+
+/// The answer to a [`ztnet_proto::control::ServerMsg::FlowQuery`]: the sink's open flows, at
+/// most [`MAX_FLOWS_ANSWERED`].
+pub fn flow_answer(sink: &dyn DataplaneSink, id: u64) -> NodeMsg {
+    let (flows, truncated) = sink.open_flows(MAX_FLOWS_ANSWERED);
+    tracing::debug!(flows = flows.len(), truncated, "open flows asked for");
+    NodeMsg::Flows {
+        id,
+        flows,
+        truncated,
     }
 }
 

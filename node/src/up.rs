@@ -164,6 +164,14 @@ impl DataplaneSink for DataplaneHandle {
     fn take_key_mismatches(&self) -> Vec<crate::dataplane::peers::KeyMismatch> {
         self.0.take_key_mismatches()
     }
+
+    fn answers_flow_queries(&self) -> bool {
+        true
+    }
+
+    fn open_flows(&self, limit: usize) -> (Vec<netpolicy::OpenFlow>, bool) {
+        self.0.open_flows(limit)
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

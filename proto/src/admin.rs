@@ -19,6 +19,7 @@
 //! | `PUT /v1/networks/{net}/policy` | [`ApplyPolicy`] | [`PolicyApplied`] (422 with [`ApiError::diagnostics`] when refused) |
 //! | `GET /v1/networks/{net}/policy` | | [`PolicyRecord`] |
 //! | `GET /v1/networks/{net}/policy/history` | | `Vec<PolicyRecord>` |
+//! | `POST /v1/networks/{net}/policy/preview` | [`ApplyPolicy`] | [`PolicyPreview`] (422 as an apply when refused; changes nothing) |
 //! | `GET /v1/networks/{net}/audit` | | `Vec<AuditEvent>` |
 //! | `GET /v1/audit` | | `Vec<AuditEvent>`: the entries of no network (API keys, CA) |
 //! | `GET /v1/health` (no auth) | | [`Health`] |
@@ -255,6 +256,77 @@ pub struct PolicyApplied {
     pub tests_passed: usize,
     /// Nodes whose netmap changed, with the netmap version each must acknowledge.
     pub pending: Vec<PendingAck>,
+}
+
+/// What a candidate policy would do to the network now, before an apply: the open flows it
+/// would cut, and the nodes its `[[posture]]` entries would quarantine or release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyPreview {
+    /// The version in force, 0 when none is (deny all).
+    pub policy_version: u64,
+    /// Distinct open flows the nodes reported (a flow seen by both its ends counts once).
+    pub open_flows: usize,
+    /// The open flows the candidate would cut, sorted.
+    pub cut: Vec<CutFlow>,
+    /// Active nodes whose open flows are not known, and why.
+    pub not_reported: Vec<NotReported>,
+    /// Nodes that had more open flows than they could send; flows beyond are not judged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub truncated: Vec<String>,
+    /// Nodes the candidate's `[[posture]]` entries would quarantine or release, judged on their
+    /// last posture reports.
+    pub posture: Vec<PostureChange>,
+    /// The candidate's warnings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// An open flow that a candidate policy would cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutFlow {
+    /// The node that opened it.
+    pub from: String,
+    /// The node it was opened towards.
+    pub to: String,
+    /// What the policy judges it by: `tcp:5432`, `udp:53`, `icmp`, `proto 47`.
+    pub port: String,
+    /// The opener's address.
+    pub from_addr: std::net::IpAddr,
+    /// The opener's port (TCP, UDP) or echo id; 0 otherwise.
+    pub from_port: u16,
+    /// The other side's address.
+    pub to_addr: std::net::IpAddr,
+    /// The other side's port (TCP, UDP); 0 otherwise.
+    pub to_port: u16,
+    /// Where the flow stands.
+    pub state: netpolicy::FlowState,
+    /// Seconds since its last packet, as the reporting node saw it.
+    pub idle_secs: u64,
+    /// Why it would stop, in one sentence.
+    pub reason: String,
+    /// The nodes that reported it (one or both ends).
+    pub reported_by: Vec<String>,
+}
+
+/// An active node whose open flows a preview does not know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotReported {
+    /// Node name.
+    pub node: String,
+    /// `offline`, `no answer within 2 s`, or that its ztnet-node does not answer the query.
+    pub reason: String,
+}
+
+/// A node whose quarantine a candidate policy would change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostureChange {
+    /// Node name.
+    pub node: String,
+    /// `quarantine` (it would leave every netmap) or `release` (it would come back).
+    pub change: String,
+    /// For a quarantine, the entry it would fail and why; for a release, why it is
+    /// quarantined now.
+    pub reason: String,
 }
 
 /// A node that must acknowledge a netmap version.

@@ -83,7 +83,26 @@ pub enum NodeMsg {
         /// PEM certificate signing request for the workload's key.
         csr_pem: String,
     },
+    /// The answer to [`ServerMsg::FlowQuery`]: the node's open flows, from a copy of its
+    /// filter's flow table.
+    Flows {
+        /// From the query.
+        id: u64,
+        /// At most [`MAX_FLOWS_ANSWERED`] live flows.
+        flows: Vec<netpolicy::OpenFlow>,
+        /// The node had more live flows than it sent.
+        #[serde(default)]
+        truncated: bool,
+    },
 }
+
+/// Most flows a node puts in one [`NodeMsg::Flows`]; the coordinator ignores any beyond.
+pub const MAX_FLOWS_ANSWERED: usize = 10_000;
+
+/// What a node announces in [`Hello::features`] when it answers [`ServerMsg::FlowQuery`]. The
+/// coordinator sends a query only to a session that announced it: a node built before it would
+/// take the unknown message for a broken stream and reconnect.
+pub const FEATURE_FLOWS: &str = "flows";
 
 /// Messages from the coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,6 +167,12 @@ pub enum ServerMsg {
         request_id: u64,
         /// Why.
         error: ControlError,
+    },
+    /// Asks for the node's open flows (`ztnet policy diff`): answered with
+    /// [`NodeMsg::Flows`]. Sent only to sessions whose hello announced [`FEATURE_FLOWS`].
+    FlowQuery {
+        /// Echoed in the answer.
+        id: u64,
     },
 }
 
@@ -221,6 +246,17 @@ pub struct Hello {
     /// re-authentication), over the same QUIC endpoint; the old one closes once this is up.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replaces: bool,
+    /// Optional messages this node understands ([`FEATURE_FLOWS`]). Empty from a node built
+    /// before them, and ignored by a coordinator built before them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+impl Hello {
+    /// Whether the node announced a feature.
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
 }
 
 /// A node's view of itself.
@@ -443,4 +479,49 @@ pub struct PeerInfo {
     /// replaces `public_key` for this peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<WgKey>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_without_features_still_reads_and_a_flow_answer_round_trips() {
+        let old = r#"{"type":"hello","protocol":1,"have_version":null,
+                      "report":{"listen_port":1,"endpoints":[],"version":"0.1.0"}}"#;
+        let NodeMsg::Hello(h) = serde_json::from_str::<NodeMsg>(old).expect("an old hello") else {
+            panic!("not a hello");
+        };
+        assert!(h.features.is_empty() && !h.has_feature(FEATURE_FLOWS));
+
+        let query = serde_json::to_string(&ServerMsg::FlowQuery { id: 7 }).expect("encodes");
+        assert_eq!(query, r#"{"type":"flow_query","id":7}"#);
+        let answer = r#"{"type":"flows","id":7,"flows":[{"peer":"n2","opened_by":"local",
+            "proto":6,"initiator":"100.64.0.1","initiator_port":40000,
+            "responder":"100.64.0.2","responder_port":5432,"state":"established",
+            "idle_secs":3}]}"#;
+        match serde_json::from_str::<NodeMsg>(answer).expect("a flow answer") {
+            NodeMsg::Flows {
+                id,
+                flows,
+                truncated,
+            } => {
+                assert_eq!((id, flows.len(), truncated), (7, 1, false));
+                assert_eq!(flows[0].port_label(), "tcp:5432");
+            }
+            other => panic!("not flows: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_message_type_does_not_parse_so_queries_need_the_feature() {
+        // What a node built before the flow query does with one: a malformed frame.
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum OldServerMsg {
+            #[allow(dead_code, reason = "only the variant's existence matters")]
+            RotateKey,
+        }
+        assert!(serde_json::from_str::<OldServerMsg>(r#"{"type":"flow_query","id":1}"#).is_err());
+    }
 }

@@ -1,6 +1,7 @@
 //! `ztnet policy ...`: apply, show and history through the admin API; who-can-reach and diff
 //! over the policy in force and the node list (and for who-can-reach the workload
-//! registrations) fetched from it, with netpolicy's queries; check and explain offline, with
+//! registrations) fetched from it, with netpolicy's queries, diff adding the coordinator's
+//! preview (open flows it would cut, posture changes); check and explain offline, with
 //! netpolicy alone.
 
 use std::path::Path;
@@ -10,7 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use netpolicy::{Diagnostic, NodeIdentity, Policy, Probe, Severity, TestReport};
 use serde::Serialize;
-use ztnet_proto::admin::{ApplyPolicy, NodeInfo, PendingAck, PolicyApplied, PolicyRecord};
+use ztnet_proto::admin::{
+    ApplyPolicy, CutFlow, NodeInfo, NotReported, PendingAck, PolicyApplied, PolicyPreview,
+    PolicyRecord, PostureChange,
+};
 use ztnet_proto::workload::WorkloadInfo;
 
 use crate::args::{
@@ -315,7 +319,8 @@ fn workload_reach(
     (reach, notes)
 }
 
-/// What `policy diff` reports.
+/// What `policy diff` reports: the access pairs, the open flows the change would cut and the
+/// posture changes it would make.
 #[derive(Debug, Serialize)]
 struct PolicyDiff {
     policy_version: Option<u64>,
@@ -324,6 +329,28 @@ struct PolicyDiff {
     /// Quarantined nodes, left out of both sides.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     left_out: Vec<LeftOut>,
+    /// The open flows, from the coordinator's preview; `None` from a coordinator without it.
+    open_flows: Option<OpenFlows>,
+    /// Nodes the candidate's `[[posture]]` entries would quarantine or release; `None` from a
+    /// coordinator without the preview.
+    posture: Option<Vec<PostureChange>>,
+    /// What could not be shown, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    notes: Vec<String>,
+}
+
+/// The open-flow part of `policy diff`.
+#[derive(Debug, Serialize)]
+struct OpenFlows {
+    /// Distinct open flows the nodes reported.
+    total: usize,
+    /// Those the candidate would cut.
+    cut: Vec<CutFlow>,
+    /// Active nodes whose flows are not known.
+    not_reported: Vec<NotReported>,
+    /// Nodes with more open flows than they could send.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    truncated: Vec<String>,
 }
 
 /// `ztnet policy diff --network N -f FILE`.
@@ -341,19 +368,139 @@ fn diff(client: &ApiClient, fmt: OutputFormat, a: &PolicyDiffArgs) -> Result<()>
     };
     let (old, version) = policy_in_force(client, &a.network)?;
     let nodes = review_nodes(client, &a.network)?;
-    let out = PolicyDiff {
+    let mut out = PolicyDiff {
         policy_version: version,
         diff: netpolicy::diff(&old, &new, &nodes.inventory),
         left_out: nodes.quarantined,
+        open_flows: None,
+        posture: None,
+        notes: Vec::new(),
     };
-    emit(fmt, &out, |d| {
-        let mut s = render_diff(&d.diff);
-        for q in &d.left_out {
-            s.push_str(&q.sentence());
-            s.push('\n');
+    let path = format!("/v1/networks/{}/policy/preview", segment(&a.network)?);
+    let body = ApplyPolicy {
+        source: source.clone(),
+    };
+    match client.post::<_, PolicyPreview>(&path, &body) {
+        Ok(p) => {
+            out.open_flows = Some(OpenFlows {
+                total: p.open_flows,
+                cut: p.cut,
+                not_reported: p.not_reported,
+                truncated: p.truncated,
+            });
+            out.posture = Some(p.posture);
         }
-        s
-    })
+        Err(e) if is_missing_endpoint(&e) => out.notes.push(
+            "the coordinator is older than the policy preview: open flows and posture changes \
+             are not shown"
+                .into(),
+        ),
+        Err(e) => return Err(with_rendered_diagnostics(e, &a.file, &source)),
+    }
+    emit(fmt, &out, render_policy_diff)
+}
+
+/// Whether an API error says the path does not exist (a coordinator built before it).
+fn is_missing_endpoint(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ApiFailure>(),
+        Some(ApiFailure(api)) if api.status == 404 && api.message.contains("no such API path")
+    )
+}
+
+fn render_policy_diff(d: &PolicyDiff) -> String {
+    let mut s = String::from("access pairs:\n");
+    s.push_str(&render_diff(&d.diff));
+    for q in &d.left_out {
+        s.push_str(&q.sentence());
+        s.push('\n');
+    }
+    if let Some(f) = &d.open_flows {
+        s.push('\n');
+        s.push_str(&render_open_flows(f));
+    }
+    if let Some(p) = &d.posture {
+        s.push('\n');
+        s.push_str(&render_posture(p));
+    }
+    for n in &d.notes {
+        s.push_str(&format!("note: {n}\n"));
+    }
+    s
+}
+
+fn render_open_flows(f: &OpenFlows) -> String {
+    let mut s = if f.cut.is_empty() {
+        format!(
+            "open flows: none of {} open flow(s) would be cut\n",
+            f.total
+        )
+    } else {
+        let mut t = Table::new(&["FROM", "TO", "PORT", "STATE", "IDLE", "WHY"]);
+        for c in &f.cut {
+            t.row(vec![
+                format!("{} {}", c.from, endpoint(c.from_addr, c.from_port)),
+                format!("{} {}", c.to, endpoint(c.to_addr, c.to_port)),
+                c.port.clone(),
+                serde_json::to_value(c.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                humantime::format_duration(Duration::from_secs(c.idle_secs)).to_string(),
+                c.reason.clone(),
+            ]);
+        }
+        format!(
+            "open flows that would be cut ({} of {}):\n{}",
+            f.cut.len(),
+            f.total,
+            t.render("")
+        )
+    };
+    if !f.not_reported.is_empty() {
+        let names: Vec<String> = f
+            .not_reported
+            .iter()
+            .map(|n| format!("{} ({})", n.node, n.reason))
+            .collect();
+        s.push_str(&format!("not reported: {}\n", names.join(", ")));
+    }
+    if !f.truncated.is_empty() {
+        s.push_str(&format!(
+            "more open flows than reported (only the first {} judged): {}\n",
+            ztnet_proto::control::MAX_FLOWS_ANSWERED,
+            f.truncated.join(", ")
+        ));
+    }
+    s
+}
+
+fn render_posture(changes: &[PostureChange]) -> String {
+    if changes.is_empty() {
+        return "posture: no node would be quarantined or released\n".into();
+    }
+    let mut s = String::from("posture:\n");
+    for c in changes {
+        let line = match c.change.as_str() {
+            "quarantine" => format!("  would quarantine {}: {}\n", c.node, c.reason),
+            "release" => format!(
+                "  would release {} (quarantined now: {})\n",
+                c.node, c.reason
+            ),
+            other => format!("  {other} {}: {}\n", c.node, c.reason),
+        };
+        s.push_str(&line);
+    }
+    s
+}
+
+/// `100.64.0.1:40000`, `[fd00::1]:22`, or the bare address when there is no port.
+fn endpoint(addr: std::net::IpAddr, port: u16) -> String {
+    match (addr, port) {
+        (a, 0) => a.to_string(),
+        (std::net::IpAddr::V6(a), p) => format!("[{a}]:{p}"),
+        (a, p) => format!("{a}:{p}"),
+    }
 }
 
 fn render_diff(d: &netpolicy::AccessDiff) -> String {
@@ -737,6 +884,100 @@ mod tests {
         assert!(e("a,tags").contains("not KEY=VALUE"));
         assert!(e("a,ip=999.1.1.1").contains("not an address"));
         assert!(e("a,ns=").contains("empty value"));
+    }
+
+    fn cut_flow() -> CutFlow {
+        CutFlow {
+            from: "web1".into(),
+            to: "db1".into(),
+            port: "tcp:5432".into(),
+            from_addr: "100.64.0.1".parse().unwrap(),
+            from_port: 40000,
+            to_addr: "100.64.0.3".parse().unwrap(),
+            to_port: 5432,
+            state: netpolicy::FlowState::Established,
+            idle_secs: 75,
+            reason: "no grant allows it any more (default deny)".into(),
+            reported_by: vec!["db1".into(), "web1".into()],
+        }
+    }
+
+    #[test]
+    fn the_diff_prints_its_three_sections() {
+        let mut d = PolicyDiff {
+            policy_version: Some(3),
+            diff: netpolicy::AccessDiff::default(),
+            left_out: Vec::new(),
+            open_flows: Some(OpenFlows {
+                total: 4,
+                cut: vec![cut_flow()],
+                not_reported: vec![NotReported {
+                    node: "web2".into(),
+                    reason: "offline".into(),
+                }],
+                truncated: Vec::new(),
+            }),
+            posture: Some(vec![PostureChange {
+                node: "ops1".into(),
+                change: "quarantine".into(),
+                reason: "posture at line 9: fact disk is not reported".into(),
+            }]),
+            notes: Vec::new(),
+        };
+        let s = render_policy_diff(&d);
+        assert!(s.starts_with("access pairs:\nno change in access\n"), "{s}");
+        assert!(s.contains("open flows that would be cut (1 of 4):"), "{s}");
+        assert!(
+            s.contains("web1 100.64.0.1:40000  db1 100.64.0.3:5432  tcp:5432"),
+            "{s}"
+        );
+        assert!(s.contains("established  1m 15s"), "{s}");
+        assert!(s.contains("not reported: web2 (offline)\n"), "{s}");
+        assert!(
+            s.contains("would quarantine ops1: posture at line 9"),
+            "{s}"
+        );
+
+        d.open_flows.as_mut().unwrap().cut.clear();
+        d.posture = Some(Vec::new());
+        let s = render_policy_diff(&d);
+        assert!(
+            s.contains("open flows: none of 4 open flow(s) would be cut"),
+            "{s}"
+        );
+        assert!(
+            s.contains("posture: no node would be quarantined or released"),
+            "{s}"
+        );
+
+        // An older coordinator: the pairs, and a note instead of the other two.
+        d.open_flows = None;
+        d.posture = None;
+        d.notes
+            .push("the coordinator is older than the policy preview".into());
+        let s = render_policy_diff(&d);
+        assert!(!s.contains("open flows"), "{s}");
+        assert!(s.contains("note: the coordinator is older"), "{s}");
+        let json = serde_json::to_value(&d).unwrap();
+        assert!(
+            json["open_flows"].is_null() && json["posture"].is_null(),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn only_an_unknown_path_counts_as_an_older_coordinator() {
+        let failure = |status, message: &str| {
+            anyhow::Error::from(ApiFailure(ztnet_proto::admin::ApiError {
+                status,
+                message: message.into(),
+                diagnostics: Vec::new(),
+            }))
+        };
+        assert!(is_missing_endpoint(&failure(404, "no such API path")));
+        assert!(!is_missing_endpoint(&failure(404, "network x not found")));
+        assert!(!is_missing_endpoint(&failure(422, "no such API path")));
+        assert!(!is_missing_endpoint(&anyhow!("connection refused")));
     }
 
     #[test]

@@ -72,6 +72,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
             axum::routing::put(policy::apply).get(policy::show),
         )
         .route("/v1/networks/{net}/policy/history", get(policy::history))
+        .route("/v1/networks/{net}/policy/preview", post(policy::preview))
         .route("/v1/networks/{net}/audit", get(policy::audit))
         .route("/v1/audit", get(policy::audit_global))
         .route(

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use ztnet_proto::admin::{ApplyPolicy, AuditEvent, Health, PolicyApplied, PolicyRecord};
+use ztnet_proto::admin::{
+    ApplyPolicy, AuditEvent, Health, PolicyApplied, PolicyPreview, PolicyRecord,
+};
 
 use super::Actor;
 use super::error::{ApiErr, ApiJson};
@@ -91,6 +93,40 @@ pub async fn apply(
         tests_passed: accepted.tests_passed,
         pending,
     }))
+}
+
+/// `POST /v1/networks/{net}/policy/preview`: what the document would do if applied now: the
+/// open flows it would cut, the nodes it would quarantine or release. A refused document gets
+/// the same answer as from an apply; nothing is stored, audited or pushed either way.
+pub async fn preview(
+    State(hub): State<Arc<Hub>>,
+    _actor: Actor,
+    Path(net): Path<String>,
+    ApiJson(req): ApiJson<ApplyPolicy>,
+) -> Result<Json<PolicyPreview>, ApiErr> {
+    let network = find(&hub, &net).await?;
+    if req.source.len() > MAX_SOURCE {
+        return Err(ApiErr::BadRequest(format!(
+            "policy is {} bytes; at most {MAX_SOURCE} are accepted",
+            req.source.len()
+        )));
+    }
+    let accepted = policy::check(&req.source).map_err(|refused| ApiErr::PolicyRefused {
+        message: refused.message,
+        diagnostics: refused.diagnostics,
+    })?;
+    let candidate = crate::preview::Candidate {
+        policy: &accepted.policy,
+        warnings: accepted.warnings.clone(),
+    };
+    let answer = crate::preview::preview(&hub, &network, candidate).await?;
+    tracing::debug!(
+        network = %network.name,
+        open = answer.open_flows,
+        cut = answer.cut.len(),
+        "policy previewed"
+    );
+    Ok(Json(answer))
 }
 
 /// `GET /v1/networks/{net}/policy`: the version in force, or the newest stored when none is.

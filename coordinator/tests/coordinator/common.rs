@@ -401,6 +401,7 @@ impl Session {
             },
             reauthenticates: false,
             replaces: false,
+            features: Vec::new(),
         });
         frame::write(&mut send, &hello).await.unwrap();
         Session {

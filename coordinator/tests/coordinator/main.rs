@@ -13,6 +13,7 @@ mod inprocess;
 mod migrate;
 mod netmaps;
 mod policy;
+mod preview;
 mod revoke;
 mod session;
 mod workload;

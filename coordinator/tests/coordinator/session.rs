@@ -54,6 +54,7 @@ async fn open(
         },
         reauthenticates,
         replaces,
+        features: Vec::new(),
     });
     frame::write(&mut send, &hello).await.unwrap();
     let posture = NodeMsg::Posture(Posture {

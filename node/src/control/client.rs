@@ -432,6 +432,7 @@ async fn renew_expired(
         report: report(ctx),
         reauthenticates: false,
         replaces: false,
+        features: Vec::new(),
     };
     frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
     let key = new_tls_key().map_err(|e| anyhow!("making a TLS key: {e}"))?;
@@ -498,6 +499,7 @@ async fn session(
         report: report.clone(),
         reauthenticates: true,
         replaces: false,
+        features: session_features(ctx),
     };
     frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
     let mut posture = crate::posture::Reporter::new(&ctx.version);
@@ -594,6 +596,10 @@ async fn session(
                             warn!(code = %error.code, "key rotation refused: {}", error.message);
                             discard_next_key(ctx);
                             rotation_sent = Some(Instant::now());
+                        }
+                        ServerMsg::FlowQuery { id } => {
+                            let answer = crate::control::flow_answer(ctx.sink.as_ref(), id);
+                            frame::write(&mut send, &answer).await?;
                         }
                         ServerMsg::SessionDeadline { max_session_secs, remaining_secs } => {
                             let now = Instant::now();
@@ -706,6 +712,15 @@ async fn session(
     }
 }
 
+/// The optional messages this node's session answers.
+fn session_features(ctx: &Ctx) -> Vec<String> {
+    let mut features = Vec::new();
+    if ctx.sink.answers_flow_queries() {
+        features.push(ztnet_proto::control::FEATURE_FLOWS.to_string());
+    }
+    features
+}
+
 /// A session opened ahead of the live one's deadline, up to its first message.
 struct Replacement {
     conn: quinn::Connection,
@@ -745,6 +760,7 @@ async fn reauthenticate(ctx: &Ctx, endpoint: &quinn::Endpoint) -> anyhow::Result
             report: report(ctx),
             reauthenticates: true,
             replaces: true,
+            features: session_features(ctx),
         };
         frame::write(&mut send, &NodeMsg::Hello(hello)).await?;
         let posture = crate::posture::Reporter::new(&ctx.version).first().await;
@@ -1307,6 +1323,7 @@ fn msg_kind(m: &ServerMsg) -> &'static str {
         ServerMsg::RotateKey => "rotate-key",
         ServerMsg::SwitchKey { .. } => "switch-key",
         ServerMsg::RotateRefused { .. } => "rotate-refused",
+        ServerMsg::FlowQuery { .. } => "flow-query",
         ServerMsg::SessionDeadline { .. } => "session-deadline",
     }
 }

@@ -267,6 +267,22 @@ impl Dataplane {
             .take_mismatches()
     }
 
+    /// At most `limit` of the filter's open flows with the peers of the configuration in force
+    /// (a peer left out of the netmap keeps its flows in the filter until they end, but no
+    /// packet of them can pass), and whether the filter held more. The filter's lock is held
+    /// only while its flows are copied.
+    pub fn open_flows(&self, limit: usize) -> (Vec<netpolicy::OpenFlow>, bool) {
+        let snapshot = lock(&self.shared.filter).flow_snapshot(Instant::now(), limit);
+        let peers: std::collections::HashSet<String> = lock(&self.shared.config)
+            .peers
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let mut flows = snapshot.flows();
+        flows.retain(|f| peers.contains(&f.peer));
+        (flows, snapshot.truncated())
+    }
+
     /// Records whether the control channel is up (shown in status).
     pub fn set_control_connected(&self, connected: bool) {
         let v = if connected { 2 } else { 1 };

@@ -87,6 +87,26 @@ async fn until<T>(s: &mut Session, within: Duration, want: impl Fn(&ServerMsg) -
     }
 }
 
+/// The nodes audited as quarantined for their session's age, in order.
+async fn max_session_quarantines(api: &crate::common::Api) -> Vec<String> {
+    let audit = api.ok("GET", "/v1/networks/prod-vpc/audit", None).await;
+    audit
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter(|e| e["action"] == "node.quarantine")
+                .filter(|e| {
+                    e["detail"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("max_session")
+                })
+                .map(|e| e["target"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn deadline_of(msg: &ServerMsg) -> Option<(u64, u64)> {
     match msg {
         ServerMsg::SessionDeadline {
@@ -137,6 +157,19 @@ async fn a_replacement_session_keeps_the_node_online_and_one_that_never_comes_is
         remaining >= 8,
         "the new session's own deadline: {remaining}"
     );
+    // Replaced, the node stayed online and was never quarantined for its session's age (this
+    // test node does not re-authenticate again: its new session is cut at its own deadline).
+    let listed = api.ok("GET", "/v1/networks/prod-vpc/nodes", None).await;
+    let db1 = listed
+        .as_array()
+        .and_then(|v| v.iter().find(|n| n["name"] == "db1").cloned())
+        .unwrap();
+    assert_eq!(db1["online"], true, "{listed}");
+    assert!(db1["quarantine"].is_null(), "{listed}");
+    assert!(
+        max_session_quarantines(&api).await.is_empty(),
+        "nobody is quarantined for max_session yet"
+    );
 
     // The node that never re-authenticates: no deadline, then cut at it and quarantined.
     let cut = until(&mut b, Duration::from_secs(20), |m| {
@@ -165,34 +198,18 @@ async fn a_replacement_session_keeps_the_node_online_and_one_that_never_comes_is
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let entry = |name: &str| {
-        listed
-            .as_array()
-            .and_then(|v| v.iter().find(|n| n["name"] == name).cloned())
-            .unwrap()
-    };
-    assert_eq!(entry("db1")["online"], true, "{listed}");
-    assert!(entry("db1")["quarantine"].is_null(), "{listed}");
-    let q = entry("db2")["quarantine"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(q.contains("max_session"), "{listed}");
-    let audit = api.ok("GET", "/v1/networks/prod-vpc/audit", None).await;
-    let quarantined: Vec<_> = audit
+    let db2 = listed
         .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == "node.quarantine")
-        .filter(|e| {
-            e["detail"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("max_session")
-        })
-        .map(|e| e["target"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    assert_eq!(quarantined, ["db2"], "{audit}");
+        .and_then(|v| v.iter().find(|n| n["name"] == "db2").cloned())
+        .unwrap();
+    let q = db2["quarantine"].as_str().unwrap_or_default().to_owned();
+    assert!(q.contains("max_session"), "{listed}");
+    assert!(
+        max_session_quarantines(&api)
+            .await
+            .contains(&"db2".to_owned()),
+        "the quarantine is audited"
+    );
     let log = coord.log();
     assert!(
         log.lines()

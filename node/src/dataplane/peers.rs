@@ -198,6 +198,9 @@ struct PeerState {
     own_session: bool,
     /// Rekeys of idle sessions started, for the jitter.
     rekey_round: u32,
+    /// This node answered an initiation: its queued packets go out with the peer's first
+    /// data packet on the new session.
+    flush_pending: bool,
     /// When `tunn` last produced a handshake initiation (sent or held).
     last_initiation: Option<Instant>,
     initiations_sent: u64,
@@ -485,31 +488,51 @@ impl PeerTable {
                 let authenticated = reply.first() != Some(&3);
                 out.send_udp_from(from, local, reply);
                 if authenticated {
-                    match kind {
-                        // Answered: the peer started the newest session and rekeys it.
-                        Kind::Init(_) => state.own_session = false,
-                        // The answer to this node's initiation: its session now.
-                        Kind::Response => state.own_session = true,
-                        Kind::Cookie | Kind::Data => {}
-                    }
                     state.authenticated(from, local);
-                    self.flush_queue(&mut state, buf, out);
+                    match kind {
+                        // Answered: the peer started the newest session and rekeys it. The
+                        // session is not this node's to send on until the peer's first data
+                        // packet confirms it (then the queue goes out, below): flushing now
+                        // would make boringtun start a second handshake for the queue.
+                        Kind::Init(_) => {
+                            state.own_session = false;
+                            state.flush_pending = true;
+                        }
+                        // The answer to this node's initiation: its session now.
+                        Kind::Response => {
+                            state.own_session = true;
+                            self.flush_queue(&mut state, buf, out);
+                        }
+                        Kind::Cookie | Kind::Data => self.flush_queue(&mut state, buf, out),
+                    }
                 }
             }
             TunnResult::WriteToTunnelV4(packet, src) => {
                 state.authenticated(from, local);
+                let flush = std::mem::take(&mut state.flush_pending);
                 drop(state);
                 self.deliver(slot, IpAddr::V4(src), packet, now, out);
+                if flush {
+                    self.flush_queue(&mut lock(&peer.state), buf, out);
+                }
             }
             TunnResult::WriteToTunnelV6(packet, src) => {
                 state.authenticated(from, local);
+                let flush = std::mem::take(&mut state.flush_pending);
                 drop(state);
                 self.deliver(slot, IpAddr::V6(src), packet, now, out);
+                if flush {
+                    self.flush_queue(&mut lock(&peer.state), buf, out);
+                }
             }
             TunnResult::Done => {
                 // A keepalive authenticates the sender; a cookie reply does not (FC-25).
                 if kind == Kind::Data {
                     state.authenticated(from, local);
+                    // The initiator's first keepalive confirms a session this node answered:
+                    // what waited for a session goes out on it now.
+                    state.flush_pending = false;
+                    self.flush_queue(&mut state, buf, out);
                 }
             }
             TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
@@ -682,6 +705,7 @@ impl PeerTable {
                 seen_key: None,
                 mismatch: None,
                 own_session: false,
+                flush_pending: false,
                 rekey_round: 0,
                 last_initiation: None,
                 initiations_sent: 0,
@@ -1861,5 +1885,65 @@ ports = ["any"]
 
         assert_eq!(m.endpoint("n1", "n2"), Some(underlay(2)));
         assert!(m.seen.iter().all(|(_, to, _)| *to != other));
+    }
+
+    #[test]
+    fn with_no_session_the_larger_key_holds_its_keepalive_initiation_for_the_peers() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        // Keepalive every second; the fresh sessions this makes start without a handshake.
+        for name in ["n1", "n2"] {
+            let mut peers = m.peers_of(name);
+            peers[0].persistent_keepalive = Some(1);
+            m.reconfigure(name, &peers);
+            let i = m.node(name);
+            lock(&m.nodes[i].table.peers[0].state).initiate = false;
+        }
+        let (n1, n2) = (m.nodes[0].key.public_key(), m.nodes[1].key.public_key());
+        let (larger, smaller) = if n1.0 > n2.0 {
+            ("n1", "n2")
+        } else {
+            ("n2", "n1")
+        };
+        let counts = |m: &Mesh, name: &str| {
+            let p = m.nodes[m.node(name)].table.snapshot().remove(0);
+            (
+                p.initiations_sent,
+                p.initiations_held,
+                p.since_handshake.is_some(),
+            )
+        };
+
+        // The larger key's keepalive comes due first: its initiation is held, nothing is sent.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counts(&m, larger).1 == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no keepalive initiation from {larger}"
+            );
+            m.tick(larger);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(counts(&m, larger), (0, 1, false));
+        assert!(m.seen.is_empty(), "{larger} sent {:?}", m.seen);
+
+        // The smaller key's goes out at once and the larger answers it: one handshake.
+        while counts(&m, smaller).0 == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no keepalive initiation from {smaller}"
+            );
+            m.tick(smaller);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(counts(&m, smaller), (1, 0, true));
+        let (sent, held, up) = counts(&m, larger);
+        assert_eq!((sent, held, up), (0, 1, true));
+        let inits = m
+            .seen
+            .iter()
+            .filter(|(_, _, d)| d.first() == Some(&1))
+            .count();
+        let kinds: Vec<u8> = m.seen.iter().map(|(_, _, d)| d[0]).collect();
+        assert_eq!(inits, 1, "one initiation crossed the network: {kinds:?}");
     }
 }

@@ -36,7 +36,10 @@ pub use filter::{
 };
 pub use model::{PostureFacts, PostureRule, parse_version};
 pub use open::{FlowFate, FlowOrigin, FlowSnapshot, FlowState, OpenFlow};
-pub use query::{AccessChange, AccessDiff, QueryError, Reacher, diff, who_can_reach};
+pub use query::{
+    AccessChange, AccessDiff, Family, OpenOn, OpenOnChange, QueryError, Reacher, diff,
+    who_can_reach,
+};
 pub use render::{render_diagnostics, render_test_report};
 
 use std::collections::BTreeMap;

@@ -8,3 +8,4 @@ mod handles;
 mod parse;
 mod properties;
 mod queries;
+mod reach;

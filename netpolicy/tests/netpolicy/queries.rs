@@ -1,7 +1,9 @@
 //! Queries and the compiler: explain, who-can-reach, diff, determinism, least knowledge and
 //! incremental recompilation.
 
-use netpolicy::{AccessChange, Compiler, Probe, compile, diff, explain, who_can_reach};
+use netpolicy::{
+    AccessChange, Compiler, Family, OpenOn, Probe, compile, diff, explain, who_can_reach,
+};
 
 use crate::common::*;
 
@@ -99,7 +101,11 @@ ports = ["any"]
         [AccessChange {
             from: "web1".into(),
             to: "db1".into(),
-            ports: vec!["tcp:5433".into()]
+            ports: vec!["tcp:5433".into()],
+            open_on: OpenOn {
+                families: vec![Family::V4, Family::V6],
+                routes: Vec::new(),
+            },
         }]
     );
     let removed: Vec<(&str, &str)> = d

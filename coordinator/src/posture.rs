@@ -22,7 +22,12 @@
 //! until every connected node whose netmap changed acknowledged the new version, then writes
 //! the time from the change to the last acknowledgement into the audit entry
 //! ([`Enforcement`]). Acknowledgements are polled every [`POLL`]; a peer that does not
-//! acknowledge within [`TRACK_TIMEOUT`] is named.
+//! acknowledge within [`TRACK_TIMEOUT`] is named. A peer whose netmap the change altered but
+//! that is offline keeps its last netmap (fail-static) and so does not enforce the change yet:
+//! it is named in `pending_offline` (stored at once, with what it goes on accepting), never
+//! counted as enforced, and `ms` is the connected peers' figure. When it reconnects and
+//! acknowledges, [`complete_late`] (every [`SESSION_CHECK`]) moves it to `late` in the same
+//! audit entry with the time; the pending list is in the store, so this survives a restart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -31,7 +36,7 @@ use std::time::{Duration, Instant};
 use netpolicy::{NodeIdentity, Policy, PostureFacts};
 use sqlx::SqliteConnection;
 use tracing::{debug, info, warn};
-use ztnet_proto::admin::{Enforcement, PendingAck};
+use ztnet_proto::admin::{Enforcement, LateAck, OfflinePeer, PendingAck, Reach};
 use ztnet_proto::control::{Netmap, Posture};
 
 use crate::enroll::refuse;
@@ -269,7 +274,8 @@ pub async fn on_report(hub: &Hub, node: &Node, report: Posture) -> Result<(), St
 /// How often [`watch_sessions`] looks for sessions older than their `max_session`.
 pub const SESSION_CHECK: Duration = Duration::from_secs(1);
 
-/// Every [`SESSION_CHECK`]: tells each live session under a `max_session` its deadline (once
+/// Every [`SESSION_CHECK`]: completes the enforcement records of offline peers that since
+/// acknowledged ([`complete_late`]); tells each live session under a `max_session` its deadline (once
 /// per session and deadline), closes the sessions older than the `max_session` of an entry that
 /// selects their node, and recomputes their networks (which quarantines them until the node's
 /// new session reports). Does not rely on the node reporting: a node that stops sending posture
@@ -282,6 +288,10 @@ pub async fn watch_sessions(hub: Arc<Hub>) {
         tick.tick().await;
         if let Err(e) = check_sessions(&hub, &mut told).await {
             warn!(error = %e, "max_session check failed");
+        }
+        // The same tick completes the enforcement of changes that offline peers missed.
+        if let Err(e) = complete_late(&hub.store).await {
+            warn!(error = %e, "completing the enforcement of offline peers failed");
         }
         told.retain(|id, _| hub.is_online(*id));
     }
@@ -401,8 +411,10 @@ async fn check_sessions(hub: &Hub, told: &mut Told) -> Result<(), StoreError> {
 #[derive(Debug, Default)]
 pub struct Enforced {
     started: Option<Instant>,
-    entries: Vec<(i64, String)>,
-    ids: HashMap<String, NodeId>,
+    /// Audit id, node name, and whether it was a quarantine (else a release).
+    entries: Vec<(i64, String, bool)>,
+    /// Every member's id and last message time, by name.
+    ids: HashMap<String, (NodeId, Option<u64>)>,
 }
 
 /// Judges every member's posture, stores and audits what changed, and takes quarantined nodes
@@ -422,7 +434,10 @@ pub async fn enforce(
     let mut out = Enforced {
         started: Some(started),
         entries: Vec::new(),
-        ids: members.iter().map(|n| (n.name.clone(), n.id)).collect(),
+        ids: members
+            .iter()
+            .map(|n| (n.name.clone(), (n.id, n.last_seen)))
+            .collect(),
     };
     let mut quarantined = BTreeMap::new();
     for node in members {
@@ -475,7 +490,7 @@ pub async fn enforce(
             },
         )
         .await?;
-        out.entries.push((id, node.name.clone()));
+        out.entries.push((id, node.name.clone(), judged.is_some()));
     }
     if !quarantined.is_empty() {
         for (name, map) in fresh.iter_mut() {
@@ -498,53 +513,175 @@ impl Enforced {
         let Some(started) = self.started else {
             return;
         };
-        for (audit_id, subject) in &self.entries {
-            track_with(hub, *audit_id, started, pending, &self.ids, subject);
+        for (audit_id, subject, quarantined) in &self.entries {
+            let what = if *quarantined {
+                Change::Quarantine(subject)
+            } else {
+                Change::Release(subject)
+            };
+            let (online, offline) = split(hub, pending, &self.ids, subject);
+            track_with(hub, *audit_id, started, online, offline, &what);
         }
     }
 }
 
+/// What a tracked change did, for the words about the peers that do not have it yet.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// A node left the network (revoke, delete, expired key); its key's expiry, if it has one.
+    Removed(&'a str, Option<u64>),
+    /// A node was quarantined.
+    Quarantine(&'a str),
+    /// A node was released from quarantine.
+    Release(&'a str),
+    /// A node's key expired without a rotation.
+    KeyExpired(&'a str),
+    /// A policy was applied.
+    Policy,
+}
+
+/// A bare node name is a key expiry (the tracker's older callers pass the name alone).
+impl<'a> From<&'a String> for Change<'a> {
+    fn from(name: &'a String) -> Change<'a> {
+        Change::KeyExpired(name)
+    }
+}
+
+impl Change<'_> {
+    /// The change's subject, which is not one of its peers.
+    fn subject(&self) -> &str {
+        match self {
+            Change::Removed(s, _)
+            | Change::Quarantine(s)
+            | Change::Release(s)
+            | Change::KeyExpired(s) => s,
+            Change::Policy => "",
+        }
+    }
+
+    /// What an offline peer goes on doing until it acknowledges.
+    fn offline_keeps(&self, one: bool) -> String {
+        let it = if one { "it" } else { "each" };
+        let reconnects = "it reconnects";
+        match self {
+            Change::Removed(s, Some(at)) => format!(
+                "{it} still accepts {s} until {reconnects} or {s}'s key expires at {}",
+                rfc3339(*at)
+            ),
+            Change::Removed(s, None) => format!(
+                "{it} still accepts {s} until {reconnects} (keys do not expire in this network)"
+            ),
+            Change::Quarantine(s) => format!("{it} still accepts {s} until {reconnects}"),
+            Change::Release(s) => format!("{it} does not see {s} again until {reconnects}"),
+            Change::KeyExpired(s) => {
+                format!("{it} drops {s} by its own clock, as the key's expiry is in its netmap")
+            }
+            Change::Policy => format!("{it} keeps the previous policy until {reconnects}"),
+        }
+    }
+}
+
+fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// A connected peer to wait for: its id, name and the version it must acknowledge.
+type Waiting = (NodeId, String, u64);
+
+/// Splits the nodes whose netmap changed (the subject left out) into the connected ones, which
+/// are waited for, and the offline ones, which keep their last netmap until they reconnect.
+fn split(
+    hub: &Hub,
+    pending: &[PendingAck],
+    ids: &HashMap<String, (NodeId, Option<u64>)>,
+    subject: &str,
+) -> (Vec<Waiting>, Vec<OfflinePeer>) {
+    let mut online = Vec::new();
+    let mut offline = Vec::new();
+    for p in pending.iter().filter(|p| p.node != subject) {
+        let Some((id, last_seen)) = ids.get(&p.node) else {
+            continue;
+        };
+        if hub.is_online(*id) {
+            online.push((*id, p.node.clone(), p.netmap_version));
+        } else {
+            offline.push(OfflinePeer {
+                node: p.node.clone(),
+                last_seen: *last_seen,
+                netmap_version: p.netmap_version,
+            });
+        }
+    }
+    (online, offline)
+}
+
 /// Tracks the acknowledgements after a change made outside a recompute (a revoke, a policy
 /// apply): `started` is when the change committed, `pending` what the recompute returned.
+/// Answers where the change went: the connected peers and the offline ones.
 pub async fn track(
     hub: &Hub,
     network: NetworkId,
     audit_id: i64,
     started: Instant,
     pending: &[PendingAck],
-    subject: &str,
-) -> Result<(), StoreError> {
+    what: impl Into<Change<'_>>,
+) -> Result<Reach, StoreError> {
+    let what = what.into();
     let mut conn = hub.store.pool().acquire().await?;
-    let ids: HashMap<String, NodeId> = crate::store::nodes::active(&mut conn, network)
-        .await?
-        .into_iter()
-        .map(|n| (n.name, n.id))
-        .collect();
-    track_with(hub, audit_id, started, pending, &ids, subject);
-    Ok(())
+    let ids: HashMap<String, (NodeId, Option<u64>)> =
+        crate::store::nodes::active(&mut conn, network)
+            .await?
+            .into_iter()
+            .map(|n| (n.name, (n.id, n.last_seen)))
+            .collect();
+    drop(conn);
+    let (online, offline) = split(hub, pending, &ids, what.subject());
+    let reach = Reach {
+        audit_id: u64::try_from(audit_id).unwrap_or(0),
+        connected: online.iter().map(|(_, n, _)| n.clone()).collect(),
+        offline: offline.clone(),
+        subject_key_expires_at: match what {
+            Change::Removed(_, at) => at,
+            _ => None,
+        },
+    };
+    track_with(hub, audit_id, started, online, offline, &what);
+    Ok(reach)
 }
 
 fn track_with(
     hub: &Hub,
     audit_id: i64,
     started: Instant,
-    pending: &[PendingAck],
-    ids: &HashMap<String, NodeId>,
-    subject: &str,
+    waiting: Vec<Waiting>,
+    offline: Vec<OfflinePeer>,
+    what: &Change<'_>,
 ) {
-    // Only connected peers can acknowledge; the subject itself is not a peer of the change.
-    let waiting: Vec<(NodeId, String, u64)> = pending
-        .iter()
-        .filter(|p| p.node != subject)
-        .filter_map(|p| {
-            let id = *ids.get(&p.node)?;
-            hub.is_online(id)
-                .then(|| (id, p.node.clone(), p.netmap_version))
-        })
-        .collect();
+    let keeps = (!offline.is_empty()).then(|| what.offline_keeps(offline.len() == 1));
     let store = hub.store.clone();
     tokio::spawn(async move {
-        let e = wait_acks(&store, started, &waiting).await;
+        if !offline.is_empty() {
+            // Stored at once, so that the offline peers are named even while the connected
+            // ones are waited for, and after a coordinator restart.
+            let mut first = Enforcement {
+                ms: None,
+                peers: u32::try_from(waiting.len()).unwrap_or(u32::MAX),
+                acknowledged: 0,
+                summary: String::new(),
+                pending_offline: offline.clone(),
+                late: Vec::new(),
+                unacknowledged: Vec::new(),
+                offline_keeps: keeps.clone(),
+            };
+            first.summary = describe(&first);
+            if let Err(err) = write_enforcement(&store, audit_id, &first).await {
+                warn!(error = %err, "pending offline peers not stored");
+            }
+        }
+        let mut e = wait_acks(&store, started, &waiting).await;
+        e.pending_offline = offline;
+        e.offline_keeps = keeps;
+        e.summary = describe(&e);
         if let Err(err) = write_enforcement(&store, audit_id, &e).await {
             warn!(error = %err, "time to enforcement not stored");
         } else {
@@ -553,19 +690,74 @@ fn track_with(
     });
 }
 
-async fn wait_acks(
-    store: &Store,
-    started: Instant,
-    waiting: &[(NodeId, String, u64)],
-) -> Enforcement {
+/// The readable summary of an enforcement record, from its fields.
+pub fn describe(e: &Enforcement) -> String {
+    let offline = !e.pending_offline.is_empty() || !e.late.is_empty();
+    let mut out = if !e.unacknowledged.is_empty() {
+        format!(
+            "{} of {} connected peers did not acknowledge within {} s: {}",
+            e.unacknowledged.len(),
+            e.peers,
+            TRACK_TIMEOUT.as_secs(),
+            e.unacknowledged.join(", ")
+        )
+    } else {
+        match e.ms {
+            None => format!("waiting for {} connected peers", e.peers),
+            Some(_) if e.peers == 0 && !offline => "enforced at once: no peer had to change".into(),
+            Some(_) if e.peers == 0 => "no connected peer had to change".into(),
+            Some(ms) if !offline => {
+                format!("enforced in {ms} ms: {} peers acknowledged", e.peers)
+            }
+            Some(ms) => format!("{ms} ms on {} connected peers", e.peers),
+        }
+    };
+    if !e.pending_offline.is_empty() {
+        let named: Vec<String> = e
+            .pending_offline
+            .iter()
+            .map(|p| match p.last_seen {
+                Some(t) => format!("{} (offline since {})", p.node, rfc3339(t)),
+                None => format!("{} (never connected)", p.node),
+            })
+            .collect();
+        out.push_str(&format!("; not yet on {}", named.join(", ")));
+        if let Some(keeps) = &e.offline_keeps {
+            out.push_str(&format!(": {keeps}"));
+        }
+    }
+    for l in &e.late {
+        if l.removed {
+            out.push_str(&format!(
+                "; {} left the network before it acknowledged",
+                l.node
+            ));
+        } else {
+            out.push_str(&format!(
+                "; on {} at {} ({} after the change, when it reconnected)",
+                l.node,
+                rfc3339(l.at_ms / 1000),
+                humantime::format_duration(Duration::from_secs(l.after_ms / 1000))
+            ));
+        }
+    }
+    out
+}
+
+async fn wait_acks(store: &Store, started: Instant, waiting: &[Waiting]) -> Enforcement {
     let peers = u32::try_from(waiting.len()).unwrap_or(u32::MAX);
+    let done = |ms, acknowledged, unacknowledged| Enforcement {
+        ms,
+        peers,
+        acknowledged,
+        summary: String::new(),
+        pending_offline: Vec::new(),
+        late: Vec::new(),
+        unacknowledged,
+        offline_keeps: None,
+    };
     if waiting.is_empty() {
-        return Enforcement {
-            ms: Some(0),
-            peers: 0,
-            acknowledged: 0,
-            summary: "enforced at once: no connected peer had to change".into(),
-        };
+        return done(Some(0), 0, Vec::new());
     }
     let deadline = started + TRACK_TIMEOUT;
     let missing = loop {
@@ -583,12 +775,7 @@ async fn wait_acks(
         }
         if left.is_empty() {
             let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            return Enforcement {
-                ms: Some(ms),
-                peers,
-                acknowledged: peers,
-                summary: format!("enforced in {ms} ms: {peers} peers acknowledged"),
-            };
+            return done(Some(ms), peers, Vec::new());
         }
         if Instant::now() >= deadline {
             break left;
@@ -596,17 +783,7 @@ async fn wait_acks(
         tokio::time::sleep(POLL).await;
     };
     let acked = peers.saturating_sub(u32::try_from(missing.len()).unwrap_or(u32::MAX));
-    Enforcement {
-        ms: None,
-        peers,
-        acknowledged: acked,
-        summary: format!(
-            "{} of {peers} peers did not acknowledge within {} s: {}",
-            missing.len(),
-            TRACK_TIMEOUT.as_secs(),
-            missing.join(", ")
-        ),
-    }
+    done(None, acked, missing)
 }
 
 async fn write_enforcement(
@@ -622,6 +799,77 @@ async fn write_enforcement(
         .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Completes the enforcement records that name offline peers: a peer that since acknowledged
+/// the netmap version carrying the change (or a later one) moves from `pending_offline` to
+/// `late`, with the time of its acknowledgement; a peer that left the network moves there as
+/// removed. Reads and writes only the store, so it picks up the records of an earlier run.
+pub async fn complete_late(store: &Store) -> Result<usize, StoreError> {
+    let rows: Vec<(i64, Option<i64>, i64, String)> = sqlx::query_as(
+        "SELECT id, network_id, at_ms, enforcement FROM audit
+         WHERE enforcement LIKE '%\"pending_offline\"%'",
+    )
+    .fetch_all(store.pool())
+    .await?;
+    let mut completed = 0;
+    for (id, network, at_ms, json) in rows {
+        let Ok(mut e) = serde_json::from_str::<Enforcement>(&json) else {
+            warn!(audit = id, "stored enforcement unreadable; left as it is");
+            continue;
+        };
+        let change_ms = u64::try_from(at_ms).unwrap_or(0);
+        let mut still = Vec::new();
+        for p in std::mem::take(&mut e.pending_offline) {
+            let row: Option<(i64, Option<i64>)> = sqlx::query_as(
+                "SELECT applied_version, applied_at FROM nodes
+                 WHERE network_id = ? AND name = ? AND state = 'active'",
+            )
+            .bind(network)
+            .bind(&p.node)
+            .fetch_optional(store.pool())
+            .await?;
+            match row {
+                None => e.late.push(LateAck {
+                    node: p.node,
+                    at_ms: crate::store::unix_now_ms(),
+                    after_ms: crate::store::unix_now_ms().saturating_sub(change_ms),
+                    removed: true,
+                }),
+                Some((applied, at)) if applied >= to_i64(p.netmap_version) => {
+                    let at_ms = at
+                        .and_then(|s| u64::try_from(s).ok())
+                        .map_or_else(crate::store::unix_now_ms, |s| s.saturating_mul(1000));
+                    info!(audit = id, node = %p.node, "offline peer acknowledged the change");
+                    e.late.push(LateAck {
+                        node: p.node,
+                        at_ms,
+                        after_ms: at_ms.saturating_sub(change_ms),
+                        removed: false,
+                    });
+                }
+                Some(_) => still.push(p),
+            }
+        }
+        let moved = e.late.len();
+        e.pending_offline = still;
+        if moved == 0 {
+            continue;
+        }
+        e.summary = describe(&e);
+        // Only over the record read: a tracker that wrote meanwhile wins, and the next pass
+        // completes its record.
+        let mut tx = store.write().await?;
+        let done = sqlx::query("UPDATE audit SET enforcement = ? WHERE id = ? AND enforcement = ?")
+            .bind(crate::store::to_json(&e))
+            .bind(id)
+            .bind(&json)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        completed += usize::try_from(done.rows_affected()).unwrap_or(0);
+    }
+    Ok(completed)
 }
 
 #[cfg(test)]

@@ -212,6 +212,55 @@ pub struct NodeInfo {
     /// `--zero-trust`). The node rotates it at half its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_expires_at: Option<u64>,
+    /// In the answer to a revoke or a delete: which peers the change reached at once, and
+    /// which hold it still because they are offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach: Option<Reach>,
+}
+
+/// Where a change that takes access away went when it was made: the peers whose netmap it
+/// altered, split into those connected (sent at once; the audit entry's enforcement says when
+/// they acknowledged) and those offline, which keep their last netmap (fail-static) until they
+/// reconnect.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reach {
+    /// The audit entry whose `enforcement` is measured.
+    pub audit_id: u64,
+    /// Connected peers the new netmap was sent to.
+    pub connected: Vec<String>,
+    /// Peers whose netmap the change altered but that are offline.
+    pub offline: Vec<OfflinePeer>,
+    /// For a node's removal in a zero-trust network: Unix seconds when its key expires, after
+    /// which an offline peer drops it by its own clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_key_expires_at: Option<u64>,
+}
+
+/// A peer whose netmap a change altered while it was offline: it still enforces the old one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflinePeer {
+    /// Node name.
+    pub node: String,
+    /// Unix seconds of its last message to the coordinator, if any.
+    #[serde(default)]
+    pub last_seen: Option<u64>,
+    /// The netmap version that carries the change; the change holds on it once it
+    /// acknowledges this version (or a later one).
+    pub netmap_version: u64,
+}
+
+/// An offline peer that later acknowledged the netmap carrying a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LateAck {
+    /// Node name.
+    pub node: String,
+    /// Unix milliseconds of its acknowledgement (the coordinator stores it to the second).
+    pub at_ms: u64,
+    /// Milliseconds from the change to that acknowledgement.
+    pub after_ms: u64,
+    /// It left the network (deleted or revoked) before it acknowledged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 /// `POST /v1/networks/{net}/nodes/{name}/revoke`: the node leaves every netmap, its control
@@ -256,6 +305,10 @@ pub struct PolicyApplied {
     pub tests_passed: usize,
     /// Nodes whose netmap changed, with the netmap version each must acknowledge.
     pub pending: Vec<PendingAck>,
+    /// The same nodes split into connected and offline (an offline one keeps the old policy
+    /// until it reconnects); `None` from an older coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach: Option<Reach>,
 }
 
 /// What a candidate policy would do to the network now, before an apply: the open flows it
@@ -387,8 +440,22 @@ pub struct Enforcement {
     /// Of those, how many did.
     pub acknowledged: u32,
     /// Readable: `enforced in 12 ms by 19 peers`, `waiting`, `2 of 19 peers did not
-    /// acknowledge within 30 s: db1, web2`.
+    /// acknowledge within 30 s: db1, web2`, and the offline peers that do not have it yet.
     pub summary: String,
+    /// Peers whose netmap the change altered but that were offline: they keep their last
+    /// netmap until they reconnect and acknowledge. Not counted in `peers` or `ms`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_offline: Vec<OfflinePeer>,
+    /// Offline peers that acknowledged later, moved here from `pending_offline`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late: Vec<LateAck>,
+    /// Connected peers that did not acknowledge within the tracking time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unacknowledged: Vec<String>,
+    /// What a peer in `pending_offline` goes on doing until it acknowledges, in words:
+    /// `it still accepts r1 until it reconnects or r1's key expires at ...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_keeps: Option<String>,
 }
 
 /// `POST /v1/api-keys`: makes another admin API key. The key is in the answer only; the

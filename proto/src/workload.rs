@@ -332,6 +332,20 @@ pub struct WorkloadInfo {
     pub created_by: String,
     /// Unix seconds.
     pub created_at: u64,
+    /// `active`, or `revoked` once its node was revoked or deleted (nothing is issued for it
+    /// again; SVIDs issued before stay valid until they expire).
+    #[serde(default = "active")]
+    pub state: String,
+    /// For a revoked registration: why (its node's revocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_reason: Option<String>,
+    /// For a revoked registration: Unix seconds of its node's revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+}
+
+fn active() -> String {
+    "active".into()
 }
 
 /// A registration as its node is told about it.

@@ -63,6 +63,8 @@ pub async fn delete(
     let node = find_node(&hub, &network, &name).await?;
     let mut tx = hub.store.write().await?;
     nodes::mark_deleted(&mut tx, node.id).await?;
+    let why = format!("node {} was deleted", node.name);
+    revoke_workloads(&mut tx, &network, &node, &actor.0, &why).await?;
     let audit_id = audit::append_id(
         &mut tx,
         audit::Entry {
@@ -94,10 +96,13 @@ pub async fn delete(
         ),
     );
     let pending = hub.recompute(network.id).await?;
-    crate::posture::track(&hub, network.id, audit_id, started, &pending, &node.name).await?;
+    let what =
+        crate::posture::Change::Removed(&node.name, key_expiry(&hub, &network, &node).await?);
+    let reach = crate::posture::track(&hub, network.id, audit_id, started, &pending, what).await?;
     let mut gone = info(&hub, &network, &node);
     gone.state = "revoked".into();
     gone.online = false;
+    gone.reach = Some(reach);
     Ok(Json(gone))
 }
 
@@ -129,6 +134,12 @@ pub async fn revoke(
     let node = find_node(&hub, &network, &name).await?;
     let mut tx = hub.store.write().await?;
     nodes::mark_revoked(&mut tx, node.id, reason).await?;
+    let why = if reason.is_empty() {
+        format!("node {} was revoked", node.name)
+    } else {
+        format!("node {} was revoked: {reason}", node.name)
+    };
+    revoke_workloads(&mut tx, &network, &node, &actor.0, &why).await?;
     let audit_id = audit::append_id(
         &mut tx,
         audit::Entry {
@@ -163,10 +174,13 @@ pub async fn revoke(
     };
     hub.close_session(node.id, refuse("revoked", message));
     let pending = hub.recompute(network.id).await?;
-    crate::posture::track(&hub, network.id, audit_id, started, &pending, &node.name).await?;
+    let what =
+        crate::posture::Change::Removed(&node.name, key_expiry(&hub, &network, &node).await?);
+    let reach = crate::posture::track(&hub, network.id, audit_id, started, &pending, what).await?;
     let mut gone = info(&hub, &network, revoked.as_ref().unwrap_or(&node));
     gone.state = "revoked".into();
     gone.online = false;
+    gone.reach = Some(reach);
     Ok(Json(gone))
 }
 
@@ -206,7 +220,7 @@ pub async fn rotate_key(
             actor: &actor.0,
             action: "node.key-rotate-request",
             target: &node.name,
-            detail: format!("{order:?}, gap {} s", gap.as_secs()),
+            detail: format!("{}, gap {} s", order_name(order), gap.as_secs()),
         },
     )
     .await?;
@@ -338,7 +352,55 @@ fn info(hub: &Hub, network: &networks::Network, n: &nodes::Node) -> NodeInfo {
         posture: None,
         key_created_at: n.key_created_at,
         key_expires_at: None,
+        reach: None,
     }
+}
+
+/// Audits `workload.revoke` for each registration of a node that leaves the network, in the
+/// caller's transaction. The rows stay (listed as `revoked`); nothing is issued for them again.
+async fn revoke_workloads(
+    conn: &mut sqlx::SqliteConnection,
+    network: &networks::Network,
+    node: &nodes::Node,
+    actor: &str,
+    why: &str,
+) -> Result<(), ApiErr> {
+    for w in crate::store::workloads::of_node(conn, node.id).await? {
+        audit::append(
+            conn,
+            audit::Entry {
+                network: Some(network.id),
+                actor,
+                action: "workload.revoke",
+                target: w.spiffe_id.as_str(),
+                detail: format!(
+                    "id {}, {why}; SVIDs issued before stay valid until they expire (ttl {} s)",
+                    w.id.0, w.ttl_secs
+                ),
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The order as the CLI and the API spell it.
+fn order_name(order: crate::rotation::Order) -> &'static str {
+    match order {
+        crate::rotation::Order::PeersFirst => "peers-first",
+        crate::rotation::Order::NodeFirst => "node-first",
+    }
+}
+
+/// When the node's key expires under the network's key life (none outside zero trust).
+async fn key_expiry(
+    hub: &Hub,
+    network: &networks::Network,
+    node: &nodes::Node,
+) -> Result<Option<u64>, ApiErr> {
+    let mut conn = hub.store.pool().acquire().await?;
+    let ttl = crate::rotation::key_ttl(&mut conn, network).await?;
+    Ok(node.key_expires_at(ttl))
 }
 
 /// Adds when the node's key expires under the network's key life (none outside zero trust).

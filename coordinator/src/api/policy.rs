@@ -86,12 +86,14 @@ pub async fn apply(
     );
     tracing::info!(network = %network.name, version, "policy applied");
     let pending = hub.recompute(network.id).await?;
-    crate::posture::track(&hub, network.id, audit_id, started, &pending, "").await?;
+    let what = crate::posture::Change::Policy;
+    let reach = crate::posture::track(&hub, network.id, audit_id, started, &pending, what).await?;
     Ok(Json(PolicyApplied {
         version,
         warnings: accepted.warnings,
         tests_passed: accepted.tests_passed,
         pending,
+        reach: Some(reach),
     }))
 }
 

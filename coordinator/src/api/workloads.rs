@@ -1,5 +1,8 @@
 //! Workload registrations: register, list, show, delete. Each change is audited; a node sees
 //! a change at its next workload request, so a deleted registration is never issued again.
+//! The registrations of a revoked or deleted node stay listed as `revoked`, with the node's
+//! revocation as the reason (audited `workload.revoke` when the node was revoked); SVIDs
+//! issued to them before stay valid until they expire (X.509 has no live revocation here).
 
 use std::sync::Arc;
 
@@ -114,6 +117,15 @@ pub async fn delete(
 ) -> Result<Json<WorkloadInfo>, ApiErr> {
     let network = find(&hub, &net).await?;
     let w = find_workload(&hub, &network, parse_id(&id)?).await?;
+    if w.state != "active" {
+        return Err(ApiErr::Conflict(format!(
+            "workload registration {} ({}) was revoked with its node ({}); it stays listed as \
+             a record and is never issued again",
+            w.id.0,
+            w.spiffe_id,
+            w.revoked_reason.as_deref().unwrap_or("node gone")
+        )));
+    }
     let mut tx = hub.store.write().await?;
     workloads::delete(&mut tx, w.id).await?;
     audit::append(
@@ -170,5 +182,8 @@ fn info(network: &networks::Network, w: Workload) -> WorkloadInfo {
         ttl_secs: w.ttl_secs,
         created_by: w.created_by,
         created_at: w.created_at,
+        state: w.state,
+        revoked_reason: w.revoked_reason,
+        revoked_at: w.revoked_at,
     }
 }

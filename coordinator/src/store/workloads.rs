@@ -30,6 +30,12 @@ pub struct Workload {
     pub created_by: String,
     /// Unix seconds.
     pub created_at: u64,
+    /// `active`, or `revoked` once its node left the network (revoked or deleted).
+    pub state: String,
+    /// For a revoked registration: its node's revocation reason, or that it was deleted.
+    pub revoked_reason: Option<String>,
+    /// For a revoked registration: Unix seconds its node left.
+    pub revoked_at: Option<u64>,
 }
 
 /// A registration to store.
@@ -51,10 +57,25 @@ pub struct NewWorkload<'a> {
     pub created_at: u64,
 }
 
-type Raw = (i64, i64, i64, String, String, String, i64, String, i64);
+type Raw = (
+    i64,
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+);
 
 const COLUMNS: &str = "w.id, w.network_id, w.node_id, n.name, w.spiffe_id, w.selectors, \
-                       w.ttl_secs, w.created_by, w.created_at";
+                       w.ttl_secs, w.created_by, w.created_at, n.state, n.revoked_at, \
+                       n.revoke_reason, n.deleted_at";
 
 /// Inserts a registration; `Ok(None)` when the node already has this SPIFFE ID.
 pub async fn insert(
@@ -81,11 +102,12 @@ pub async fn insert(
     Ok(Some(WorkloadId(done.last_insert_rowid())))
 }
 
-/// The registrations of a network on active nodes, by SPIFFE ID then node name.
+/// The registrations of a network, those of revoked or deleted nodes included (as
+/// `revoked`), by SPIFFE ID then node name.
 pub async fn list(store: &Store, network: NetworkId) -> Result<Vec<Workload>, StoreError> {
     let rows: Vec<Raw> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM workloads w JOIN nodes n ON n.id = w.node_id
-         WHERE w.network_id = ? AND n.state = 'active' ORDER BY w.spiffe_id, n.name"
+         WHERE w.network_id = ? ORDER BY w.spiffe_id, n.name, w.id"
     ))
     .bind(network.0)
     .fetch_all(store.pool())
@@ -93,7 +115,22 @@ pub async fn list(store: &Store, network: NetworkId) -> Result<Vec<Workload>, St
     rows.into_iter().map(decode).collect()
 }
 
-/// One registration of a network on an active node.
+/// The registrations of one node, whatever its state, in the caller's transaction.
+pub async fn of_node(
+    conn: &mut SqliteConnection,
+    node: NodeId,
+) -> Result<Vec<Workload>, StoreError> {
+    let rows: Vec<Raw> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM workloads w JOIN nodes n ON n.id = w.node_id
+         WHERE w.node_id = ? ORDER BY w.spiffe_id, w.id"
+    ))
+    .bind(node.0)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(decode).collect()
+}
+
+/// One registration of a network, a revoked one included (see [`Workload::state`]).
 pub async fn find(
     store: &Store,
     network: NetworkId,
@@ -101,7 +138,7 @@ pub async fn find(
 ) -> Result<Option<Workload>, StoreError> {
     let row: Option<Raw> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM workloads w JOIN nodes n ON n.id = w.node_id
-         WHERE w.network_id = ? AND w.id = ? AND n.state = 'active'"
+         WHERE w.network_id = ? AND w.id = ?"
     ))
     .bind(network.0)
     .bind(id.0)
@@ -157,7 +194,16 @@ pub async fn for_node_and_id(
 }
 
 fn decode(r: Raw) -> Result<Workload, StoreError> {
-    let (id, network, node, node_name, spiffe_id, selectors, ttl, created_by, created_at) = r;
+    let (id, network, node, node_name, spiffe_id, selectors, ttl, created_by, created_at) =
+        (r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8);
+    let (node_state, revoked_at, revoke_reason, deleted_at) = (r.9, r.10, r.11, r.12);
+    let active = node_state == "active";
+    let revoked_reason = (!active).then(|| match revoke_reason.filter(|r| !r.is_empty()) {
+        Some(reason) => format!("node {node_name} was revoked: {reason}"),
+        None if revoked_at.is_some() => format!("node {node_name} was revoked"),
+        None => format!("node {node_name} was deleted"),
+    });
+    let left_at = revoked_at.or(deleted_at).filter(|_| !active);
     let spiffe_id = SpiffeId::parse(&spiffe_id)
         .map_err(|e| StoreError::Corrupt(format!("workload {id}: {e}")))?;
     Ok(Workload {
@@ -170,5 +216,10 @@ fn decode(r: Raw) -> Result<Workload, StoreError> {
         ttl_secs: to_u64(ttl, "workload ttl")?,
         created_by,
         created_at: to_u64(created_at, "workload creation time")?,
+        state: if active { "active" } else { "revoked" }.into(),
+        revoked_reason,
+        revoked_at: left_at
+            .map(|t| to_u64(t, "node revocation time"))
+            .transpose()?,
     })
 }

@@ -681,8 +681,7 @@ fn track_with(
         let mut e = wait_acks(&store, started, &waiting).await;
         e.pending_offline = offline;
         e.offline_keeps = keeps;
-        e.summary = describe(&e);
-        if let Err(err) = write_enforcement(&store, audit_id, &e).await {
+        if let Err(err) = write_final(&store, audit_id, &mut e).await {
             warn!(error = %err, "time to enforcement not stored");
         } else {
             info!(audit = audit_id, summary = %e.summary, "time to enforcement");
@@ -801,6 +800,33 @@ async fn write_enforcement(
     Ok(())
 }
 
+/// Writes the tracker's result, keeping the offline peers [`complete_late`] completed
+/// meanwhile (read and written in one write transaction).
+async fn write_final(store: &Store, audit_id: i64, e: &mut Enforcement) -> Result<(), StoreError> {
+    let mut tx = store.write().await?;
+    let stored: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT enforcement FROM audit WHERE id = ?")
+            .bind(audit_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(before) = stored
+        .and_then(|(j,)| j)
+        .and_then(|j| serde_json::from_str::<Enforcement>(&j).ok())
+    {
+        e.pending_offline
+            .retain(|p| !before.late.iter().any(|l| l.node == p.node));
+        e.late = before.late;
+    }
+    e.summary = describe(e);
+    sqlx::query("UPDATE audit SET enforcement = ? WHERE id = ?")
+        .bind(crate::store::to_json(&*e))
+        .bind(audit_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Completes the enforcement records that name offline peers: a peer that since acknowledged
 /// the netmap version carrying the change (or a later one) moves from `pending_offline` to
 /// `late`, with the time of its acknowledgement; a peer that left the network moves there as
@@ -819,6 +845,7 @@ pub async fn complete_late(store: &Store) -> Result<usize, StoreError> {
             continue;
         };
         let change_ms = u64::try_from(at_ms).unwrap_or(0);
+        let had = e.late.len();
         let mut still = Vec::new();
         for p in std::mem::take(&mut e.pending_offline) {
             let row: Option<(i64, Option<i64>)> = sqlx::query_as(
@@ -851,7 +878,7 @@ pub async fn complete_late(store: &Store) -> Result<usize, StoreError> {
                 Some(_) => still.push(p),
             }
         }
-        let moved = e.late.len();
+        let moved = e.late.len() - had;
         e.pending_offline = still;
         if moved == 0 {
             continue;

@@ -8,6 +8,7 @@ mod admin;
 mod ca;
 mod control;
 mod datadir;
+mod enforcement;
 mod expired;
 mod inprocess;
 mod migrate;

@@ -173,6 +173,8 @@ struct WorkloadReach {
     node: String,
     /// The grant that lets its node open the flow.
     rule: String,
+    /// Where its node's flow is open.
+    open_on: netpolicy::OpenOn,
 }
 
 /// What `policy who-can-reach` reports.
@@ -230,14 +232,15 @@ fn who_can_reach(client: &ApiClient, fmt: OutputFormat, a: &PolicyWhoArgs) -> Re
         out.workload_notes = notes;
     }
     emit(fmt, &out, |w| {
-        let mut t = Table::new(&["NODE", "ALLOWED BY"]);
+        let mut t = Table::new(&["NODE", "ALLOWED BY", "OPEN ON"]);
         for r in &w.reachers {
-            t.row(vec![r.node.clone(), r.rule.clone()]);
+            t.row(vec![r.node.clone(), r.rule.clone(), r.open_on.to_string()]);
         }
         for r in &w.workloads {
             t.row(vec![
                 format!("workload {} on {}", r.spiffe_id, r.node),
                 format!("{} (as its node)", r.rule),
+                r.open_on.to_string(),
             ]);
         }
         let none = match w.policy_version {
@@ -287,10 +290,21 @@ fn workload_reach(
             spiffe_id: w.spiffe_id.to_string(),
             ..node.clone()
         };
-        let id_answer = netpolicy::explain(policy, &as_id, to, None, probe);
+        // Judged on every address, as for the node: the pair alone, with the ID.
+        let pair = netpolicy::Inventory {
+            nodes: vec![as_id.clone(), to.clone()],
+        };
+        let id_reach = netpolicy::who_can_reach(policy, &pair, target, probe)
+            .ok()
+            .and_then(|r| r.into_iter().next());
+        let mut id_answer = netpolicy::explain(policy, &as_id, to, None, probe);
+        if let Some(r) = &id_reach {
+            id_answer.allowed = true;
+            id_answer.decided_by = r.rule.clone();
+        }
         match (
             reachers.iter().find(|r| r.node == node.name),
-            id_answer.allowed,
+            id_reach.is_some(),
         ) {
             (Some(r), allowed) => {
                 if !allowed {
@@ -305,6 +319,7 @@ fn workload_reach(
                     spiffe_id: w.spiffe_id.to_string(),
                     node: node.name.clone(),
                     rule: r.rule.clone(),
+                    open_on: r.open_on.clone(),
                 });
             }
             (None, true) => notes.push(format!(
@@ -507,7 +522,7 @@ fn render_diff(d: &netpolicy::AccessDiff) -> String {
     if d.is_empty() {
         return "no change in access\n".to_string();
     }
-    let mut t = Table::new(&["CHANGE", "FROM", "TO", "PORTS"]);
+    let mut t = Table::new(&["CHANGE", "FROM", "TO", "PORTS", "OPEN ON"]);
     for (sign, changes) in [("+ added", &d.added), ("- removed", &d.removed)] {
         for c in changes {
             t.row(vec![
@@ -515,8 +530,23 @@ fn render_diff(d: &netpolicy::AccessDiff) -> String {
                 c.from.clone(),
                 c.to.clone(),
                 c.ports.join(" "),
+                c.open_on.to_string(),
             ]);
         }
+    }
+    for c in &d.changed {
+        let label = if c.before.routes == c.after.routes {
+            "~ family"
+        } else {
+            "~ moved"
+        };
+        t.row(vec![
+            label.to_string(),
+            c.from.clone(),
+            c.to.clone(),
+            c.ports.join(" "),
+            format!("{} -> {}", c.before, c.after),
+        ]);
     }
     t.render("no change in access")
 }
@@ -526,8 +556,12 @@ fn render_diff(d: &netpolicy::AccessDiff) -> String {
 struct ApplyOutcome {
     #[serde(flatten)]
     applied: PolicyApplied,
-    /// Milliseconds from the apply request to the last acknowledgement, with `--wait`.
+    /// Milliseconds from the apply request to the last acknowledgement, with `--wait` when at
+    /// least one online node had to change.
     acknowledged_ms: Option<u64>,
+    /// With `--wait`: the online nodes waited for (0 when no online node had to change).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waited_for: Option<usize>,
     /// Nodes offline at apply time, not waited for: each gets the policy when it reconnects.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     not_waited_for: Vec<String>,
@@ -560,7 +594,10 @@ fn apply(client: &ApiClient, fmt: OutputFormat, a: &PolicyApplyArgs) -> Result<(
     };
     let outcome = ApplyOutcome {
         applied,
-        acknowledged_ms: acknowledged.map(|(d, _)| d.as_millis() as u64),
+        acknowledged_ms: acknowledged
+            .filter(|(_, waited)| *waited > 0)
+            .map(|(d, _)| d.as_millis() as u64),
+        waited_for: acknowledged.map(|(_, waited)| waited),
         not_waited_for: offline,
     };
     emit(fmt, &outcome, |o| {
@@ -573,13 +610,31 @@ fn apply(client: &ApiClient, fmt: OutputFormat, a: &PolicyApplyArgs) -> Result<(
             o.applied.pending.len()
         ));
         if let Some((d, waited)) = acknowledged {
-            s.push_str(&format!(
-                "all {waited} online node(s) acknowledged in {:.3}s\n",
-                d.as_secs_f64()
-            ));
+            s.push_str(&wait_summary(d, waited, &o.not_waited_for));
         }
         s
     })
+}
+
+/// The last line of `apply --wait`: what the online nodes did, and who has yet to get it.
+fn wait_summary(elapsed: Duration, waited: usize, offline: &[String]) -> String {
+    let mut s = if waited == 0 {
+        "no online node had to change".to_string()
+    } else {
+        format!(
+            "all {waited} online node(s) acknowledged in {:.3}s",
+            elapsed.as_secs_f64()
+        )
+    };
+    if !offline.is_empty() {
+        s.push_str(&format!(
+            "; {} offline node(s) get it when they reconnect: {}",
+            offline.len(),
+            offline.join(", ")
+        ));
+    }
+    s.push('\n');
+    s
 }
 
 /// Splits pending acks into those of nodes online now (to wait for) and the names of nodes

@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use ztnet_proto::admin::{
-    AuditEvent, CreateNetwork, CreateToken, Network, NodeInfo, RevokeNode, SetEndpoint,
-    TokenCreated, TokenInfo,
+    AuditEvent, CreateNetwork, CreateToken, Enforcement, Network, NodeInfo, Reach, RevokeNode,
+    SetEndpoint, TokenCreated, TokenInfo,
 };
 
 use crate::args::{
@@ -265,10 +265,13 @@ pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> 
                 segment(&a.name)?
             );
             let n: NodeInfo = client.delete(&path)?;
+            let measured = measured(client, &a.network, n.reach.as_ref(), fmt);
             emit(fmt, &n, |n| {
                 format!(
-                    "deleted node {} from {}; its netmap peers were told\n",
-                    n.name, n.network
+                    "deleted node {} from {}: {}\n",
+                    n.name,
+                    n.network,
+                    reach_words(&n.name, n.reach.as_ref(), measured.as_ref())
                 )
             })
         }
@@ -282,11 +285,14 @@ pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> 
                 reason: a.reason.clone(),
             };
             let n: NodeInfo = client.post(&path, &body)?;
+            let measured = measured(client, &a.network, n.reach.as_ref(), fmt);
             emit(fmt, &n, |n| {
                 format!(
-                    "revoked node {} in {}: it left every netmap, its control channel was \
-                     closed, and its key is refused from now on\n",
-                    n.name, n.network
+                    "revoked node {} in {}: it left the netmaps, its control channel was \
+                     closed, and the coordinator refuses its key from now on; {}\n",
+                    n.name,
+                    n.network,
+                    reach_words(&n.name, n.reach.as_ref(), measured.as_ref())
                 )
             })
         }
@@ -332,6 +338,105 @@ pub fn node(client: &ApiClient, fmt: OutputFormat, cmd: &NodeCmd) -> Result<()> 
             })
         }
     }
+}
+
+/// How long the CLI waits for the connected peers' acknowledgements of a removal.
+const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The measured enforcement of a removal's audit entry, once its connected peers acknowledged
+/// (polled for at most [`ACK_WAIT`]); `None` when it is not in yet or not needed.
+fn measured(
+    client: &ApiClient,
+    network: &str,
+    reach: Option<&Reach>,
+    fmt: OutputFormat,
+) -> Option<Enforcement> {
+    let reach = reach?;
+    if reach.connected.is_empty() || !matches!(fmt, OutputFormat::Table) {
+        return None;
+    }
+    let path = format!("/v1/networks/{}/audit", segment(network).ok()?);
+    let deadline = std::time::Instant::now() + ACK_WAIT;
+    loop {
+        let events: Vec<AuditEvent> = client.get(&path).ok()?;
+        let e = events
+            .into_iter()
+            .find(|e| e.id == reach.audit_id)
+            .and_then(|e| e.enforcement);
+        if let Some(e) = e.filter(|e| e.ms.is_some() || !e.unacknowledged.is_empty()) {
+            return Some(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Where a removal of `subject` holds, in words: the peers that refuse it now, and the offline
+/// ones that keep accepting it until they reconnect.
+pub fn reach_words(subject: &str, reach: Option<&Reach>, e: Option<&Enforcement>) -> String {
+    let Some(r) = reach else {
+        return "its peers were told".into();
+    };
+    let connected = r.connected.len();
+    let total = connected + r.offline.len();
+    let mut out = if total == 0 {
+        "no peer had it in its netmap".to_string()
+    } else {
+        match e {
+            Some(e) if e.unacknowledged.is_empty() => {
+                let ms = e.ms.unwrap_or_default();
+                if r.offline.is_empty() {
+                    format!("refused by all {connected} of its peers (acknowledged in {ms} ms)")
+                } else {
+                    format!("refused by {connected} of {total} peers (acknowledged in {ms} ms)")
+                }
+            }
+            Some(e) => format!(
+                "sent to {connected} connected peers; {} did not acknowledge: {}",
+                e.unacknowledged.len(),
+                e.unacknowledged.join(", ")
+            ),
+            None if connected == 0 => format!("no connected peer had it (0 of {total} peers)"),
+            None => format!(
+                "sent to {connected} connected peers of {total} (`ztnet audit` shows when they \
+                 acknowledged)"
+            ),
+        }
+    };
+    if !r.offline.is_empty() {
+        let named: Vec<String> = r
+            .offline
+            .iter()
+            .map(|p| match p.last_seen {
+                Some(t) => format!("{} (offline since {})", p.node, rfc3339(t)),
+                None => format!("{} (never connected)", p.node),
+            })
+            .collect();
+        let verb = if named.len() == 1 {
+            "is offline and keeps"
+        } else {
+            "are offline and keep"
+        };
+        let until = match r.subject_key_expires_at {
+            Some(at) => format!(
+                "until it reconnects or {subject}'s key expires at {}",
+                rfc3339(at)
+            ),
+            None => "until it reconnects".into(),
+        };
+        out.push_str(&format!(
+            "; {} {verb} accepting {subject} {until}",
+            named.join(", ")
+        ));
+    }
+    out
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
 }
 
 /// `GET /v1/networks/N/nodes`.
@@ -484,11 +589,36 @@ pub fn audit(client: &ApiClient, fmt: OutputFormat, network: &Option<String>) ->
 /// not measured, `measuring` while the coordinator waits, `-` for entries that take no access.
 fn enforced(e: &AuditEvent) -> String {
     match &e.enforcement {
-        Some(x) => match x.ms {
-            Some(ms) if x.peers == 1 => format!("{ms} ms (1 peer)"),
-            Some(ms) => format!("{ms} ms ({} peers)", x.peers),
-            None => x.summary.clone(),
-        },
+        Some(x) => {
+            let mut out = match x.ms {
+                Some(_) if x.peers == 0 && !x.pending_offline.is_empty() => {
+                    "no connected peer".to_string()
+                }
+                Some(ms) if x.peers == 1 => format!("{ms} ms (1 peer)"),
+                Some(ms) => format!("{ms} ms ({} peers)", x.peers),
+                None if !x.pending_offline.is_empty() && x.unacknowledged.is_empty() => {
+                    format!("measuring ({} peers)", x.peers)
+                }
+                None => return x.summary.clone(),
+            };
+            if !x.pending_offline.is_empty() {
+                let names: Vec<&str> = x.pending_offline.iter().map(|p| p.node.as_str()).collect();
+                out.push_str(&format!("; not yet on {} (offline)", names.join(", ")));
+            }
+            for l in &x.late {
+                if l.removed {
+                    out.push_str(&format!("; {} left", l.node));
+                } else {
+                    let after = std::time::Duration::from_secs(l.after_ms / 1000);
+                    out.push_str(&format!(
+                        "; {} {} later",
+                        l.node,
+                        humantime::format_duration(after)
+                    ));
+                }
+            }
+            out
+        }
         None if matches!(
             e.action.as_str(),
             "node.revoke"
@@ -533,4 +663,63 @@ pub fn segment(name: &str) -> Result<&str> {
         bail!("name {name:?} is not a valid name");
     }
     Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ztnet_proto::admin::OfflinePeer;
+
+    fn reach(connected: &[&str], offline: &[&str], key: Option<u64>) -> Reach {
+        Reach {
+            audit_id: 7,
+            connected: connected.iter().map(|s| s.to_string()).collect(),
+            offline: offline
+                .iter()
+                .map(|s| OfflinePeer {
+                    node: s.to_string(),
+                    last_seen: Some(1_796_364_070),
+                    netmap_version: 4,
+                })
+                .collect(),
+            subject_key_expires_at: key,
+        }
+    }
+
+    fn acked(ms: u64, peers: u32) -> Enforcement {
+        Enforcement {
+            ms: Some(ms),
+            peers,
+            acknowledged: peers,
+            summary: String::new(),
+            pending_offline: Vec::new(),
+            late: Vec::new(),
+            unacknowledged: Vec::new(),
+            offline_keeps: None,
+        }
+    }
+
+    #[test]
+    fn a_removal_names_the_offline_peers_that_still_accept_it() {
+        let r = reach(&["a", "b", "c"], &["r2"], Some(1_796_450_470));
+        let said = reach_words("r1", Some(&r), Some(&acked(12, 3)));
+        assert_eq!(
+            said,
+            "refused by 3 of 4 peers (acknowledged in 12 ms); r2 (offline since \
+             2026-12-04T06:01:10Z) is offline and keeps accepting r1 until it reconnects or \
+             r1's key expires at 2026-12-05T06:01:10Z"
+        );
+        let none_online = reach_words("r1", Some(&reach(&[], &["r2"], None)), None);
+        assert!(
+            none_online.starts_with("no connected peer had it (0 of 1 peers); r2")
+                && none_online.ends_with("keeps accepting r1 until it reconnects"),
+            "{none_online}"
+        );
+        let all = reach_words("r1", Some(&reach(&["a"], &[], None)), Some(&acked(5, 1)));
+        assert_eq!(all, "refused by all 1 of its peers (acknowledged in 5 ms)");
+        assert_eq!(
+            reach_words("r1", Some(&reach(&[], &[], None)), None),
+            "no peer had it in its netmap"
+        );
+    }
 }

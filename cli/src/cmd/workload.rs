@@ -10,7 +10,7 @@ use ztnet_proto::workload::{RegisterWorkload, Selector, SpiffeId, WorkloadInfo};
 use super::admin::segment;
 use crate::args::OutputFormat;
 use crate::client::ApiClient;
-use crate::output::{Table, emit, fields, noteln, time};
+use crate::output::{self, Table, emit, fields, noteln, time};
 
 /// `ztnet workload ...`.
 #[derive(Debug, Subcommand)]
@@ -93,7 +93,7 @@ pub fn run(client: &ApiClient, fmt: OutputFormat, cmd: &WorkloadCmd) -> Result<(
             let path = format!("/v1/networks/{}/workloads", segment(&a.network)?);
             let all: Vec<WorkloadInfo> = client.get(&path)?;
             emit(fmt, &all, |all| {
-                let mut t = Table::new(&["ID", "SPIFFE ID", "NODE", "SELECTORS", "TTL"]);
+                let mut t = Table::new(&["ID", "SPIFFE ID", "NODE", "SELECTORS", "TTL", "STATE"]);
                 for w in all {
                     t.row(vec![
                         w.id.to_string(),
@@ -101,6 +101,7 @@ pub fn run(client: &ApiClient, fmt: OutputFormat, cmd: &WorkloadCmd) -> Result<(
                         w.node.clone(),
                         selectors(&w.selectors),
                         ttl(w.ttl_secs),
+                        state(w),
                     ]);
                 }
                 t.render("no workload registrations")
@@ -135,7 +136,21 @@ fn workload_fields(w: &WorkloadInfo) -> String {
         ("ttl", ttl(w.ttl_secs)),
         ("created by", w.created_by.clone()),
         ("created", time(w.created_at)),
+        ("state", state(w)),
+        ("revoked", output::opt_time(w.revoked_at)),
     ])
+}
+
+/// `active`, or `revoked (node db1 was revoked: stolen; SVIDs issued before stay valid until
+/// they expire)`.
+fn state(w: &WorkloadInfo) -> String {
+    match &w.revoked_reason {
+        Some(why) if w.state != "active" => format!(
+            "{} ({why}; SVIDs issued before stay valid until they expire)",
+            w.state
+        ),
+        _ => w.state.clone(),
+    }
 }
 
 fn selectors(s: &[Selector]) -> String {

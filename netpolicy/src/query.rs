@@ -383,7 +383,7 @@ fn free_address(net: IpNet, inner: &[IpNet]) -> Option<IpAddr> {
     if inner.is_empty() {
         return Some(net.network());
     }
-    if inner.iter().any(|p| *p == net) {
+    if inner.contains(&net) {
         return None;
     }
     let halves = net.subnets(net.prefix_len() + 1).ok()?;

@@ -5,7 +5,9 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use ipnet::IpNet;
-use netpolicy::{ConntrackConfig, Filter, NodeIdentity, Policy, Probe, explain};
+use netpolicy::{
+    ConntrackConfig, Family, Filter, NodeIdentity, OpenOn, Policy, Probe, explain, who_can_reach,
+};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -468,4 +470,192 @@ fn shuffled_verdicts_are_checked_on_something() {
     }];
     let v = verdicts(&compile_world(&document(&entries), &w), &w);
     assert!(v.iter().any(|x| *x) && v.iter().any(|x| !*x));
+}
+
+/// Addresses that stand for every address of a node in this world, each with where it is
+/// reported: its own two addresses, and one address of each part that `PREFIXES` cut its
+/// routes into (10.95.0.0/24 into two halves; fd00:95::/64 is cut by none but `::/0`).
+fn sample_points(n: &NodeIdentity) -> Vec<(IpAddr, Option<Family>)> {
+    let mut out = vec![(v4(n), Some(Family::V4)), (v6(n), Some(Family::V6))];
+    if !n.routes.is_empty() {
+        for a in ["10.95.0.9", "10.95.0.200", "fd00:95::9"] {
+            out.push((a.parse().unwrap(), None));
+        }
+    }
+    out
+}
+
+fn class_packet(src: IpAddr, dst: IpAddr, class: Class) -> Vec<u8> {
+    match class {
+        Class::Tcp(port) => tcp(src, 40000, dst, port, SYN),
+        Class::Udp(port) => udp(src, 40000, dst, port),
+        Class::Echo => echo(src, dst, true, 1),
+        Class::Other => icmp_other(src, dst, if src.is_ipv6() { 140 } else { 13 }),
+    }
+}
+
+/// Where the filters of `net` let node `s` open a flow of `class` to node `d`.
+fn filter_open_on(
+    net: &netpolicy::CompiledNetwork,
+    w: &World,
+    s: usize,
+    d: usize,
+    class: Class,
+) -> OpenOn {
+    let config = ConntrackConfig { max_flows: 8 };
+    let now = Instant::now();
+    let (a, b) = (&w.nodes[s].name, &w.nodes[d].name);
+    let mut on = OpenOn::default();
+    for (dst, place) in sample_points(&w.nodes[d]) {
+        let open = sample_points(&w.nodes[s]).into_iter().any(|(src, _)| {
+            if src.is_ipv4() != dst.is_ipv4() {
+                return false;
+            }
+            let pkt = class_packet(src, dst, class);
+            let mut fa = Filter::new(spec_of(net, a), config);
+            let mut fb = Filter::new(spec_of(net, b), config);
+            allowed(&fa.outbound(b, &pkt, now)) && allowed(&fb.inbound(a, &pkt, now))
+        });
+        if !open {
+            continue;
+        }
+        match place {
+            Some(f) if !on.families.contains(&f) => on.families.push(f),
+            Some(_) => {}
+            None => {
+                let route = w.nodes[d].routes.iter().find(|r| r.contains(&dst)).unwrap();
+                if !on.routes.contains(route) {
+                    on.routes.push(*route);
+                }
+            }
+        }
+    }
+    on.families.sort();
+    on.routes.sort();
+    on
+}
+
+/// Whether a rendered port list (`tcp:22`, `udp:20-25`, `tcp:*`, `icmp`, `other`, `any`)
+/// covers `class`.
+fn covers(ports: &[String], class: Class) -> bool {
+    ports.iter().any(|p| {
+        let range = |r: &str, x: u16| -> bool {
+            if r == "*" {
+                return true;
+            }
+            let (lo, hi) = r.split_once('-').unwrap_or((r, r));
+            lo.parse::<u16>().unwrap() <= x && x <= hi.parse::<u16>().unwrap()
+        };
+        match (p.split_once(':'), class) {
+            _ if p == "any" => true,
+            (Some(("tcp", r)), Class::Tcp(x)) | (Some(("udp", r)), Class::Udp(x)) => range(r, x),
+            (None, Class::Echo) => p == "icmp",
+            (None, Class::Other) => p == "other",
+            _ => false,
+        }
+    })
+}
+
+const REVIEW_CLASSES: [Class; 7] = [
+    Class::Tcp(19),
+    Class::Tcp(22),
+    Class::Tcp(25),
+    Class::Udp(21),
+    Class::Udp(27),
+    Class::Echo,
+    Class::Other,
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn who_can_reach_agrees_with_the_filter_on_every_address(w in world_strategy(), entries in entries_strategy()) {
+        let src = document(&entries);
+        let policy = Policy::parse(&src).unwrap().policy;
+        let net = compile_world(&src, &w);
+        let inv = inventory(&w.nodes);
+        for d in 0..NODES {
+            for (class, probe) in [(Class::Tcp(22), Probe::Tcp(22)), (Class::Udp(27), Probe::Udp(27)), (Class::Echo, Probe::Icmp)] {
+                let reach = who_can_reach(&policy, &inv, &w.nodes[d].name, probe).unwrap();
+                for s in (0..NODES).filter(|s| *s != d) {
+                    let want = filter_open_on(&net, &w, s, d, class);
+                    let got = reach.iter().find(|r| r.node == w.nodes[s].name);
+                    match got {
+                        Some(r) => prop_assert_eq!(&r.open_on, &want, "n{} -> n{} {:?}", s, d, class),
+                        None => prop_assert!(want.is_empty(), "n{} -> n{} {:?} open on {} but not listed", s, d, class, want),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_diff_agrees_with_the_filter_on_every_address(w in world_strategy(), old in entries_strategy(), new in entries_strategy()) {
+        let (old_src, new_src) = (document(&old), document(&new));
+        let d = netpolicy::diff(
+            &Policy::parse(&old_src).unwrap().policy,
+            &Policy::parse(&new_src).unwrap().policy,
+            &inventory(&w.nodes),
+        );
+        let (old_net, new_net) = (compile_world(&old_src, &w), compile_world(&new_src, &w));
+        for s in 0..NODES {
+            for t in (0..NODES).filter(|t| *t != s) {
+                let (a, b) = (&w.nodes[s].name, &w.nodes[t].name);
+                for class in REVIEW_CLASSES {
+                    let before = filter_open_on(&old_net, &w, s, t, class);
+                    let after = filter_open_on(&new_net, &w, s, t, class);
+                    let pick = |c: &[netpolicy::AccessChange]| -> Vec<OpenOn> {
+                        c.iter()
+                            .filter(|c| &c.from == a && &c.to == b && covers(&c.ports, class))
+                            .map(|c| c.open_on.clone())
+                            .collect()
+                    };
+                    let added = pick(&d.added);
+                    let removed = pick(&d.removed);
+                    let changed: Vec<(OpenOn, OpenOn)> = d
+                        .changed
+                        .iter()
+                        .filter(|c| &c.from == a && &c.to == b && covers(&c.ports, class))
+                        .map(|c| (c.before.clone(), c.after.clone()))
+                        .collect();
+                    let what = format!("{a} -> {b} {class:?}: {before} then {after}; {d:?}");
+                    if before == after {
+                        prop_assert!(added.is_empty() && removed.is_empty() && changed.is_empty(), "{}", what);
+                    } else if before.is_empty() {
+                        prop_assert_eq!(added, vec![after.clone()], "{}", what);
+                        prop_assert!(removed.is_empty() && changed.is_empty(), "{}", what);
+                    } else if after.is_empty() {
+                        prop_assert_eq!(removed, vec![before.clone()], "{}", what);
+                        prop_assert!(added.is_empty() && changed.is_empty(), "{}", what);
+                    } else {
+                        prop_assert_eq!(changed, vec![(before.clone(), after.clone())], "{}", what);
+                        prop_assert!(added.is_empty() && removed.is_empty(), "{}", what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_review_properties_see_each_family_alone() {
+    // Guards the two properties above: a world where one family alone is open exists.
+    let w = World {
+        nodes: (0..NODES)
+            .map(|i| node(&format!("n{i}"), i as u8 + 1, "x", &["a"]))
+            .collect(),
+    };
+    let entries = vec![Entry {
+        deny: false,
+        from: vec![Sel::Tag(0)],
+        to: vec![Sel::Cidr(4)],
+        ports: vec![Port::Tcp(22, 22)],
+    }];
+    let net = compile_world(&document(&entries), &w);
+    let on = filter_open_on(&net, &w, 0, 1, Class::Tcp(22));
+    assert_eq!(on.families, [Family::V6]);
+    let p = Policy::parse(&document(&entries)).unwrap().policy;
+    let r = who_can_reach(&p, &inventory(&w.nodes), "n1", Probe::Tcp(22)).unwrap();
+    assert_eq!(r.iter().find(|r| r.node == "n0").unwrap().open_on, on);
 }

@@ -1021,6 +1021,71 @@ mod tests {
     }
 
     #[test]
+    fn the_diff_says_where_access_is_open_and_when_only_the_family_changes() {
+        let on = |families: &[netpolicy::Family]| netpolicy::OpenOn {
+            families: families.to_vec(),
+            routes: Vec::new(),
+        };
+        let (v4, v6) = (netpolicy::Family::V4, netpolicy::Family::V6);
+        let d = netpolicy::AccessDiff {
+            added: vec![netpolicy::AccessChange {
+                from: "a1".into(),
+                to: "b1".into(),
+                ports: vec!["tcp:22".into()],
+                open_on: on(&[v6]),
+            }],
+            removed: Vec::new(),
+            changed: vec![netpolicy::OpenOnChange {
+                from: "a1".into(),
+                to: "b1".into(),
+                ports: vec!["tcp:5432".into()],
+                before: on(&[v6]),
+                after: on(&[v4, v6]),
+            }],
+        };
+        let s = render_diff(&d);
+        let added = s.lines().find(|l| l.starts_with("+ added")).expect("added");
+        assert!(
+            added.contains("tcp:22") && added.ends_with("IPv6 only"),
+            "{s}"
+        );
+        let family = s
+            .lines()
+            .find(|l| l.starts_with("~ family"))
+            .expect("family");
+        assert!(
+            family.contains("tcp:5432") && family.ends_with("IPv6 only -> IPv4 and IPv6"),
+            "{s}"
+        );
+        // Only the family changed: not "no change in access".
+        let only = netpolicy::AccessDiff {
+            added: Vec::new(),
+            ..d
+        };
+        assert!(
+            !render_diff(&only).contains("no change"),
+            "{}",
+            render_diff(&only)
+        );
+    }
+
+    #[test]
+    fn apply_wait_says_when_no_online_node_had_to_change() {
+        let none = wait_summary(Duration::from_millis(75), 0, &[]);
+        assert_eq!(none, "no online node had to change\n");
+        let offline = wait_summary(Duration::ZERO, 0, &["web9".to_string()]);
+        assert_eq!(
+            offline,
+            "no online node had to change; 1 offline node(s) get it when they reconnect: web9\n"
+        );
+        let some = wait_summary(Duration::from_millis(75), 2, &["web9".to_string()]);
+        assert!(
+            some.starts_with("all 2 online node(s) acknowledged in 0.075s; 1 offline"),
+            "{some}"
+        );
+    }
+
+    #[test]
     fn only_an_unknown_path_counts_as_an_older_coordinator() {
         let failure = |status, message: &str| {
             anyhow::Error::from(ApiFailure(ztnet_proto::admin::ApiError {

@@ -1,11 +1,16 @@
-//! FC-26: two idle static nodes with persistent keepalive 25 s, started together, run past one
-//! full session expiry (180 s). Counts the handshake initiations each sends (from the status
-//! JSON) and checks that the pair keeps to one handshake per rekey period, that the session
-//! never lapses, and that a ping afterwards gets through at once. Needs root; takes about
-//! 3.5 minutes (`ZTNET_IDLE_SECS` runs it longer).
+//! FC-26: idle sessions held open by persistent keepalive. Needs root; each test takes about
+//! 3 minutes, and they run side by side.
+//!
+//! - Two idle static nodes with persistent keepalive 25 s, started together, run past one
+//!   full session expiry (180 s; `ZTNET_IDLE_SECS` runs it longer). Counts the handshake
+//!   initiations each sends (from the status JSON) and checks that the pair keeps to one
+//!   handshake per rekey period, that the session never lapses, and that a ping afterwards
+//!   gets through at once.
+//! - One node whose session a stock boringtun peer (the `wg-idle-peers` stand-in) initiated:
+//!   the node rekeys it itself before it lapses.
 //!
 //! Layout: two namespaces joined by one veth pair (underlay 192.0.2.1-2/24), overlay
-//! 10.90.0.1-2/16 on each node's TUN.
+//! 10.90.0.1-2/16 (10.91.0.0/16 with the stand-in) on the TUN.
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -257,4 +262,117 @@ fn idle_keepalive_peers_keep_one_session_past_expiry_without_a_storm() {
     );
     assert!(ok, "the first ping after the idle period was lost");
     assert!(rtt < Duration::from_secs(1), "ping took {rtt:?}");
+}
+
+/// Rule 2 of `node/src/dataplane/rekey.rs`: a stock boringtun peer initiates the session and,
+/// idle, never rekeys it; the node, which only answered, rekeys it itself at 150-160 s, so the
+/// session does not lapse at 180 s. The peer is the `wg-idle-peers` stand-in with one peer.
+#[test]
+fn a_node_that_only_answered_rekeys_an_idle_session_its_peer_would_let_lapse() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node_key = make_key(&dir.path().join("n1.key")).expect("key");
+    let node = Node {
+        name: "n1",
+        iface: unique("ztk"),
+        proc: None,
+        ns: Netns::new("ztkn").expect("netns"),
+    };
+    let far = Netns::new("ztkp").expect("netns");
+    veth(&node.ns, "u0", &far, "u0").expect("veth");
+    node.ns
+        .ip(&["addr", "add", "192.0.2.1/24", "dev", "u0"])
+        .expect("address");
+    far.ip(&["addr", "add", "192.0.2.2/24", "dev", "u0"])
+        .expect("address");
+
+    // The stand-in's keepalive (1 s) starts the handshake as soon as it runs.
+    let peers = dir.path().join("peers.toml");
+    let stats = dir.path().join("stats.txt");
+    let mut cmd = far.command(bin("wg-idle-peers"));
+    cmd.args([
+        "--count",
+        "1",
+        "--bind",
+        "192.0.2.2",
+        "--first-port",
+        "52000",
+    ])
+    .args(["--node-key", &node_key, "--node", "192.0.2.1:51820"])
+    .args(["--keepalive", "1", "--peers-toml"])
+    .arg(&peers)
+    .arg("--stats")
+    .arg(&stats);
+    let _peer = Proc::spawn(cmd, &dir.path().join("peer.log")).expect("stand-in");
+    let block = wait_for("the stand-in's peer block", Duration::from_secs(15), || {
+        Ok(std::fs::read_to_string(&peers)
+            .ok()
+            .filter(|s| !s.is_empty()))
+    })
+    .expect("peers.toml");
+    // No endpoint on the node's side: it can only answer.
+    let block: String = block
+        .lines()
+        .filter(|l| !l.starts_with("endpoint") && !l.starts_with("persistent_keepalive"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = dir.path().join("n1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[interface]\nname = \"{}\"\nprivate_key_file = \"n1.key\"\n\
+             addresses = [\"10.91.255.254/16\"]\nlisten_port = {WG_PORT}\n\n\
+             [identity]\nname = \"n1\"\n{block}persistent_keepalive = 25\n",
+            node.iface
+        ),
+    )
+    .expect("config");
+    let mut node = node;
+    let mut cmd = node.ns.command(bin("ztnet-node"));
+    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
+    node.proc = Some(Proc::spawn(cmd, &dir.path().join("n1.log")).expect("spawn"));
+
+    let up_at = wait_for("the stand-in's session", Duration::from_secs(20), || {
+        Ok(node.counts().ok().filter(|c| c.up).map(|_| Instant::now()))
+    })
+    .expect("session");
+    let first = node.counts().expect("status");
+    eprintln!("session up; node {first:?}");
+    assert_eq!(first.sent, 0, "the node has no endpoint to initiate to");
+
+    // Until 175 s into the session: the node's own initiations, and any lapse.
+    let mut rekeys = Vec::new();
+    let mut lapses = Vec::new();
+    let mut last = first;
+    let mut next = Instant::now();
+    while up_at.elapsed() < Duration::from_secs(175) {
+        next += Duration::from_secs(1);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let c = node.counts().expect("status");
+        if c.sent > last.sent {
+            rekeys.push(up_at.elapsed());
+        }
+        if !c.up {
+            lapses.push(up_at.elapsed());
+        }
+        last = c;
+    }
+    let peer_stats = std::fs::read_to_string(&stats).unwrap_or_default();
+    eprintln!(
+        "node initiations at {rekeys:?} into the session; node {last:?}; stand-in: {}",
+        peer_stats.replace('\n', ", ")
+    );
+    assert_eq!(rekeys.len(), 1, "one rekey by the node: {rekeys:?}");
+    let at = rekeys[0].as_secs_f64();
+    assert!(
+        (149.0..163.0).contains(&at),
+        "the node rekeyed {at:.1} s into the session, not at 150-160 s"
+    );
+    assert!(lapses.is_empty(), "the session lapsed at {lapses:?}");
+    assert!(
+        peer_stats.contains("inits_to_node 1\n"),
+        "the stand-in initiated once only: {peer_stats}"
+    );
 }

@@ -418,6 +418,9 @@ pub fn diff(old: &Policy, new: &Policy, inventory: &Inventory) -> AccessDiff {
     for pair in pairs {
         let was = before.get(pair).unwrap_or(&none);
         let now = after.get(pair).unwrap_or(&none);
+        if was == now {
+            continue;
+        }
         for ((old_on, new_on), ports) in regroup(was, now) {
             if old_on == new_on || ports.is_empty() {
                 continue;
@@ -535,11 +538,22 @@ fn access(
     };
     let from_ok = side(&|r: &Rule| r.from.as_slice());
     let to_ok = side(&|r: &Rule| r.to.as_slice());
+    let any = |ok: &[Vec<Vec<bool>>], r: usize, n: usize| ok[r][n].iter().any(|&x| x);
+    let grants: Vec<usize> = (0..policy.rules.len())
+        .filter(|&r| policy.rules[r].id.kind == RuleKind::Grant)
+        .collect();
     let mut out = BTreeMap::new();
     let empty = PortSet::default();
     for a in 0..nodes.len() {
         for b in 0..nodes.len() {
             if a == b || nodes[a].name == nodes[b].name {
+                continue;
+            }
+            // No grant selects both: nothing to judge.
+            if !grants
+                .iter()
+                .any(|&r| any(&from_ok, r, a) && any(&to_ok, r, b))
+            {
                 continue;
             }
             let mut per_place: BTreeMap<Place, PortSet> = BTreeMap::new();

@@ -222,3 +222,60 @@ ports = ["tcp:5432"]
         ("a1", "b1")
     );
 }
+
+#[test]
+fn explain_at_an_ipv6_destination_sends_from_the_ipv6_address() {
+    let n = nodes();
+    let p = policy(
+        r#"
+[[grant]]
+from = ["cidr:fd00:90::1/128"]
+to = ["node:b1"]
+ports = ["tcp:5432"]
+"#,
+    );
+    assert!(syn_passes(
+        "[[grant]]\nfrom = [\"cidr:fd00:90::1/128\"]\nto = [\"node:b1\"]\nports = [\"tcp:5432\"]\n",
+        &n,
+        "a1",
+        v6(&n[0]),
+        "b1",
+        v6(&n[1])
+    ));
+    let e = netpolicy::explain(&p, &n[0], &n[1], Some(v6(&n[1])), Probe::Tcp(5432));
+    assert!(e.allowed, "{e:?}");
+    let e = netpolicy::explain(&p, &n[0], &n[1], Some(v4(&n[1])), Probe::Tcp(5432));
+    assert!(!e.allowed, "{e:?}");
+}
+
+#[test]
+#[ignore = "timing, run by hand"]
+fn timing_of_a_large_diff() {
+    let nodes: Vec<_> = (0..300u32)
+        .map(|i| {
+            let mut n = node(
+                &format!("n{i}"),
+                1,
+                "prod",
+                &[["web", "db", "ops"][i as usize % 3]],
+            );
+            n.addresses = vec![
+                format!("10.90.{}.{}/32", i / 250, i % 250 + 1)
+                    .parse()
+                    .unwrap(),
+                format!("fd00:90::{:x}/128", i + 1).parse().unwrap(),
+            ];
+            n
+        })
+        .collect();
+    let src = |p: &str| {
+        format!(
+            "[[grant]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"{p}\"]\n[[grant]]\nfrom = [\"tag:ops\"]\nto = [\"*\"]\nports = [\"any\"]\n[[deny]]\nfrom = [\"*\"]\nto = [\"cidr:10.90.0.0/24\"]\nports = [\"tcp:22\"]\n"
+        )
+    };
+    let (a, b) = (policy(&src("tcp:5432")), policy(&src("tcp:5433")));
+    let t = std::time::Instant::now();
+    let d = diff(&a, &b, &inventory(&nodes));
+    eprintln!("300 nodes: {:?}, {} added", t.elapsed(), d.added.len());
+    assert!(!d.added.is_empty());
+}

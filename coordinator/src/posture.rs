@@ -732,11 +732,15 @@ pub fn describe(e: &Enforcement) -> String {
                 l.node
             ));
         } else {
+            // Acknowledgements are stored to the second.
+            let after = match l.after_ms {
+                0..1000 => "within a second".to_string(),
+                ms => humantime::format_duration(Duration::from_secs(ms / 1000)).to_string(),
+            };
             out.push_str(&format!(
-                "; on {} at {} ({} after the change, when it reconnected)",
+                "; on {} at {} ({after} after the change, when it reconnected)",
                 l.node,
                 rfc3339(l.at_ms / 1000),
-                humantime::format_duration(Duration::from_secs(l.after_ms / 1000))
             ));
         }
     }

@@ -609,12 +609,12 @@ fn enforced(e: &AuditEvent) -> String {
                 if l.removed {
                     out.push_str(&format!("; {} left", l.node));
                 } else {
-                    let after = std::time::Duration::from_secs(l.after_ms / 1000);
-                    out.push_str(&format!(
-                        "; {} {} later",
-                        l.node,
-                        humantime::format_duration(after)
-                    ));
+                    let after = match l.after_ms {
+                        0..1000 => "under 1s".to_string(),
+                        ms => humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
+                            .to_string(),
+                    };
+                    out.push_str(&format!("; {} {after} later", l.node));
                 }
             }
             out

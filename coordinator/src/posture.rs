@@ -275,11 +275,11 @@ pub async fn on_report(hub: &Hub, node: &Node, report: Posture) -> Result<(), St
 pub const SESSION_CHECK: Duration = Duration::from_secs(1);
 
 /// Every [`SESSION_CHECK`]: completes the enforcement records of offline peers that since
-/// acknowledged ([`complete_late`]); tells each live session under a `max_session` its deadline (once
-/// per session and deadline), closes the sessions older than the `max_session` of an entry that
-/// selects their node, and recomputes their networks (which quarantines them until the node's
-/// new session reports). Does not rely on the node reporting: a node that stops sending posture
-/// is cut at its deadline all the same. Runs for the coordinator's life.
+/// acknowledged ([`complete_late`]); tells each live session under a `max_session` its
+/// deadline (once per session and deadline), closes the sessions older than the `max_session`
+/// of an entry that selects their node, and recomputes their networks (which quarantines them
+/// until the node's new session reports). Does not rely on the node reporting: a node that
+/// stops sending posture is cut at its deadline all the same. Runs for the coordinator's life.
 pub async fn watch_sessions(hub: Arc<Hub>) {
     let mut tick = tokio::time::interval(SESSION_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

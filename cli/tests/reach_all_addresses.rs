@@ -159,6 +159,7 @@ async fn a_grant_to_an_ipv6_address_is_reviewed_on_that_address() {
         "tcp:5432",
     ];
     let out = c.ok(&who);
+    eprintln!("$ ztnet policy who-can-reach --network v6net b1 --port tcp:5432\n{out}");
     let row = out
         .lines()
         .find(|l| l.starts_with("a1"))
@@ -193,6 +194,7 @@ async fn a_grant_to_an_ipv6_address_is_reviewed_on_that_address() {
     let tag_file = tag_file.to_str().expect("utf-8");
     let diff = ["policy", "diff", "--network", "v6net", "-f", tag_file];
     let out = c.ok(&diff);
+    eprintln!("$ ztnet policy diff --network v6net -f tag.toml\n{out}");
     assert!(!out.contains("+ added"), "{out}");
     let row = out
         .lines()
@@ -233,6 +235,7 @@ async fn a_grant_to_an_ipv6_address_is_reviewed_on_that_address() {
         "{v6_only}\n[[grant]]\nfrom = [\"tag:ops\"]\nto = [\"tag:ops\"]\nports = [\"tcp:22\"]\n"
     );
     let (out, err) = apply(&c, dirs.path(), "ops.toml", &ops, true);
+    eprintln!("$ ztnet policy apply --network v6net -f ops.toml --wait\n{err}{out}");
     assert!(
         err.contains("c1 is offline; it gets the policy when it reconnects")
             && err.contains("d1 is offline; it gets the policy when it reconnects"),

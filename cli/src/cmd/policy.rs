@@ -582,8 +582,12 @@ fn apply(client: &ApiClient, fmt: OutputFormat, a: &PolicyApplyArgs) -> Result<(
     };
 
     let (acknowledged, offline) = if a.wait {
-        let nodes = node_list(client, &a.network)?;
-        let (online, offline) = split_online(&applied.pending, &nodes);
+        let (online, offline) = match &applied.reach {
+            // The coordinator's own split, made when it sent the netmaps.
+            Some(reach) => split_by_reach(&applied.pending, reach),
+            // An older coordinator: split on the node list as it is now.
+            None => split_online(&applied.pending, &node_list(client, &a.network)?),
+        };
         for name in &offline {
             noteln!("{name} is offline; it gets the policy when it reconnects");
         }
@@ -635,6 +639,21 @@ fn wait_summary(elapsed: Duration, waited: usize, offline: &[String]) -> String 
     }
     s.push('\n');
     s
+}
+
+/// Splits pending acks as the apply answer's `reach` does: connected nodes to wait for, the
+/// offline ones named. A pending node in neither list (deleted meanwhile) is not waited for.
+fn split_by_reach(
+    pending: &[PendingAck],
+    reach: &ztnet_proto::admin::Reach,
+) -> (Vec<PendingAck>, Vec<String>) {
+    let online = pending
+        .iter()
+        .filter(|p| reach.connected.contains(&p.node))
+        .cloned()
+        .collect();
+    let offline = reach.offline.iter().map(|o| o.node.clone()).collect();
+    (online, offline)
 }
 
 /// Splits pending acks into those of nodes online now (to wait for) and the names of nodes
@@ -1067,6 +1086,28 @@ mod tests {
             "{}",
             render_diff(&only)
         );
+    }
+
+    #[test]
+    fn the_apply_answers_split_is_used_when_there_is_one() {
+        let ack = |n: &str| PendingAck {
+            node: n.into(),
+            netmap_version: 4,
+        };
+        let reach = ztnet_proto::admin::Reach {
+            audit_id: 1,
+            connected: vec!["web1".into()],
+            offline: vec![ztnet_proto::admin::OfflinePeer {
+                node: "web9".into(),
+                last_seen: None,
+                netmap_version: 4,
+            }],
+            subject_key_expires_at: None,
+        };
+        let (online, offline) = split_by_reach(&[ack("web1"), ack("web9")], &reach);
+        assert_eq!(online.len(), 1);
+        assert_eq!(online[0].node, "web1");
+        assert_eq!(offline, ["web9"]);
     }
 
     #[test]

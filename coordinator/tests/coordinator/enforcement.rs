@@ -218,3 +218,26 @@ async fn a_pending_offline_peer_is_completed_after_a_coordinator_restart() {
     assert_eq!(names(&done["late"]), ["ops1"], "{done}");
     assert!(done["pending_offline"].is_null(), "{done}");
 }
+
+#[tokio::test]
+async fn a_rotation_request_is_audited_with_the_order_as_the_cli_spells_it() {
+    let f = Fixture::new().await;
+    let api = f.coord.api();
+    let path = "/v1/networks/prod-vpc/nodes/web1/rotate-key";
+    api.ok("POST", path, Some(json!({}))).await;
+    api.ok(
+        "POST",
+        path,
+        Some(json!({"order": "node-first", "gap_secs": 2})),
+    )
+    .await;
+    let audit = api.ok("GET", "/v1/networks/prod-vpc/audit", None).await;
+    let details: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "node.key-rotate-request")
+        .filter_map(|e| e["detail"].as_str())
+        .collect();
+    assert_eq!(details, ["peers-first, gap 0 s", "node-first, gap 2 s"]);
+}

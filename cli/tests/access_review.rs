@@ -4,87 +4,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::review::{Node, token};
 use common::{Coordinator, expect_failure, wait_for};
-use tokio::sync::oneshot;
-use ztnet_node::control::DataplaneSink;
-use ztnet_node::control::client::{self, Exit, NodeOptions};
-use ztnet_node::netconfig::DataplaneConfig;
-use ztnet_node::state::StateDir;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Takes every configuration and applies nothing: the review reads the coordinator only.
-struct NullSink;
-
-impl DataplaneSink for NullSink {
-    fn apply(&self, _config: DataplaneConfig) -> anyhow::Result<()> {
-        Ok(())
-    }
-
-    fn listen_port(&self) -> u16 {
-        51820
-    }
-
-    fn local_endpoints(&self) -> Vec<SocketAddr> {
-        vec!["127.0.0.1:51820".parse().expect("addr")]
-    }
-
-    fn set_control_connected(&self, _connected: bool) {}
-}
-
-/// A control client (the real one, over QUIC) running in the background, reporting `version`.
-struct Node {
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<Exit>>,
-}
-
-impl Node {
-    fn start(state: &Path, name: &str, token: String) -> Node {
-        let opts = NodeOptions {
-            state: StateDir::open(state).expect("state dir"),
-            coordinator: None,
-            token: Some(token),
-            name: name.into(),
-            version: "0.9.0".into(),
-            renew_fraction: 0.5,
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let sink: Arc<dyn DataplaneSink> = Arc::new(NullSink);
-        let task = tokio::spawn(client::run(opts, sink, async move {
-            let _ = stopped.await;
-        }));
-        Node {
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn shutdown(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(WAIT, self.task).await;
-    }
-}
-
-fn token(c: &Coordinator, network: &str, tag: &str) -> String {
-    let args = [
-        "token",
-        "create",
-        "--network",
-        network,
-        "--namespace",
-        "production",
-        "--tag",
-        tag,
-    ];
-    c.ok(&args).trim().to_string()
-}
 
 fn apply(c: &Coordinator, dir: &Path, network: &str, source: &str) {
     let file = dir.join("policy.toml");

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod review;
+
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -321,6 +321,18 @@ async fn check_stored_trust_domain(store: &Store, trust_domain: &str) -> Result<
 async fn ensure_admin_key(store: &Store, dir: &Path) -> Result<Option<PathBuf>, StartError> {
     let path = dir.join(ADMIN_KEY_FILE);
     if keys::count(store).await? > 0 {
+        let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
+        if let Some(first) = keys::find(&mut conn, "admin").await?
+            && first.revoked_at.is_some()
+        {
+            // The file names a key that no longer opens anything: do not point people at it.
+            info!(
+                path = %path.display(),
+                "the first admin key (admin.key) was revoked; use a key made with `ztnet \
+                 api-key create`"
+            );
+            return Ok(None);
+        }
         if path.exists() {
             return Ok(Some(path));
         }

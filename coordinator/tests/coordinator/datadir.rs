@@ -108,6 +108,31 @@ fn a_second_coordinator_on_one_data_directory_is_refused() {
     assert!(again.log().contains("coordinator started"));
 }
 
+#[tokio::test]
+async fn a_revoked_first_admin_key_is_not_pointed_at_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = start(tmp.path());
+    let api = coord.api();
+    api.ok("POST", "/v1/api-keys", Some(json!({"name": "ci"})))
+        .await;
+    api.ok("DELETE", "/v1/api-keys/admin", None).await;
+    coord.stop();
+
+    let (mut child, rx) = spawn(tmp.path(), "corp.example", "127.0.0.1:0");
+    let log = read_until(&rx, "ready");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        log.contains("the first admin key (admin.key) was revoked"),
+        "{log}"
+    );
+    let ready = log
+        .lines()
+        .find(|l| l.contains("ready"))
+        .expect("a ready line");
+    assert!(!ready.contains("admin_key="), "{ready}");
+}
+
 #[test]
 fn a_missing_admin_key_file_is_reported_and_not_claimed() {
     let tmp = tempfile::tempdir().unwrap();

@@ -68,9 +68,17 @@ pub fn local_addresses(exclude: &str) -> Vec<IpAddr> {
     let Ok(links) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
         return Vec::new();
     };
+    endpoint_addresses(&links, exclude)
+}
+
+/// The global addresses in `ip -j addr show` output, leaving out `exclude` and every interface
+/// with no link layer (`link_type` "none": TUN devices, kernel WireGuard, other overlays): a
+/// peer can reach this node through another overlay only if it is in that overlay too, and an
+/// address there would be tried first and time out.
+fn endpoint_addresses(links: &serde_json::Value, exclude: &str) -> Vec<IpAddr> {
     let mut addrs = Vec::new();
     for link in links.as_array().into_iter().flatten() {
-        if link["ifname"].as_str() == Some(exclude) {
+        if link["ifname"].as_str() == Some(exclude) || link["link_type"].as_str() == Some("none") {
             continue;
         }
         for info in link["addr_info"].as_array().into_iter().flatten() {
@@ -105,4 +113,28 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_leave_out_this_and_other_overlays() {
+        let links = serde_json::json!([
+            {"ifname": "lo", "link_type": "loopback",
+             "addr_info": [{"local": "127.0.0.1", "scope": "host"}]},
+            {"ifname": "eth0", "link_type": "ether",
+             "addr_info": [{"local": "198.51.100.11", "scope": "global"},
+                           {"local": "fe80::1", "scope": "link"}]},
+            {"ifname": "ztnet0", "link_type": "none",
+             "addr_info": [{"local": "100.64.0.1", "scope": "global"}]},
+            {"ifname": "other0", "link_type": "none",
+             "addr_info": [{"local": "100.70.0.1", "scope": "global"}]},
+            {"ifname": "wg0", "link_type": "none",
+             "addr_info": [{"local": "10.8.0.1", "scope": "global"}]}
+        ]);
+        let got = endpoint_addresses(&links, "ztnet0");
+        assert_eq!(got, vec!["198.51.100.11".parse::<IpAddr>().unwrap()]);
+    }
 }

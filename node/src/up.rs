@@ -74,6 +74,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if enrolled && args.token.is_some() {
         warn!("already enrolled: --token is not used (delete the state directory to re-enroll)");
     }
+    if args.token.is_some() && token_on_command_line(std::env::args_os()) {
+        warn!(
+            "the join token was given on the command line, where any local user can read it in \
+             the process list for as long as this node runs; pass it in ZTNET_TOKEN instead"
+        );
+    }
     if !enrolled {
         // Refuse a bad name or token before a key file or an interface is made.
         ztnet_proto::names::node(&name).map_err(|e| {
@@ -191,6 +197,15 @@ async fn shutdown_signal() {
     }
 }
 
+/// Whether `--token` appears among the process's own arguments (rather than in the
+/// environment, which other users cannot read).
+fn token_on_command_line(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    args.skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a == "--token" || a.starts_with("--token=")
+    })
+}
+
 /// The machine's hostname, from the kernel.
 fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -206,6 +221,21 @@ fn hostname() -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_in_the_arguments_is_noticed() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert!(token_on_command_line(
+            args(&["ztnet-node", "--token", "x"]).into_iter()
+        ));
+        assert!(token_on_command_line(
+            args(&["ztnet-node", "--token=x"]).into_iter()
+        ));
+        assert!(!token_on_command_line(
+            args(&["ztnet-node", "--state-dir", "/s"]).into_iter()
+        ));
+        assert!(!token_on_command_line(args(&["--token"]).into_iter()));
+    }
 
     #[test]
     fn debug_output_hides_the_token() {

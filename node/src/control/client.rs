@@ -220,13 +220,17 @@ where
         sink,
         applier,
         workloads,
+        current: Mutex::new(None),
     };
     let mut backoff = Backoff::default();
     loop {
         let started = Instant::now();
         let outcome = tokio::select! {
             r = connect_and_serve(&ctx) => r,
-            () = &mut shutdown => return Ok(Exit::Shutdown),
+            () = &mut shutdown => {
+                ctx.say_goodbye().await;
+                return Ok(Exit::Shutdown);
+            }
         };
         ctx.sink.set_control_connected(false);
         match outcome {
@@ -356,6 +360,23 @@ struct Ctx {
     sink: Arc<dyn DataplaneSink>,
     applier: Arc<Applier>,
     workloads: Option<Arc<crate::workload::Broker>>,
+    /// The QUIC endpoint of the session in progress, closed on the way out at a shutdown so
+    /// that the coordinator sees the node leave at once instead of at its idle timeout.
+    current: Mutex<Option<quinn::Endpoint>>,
+}
+
+/// How long a stopping node waits for its goodbye to the coordinator to be sent.
+const GOODBYE: Duration = Duration::from_millis(500);
+
+impl Ctx {
+    /// Closes the session in progress, if any, and waits (briefly) until the close is sent.
+    async fn say_goodbye(&self) {
+        let endpoint = lock(&self.current).take();
+        if let Some(endpoint) = endpoint {
+            endpoint.close(0u32.into(), b"node stopping");
+            let _ = tokio::time::timeout(GOODBYE, endpoint.wait_idle()).await;
+        }
+    }
 }
 
 /// How one session ended.
@@ -397,6 +418,7 @@ async fn connect_and_serve(ctx: &Ctx) -> anyhow::Result<SessionEnd> {
                 });
             }
         };
+        *lock(&ctx.current) = Some(endpoint.clone());
         let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
         if expired {
             let end = renew_expired(ctx, send, recv, validity).await;

@@ -118,7 +118,7 @@ fn policy_diff_names_the_open_flows_a_change_cuts_and_the_nodes_posture_would_qu
         .expect("every node enrolls and connects");
     topo.apply_policy(POLICY, &["web1", "db1", "ops1"], Duration::from_secs(30))
         .expect("apply the policy");
-    let stopped = std::time::Instant::now();
+    let stopped = Instant::now();
     topo.stop_node("web2").expect("stop web2");
     // A node stopped with SIGTERM closes its control session on the way out, so the
     // coordinator sees it leave well inside its ~9 s QUIC idle timeout.

@@ -41,7 +41,24 @@ pub enum StateError {
         /// What is wrong.
         reason: String,
     },
+    /// Another node process holds the directory.
+    #[error(
+        "another ztnet-node{} is running on the state directory {}: two processes with one \
+         identity would take the control channel from each other and change each other's \
+         routes; stop it first, or give this one another --state-dir",
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        .dir.display()
+    )]
+    Locked {
+        /// The state directory.
+        dir: PathBuf,
+        /// The holder's pid, as it wrote it into the lock file.
+        pid: Option<u32>,
+    },
 }
+
+/// Name of the lock file in the state directory.
+const LOCK_FILE: &str = "node.lock";
 
 /// What the node learned at enrollment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +100,40 @@ impl StateDir {
         Ok(StateDir {
             root: root.to_path_buf(),
         })
+    }
+
+    /// Takes an exclusive lock (`flock`) on `node.lock` in the directory and writes this
+    /// process's pid into it; held while the returned file lives, and dropped by the kernel
+    /// when the process ends, however it ends.
+    pub fn lock(&self) -> Result<fs::File, StateError> {
+        use std::io::{Read, Seek};
+
+        let path = self.root.join(LOCK_FILE);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(StateError::Locked {
+                    dir: self.root.clone(),
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io(&path, e)),
+        }
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(|e| io(&path, e))?;
+        Ok(file)
     }
 
     /// The directory.

@@ -54,6 +54,8 @@ impl std::fmt::Debug for UpArgs {
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let state = StateDir::open(&args.state_dir)
         .with_context(|| format!("state directory {}", args.state_dir.display()))?;
+    // Before anything else is made or changed: one process per identity.
+    let _lock = state.lock()?;
     let enrollment = state.enrollment()?;
     let enrolled = enrollment.is_some();
     let name = match (&enrollment, args.name.clone()) {
@@ -86,7 +88,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             anyhow::anyhow!("{e} (give another with --name; names are single DNS labels)")
         })?;
         if let Some(token) = &args.token {
-            JoinToken::parse(token).context("--token")?;
+            JoinToken::parse(token).context("the join token (--token or ZTNET_TOKEN)")?;
         }
     }
 

@@ -591,9 +591,10 @@ fn enforced(e: &AuditEvent) -> String {
     match &e.enforcement {
         Some(x) => {
             let mut out = match x.ms {
-                Some(_) if x.peers == 0 && !x.pending_offline.is_empty() => {
+                Some(_) if x.peers == 0 && !(x.pending_offline.is_empty() && x.late.is_empty()) => {
                     "no connected peer".to_string()
                 }
+                Some(_) if x.peers == 0 => "nothing to change".to_string(),
                 Some(ms) if x.peers == 1 => format!("{ms} ms (1 peer)"),
                 Some(ms) => format!("{ms} ms ({} peers)", x.peers),
                 None if !x.pending_offline.is_empty() && x.unacknowledged.is_empty() => {
@@ -697,6 +698,29 @@ mod tests {
             unacknowledged: Vec::new(),
             offline_keeps: None,
         }
+    }
+
+    #[test]
+    fn the_enforced_column_never_reads_zero_peers() {
+        let event = |x: Enforcement| AuditEvent {
+            id: 1,
+            at_ms: 0,
+            actor: "admin".into(),
+            action: "node.revoke".into(),
+            target: "r1".into(),
+            detail: String::new(),
+            enforcement: Some(x),
+        };
+        assert_eq!(enforced(&event(acked(0, 0))), "nothing to change");
+        assert_eq!(enforced(&event(acked(7, 1))), "7 ms (1 peer)");
+        let mut late = acked(0, 0);
+        late.late.push(ztnet_proto::admin::LateAck {
+            node: "h1".into(),
+            at_ms: 8_000,
+            after_ms: 8_000,
+            removed: false,
+        });
+        assert_eq!(enforced(&event(late)), "no connected peer; h1 8s later");
     }
 
     #[test]

@@ -652,7 +652,13 @@ fn split_by_reach(
         .filter(|p| reach.connected.contains(&p.node))
         .cloned()
         .collect();
-    let offline = reach.offline.iter().map(|o| o.node.clone()).collect();
+    // Only the offline nodes whose netmap the apply changed have anything to get later.
+    let offline = reach
+        .offline
+        .iter()
+        .filter(|o| pending.iter().any(|p| p.node == o.node))
+        .map(|o| o.node.clone())
+        .collect();
     (online, offline)
 }
 
@@ -1108,6 +1114,9 @@ mod tests {
         assert_eq!(online.len(), 1);
         assert_eq!(online[0].node, "web1");
         assert_eq!(offline, ["web9"]);
+        // An offline node whose netmap the apply did not change gets nothing later.
+        let (_, offline) = split_by_reach(&[ack("web1")], &reach);
+        assert!(offline.is_empty(), "{offline:?}");
     }
 
     #[test]

@@ -887,6 +887,10 @@ pub async fn complete_late(store: &Store) -> Result<usize, StoreError> {
         if moved == 0 {
             continue;
         }
+        if e.pending_offline.is_empty() {
+            // Nobody keeps accepting any more: the warning would now be false.
+            e.offline_keeps = None;
+        }
         e.summary = describe(&e);
         // Only over the record read: a tracker that wrote meanwhile wins, and the next pass
         // completes its record.

@@ -173,6 +173,10 @@ async fn an_offline_peer_is_named_pending_and_completed_when_it_acknowledges() {
     back.ack(full.version.0).await;
     let done = enforcement(&api, "node.revoke", "db1", |e| !e["late"].is_null()).await;
     assert!(done["pending_offline"].is_null(), "{done}");
+    assert!(
+        done["offline_keeps"].is_null(),
+        "a stale warning stayed: {done}"
+    );
     assert_eq!(names(&done["late"]), ["ops1"], "{done}");
     assert!(done["late"][0]["after_ms"].is_u64(), "{done}");
     assert_eq!(done["ms"], e["ms"], "the connected figure changed: {done}");

@@ -231,8 +231,8 @@ fn check_trust_domain(td: &str) -> Result<(), StartError> {
 /// Name of the lock file in the data directory.
 const LOCK_FILE: &str = "coordinator.lock";
 
-/// Takes an exclusive lock (`flock`) on `DIR/coordinator.lock` and writes this process's pid into it;
-/// the kernel drops the lock when the process ends, however it ends.
+/// Takes an exclusive lock (`flock`) on `DIR/coordinator.lock` and writes this process's pid
+/// into it; the kernel drops the lock when the process ends, however it ends.
 fn lock_data_dir(dir: &Path) -> Result<fs::File, StartError> {
     use std::io::{Read, Seek, Write};
     use std::os::unix::fs::OpenOptionsExt;

@@ -41,14 +41,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need() {
-    local missing=()
-    for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+need() { # tool:package ...
+    local missing=() t
+    for t in "$@"; do command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}"); done
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
 }
-need iperf3 jq ethtool wireguard-go wg bc
+need iperf3:iperf3 jq:jq ethtool:ethtool wireguard-go:wireguard-go wg:wireguard-tools bc:bc \
+    ping:iputils-ping
 command -v ethtool >/dev/null || echo "warning: no ethtool; veth offloads stay on" >&2
 
 echo "== building ztnet-node (release)" >&2

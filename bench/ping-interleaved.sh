@@ -44,9 +44,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in wg ethtool bc; do
+for tool in wg ethtool bc ping; do
     command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq \
-        wireguard-tools ethtool bc >/dev/null; break; }
+        wireguard-tools ethtool bc iputils-ping >/dev/null; break; }
 done
 
 echo "== building ztnet-node (release)" >&2

@@ -14,6 +14,7 @@
 #
 #   sudo bench/dataplane.sh            # everything
 #   SECS=5 ONLY="ztnet boringtun" bench/dataplane.sh
+#   ONLY="ztnet ztnet-1q ztnet-nooff boringtun" bench/dataplane.sh  # one TUN queue; no offloads
 set -euo pipefail
 
 SECS=${SECS:-10}
@@ -144,7 +145,7 @@ start_wg_impl() { # name: boringtun | boringtun-1t | wireguard-go
     done
 }
 
-start_ztnet() {
+start_ztnet() { # [VAR=value ...]: environment for the daemons
     local ifc=${TAG}z
     keys
     cat >"$WORK/policy.toml" <<'EOF'
@@ -170,7 +171,7 @@ public_key = "$peer_pub"
 endpoint = "192.0.2.$peer:51820"
 allowed_ips = ["10.99.0.$peer/32"]
 EOF
-        RUST_LOG=warn ip netns exec "$ns" "$ZTNET" --config "$WORK/$side.toml" \
+        env "$@" RUST_LOG=warn ip netns exec "$ns" "$ZTNET" --config "$WORK/$side.toml" \
             >>"$WORK/ztnet.log" 2>&1 &
         PIDS+=($!)
         wait_until "[ -S /var/run/ztnet/$ifc$side.sock ]"
@@ -274,6 +275,9 @@ for impl in $ONLY; do
     case $impl in
     veth) measure veth 192.0.2.2 ;;
     ztnet) start_ztnet; measure ztnet 10.99.0.2 ;;
+    # The same daemon with one TUN queue, and without TUN offloads: what each one is worth.
+    ztnet-1q) start_ztnet ZTNET_TUN_QUEUES=1; measure ztnet-1q 10.99.0.2 ;;
+    ztnet-nooff) start_ztnet ZTNET_TUN_OFFLOAD=off; measure ztnet-nooff 10.99.0.2 ;;
     ztnet-wg) start_ztnet_wg; measure ztnet-wg 10.99.0.2 ;;
     boringtun | boringtun-1t | wireguard-go) start_wg_impl "$impl"; measure "$impl" 10.99.0.2 ;;
     *) echo "unknown implementation $impl" >&2; exit 1 ;;

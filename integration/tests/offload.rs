@@ -2,7 +2,9 @@
 //! ways checked byte for byte, with the offloads on (super-packets read from and written to
 //! the TUN, as the TUN's own packet counters show) and off (`ZTNET_TUN_OFFLOAD=off`). While
 //! the bulk flows run, a port the receiver's policy does not grant stays closed, although the
-//! sender's own filter lets everything out. Needs root.
+//! sender's own filter lets everything out. The TUN's two queues (and one, with
+//! `ZTNET_TUN_QUEUES=1`) carry the replies of every UDP flow and of ping, whichever queue the
+//! kernel steers them to. Needs root.
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -18,9 +20,12 @@ use ztnet_integration::{Netns, Proc, bin, require_root, unique, veth, wait_for};
 /// n1 is compromised: its filter lets everything out.
 const ALLOW_ALL: &str = "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
 
-/// n2's view: n1 may ping it and open tcp:5001 and tcp:5003; nothing else.
+/// n2's view: n1 may ping it and open tcp:5001, tcp:5003 and udp:5007; n2 may ping n1 and
+/// send to its udp:5008; nothing else.
 const N2_POLICY: &str = "[[grant]]\nfrom = [\"node:n1\"]\nto = [\"node:n2\"]\n\
-                         ports = [\"icmp\", \"tcp:5001\", \"tcp:5003\"]\n";
+                         ports = [\"icmp\", \"tcp:5001\", \"tcp:5003\", \"udp:5007\"]\n\n\
+                         [[grant]]\nfrom = [\"node:n2\"]\nto = [\"node:n1\"]\n\
+                         ports = [\"icmp\", \"udp:5008\"]\n";
 
 /// Bytes moved each way.
 const SIZE: usize = 24 << 20;
@@ -40,6 +45,11 @@ struct Pair {
 
 impl Pair {
     fn start(offload: bool) -> Result<Pair> {
+        Pair::start_with(offload, &[])
+    }
+
+    /// Like [`Pair::start`], with `env` set for both daemons.
+    fn start_with(offload: bool, env: &[(&str, &str)]) -> Result<Pair> {
         require_root();
         let dir = tempfile::tempdir()?;
         let a = Netns::new("ztoa")?;
@@ -82,6 +92,7 @@ impl Pair {
             if !offload {
                 cmd.env("ZTNET_TUN_OFFLOAD", "off");
             }
+            cmd.envs(env.iter().copied());
             let log = dir.path().join(format!("n{i}.log"));
             sides[i - 1].proc = Some(Proc::spawn(cmd, &log)?);
         }
@@ -148,6 +159,18 @@ impl Pair {
         wait_for("a listener", Duration::from_secs(10), || {
             Ok(self.sides[i].ns.sh(&check).ok().map(drop))
         })
+    }
+
+    /// The TUN's queue count as the kernel reports it (`ip -d link`): 1 when single-queue.
+    fn tun_queues(&self, i: usize) -> Result<u64> {
+        let s = &self.sides[i];
+        let out = s.ns.ip(&["-d", "-j", "link", "show", "dev", &s.iface])?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let data = &v[0]["linkinfo"]["info_data"];
+        if data["multi_queue"].as_bool() != Some(true) {
+            return Ok(1);
+        }
+        data["numqueues"].as_u64().context("numqueues")
     }
 
     fn dump(&self) {
@@ -317,4 +340,80 @@ fn bulk_tcp_without_tun_offloads_still_arrives_byte_for_byte() {
             i + 1
         );
     }
+}
+
+/// Source ports each side sends from: with two queues the kernel steers the first packet of a
+/// flow by its hash, so a few dozen flows land on both.
+const FLOWS: u16 = 24;
+
+/// UDP request and reply on FLOWS flows each way, answered by a forked userspace echo server
+/// (so each reply comes after the receiving thread went back to waiting), and ping each way.
+fn replies_of_every_flow(p: &mut Pair) {
+    let n = [IpAddr::from([10, 91, 0, 1]), IpAddr::from([10, 91, 0, 2])];
+    wait_for("ping n1 -> n2", Duration::from_secs(15), || {
+        Ok(ping(&p.sides[0].ns, n[1])?.then_some(()))
+    })
+    .expect("the tunnel comes up");
+    assert!(ping(&p.sides[1].ns, n[0]).expect("ping"), "n2 pings n1");
+    // n2 serves udp:5007 for n1, n1 serves udp:5008 for n2.
+    for (side, port) in [(1, 5007), (0, 5008)] {
+        p.spawn(
+            side,
+            &format!("socat UDP4-RECVFROM:{port},fork EXEC:cat"),
+            &format!("udp{port}.log"),
+        )
+        .expect("udp echo server");
+    }
+    for (side, port) in [(1, 5007), (0, 5008)] {
+        let check = format!("ss -Hlun 'sport = :{port}' | grep -q {port}");
+        wait_for("a UDP listener", Duration::from_secs(10), || {
+            Ok(p.sides[side].ns.sh(&check).ok().map(drop))
+        })
+        .expect("listens");
+    }
+    for (from, to, port, base) in [(0, 1, 5007, 41000u16), (1, 0, 5008, 42000u16)] {
+        // Every flow at once, each waiting up to 3 s for its echo.
+        let script = format!(
+            "for s in $(seq {base} {last}); do (echo q$s | timeout 5 socat -T 3 -t 3 - \
+             UDP4:{dst}:{port},sourceport=$s | grep -q q$s && echo ok$s) & done; wait",
+            last = base + FLOWS - 1,
+            dst = n[to],
+        );
+        let out = p.sides[from].ns.sh(&script).expect("udp flows");
+        let answered = (base..base + FLOWS)
+            .filter(|s| out.lines().any(|l| l == format!("ok{s}")))
+            .count();
+        assert_eq!(
+            answered,
+            usize::from(FLOWS),
+            "n{} -> n{}: every UDP flow got its echo: {out}",
+            from + 1,
+            to + 1
+        );
+    }
+    let denied = tcp_echo(&p.sides[0].ns, n[1], 5002, "not granted").expect("tcp");
+    assert!(!denied, "tcp:5002 stays closed");
+}
+
+#[test]
+fn two_tun_queues_carry_the_replies_of_every_flow() {
+    let mut p = Pair::start(true).expect("two nodes");
+    for i in 0..2 {
+        assert_eq!(
+            p.tun_queues(i).expect("queues"),
+            2,
+            "n{}: two queues",
+            i + 1
+        );
+    }
+    replies_of_every_flow(&mut p);
+}
+
+#[test]
+fn one_tun_queue_when_asked_still_carries_every_flow() {
+    let mut p = Pair::start_with(true, &[("ZTNET_TUN_QUEUES", "1")]).expect("two nodes");
+    for i in 0..2 {
+        assert_eq!(p.tun_queues(i).expect("queues"), 1, "n{}: one queue", i + 1);
+    }
+    replies_of_every_flow(&mut p);
 }

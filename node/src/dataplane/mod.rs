@@ -7,6 +7,17 @@
 //! - UDP reader: receive a datagram, [`peers::PeerTable::handle_datagram`], write to the TUN.
 //! - timers: every 100 ms, [`peers::PeerTable::handle_timers`]; logs sessions going up and down.
 //!
+//! The TUN has two queues when the kernel allows (`IFF_MULTI_QUEUE`; `ZTNET_TUN_QUEUES=1`
+//! keeps one). The TUN thread reads the first; the UDP thread writes every received packet
+//! other than TCP through the second and reads that queue too, waiting in `poll` for it or its
+//! socket. The kernel steers a packet it sends into the TUN to the queue that last wrote a
+//! packet of the same flow, so an echo reply or a UDP answer comes back to the UDP thread,
+//! which is already awake or is woken alone: a request and its reply cost one thread wake-up
+//! on the responder, not two. TCP stays on the first queue so that a bulk sender's segments
+//! (steered where its ACKs were written) are encrypted by the TUN thread, beside the receive
+//! path; after writing TCP the UDP thread still takes up to [`TUN_ASSIST`] packets from the
+//! first queue when the TUN thread is not reading it.
+//!
 //! Each packet holds a read lock on the current table while it is handled; `apply` builds the
 //! next table beside it and swaps it under the write lock, so once `apply` returns no packet is
 //! still being handled by a removed peer. Until the first `apply` the table is empty: every
@@ -75,6 +86,9 @@ struct Shared {
     /// The port the socket is bound to; plain WireGuard mode may move it (`plain::rebind`).
     listen_port: AtomicU16,
     tun: File,
+    /// The TUN's second queue, read by the UDP thread only (see [`udp_loop`]); `None` when
+    /// the kernel gave one queue.
+    tun_reply: Option<File>,
     /// The TUN carries a virtio-net header before every packet (offloads on).
     vnet: bool,
     socket: UdpSocket,
@@ -112,7 +126,12 @@ impl Dataplane {
     }
 
     fn start_mode(iface: InterfaceConfig, plain: bool) -> anyhow::Result<Dataplane> {
-        let (tun, name, vnet) = open_tun(&iface.name)
+        let OpenedTun {
+            tun,
+            reply: tun_reply,
+            name,
+            vnet,
+        } = open_tun(&iface.name)
             .with_context(|| format!("cannot create TUN interface {}", iface.name))?;
         iface::link_up(&name, iface.mtu)?;
         let (socket, socket_v6) = bind_udp(iface.listen_port)?;
@@ -141,6 +160,7 @@ impl Dataplane {
             iface,
             listen_port: AtomicU16::new(listen_port),
             tun,
+            tun_reply,
             vnet,
             socket,
             socket_v6,
@@ -465,16 +485,62 @@ impl Transmit for Io<'_> {
 /// The UDP thread's output: decrypted packets wait in a [`offload::Coalescer`] until the end
 /// of the batch (or until something that cannot join arrives), so that consecutive TCP
 /// segments of a flow reach the TUN in one write. Without offloads they go out one by one.
+///
+/// With a second TUN queue, packets other than TCP are written through it, so that the
+/// kernel steers their replies (an echo reply, a DNS answer) back to that queue, which this
+/// thread reads right after the batch: a reply made at once leaves without waking the TUN
+/// thread. TCP goes through the first queue: a bulk sender's segments, steered to the queue
+/// its ACKs were written through, stay with the TUN thread and are encrypted beside the
+/// receive path, not on it.
 struct RxOut<'a> {
     io: Io<'a>,
     coalescer: offload::Coalescer,
+    /// The second TUN queue.
+    reply: Option<&'a File>,
+    /// Something went through the first queue since the last [`RxOut::take_wrote_first`].
+    wrote_first: bool,
 }
 
 impl RxOut<'_> {
     fn flush(&mut self) {
-        let io = &self.io;
+        let (io, reply, first) = (&self.io, self.reply, &mut self.wrote_first);
         self.coalescer
-            .flush(&mut |hdr: &[u8], p: &[u8]| io.write_tun_with(hdr, p));
+            .flush(&mut |hdr: &[u8], p: &[u8]| write_rx(io, reply, first, hdr, p));
+    }
+
+    fn take_wrote_first(&mut self) -> bool {
+        std::mem::take(&mut self.wrote_first)
+    }
+}
+
+/// Writes one received packet to the queue [`RxOut`] picks for it.
+fn write_rx(io: &Io<'_>, reply: Option<&File>, first: &mut bool, hdr: &[u8], packet: &[u8]) {
+    match reply {
+        Some(queue) if !is_tcp(packet) => {
+            let mut q = queue;
+            let written = if io.vnet {
+                q.write_vectored(&[IoSlice::new(hdr), IoSlice::new(packet)])
+            } else {
+                q.write(packet)
+            };
+            if let Err(e) = written {
+                tracing::trace!(error = %e, "TUN write failed");
+            }
+        }
+        _ => {
+            *first = true;
+            io.write_tun_with(hdr, packet);
+        }
+    }
+}
+
+/// Whether `packet` is TCP (an IPv4 packet, or an IPv6 packet without extension headers).
+fn is_tcp(packet: &[u8]) -> bool {
+    const TCP: u8 = 6;
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => packet.get(9) == Some(&TCP),
+        Some(6) => packet.get(6) == Some(&TCP),
+        _ => false,
     }
 }
 
@@ -484,13 +550,13 @@ impl Transmit for RxOut<'_> {
     }
 
     fn write_tun(&mut self, packet: &[u8]) {
-        if !self.io.vnet {
-            self.io.write_tun(packet);
+        let (io, reply, first) = (&self.io, self.reply, &mut self.wrote_first);
+        if !io.vnet {
+            write_rx(io, reply, first, &[], packet);
             return;
         }
-        let io = &self.io;
         self.coalescer.push(packet, &mut |hdr: &[u8], p: &[u8]| {
-            io.write_tun_with(hdr, p)
+            write_rx(io, reply, first, hdr, p)
         });
     }
 
@@ -505,14 +571,14 @@ fn same_family(to: SocketAddr, from: Option<IpAddr>) -> Option<IpAddr> {
 }
 
 fn tun_loop(s: &Shared) {
-    let mut reader = TunReader::new(s);
+    let mut reader = TunReader::new(s, &s.tun);
     while !s.stopping() {
         let drained = {
             let _turn = lock(&s.tun_turn);
             reader.drain(s, usize::MAX)
         };
         match drained {
-            Ok(()) => {
+            Ok(_) => {
                 if let Err(e) = sys::wait_readable(s.tun.as_raw_fd(), STOP_POLL) {
                     tracing::error!(error = %e, "TUN poll failed; data plane stops");
                     return;
@@ -531,9 +597,11 @@ fn tun_loop(s: &Shared) {
     }
 }
 
-/// Reads packets from the TUN, hands them to the table, and sends what comes out in bursts.
-/// Whoever holds `Shared::tun_turn` reads, so packets leave in the order they were read.
+/// Reads packets from one TUN queue, hands them to the table, and sends what comes out in
+/// bursts. Whoever holds `Shared::tun_turn` reads the first queue, so packets leave in the
+/// order they were read; only the UDP thread reads the second.
 struct TunReader<'a> {
+    queue: &'a File,
     packet: Vec<u8>,
     /// One segment of a super-packet being split.
     scratch: Vec<u8>,
@@ -542,8 +610,9 @@ struct TunReader<'a> {
 }
 
 impl<'a> TunReader<'a> {
-    fn new(s: &'a Shared) -> TunReader<'a> {
+    fn new(s: &'a Shared, queue: &'a File) -> TunReader<'a> {
         TunReader {
+            queue,
             packet: vec![0u8; offload::VNET_HDR_LEN + 65_535],
             scratch: Vec::with_capacity(65_535),
             buf: vec![0u8; peers::MIN_BUFFER],
@@ -561,14 +630,14 @@ impl<'a> TunReader<'a> {
     }
 
     /// Handles up to `limit` packets, until the TUN queue is empty; sends everything before it
-    /// returns. An error is fatal for the TUN.
-    fn drain(&mut self, s: &Shared, limit: usize) -> io::Result<()> {
-        let mut tun = &s.tun;
+    /// returns. Returns whether the queue ran empty. An error is fatal for the TUN.
+    fn drain(&mut self, s: &Shared, limit: usize) -> io::Result<bool> {
+        let mut tun = self.queue;
         let mut burst = 0;
         let mut handled = 0;
         let result = loop {
             if handled >= limit {
-                break Ok(());
+                break Ok(false);
             }
             match tun.read(&mut self.packet) {
                 Ok(n) => {
@@ -603,7 +672,7 @@ impl<'a> TunReader<'a> {
                         burst = 0;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => break Err(e),
             }
@@ -724,6 +793,9 @@ impl Transmit for Batched<'_> {
     }
 }
 
+/// Receives datagrams and hands them to the table. With a second TUN queue (see [`RxOut`])
+/// the thread also reads that queue: it waits in `poll` for either, receives without waiting,
+/// and drains the queue after every batch it wrote.
 fn udp_loop(s: &Shared) {
     // Room for the largest datagram: the MTU may be raised at run time (`ip link set mtu`),
     // and a peer's MTU may be larger than ours.
@@ -733,11 +805,21 @@ fn udp_loop(s: &Shared) {
     let mut out = RxOut {
         io: Io::new(s),
         coalescer: offload::Coalescer::new(),
+        reply: s.tun_reply.as_ref(),
+        wrote_first: false,
     };
     let fd = s.socket.as_raw_fd();
-    let mut assist = TunReader::new(s);
+    let mut assist = TunReader::new(s, &s.tun);
+    let mut replies = s.tun_reply.as_ref().map(|q| TunReader::new(s, q));
+    // What the last poll said (both assumed ready at the start).
+    let (mut socket_ready, mut queue_ready) = (true, true);
     while !s.stopping() {
-        match batch.recv(fd) {
+        let received = match replies {
+            None => batch.recv(fd),
+            Some(_) if socket_ready => batch.recv_now(fd),
+            Some(_) => Err(io::ErrorKind::WouldBlock.into()),
+        };
+        match received {
             Ok(n) => {
                 let table = s.table.read().unwrap_or_else(|p| p.into_inner());
                 let now = Instant::now();
@@ -754,7 +836,12 @@ fn udp_loop(s: &Shared) {
                 }
                 drop(table);
                 out.flush();
-                if let Ok(_turn) = s.tun_turn.try_lock() {
+                // A short batch emptied the socket; the next poll says when more came.
+                socket_ready = n == RECV_BATCH;
+                queue_ready = true;
+                if out.take_wrote_first()
+                    && let Ok(_turn) = s.tun_turn.try_lock()
+                {
                     // A TUN error here is left for the TUN thread to report.
                     let _ = assist.drain(s, TUN_ASSIST);
                 }
@@ -765,15 +852,48 @@ fn udp_loop(s: &Shared) {
                     io::ErrorKind::WouldBlock
                         | io::ErrorKind::TimedOut
                         | io::ErrorKind::Interrupted
-                ) => {}
+                ) =>
+            {
+                socket_ready = false;
+            }
             // ICMP errors from earlier sends surface here on Linux; they are not fatal.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive failed");
             }
         }
+        let Some(reader) = replies.as_mut() else {
+            continue;
+        };
+        if queue_ready {
+            match reader.drain(s, REPLY_BURST) {
+                Ok(empty) => queue_ready = !empty,
+                Err(e) => {
+                    // The TUN thread reports a lost interface; this thread stops reading
+                    // the queue and waits on the socket alone.
+                    tracing::debug!(error = %e, "second TUN queue lost");
+                    replies = None;
+                    out.reply = None;
+                    continue;
+                }
+            }
+        }
+        if !socket_ready && !queue_ready {
+            let queue = s.tun_reply.as_ref().map_or(-1, |q| q.as_raw_fd());
+            match sys::wait_readable2(fd, queue, STOP_POLL) {
+                Ok((socket, queue)) => (socket_ready, queue_ready) = (socket, queue),
+                Err(e) => {
+                    tracing::error!(error = %e, "UDP poll failed; data plane stops");
+                    return;
+                }
+            }
+        }
     }
 }
+
+/// Most packets the UDP thread takes from the second TUN queue before it looks at the socket
+/// again (one GSO batch).
+const REPLY_BURST: usize = GSO_MAX_SEGMENTS;
 
 /// Most datagrams taken from the socket in one `recvmmsg` call.
 const RECV_BATCH: usize = 32;
@@ -810,21 +930,67 @@ fn timer_loop(s: &Shared) {
     }
 }
 
-/// Opens the TUN with a virtio-net header and as many offloads as the kernel grants, or plainly
-/// when it refuses the header or `ZTNET_TUN_OFFLOAD=off` is set. Returns the device, its name
-/// and whether packets carry the header.
-fn open_tun(name: &str) -> anyhow::Result<(File, String, bool)> {
+/// The TUN as [`open_tun`] made it.
+struct OpenedTun {
+    /// The first queue, read by the TUN thread.
+    tun: File,
+    /// The second queue, read by the UDP thread; `None` when the kernel gave only one, or
+    /// `ZTNET_TUN_QUEUES=1` is set.
+    reply: Option<File>,
+    /// The name the kernel gave the interface.
+    name: String,
+    /// Whether packets carry a virtio-net header.
+    vnet: bool,
+}
+
+/// Opens the TUN with two queues when the kernel allows (`IFF_MULTI_QUEUE`), else one. The
+/// kernel steers a packet it sends into the TUN to the queue that last wrote a packet of the
+/// same flow (its symmetric flow hash), so the reply to a packet the UDP thread wrote through
+/// the second queue comes back on that queue, to the thread that is already awake.
+fn open_tun(name: &str) -> anyhow::Result<OpenedTun> {
+    let multi = !std::env::var("ZTNET_TUN_QUEUES").is_ok_and(|v| v == "1");
+    let (tun, name, vnet) = match open_first_queue(name, multi) {
+        Ok(t) => t,
+        Err(e) if multi => {
+            tracing::info!(interface = name, error = %e, "no multi-queue TUN; one queue");
+            open_first_queue(name, false)?
+        }
+        Err(e) => return Err(e),
+    };
+    let reply = if multi {
+        match sys::open_tun(&name, vnet, true) {
+            Ok((q, _)) => Some(q),
+            Err(e) => {
+                tracing::info!(interface = %name, error = %e, "no second TUN queue; one queue");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok(OpenedTun {
+        tun,
+        reply,
+        name,
+        vnet,
+    })
+}
+
+/// Opens the TUN's first queue with a virtio-net header and as many offloads as the kernel
+/// grants, or plainly when it refuses the header or `ZTNET_TUN_OFFLOAD=off` is set. Returns
+/// the device, its name and whether packets carry the header.
+fn open_first_queue(name: &str, multi: bool) -> anyhow::Result<(File, String, bool)> {
     use sys::tun_f::{CSUM, TSO4, TSO6, USO4, USO6};
     if std::env::var("ZTNET_TUN_OFFLOAD").is_ok_and(|v| v == "off") {
         tracing::info!(interface = name, "TUN offloads off (ZTNET_TUN_OFFLOAD=off)");
-        let (tun, name) = sys::open_tun(name, false)?;
+        let (tun, name) = sys::open_tun(name, false, multi)?;
         return Ok((tun, name, false));
     }
-    let (tun, actual) = match sys::open_tun(name, true) {
+    let (tun, actual) = match sys::open_tun(name, true, multi) {
         Ok(t) => t,
         Err(e) => {
             tracing::info!(interface = name, error = %e, "TUN refuses IFF_VNET_HDR; no offloads");
-            let (tun, name) = sys::open_tun(name, false)?;
+            let (tun, name) = sys::open_tun(name, false, multi)?;
             return Ok((tun, name, false));
         }
     };

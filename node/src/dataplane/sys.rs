@@ -23,6 +23,8 @@ struct IfReq {
 
 /// `IFF_VNET_HDR` from `linux/if_tun.h`: every packet carries a virtio-net header.
 const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// `IFF_MULTI_QUEUE` from `linux/if_tun.h`: every open of the device is one more queue.
+const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
 /// `TUNSETOFFLOAD`, `_IOW('T', 208, unsigned int)`.
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// `TUNSETVNETHDRSZ`, `_IOW('T', 216, int)`.
@@ -44,8 +46,10 @@ pub mod tun_f {
 
 /// Opens `/dev/net/tun` as a layer-3 TUN interface named `name` without packet information,
 /// in non-blocking mode, with a virtio-net header before every packet when `vnet_hdr` is set.
+/// With `multi_queue` the device is made multi-queue and this file is its first queue; a
+/// second open of the same name with the same flags ([`open_tun`] again) attaches another.
 /// Returns the device and the name the kernel gave it.
-pub fn open_tun(name: &str, vnet_hdr: bool) -> io::Result<(File, String)> {
+pub fn open_tun(name: &str, vnet_hdr: bool, multi_queue: bool) -> io::Result<(File, String)> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -60,6 +64,9 @@ pub fn open_tun(name: &str, vnet_hdr: bool) -> io::Result<(File, String)> {
     let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
     if vnet_hdr {
         flags |= IFF_VNET_HDR;
+    }
+    if multi_queue {
+        flags |= IFF_MULTI_QUEUE;
     }
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
@@ -121,6 +128,28 @@ pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
         0 => Ok(false),
         _ => Ok(pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0),
     }
+}
+
+/// Waits until `a` or `b` is readable or `timeout` passes. Returns which of them are.
+pub fn wait_readable2(a: RawFd, b: RawFd, timeout: Duration) -> io::Result<(bool, bool)> {
+    let mut pfds = [a, b].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: two valid pollfds on the stack, count 2.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok((false, false))
+        } else {
+            Err(e)
+        };
+    }
+    let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+    Ok((ready(&pfds[0]), ready(&pfds[1])))
 }
 
 /// Sets SO_RCVBUFFORCE and SO_SNDBUFFORCE (root only, above `rmem_max`). Returns an error when
@@ -226,6 +255,15 @@ impl RecvBatch {
     /// Waits for at least one datagram (up to the socket's receive timeout), then takes every
     /// one already queued, up to the batch size. Returns how many arrived.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_with(fd, libc::MSG_WAITFORONE)
+    }
+
+    /// Like [`RecvBatch::recv`] without waiting: `WouldBlock` when nothing is queued.
+    pub fn recv_now(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_with(fd, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_with(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         self.received = 0;
         for i in 0..self.bufs.len() {
             self.iovs[i].iov_base = self.bufs[i].as_mut_ptr() as *mut libc::c_void;
@@ -248,7 +286,7 @@ impl RecvBatch {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 count,
-                libc::MSG_WAITFORONE,
+                flags,
                 std::ptr::null_mut(),
             )
         };

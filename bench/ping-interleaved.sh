@@ -14,6 +14,7 @@
 #   sudo bench/ping-interleaved.sh                 # 10 rounds of 100 pings each
 #   ROUNDS=20 PINGS=50 ONLY="ztnet boringtun boringtun-1t" sudo -E bench/ping-interleaved.sh
 #   NODE_BIN=/path/to/ztnet-node sudo -E bench/ping-interleaved.sh   # another build
+#   ONLY="ztnet ztnet-alt1" ALT_BIN_1=/path/to/other/ztnet-node sudo -E bench/ping-interleaved.sh
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-10}
@@ -120,13 +121,19 @@ public_key = "$peer_pub"
 endpoint = "192.0.2.$peer:$port"
 allowed_ips = ["$net.$peer/32"]
 EOF
-            # ztnet-altN: the same binary with the environment in $ALT_ENV_N (or $ALT_ENV).
-            envs=()
+            # ztnet-altN: the binary $ALT_BIN_N (default: the same one) with the environment in
+            # $ALT_ENV_N (or $ALT_ENV).
+            envs=() bin=$ZTNET
             if [ "$impl" != ztnet ]; then
                 var=ALT_ENV_${impl#ztnet-alt}
                 read -r -a envs <<<"${!var:-${ALT_ENV:-}}"
+                var=ALT_BIN_${impl#ztnet-alt}
+                if [ -n "${!var:-}" ]; then
+                    bin=$WORK/ztnet-node.$impl
+                    [ -e "$bin" ] || cp "${!var}" "$bin"
+                fi
             fi
-            env "${envs[@]}" RUST_LOG=warn ip netns exec "$ns" "$ZTNET" \
+            env "${envs[@]}" RUST_LOG=warn ip netns exec "$ns" "$bin" \
                 --config "$WORK/$impl.$side.toml" >>"$WORK/ztnet.log" 2>&1 &
             DPID[$impl,$side]=$!
             PIDS+=($!)

@@ -607,12 +607,17 @@ struct TunReader<'a> {
     scratch: Vec<u8>,
     buf: Vec<u8>,
     out: Batched<'a>,
+    /// The last drain took one packet at most: the traffic is request and reply, not a burst,
+    /// so the next drain sends its first packet at once rather than after the read that finds
+    /// the queue empty.
+    sparse: bool,
 }
 
 impl<'a> TunReader<'a> {
     fn new(s: &'a Shared, queue: &'a File) -> TunReader<'a> {
         TunReader {
             queue,
+            sparse: true,
             packet: vec![0u8; offload::VNET_HDR_LEN + 65_535],
             scratch: Vec::with_capacity(65_535),
             buf: vec![0u8; peers::MIN_BUFFER],
@@ -667,7 +672,7 @@ impl<'a> TunReader<'a> {
                     }
                     drop(table);
                     handled += 1;
-                    if burst >= GSO_MAX_SEGMENTS {
+                    if burst >= GSO_MAX_SEGMENTS || (handled == 1 && self.sparse) {
                         self.out.flush();
                         burst = 0;
                     }
@@ -678,6 +683,7 @@ impl<'a> TunReader<'a> {
             }
         };
         self.out.flush();
+        self.sparse = handled <= 1;
         result
     }
 }

@@ -84,11 +84,12 @@ pub struct PeerStatus {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PathMtuState {
-    /// Not measured: an IPv4 underlay (routers fragment), no session yet, or plain WireGuard
+    /// Not measured: an IPv4 underlay (routers fragment), no endpoint, or plain WireGuard
     /// mode. The configured MTU stands.
     #[default]
     NotProbed,
-    /// The first search is under way; the configured MTU stands until it ends.
+    /// The first search is under way, or waits for a session; the configured MTU stands until
+    /// it ends.
     Probing,
     /// The peer answered no probe in this session (a stock WireGuard peer): the configured
     /// MTU stands.

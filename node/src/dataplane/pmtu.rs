@@ -806,6 +806,12 @@ mod tests {
         let mut frag = packet.clone();
         frag[7] = 10;
         assert_eq!(icmp_too_big(&frag, 1200, &mut out), Err(NoIcmp::NotAllowed));
+        let mut multicast = packet.clone();
+        multicast[16..20].copy_from_slice(&[224, 0, 0, 9]);
+        assert_eq!(
+            icmp_too_big(&multicast, 1200, &mut out),
+            Err(NoIcmp::NotAllowed)
+        );
         assert_eq!(
             icmp_too_big(&packet[..10], 1200, &mut out),
             Err(NoIcmp::Malformed)

@@ -2429,4 +2429,30 @@ ports = ["any"]
             "IPv4 endpoint"
         );
     }
+
+    #[test]
+    fn synthetic_icmp_errors_are_rate_limited_but_every_drop_is_counted() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        probing(&mut m);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"session"));
+        m.take_tun("n2");
+        let n1 = m.node("n1");
+        lock(&m.nodes[n1].table.peers[0].state)
+            .pmtu
+            .set_learned(1200);
+        let big = echo(a, b, false, &[0u8; 1372]);
+
+        for _ in 0..250 {
+            m.send("n1", &big);
+        }
+
+        let icmp = m.take_tun("n1").len();
+        assert!(
+            (ICMP_PER_SECOND as usize..=ICMP_PER_SECOND as usize + 10).contains(&icmp),
+            "{icmp} ICMP errors for 250 packets in well under a second"
+        );
+        assert_eq!(m.drops("n1", DropReason::TooBig), 250);
+        assert!(m.take_tun("n2").is_empty());
+    }
 }

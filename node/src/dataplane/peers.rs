@@ -176,6 +176,8 @@ pub struct PeerTable {
     local: Vec<IpAddr>,
     /// The tunnel MTU: the largest size probed.
     mtu: u16,
+    /// Not plain WireGuard mode, and `local` is known: probe and answer probes.
+    probing: bool,
     /// Synthetic ICMP "too big" messages allowed now (refilled over time).
     icmp_budget: Mutex<(u32, Instant)>,
 }
@@ -304,6 +306,7 @@ impl PeerTable {
             plain: false,
             local: Vec::new(),
             mtu: 0,
+            probing: false,
             icmp_budget: Mutex::new((ICMP_PER_SECOND, Instant::now())),
         };
         let old_by_name: HashMap<&str, &Peer> = previous
@@ -546,34 +549,54 @@ impl PeerTable {
                 state.authenticated(from, local);
                 let flush = std::mem::take(&mut state.flush_pending);
                 let src = IpAddr::V4(src);
-                match self.probe(slot, &mut state, src, packet, now) {
+                let probe = if self.probing && pmtu::may_be_probe(packet) {
+                    self.probe(slot, &mut state, src, packet, now)
+                } else {
+                    Probe::No
+                };
+                match probe {
                     Probe::No => {
                         drop(state);
                         self.deliver(slot, src, packet, now, out);
-                        state = lock(&peer.state);
+                        if flush {
+                            self.flush_queue(&mut lock(&peer.state), buf, out);
+                        }
                     }
-                    Probe::Answer(ack, dst) => self.send_ack(&mut state, dst, src, ack, buf, out),
-                    Probe::Done => {}
-                }
-                if flush {
-                    self.flush_queue(&mut state, buf, out);
+                    probe => {
+                        if let Probe::Answer(ack, dst) = probe {
+                            self.send_ack(&mut state, dst, src, ack, buf, out);
+                        }
+                        if flush {
+                            self.flush_queue(&mut state, buf, out);
+                        }
+                    }
                 }
             }
             TunnResult::WriteToTunnelV6(packet, src) => {
                 state.authenticated(from, local);
                 let flush = std::mem::take(&mut state.flush_pending);
                 let src = IpAddr::V6(src);
-                match self.probe(slot, &mut state, src, packet, now) {
+                let probe = if self.probing && pmtu::may_be_probe(packet) {
+                    self.probe(slot, &mut state, src, packet, now)
+                } else {
+                    Probe::No
+                };
+                match probe {
                     Probe::No => {
                         drop(state);
                         self.deliver(slot, src, packet, now, out);
-                        state = lock(&peer.state);
+                        if flush {
+                            self.flush_queue(&mut lock(&peer.state), buf, out);
+                        }
                     }
-                    Probe::Answer(ack, dst) => self.send_ack(&mut state, dst, src, ack, buf, out),
-                    Probe::Done => {}
-                }
-                if flush {
-                    self.flush_queue(&mut state, buf, out);
+                    probe => {
+                        if let Probe::Answer(ack, dst) = probe {
+                            self.send_ack(&mut state, dst, src, ack, buf, out);
+                        }
+                        if flush {
+                            self.flush_queue(&mut state, buf, out);
+                        }
+                    }
                 }
             }
             TunnResult::Done => {
@@ -698,6 +721,7 @@ impl PeerTable {
     /// `Dataplane::start_plain_wireguard` calls this; the zero-trust modes never do.
     pub fn plain_wireguard(mut self) -> PeerTable {
         self.plain = true;
+        self.probing = false;
         self
     }
 
@@ -712,6 +736,7 @@ impl PeerTable {
     fn set_local(&mut self, addresses: &[ipnet::IpNet], mtu: u16) {
         self.local = addresses.iter().map(|n| n.addr()).collect();
         self.mtu = mtu;
+        self.probing = !self.plain && !self.local.is_empty();
     }
 
     /// Moves the peer with `key` to `endpoint` now, as `wg set ... endpoint` does, even when the
@@ -989,6 +1014,8 @@ impl PeerTable {
     /// true when it is to be sent anyway, as fragments (IPv6 of at most 1280 bytes, which
     /// IPv6 must carry; IPv4 without DF); otherwise drops it and tells its sender the size
     /// with a synthetic ICMP error written to the TUN (rate-limited).
+    #[cold]
+    #[inline(never)]
     fn oversized(&self, packet: &[u8], limit: usize, out: &mut impl Transmit) -> bool {
         let ipv4 = packet.first().is_some_and(|b| b >> 4 == 4);
         let mtu = if ipv4 {
@@ -1032,7 +1059,10 @@ impl PeerTable {
     }
 
     /// Whether a decrypted packet from the peer in `slot` is a path MTU probe or ack, and if
-    /// so, what to do with it. Plain WireGuard mode never looks.
+    /// so, what to do with it. Plain WireGuard mode never looks. Called only for packets of
+    /// protocol 253 ([`pmtu::may_be_probe`]), off the hot path.
+    #[cold]
+    #[inline(never)]
     fn probe(
         &self,
         slot: usize,
@@ -1041,7 +1071,7 @@ impl PeerTable {
         packet: &[u8],
         now: Instant,
     ) -> Probe {
-        if self.plain || self.local.is_empty() {
+        if !self.probing {
             return Probe::No;
         }
         let (message, dst) = match pmtu::classify(packet) {
@@ -1099,7 +1129,7 @@ impl PeerTable {
         buf: &mut [u8],
         out: &mut impl Transmit,
     ) {
-        if self.plain || self.local.is_empty() {
+        if !self.probing {
             return;
         }
         // A session this node answered is not its to send on until the peer confirms it.

@@ -69,6 +69,8 @@ fn table(me: u8, key: &PrivateKey, peer_key: &PrivateKey) -> PeerTable {
         next_public_key: None,
     };
     let filter = Arc::new(Mutex::new(Filter::new(spec, ConntrackConfig::default())));
+    // With its own address, as the node runs it: path MTU probing on (nothing is learned over
+    // this IPv4 underlay, so every packet takes the one length compare).
     PeerTable::new(
         key,
         &[peer],
@@ -77,6 +79,7 @@ fn table(me: u8, key: &PrivateKey, peer_key: &PrivateKey) -> PeerTable {
         Arc::new(Counters::default()),
         me as u32 * 100,
     )
+    .with_local(&[IpNet::from(ip(me))], 1420)
 }
 
 /// A UDP packet of `len` bytes from n1 to n2.

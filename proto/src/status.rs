@@ -71,4 +71,42 @@ pub struct PeerStatus {
     /// older nodes.
     #[serde(default)]
     pub initiations_held: u64,
+    /// The largest inner packet that reaches the peer whole, as probed through the tunnel
+    /// over an IPv6 underlay (FC-23); `None` when not measured. Absent from older nodes.
+    #[serde(default)]
+    pub path_mtu: Option<u16>,
+    /// Where the path MTU measurement stands. Absent from older nodes.
+    #[serde(default)]
+    pub path_mtu_state: PathMtuState,
+}
+
+/// Where a peer's path MTU measurement stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathMtuState {
+    /// Not measured: an IPv4 underlay (routers fragment), no endpoint, or plain WireGuard
+    /// mode. The configured MTU stands.
+    #[default]
+    NotProbed,
+    /// The first search is under way, or waits for a session; the configured MTU stands until
+    /// it ends.
+    Probing,
+    /// The peer answered no probe in this session (a stock WireGuard peer): the configured
+    /// MTU stands.
+    PeerDoesNotProbe,
+    /// `path_mtu` holds the result.
+    Learned,
+}
+
+impl PathMtuState {
+    /// How `ztnet status` shows it, with the learned MTU.
+    pub fn describe(self, mtu: Option<u16>) -> String {
+        match (self, mtu) {
+            (PathMtuState::Learned, Some(m)) => m.to_string(),
+            (PathMtuState::Learned, None) => "learned".into(),
+            (PathMtuState::Probing, _) => "probing".into(),
+            (PathMtuState::PeerDoesNotProbe, _) => "peer does not probe".into(),
+            (PathMtuState::NotProbed, _) => "not probed".into(),
+        }
+    }
 }

@@ -99,6 +99,7 @@ fn render(r: &StatusReport) -> String {
         "HANDSHAKE",
         "RX",
         "TX",
+        "PATH MTU",
     ]);
     for p in &r.peers {
         let identity = p.identity.as_ref().map_or_else(
@@ -120,6 +121,7 @@ fn render(r: &StatusReport) -> String {
                 .map_or_else(|| "never".into(), |h| output::relative(h, now)),
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
+            p.path_mtu_state.describe(p.path_mtu),
         ]);
     }
     s.push_str(&t.render("no peers"));
@@ -178,6 +180,8 @@ mod tests {
                 initiations_sent: 0,
                 initiations_received: 0,
                 initiations_held: 0,
+                path_mtu: Some(1200),
+                path_mtu_state: ztnet_proto::status::PathMtuState::Learned,
             }],
             drops: BTreeMap::from([("no-rule".to_string(), 3)]),
             warnings: vec!["allowed ip 10.0.0.0/24 is claimed by peers a and b".into()],
@@ -203,8 +207,17 @@ mod tests {
             "never",
             "2.0 KiB",
             "5 B",
+            "1200",
         ] {
             assert!(row.contains(cell), "{cell} missing: {row}");
         }
+    }
+
+    #[test]
+    fn a_report_from_a_node_before_path_mtu_probing_still_parses() {
+        let old = r#"{"name":"db-1","identity":null,"public_key":"CAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAg=","endpoint":null,"allowed_ips":[],"last_handshake":null,"rx_bytes":0,"tx_bytes":0}"#;
+        let p: PeerStatus = serde_json::from_str(old).expect("old peer status parses");
+        assert_eq!(p.path_mtu, None);
+        assert_eq!(p.path_mtu_state.describe(p.path_mtu), "not probed");
     }
 }

@@ -34,6 +34,11 @@ pub enum DropReason {
     NoSession,
     /// Any other error from the WireGuard engine.
     Engine,
+    /// A packet from the TUN larger than the peer's learned path MTU that may not be
+    /// fragmented: dropped, with an ICMP "too big" to its sender (rate-limited).
+    TooBig,
+    /// A decrypted path MTU probe or ack that does not parse, or that is not for this node.
+    BadProbe,
     /// Refused by the inbound filter.
     Inbound(FilterDrop),
     /// Refused by the outbound filter.
@@ -75,7 +80,7 @@ const FILTER_DROPS: [FilterDrop; 5] = [
     FilterDrop::TableFull,
 ];
 
-const PLAIN: [DropReason; 13] = [
+const PLAIN: [DropReason; 15] = [
     DropReason::NoPeer,
     DropReason::NoEndpoint,
     DropReason::MalformedPacket,
@@ -89,6 +94,8 @@ const PLAIN: [DropReason; 13] = [
     DropReason::Replayed,
     DropReason::NoSession,
     DropReason::Engine,
+    DropReason::TooBig,
+    DropReason::BadProbe,
 ];
 
 const SLOTS: usize = PLAIN.len() + 2 * FILTER_DROPS.len();
@@ -110,6 +117,8 @@ impl DropReason {
             DropReason::Replayed => "replayed",
             DropReason::NoSession => "no-session",
             DropReason::Engine => "engine-error",
+            DropReason::TooBig => "too-big",
+            DropReason::BadProbe => "bad-probe",
             DropReason::Inbound(f) => match f {
                 FilterDrop::NoRule => "inbound-no-rule",
                 FilterDrop::DeniedByRule => "inbound-denied-by-rule",

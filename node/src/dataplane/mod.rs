@@ -34,10 +34,12 @@
 
 pub mod api;
 pub mod counters;
+mod fragment;
 pub mod iface;
 pub mod offload;
 pub mod peers;
 mod plain;
+pub mod pmtu;
 mod rekey;
 pub mod routes;
 mod source;
@@ -239,7 +241,7 @@ impl Shared {
         let next = if s.plain.is_some() {
             next.plain_wireguard()
         } else {
-            next
+            next.with_local(&config.addresses, s.iface.mtu)
         };
         for w in next.warnings() {
             tracing::warn!(interface = %s.iface.name, "{w}");
@@ -381,6 +383,8 @@ impl Shared {
                 initiations_sent: p.initiations_sent,
                 initiations_received: p.initiations_received,
                 initiations_held: p.initiations_held,
+                path_mtu: p.path_mtu,
+                path_mtu_state: p.path_mtu_state,
             })
             .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -480,6 +484,17 @@ impl Transmit for Io<'_> {
             Err(e) => tracing::trace!(%to, error = %e, "send failed"),
         }
     }
+
+    fn send_udp_fragmenting(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        if let SocketAddr::V6(v6) = to {
+            let port = self.socket.local_addr().map_or(0, |a| a.port());
+            match fragment::send(v6, from, port, datagram) {
+                Ok(()) => return,
+                Err(e) => tracing::trace!(%to, error = %e, "fragmented send failed"),
+            }
+        }
+        self.send_udp_from(to, from, datagram);
+    }
 }
 
 /// The UDP thread's output: decrypted packets wait in a [`offload::Coalescer`] until the end
@@ -562,6 +577,10 @@ impl Transmit for RxOut<'_> {
 
     fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
         self.io.send_udp_from(to, from, datagram);
+    }
+
+    fn send_udp_fragmenting(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        self.io.send_udp_fragmenting(to, from, datagram);
     }
 }
 
@@ -796,6 +815,11 @@ impl Transmit for Batched<'_> {
 
     fn write_tun(&mut self, packet: &[u8]) {
         self.io.write_tun(packet);
+    }
+
+    fn send_udp_fragmenting(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        self.flush();
+        self.io.send_udp_fragmenting(to, from, datagram);
     }
 }
 

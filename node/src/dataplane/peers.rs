@@ -35,6 +35,7 @@ use netpolicy::{Filter, Verdict};
 use ztnet_proto::{PrivateKey, WgKey};
 
 use super::counters::{Counters, DropReason};
+use super::pmtu::{self, Classified, Message, Prober};
 use super::rekey;
 use super::routes::PrefixTable;
 use crate::netconfig::PeerConfig;
@@ -57,6 +58,12 @@ pub trait Transmit {
     fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
         let _ = from;
         self.send_udp(to, datagram);
+    }
+    /// Like [`Transmit::send_udp_from`], for a datagram larger than the learned path MTU
+    /// that must arrive anyway (an inner IPv6 packet of at most 1280 bytes, IPv4 without
+    /// DF): over IPv6 it goes as fragments that fit any IPv6 path (FC-23).
+    fn send_udp_fragmenting(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        self.send_udp_from(to, from, datagram);
     }
 }
 
@@ -140,6 +147,10 @@ pub struct PeerSnapshot {
     pub initiations_received: u64,
     /// Fresh initiations held back by the tie-break of [`rekey::defers`].
     pub initiations_held: u64,
+    /// The learned inner path MTU (IPv6 underlay only), if measured.
+    pub path_mtu: Option<u16>,
+    /// Where the path MTU measurement stands.
+    pub path_mtu_state: ztnet_proto::status::PathMtuState,
 }
 
 /// The node's peers and how packets reach them. See the module doc for the order of calls.
@@ -160,7 +171,19 @@ pub struct PeerTable {
     /// Plain WireGuard mode: cryptokey routing and anti-spoofing decide, the filter is not
     /// consulted. Set only by [`PeerTable::plain_wireguard`].
     plain: bool,
+    /// This node's overlay addresses: the source of its path MTU probes, and the only
+    /// destinations of probes it answers. Empty: no probing ([`PeerTable::with_local`]).
+    local: Vec<IpAddr>,
+    /// The tunnel MTU: the largest size probed.
+    mtu: u16,
+    /// Not plain WireGuard mode, and `local` is known: probe and answer probes.
+    probing: bool,
+    /// Synthetic ICMP "too big" messages allowed now (refilled over time).
+    icmp_budget: Mutex<(u32, Instant)>,
 }
+
+/// Synthetic ICMP "too big" messages per second at most, and the burst allowed.
+const ICMP_PER_SECOND: u32 = 100;
 
 struct Peer {
     config: PeerConfig,
@@ -203,6 +226,8 @@ struct PeerState {
     flush_pending: bool,
     /// When `tunn` last produced a handshake initiation (sent or held).
     last_initiation: Option<Instant>,
+    /// The path MTU search and its result (FC-23).
+    pmtu: Prober,
     initiations_sent: u64,
     initiations_received: u64,
     initiations_held: u64,
@@ -279,6 +304,10 @@ impl PeerTable {
             warnings: Vec::new(),
             mismatches: previous.map_or_else(Default::default, |p| p.mismatches.clone()),
             plain: false,
+            local: Vec::new(),
+            mtu: 0,
+            probing: false,
+            icmp_budget: Mutex::new((ICMP_PER_SECOND, Instant::now())),
         };
         let old_by_name: HashMap<&str, &Peer> = previous
             .map(|p| {
@@ -410,13 +439,22 @@ impl PeerTable {
         }
 
         let mut state = lock(&peer.state);
+        // The one compare the path MTU costs on the hot path (usize::MAX when not measured).
+        let whole = packet.len() <= state.pmtu.limit();
+        if !whole && !self.oversized(packet, state.pmtu.limit(), out) {
+            return;
+        }
         match state.tunn.encapsulate(packet, buf) {
             TunnResult::WriteToNetwork(datagram) => {
                 let sent = if is_initiation(datagram) {
                     state.last_initiation = Some(now);
                     state.send_initiation(datagram, out)
                 } else if let Some(to) = state.endpoint {
-                    out.send_udp_from(to, state.source, datagram);
+                    if whole {
+                        out.send_udp_from(to, state.source, datagram);
+                    } else {
+                        out.send_udp_fragmenting(to, state.source, datagram);
+                    }
                     true
                 } else {
                     false
@@ -510,19 +548,55 @@ impl PeerTable {
             TunnResult::WriteToTunnelV4(packet, src) => {
                 state.authenticated(from, local);
                 let flush = std::mem::take(&mut state.flush_pending);
-                drop(state);
-                self.deliver(slot, IpAddr::V4(src), packet, now, out);
-                if flush {
-                    self.flush_queue(&mut lock(&peer.state), buf, out);
+                let src = IpAddr::V4(src);
+                let probe = if self.probing && pmtu::may_be_probe(packet) {
+                    self.probe(slot, &mut state, src, packet, now)
+                } else {
+                    Probe::No
+                };
+                match probe {
+                    Probe::No => {
+                        drop(state);
+                        self.deliver(slot, src, packet, now, out);
+                        if flush {
+                            self.flush_queue(&mut lock(&peer.state), buf, out);
+                        }
+                    }
+                    probe => {
+                        if let Probe::Answer(ack, dst) = probe {
+                            self.send_ack(&mut state, dst, src, ack, buf, out);
+                        }
+                        if flush {
+                            self.flush_queue(&mut state, buf, out);
+                        }
+                    }
                 }
             }
             TunnResult::WriteToTunnelV6(packet, src) => {
                 state.authenticated(from, local);
                 let flush = std::mem::take(&mut state.flush_pending);
-                drop(state);
-                self.deliver(slot, IpAddr::V6(src), packet, now, out);
-                if flush {
-                    self.flush_queue(&mut lock(&peer.state), buf, out);
+                let src = IpAddr::V6(src);
+                let probe = if self.probing && pmtu::may_be_probe(packet) {
+                    self.probe(slot, &mut state, src, packet, now)
+                } else {
+                    Probe::No
+                };
+                match probe {
+                    Probe::No => {
+                        drop(state);
+                        self.deliver(slot, src, packet, now, out);
+                        if flush {
+                            self.flush_queue(&mut lock(&peer.state), buf, out);
+                        }
+                    }
+                    probe => {
+                        if let Probe::Answer(ack, dst) = probe {
+                            self.send_ack(&mut state, dst, src, ack, buf, out);
+                        }
+                        if flush {
+                            self.flush_queue(&mut state, buf, out);
+                        }
+                    }
                 }
             }
             TunnResult::Done => {
@@ -597,6 +671,10 @@ impl PeerTable {
                 _ => {}
             }
             let up = has_session(&state.tunn);
+            if up && !state.session_up {
+                state.pmtu.session_up(now);
+            }
+            self.probe_path(peer, &mut state, up, now, buf, out);
             if up != state.session_up {
                 state.session_up = up;
                 let peer = peer.config.name.clone();
@@ -626,6 +704,8 @@ impl PeerTable {
                     initiations_sent: state.initiations_sent,
                     initiations_received: state.initiations_received,
                     initiations_held: state.initiations_held,
+                    path_mtu: state.pmtu.learned(),
+                    path_mtu_state: state.pmtu.state(),
                 }
             })
             .collect()
@@ -641,7 +721,22 @@ impl PeerTable {
     /// `Dataplane::start_plain_wireguard` calls this; the zero-trust modes never do.
     pub fn plain_wireguard(mut self) -> PeerTable {
         self.plain = true;
+        self.probing = false;
         self
+    }
+
+    /// Gives the table this node's overlay addresses and the tunnel MTU, which turns on path
+    /// MTU probing to peers with an IPv6 endpoint ([`pmtu`]). Never called in plain WireGuard
+    /// mode, which neither probes nor answers probes (and ignores this if it were).
+    pub fn with_local(mut self, addresses: &[ipnet::IpNet], mtu: u16) -> PeerTable {
+        self.set_local(addresses, mtu);
+        self
+    }
+
+    fn set_local(&mut self, addresses: &[ipnet::IpNet], mtu: u16) {
+        self.local = addresses.iter().map(|n| n.addr()).collect();
+        self.mtu = mtu;
+        self.probing = !self.plain && !self.local.is_empty();
     }
 
     /// Moves the peer with `key` to `endpoint` now, as `wg set ... endpoint` does, even when the
@@ -708,6 +803,7 @@ impl PeerTable {
                 flush_pending: false,
                 rekey_round: 0,
                 last_initiation: None,
+                pmtu: Prober::new(index),
                 initiations_sent: 0,
                 initiations_received: 0,
                 initiations_held: 0,
@@ -914,6 +1010,180 @@ impl PeerTable {
         }
     }
 
+    /// The slow path of a packet larger than the peer's learned path MTU `limit`: returns
+    /// true when it is to be sent anyway, as fragments (IPv6 of at most 1280 bytes, which
+    /// IPv6 must carry; IPv4 without DF); otherwise drops it and tells its sender the size
+    /// with a synthetic ICMP error written to the TUN (rate-limited).
+    #[cold]
+    #[inline(never)]
+    fn oversized(&self, packet: &[u8], limit: usize, out: &mut impl Transmit) -> bool {
+        let ipv4 = packet.first().is_some_and(|b| b >> 4 == 4);
+        let mtu = if ipv4 {
+            if !pmtu::ipv4_dont_fragment(packet) {
+                return true;
+            }
+            limit
+        } else {
+            if packet.len() <= pmtu::IPV6_MIN_MTU {
+                return true;
+            }
+            limit.max(pmtu::IPV6_MIN_MTU)
+        };
+        self.counters.drop_packet(DropReason::TooBig);
+        if !self.icmp_allowed() {
+            return false;
+        }
+        let mut icmp = [0u8; pmtu::IPV6_MIN_MTU];
+        match pmtu::icmp_too_big(packet, mtu, &mut icmp) {
+            Ok(n) => out.write_tun(&icmp[..n]),
+            Err(e) => tracing::trace!(?e, "no ICMP for a too-big packet"),
+        }
+        false
+    }
+
+    /// Takes one synthetic ICMP message from the budget, if any is left.
+    fn icmp_allowed(&self) -> bool {
+        let mut budget = lock(&self.icmp_budget);
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(budget.1);
+        let refill = (elapsed.as_millis() as u64 * u64::from(ICMP_PER_SECOND) / 1000) as u32;
+        if refill > 0 {
+            budget.0 = budget.0.saturating_add(refill).min(ICMP_PER_SECOND);
+            budget.1 = now;
+        }
+        if budget.0 == 0 {
+            return false;
+        }
+        budget.0 -= 1;
+        true
+    }
+
+    /// Whether a decrypted packet from the peer in `slot` is a path MTU probe or ack, and if
+    /// so, what to do with it. Plain WireGuard mode never looks. Called only for packets of
+    /// protocol 253 ([`pmtu::may_be_probe`]), off the hot path.
+    #[cold]
+    #[inline(never)]
+    fn probe(
+        &self,
+        slot: usize,
+        state: &mut PeerState,
+        src: IpAddr,
+        packet: &[u8],
+        now: Instant,
+    ) -> Probe {
+        if !self.probing {
+            return Probe::No;
+        }
+        let (message, dst) = match pmtu::classify(packet) {
+            Classified::Other => return Probe::No,
+            Classified::Bad => {
+                self.counters.drop_packet(DropReason::BadProbe);
+                return Probe::Done;
+            }
+            Classified::Message(m, dst) => (m, dst),
+        };
+        if self.routes.lookup(src) != Some(&slot) {
+            self.counters.drop_packet(DropReason::SpoofedSource);
+            return Probe::Done;
+        }
+        if !self.local.contains(&dst) {
+            self.counters.drop_packet(DropReason::BadProbe);
+            return Probe::Done;
+        }
+        match message {
+            Message::Probe { id, .. } => {
+                let size = u16::try_from(packet.len()).unwrap_or(u16::MAX);
+                Probe::Answer(Message::Ack { id, size }, dst)
+            }
+            Message::Ack { id, size } => {
+                state.pmtu.ack(id, size, now, self.mtu);
+                Probe::Done
+            }
+        }
+    }
+
+    /// Sends a probe ack from `from` to `to` through the peer's session.
+    fn send_ack(
+        &self,
+        state: &mut PeerState,
+        from: IpAddr,
+        to: IpAddr,
+        ack: Message,
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
+        let mut packet = [0u8; 64];
+        let Some(n) = pmtu::build(from, to, ack, 0, &mut packet) else {
+            return;
+        };
+        self.encapsulate_to_endpoint(state, &packet[..n], buf, out);
+    }
+
+    /// Runs the path MTU search for one peer on a timer tick, sending the probe that is due.
+    fn probe_path(
+        &self,
+        peer: &Peer,
+        state: &mut PeerState,
+        up: bool,
+        now: Instant,
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
+        if !self.probing {
+            return;
+        }
+        // A session this node answered is not its to send on until the peer confirms it.
+        let ready = up && !state.flush_pending;
+        let Some((id, size)) = state.pmtu.poll(now, state.endpoint, ready, self.mtu) else {
+            return;
+        };
+        let Some((src, dst)) = self.probe_addresses(peer) else {
+            return;
+        };
+        let mut packet = vec![0u8; usize::from(size)];
+        let message = Message::Probe { id, size };
+        let Some(n) = pmtu::build(src, dst, message, usize::from(size), &mut packet) else {
+            return;
+        };
+        tracing::trace!(peer = %peer.config.name, size, "path MTU probe");
+        self.encapsulate_to_endpoint(state, &packet[..n], buf, out);
+    }
+
+    /// This node's address and the peer's for a probe: the peer's first allowed host address
+    /// (a /32 or /128, its own rather than a subnet it routes) of a family this node has an
+    /// address in, or failing that its first allowed prefix of such a family.
+    fn probe_addresses(&self, peer: &Peer) -> Option<(IpAddr, IpAddr)> {
+        let nets = &peer.config.allowed_ips;
+        let hosts = nets.iter().filter(|n| n.prefix_len() == n.max_prefix_len());
+        hosts.chain(nets.iter()).find_map(|net| {
+            let dst = net.addr();
+            let src = self.local.iter().find(|l| l.is_ipv4() == dst.is_ipv4())?;
+            Some((*src, dst))
+        })
+    }
+
+    /// Encrypts a packet this node makes itself (probe, ack) and sends it to the peer's
+    /// endpoint; nothing when there is no session to carry it.
+    fn encapsulate_to_endpoint(
+        &self,
+        state: &mut PeerState,
+        packet: &[u8],
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
+        if !has_session(&state.tunn) {
+            return;
+        }
+        let Some(to) = state.endpoint else {
+            return;
+        };
+        if let TunnResult::WriteToNetwork(d) = state.tunn.encapsulate(packet, buf)
+            && !is_initiation(d)
+        {
+            out.send_udp_from(to, state.source, d);
+        }
+    }
+
     fn deliver(
         &self,
         slot: usize,
@@ -998,6 +1268,16 @@ impl PeerState {
         self.initiations_sent += 1;
         true
     }
+}
+
+/// What [`PeerTable::probe`] found in a decrypted packet.
+enum Probe {
+    /// Not a probe: deliver it.
+    No,
+    /// A probe: send this ack from the address it was sent to.
+    Answer(Message, IpAddr),
+    /// Handled (an ack, or dropped and counted).
+    Done,
 }
 
 /// A peer's endpoints in the order to try them: `endpoint`, then the others, no repeats.
@@ -1120,6 +1400,8 @@ ports = ["any"]
     struct Mesh {
         nodes: Vec<Node>,
         in_flight: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+        /// Datagrams larger than this vanish on the way (a silent narrow hop).
+        max_datagram: usize,
         /// Every datagram that crossed the network, for inspection.
         seen: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
         now: Instant,
@@ -1211,6 +1493,7 @@ ports = ["any"]
             Mesh {
                 nodes,
                 in_flight: VecDeque::new(),
+                max_datagram: usize::MAX,
                 seen: vec![],
                 now: Instant::now(),
                 buf: vec![0; MIN_BUFFER],
@@ -1259,6 +1542,9 @@ ports = ["any"]
                 steps += 1;
                 assert!(steps < 1000, "the network never went quiet");
                 self.seen.push((from, to, d.clone()));
+                if d.len() > self.max_datagram {
+                    continue;
+                }
                 let Some(i) = self.nodes.iter().position(|n| n.addr == to) else {
                     continue;
                 };
@@ -1945,5 +2231,258 @@ ports = ["any"]
             .count();
         let kinds: Vec<u8> = m.seen.iter().map(|(_, _, d)| d[0]).collect();
         assert_eq!(inits, 1, "one initiation crossed the network: {kinds:?}");
+    }
+
+    /// Turns on path MTU probing on every node (its overlay address, tunnel MTU 1420).
+    fn probing(m: &mut Mesh) {
+        for n in &mut m.nodes {
+            let net = IpNet::from(n.ip);
+            n.table.set_local(&[net], 1420);
+        }
+    }
+
+    fn probe_packet(src: IpAddr, dst: IpAddr, id: u32, size: usize) -> Vec<u8> {
+        let mut p = vec![0u8; size];
+        let message = Message::Probe {
+            id,
+            size: size as u16,
+        };
+        let n = pmtu::build(src, dst, message, size, &mut p).expect("probe");
+        p.truncate(n);
+        p
+    }
+
+    #[test]
+    fn a_probe_is_answered_through_the_tunnel_and_reaches_neither_tun_nor_filter() {
+        // n2 allows nothing from n1 but ping and tcp:22: a probe that reached its filter would
+        // be counted there; n1 allows all: an ack that reached its TUN would show there.
+        let mut m = Mesh::new(&[ALLOW_ALL, POLICY]);
+        probing(&mut m);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"session"));
+        m.take_tun("n2");
+        m.seen.clear();
+
+        m.send("n1", &probe_packet(a, b, 42, 1300));
+
+        assert!(
+            m.take_tun("n2").is_empty(),
+            "the probe never reaches n2's TUN"
+        );
+        assert!(
+            m.take_tun("n1").is_empty(),
+            "the ack never reaches n1's TUN"
+        );
+        let to_n1: Vec<usize> = m
+            .seen
+            .iter()
+            .filter(|(_, to, d)| *to == underlay(1) && d[0] == 4)
+            .map(|(_, _, d)| d.len())
+            .collect();
+        assert_eq!(to_n1.len(), 1, "one ack came back: {to_n1:?}");
+        assert!(to_n1[0] < 100, "a small one: {to_n1:?}");
+        let n2 = m.nodes[m.node("n2")].table.counters().snapshot();
+        assert!(n2.is_empty(), "no drop, no filter verdict at n2: {n2:?}");
+    }
+
+    #[test]
+    fn garbled_and_spoofed_probes_are_dropped_and_counted() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL, ALLOW_ALL]);
+        probing(&mut m);
+        // n1 is compromised: its own filter lets it send from n3's address.
+        let mut lying = inventory(3);
+        lying.nodes[0].addresses.push(IpNet::from(m.ip_of("n3")));
+        let checked = Policy::parse(ALLOW_ALL).expect("parses");
+        let spec = netpolicy::compile(&checked.policy, &lying).filters["n1"].clone();
+        let n1 = m.node("n1");
+        *lock(&m.nodes[n1].filter) = Filter::new(spec, ConntrackConfig::default());
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        let good = probe_packet(a, b, 7, 200);
+
+        let mut version = good.clone();
+        version[24] = 99;
+        m.send("n1", &version);
+        let mut truncated = good[..100].to_vec();
+        truncated[2..4].copy_from_slice(&100u16.to_be_bytes());
+        m.send("n1", &truncated);
+        let mut kind = good.clone();
+        kind[25] = 0xee;
+        m.send("n1", &kind);
+        assert_eq!(m.drops("n2", DropReason::BadProbe), 3);
+
+        // From an inner source that is not n1's (n3's): the anti-spoofing check.
+        m.send("n1", &probe_packet(m.ip_of("n3"), b, 8, 200));
+        assert_eq!(m.drops("n2", DropReason::SpoofedSource), 1);
+
+        // Protocol 253 without the magic is somebody else's experiment: the ordinary path.
+        let mut foreign = good.clone();
+        foreign[20..24].copy_from_slice(b"XXXX");
+        m.send("n1", &foreign);
+        assert_eq!(m.take_tun("n2"), vec![foreign]);
+        assert_eq!(m.drops("n2", DropReason::BadProbe), 3);
+        assert!(m.take_tun("n1").is_empty(), "no ack for any of them");
+    }
+
+    #[test]
+    fn plain_wireguard_mode_neither_answers_nor_swallows_probes() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        probing(&mut m);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        let i = m.node("n2");
+        let peers = m.peers_of("n2");
+        let n = &m.nodes[i];
+        let plain = PeerTable::new(
+            &n.key,
+            &peers,
+            None,
+            n.filter.clone(),
+            Arc::new(Counters::default()),
+            5000,
+        )
+        .plain_wireguard()
+        .with_local(&[IpNet::from(b)], 1420);
+        m.nodes[i].table = plain;
+        let probe = probe_packet(a, b, 9, 300);
+
+        m.send("n1", &probe);
+
+        assert_eq!(m.take_tun("n2"), vec![probe], "delivered as any packet is");
+        assert!(m.take_tun("n1").is_empty(), "no ack");
+        // Even with an IPv6 endpoint, plain mode's timers send no probe.
+        let v6: SocketAddr = "[2001:db8::1]:51820".parse().expect("addr");
+        lock(&m.nodes[i].table.peers[0].state).endpoint = Some(v6);
+        m.seen.clear();
+        m.tick("n2");
+        assert!(
+            m.seen.iter().all(|(_, to, _)| *to != v6),
+            "{:?}",
+            m.seen.len()
+        );
+        let snap = m.nodes[i].table.snapshot();
+        assert_eq!(
+            snap[0].path_mtu_state,
+            ztnet_proto::status::PathMtuState::NotProbed
+        );
+    }
+
+    #[test]
+    fn a_packet_above_the_learned_path_gets_a_synthetic_icmp_error_and_is_counted() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        probing(&mut m);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"session"));
+        m.take_tun("n2");
+        let n1 = m.node("n1");
+        lock(&m.nodes[n1].table.peers[0].state)
+            .pmtu
+            .set_learned(1200);
+
+        let big = echo(a, b, false, &[0u8; 1372]);
+        assert!(pmtu::ipv4_dont_fragment(&big));
+        m.send("n1", &big);
+
+        assert!(m.take_tun("n2").is_empty(), "dropped");
+        assert_eq!(m.drops("n1", DropReason::TooBig), 1);
+        let icmp = m.take_tun("n1");
+        assert_eq!(icmp.len(), 1, "one ICMP error back into n1's TUN");
+        let e = &icmp[0];
+        assert_eq!((e[9], e[20], e[21]), (1, 3, 4), "fragmentation needed");
+        assert_eq!(u16::from_be_bytes([e[26], e[27]]), 1200);
+        assert_eq!(checksum(&e[..20]), 0, "header checksum");
+        assert_eq!(checksum(&e[20..]), 0, "ICMP checksum");
+        assert_eq!(&e[28..48], &big[..20], "quotes the dropped packet");
+
+        // Without DF it goes anyway (fragmented on the way); at the limit it is untouched.
+        let mut no_df = big.clone();
+        no_df[6] = 0;
+        no_df[10..12].copy_from_slice(&[0, 0]);
+        let sum = checksum(&no_df[..20]);
+        no_df[10..12].copy_from_slice(&sum.to_be_bytes());
+        m.send("n1", &no_df);
+        let fits = echo(a, b, false, &[0u8; 1172]);
+        m.send("n1", &fits);
+        assert_eq!(m.take_tun("n2"), vec![no_df, fits]);
+        assert_eq!(m.drops("n1", DropReason::TooBig), 1);
+    }
+
+    /// Moves n2 to an IPv6 underlay address, as n1 sees it; returns that address.
+    fn n2_over_ipv6(m: &mut Mesh) -> SocketAddr {
+        let v6: SocketAddr = "[2001:db8::2]:51820".parse().expect("addr");
+        let n2 = m.node("n2");
+        m.nodes[n2].addr = v6;
+        let mut peers = m.peers_of("n1");
+        peers[0].endpoint = Some(v6);
+        m.reconfigure("n1", &peers);
+        v6
+    }
+
+    fn path_mtu(m: &Mesh, at: &str) -> (ztnet_proto::status::PathMtuState, Option<u16>) {
+        let p = m.nodes[m.node(at)].table.snapshot().remove(0);
+        (p.path_mtu_state, p.path_mtu)
+    }
+
+    #[test]
+    fn the_timer_measures_a_silent_narrow_ipv6_path_through_the_tunnel() {
+        use ztnet_proto::status::PathMtuState;
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        n2_over_ipv6(&mut m);
+        probing(&mut m);
+        // WireGuard messages above 1340 bytes vanish (the in-memory network carries UDP
+        // payloads): inner packets of up to 1340 - 32 bytes cross.
+        m.max_datagram = 1340;
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while path_mtu(&m, "n1").0 != PathMtuState::Learned {
+            assert!(
+                Instant::now() < deadline,
+                "no result: {:?}",
+                path_mtu(&m, "n1")
+            );
+            m.tick("n1");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let (_, learned) = path_mtu(&m, "n1");
+        let learned = learned.expect("learned");
+        assert!((1300..=1308).contains(&learned), "{learned}");
+        assert!(m.take_tun("n2").is_empty(), "no probe reached n2's TUN");
+        assert!(m.take_tun("n1").is_empty(), "no ack reached n1's TUN");
+        let probes = m
+            .seen
+            .iter()
+            .filter(|(_, to, d)| to.is_ipv6() && d[0] == 4 && d.len() > 1200)
+            .count();
+        assert!(probes <= 20, "bounded: {probes} probes");
+        assert_eq!(
+            path_mtu(&m, "n2").0,
+            PathMtuState::NotProbed,
+            "IPv4 endpoint"
+        );
+    }
+
+    #[test]
+    fn synthetic_icmp_errors_are_rate_limited_but_every_drop_is_counted() {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        probing(&mut m);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"session"));
+        m.take_tun("n2");
+        let n1 = m.node("n1");
+        lock(&m.nodes[n1].table.peers[0].state)
+            .pmtu
+            .set_learned(1200);
+        let big = echo(a, b, false, &[0u8; 1372]);
+
+        for _ in 0..250 {
+            m.send("n1", &big);
+        }
+
+        let icmp = m.take_tun("n1").len();
+        assert!(
+            (ICMP_PER_SECOND as usize..=ICMP_PER_SECOND as usize + 10).contains(&icmp),
+            "{icmp} ICMP errors for 250 packets in well under a second"
+        );
+        assert_eq!(m.drops("n1", DropReason::TooBig), 250);
+        assert!(m.take_tun("n2").is_empty());
     }
 }

@@ -540,6 +540,8 @@ mod tests {
             initiations_sent: 1,
             initiations_received: 0,
             initiations_held: 0,
+            path_mtu: None,
+            path_mtu_state: Default::default(),
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
 

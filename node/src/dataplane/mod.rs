@@ -761,18 +761,17 @@ impl Batched<'_> {
                 None => sys::send_segments(fd, &addr, &self.batch, seg),
             };
             if let Err(e) = sent {
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
-                ) {
+                if matches!(e.raw_os_error(), Some(libc::EIO | libc::ENOPROTOOPT)) {
                     tracing::debug!(error = %e, "no UDP segmentation offload; sending singly");
                     self.gso = false;
                     for d in self.batch.chunks(self.segment.max(1)) {
                         self.io.send_udp_from(to, from, d);
                     }
-                } else if e.raw_os_error() == Some(libc::EMSGSIZE) {
-                    // Segments larger than the path MTU (a raised TUN MTU over a narrower
-                    // link): the kernel fragments single datagrams but not a GSO batch.
+                } else if matches!(e.raw_os_error(), Some(libc::EMSGSIZE | libc::EINVAL)) {
+                    // Segments larger than the MTU the kernel knows for this destination (a
+                    // raised TUN MTU, or a narrower local link: EINVAL when a segment exceeds
+                    // the fragment size): the kernel fragments single datagrams but not a GSO
+                    // batch. Only this batch goes singly; other peers keep GSO.
                     for d in self.batch.chunks(self.segment.max(1)) {
                         self.io.send_udp_from(to, from, d);
                     }

@@ -167,12 +167,17 @@ done
 stats() { sort -n "$1" | awk '{ v[NR] = $1 } END {
     printf "%.3f %.3f %d\n", v[int((NR + 1) / 2)], v[int(NR * 0.9 + 0.5)], NR }'; }
 
-echo "== $ROUNDS rounds of $PINGS pings, interval ${INTERVAL}s, order: $ONLY" >&2
+echo "== $ROUNDS rounds of $PINGS pings, interval ${INTERVAL}s, $ONLY, each round starting one further" >&2
 declare -A WINS
+read -r -a IMPLS <<<"$ONLY"
 for r in $(seq 1 "$ROUNDS"); do
     best="" bestv=""
     line="round $r:"
-    for impl in $ONLY; do
+    # Each round starts with the next implementation, so that none is always first (or always
+    # right after another one).
+    order=()
+    for i in "${!IMPLS[@]}"; do order+=("${IMPLS[$(( (i + r - 1) % ${#IMPLS[@]} ))]}"); done
+    for impl in "${order[@]}"; do
         in_a ping -n -c "$PINGS" -i "$INTERVAL" "${DST[$impl]}" |
             sed -n 's/.*time=\([0-9.]*\).*/\1/p' >"$WORK/round.txt"
         cat "$WORK/round.txt" >>"$WORK/$impl.rtt"

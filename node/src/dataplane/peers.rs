@@ -519,7 +519,9 @@ impl PeerTable {
         }
 
         let result = state.tunn.decapsulate(Some(from.ip()), datagram, buf);
-        match result {
+        let (packet, src) = match result {
+            TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(packet, src) => (packet, IpAddr::V6(src)),
             TunnResult::WriteToNetwork(reply) => {
                 // A cookie reply (type 3) proves nothing about the sender; a handshake
                 // response or keepalive does.
@@ -544,60 +546,7 @@ impl PeerTable {
                         Kind::Cookie | Kind::Data => self.flush_queue(&mut state, buf, out),
                     }
                 }
-            }
-            TunnResult::WriteToTunnelV4(packet, src) => {
-                state.authenticated(from, local);
-                let flush = std::mem::take(&mut state.flush_pending);
-                let src = IpAddr::V4(src);
-                let probe = if self.probing && pmtu::may_be_probe(packet) {
-                    self.probe(slot, &mut state, src, packet, now)
-                } else {
-                    Probe::No
-                };
-                match probe {
-                    Probe::No => {
-                        drop(state);
-                        self.deliver(slot, src, packet, now, out);
-                        if flush {
-                            self.flush_queue(&mut lock(&peer.state), buf, out);
-                        }
-                    }
-                    probe => {
-                        if let Probe::Answer(ack, dst) = probe {
-                            self.send_ack(&mut state, dst, src, ack, buf, out);
-                        }
-                        if flush {
-                            self.flush_queue(&mut state, buf, out);
-                        }
-                    }
-                }
-            }
-            TunnResult::WriteToTunnelV6(packet, src) => {
-                state.authenticated(from, local);
-                let flush = std::mem::take(&mut state.flush_pending);
-                let src = IpAddr::V6(src);
-                let probe = if self.probing && pmtu::may_be_probe(packet) {
-                    self.probe(slot, &mut state, src, packet, now)
-                } else {
-                    Probe::No
-                };
-                match probe {
-                    Probe::No => {
-                        drop(state);
-                        self.deliver(slot, src, packet, now, out);
-                        if flush {
-                            self.flush_queue(&mut lock(&peer.state), buf, out);
-                        }
-                    }
-                    probe => {
-                        if let Probe::Answer(ack, dst) = probe {
-                            self.send_ack(&mut state, dst, src, ack, buf, out);
-                        }
-                        if flush {
-                            self.flush_queue(&mut state, buf, out);
-                        }
-                    }
-                }
+                return;
             }
             TunnResult::Done => {
                 // A keepalive authenticates the sender; a cookie reply does not (FC-25).
@@ -608,8 +557,34 @@ impl PeerTable {
                     state.flush_pending = false;
                     self.flush_queue(&mut state, buf, out);
                 }
+                return;
             }
-            TunnResult::Err(e) => self.counters.drop_packet(engine_drop(&e)),
+            TunnResult::Err(e) => return self.counters.drop_packet(engine_drop(&e)),
+        };
+        // A decrypted packet (or a path MTU probe) authenticates the sender.
+        state.authenticated(from, local);
+        let flush = std::mem::take(&mut state.flush_pending);
+        let probe = if self.probing && pmtu::may_be_probe(packet) {
+            self.probe(slot, &mut state, src, packet, now)
+        } else {
+            Probe::No
+        };
+        match probe {
+            Probe::No => {
+                drop(state);
+                self.deliver(slot, src, packet, now, out);
+                if flush {
+                    self.flush_queue(&mut lock(&peer.state), buf, out);
+                }
+            }
+            probe => {
+                if let Probe::Answer(ack, dst) = probe {
+                    self.send_ack(&mut state, dst, src, ack, buf, out);
+                }
+                if flush {
+                    self.flush_queue(&mut state, buf, out);
+                }
+            }
         }
     }
 

@@ -404,6 +404,137 @@ to = ["node:n2"]
 ports = ["icmp", "tcp:5432"]
 "#;
 
+/// Every node may reach every other on everything.
+const ALLOW_ALL: &str = "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+
+/// The host's routes in `ns` for `family` ("-4" or "-6"), as `ip route` prints them.
+fn routes(ns: &Netns, family: &str) -> String {
+    let out = ns.ip(&[family, "route", "show"]).expect("ip route");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A full-tunnel peer (allowed IPs 0.0.0.0/0 and ::/0) and a peer allowed IP equal to the
+/// underlay's own subnet: the node installs neither route, says so in status, and the host's
+/// default routes and the underlay route stay, so the tunnel to the peer keeps working.
+#[test]
+fn a_full_tunnel_peer_never_takes_the_hosts_default_route() {
+    let mut m = Mesh::new(&["n1", "n2"], ALLOW_ALL).expect("mesh");
+    let n1 = m.node("n1");
+    n1.ns
+        .ip(&["route", "add", "default", "via", "192.0.2.254"])
+        .expect("default route");
+    n1.ns
+        .ip(&["-6", "route", "add", "default", "via", "2001:db8::fe"])
+        .expect("default route v6");
+    let before = (routes(&n1.ns, "-4"), routes(&n1.ns, "-6"));
+    let n2 = m.node("n2");
+    // n2 claims the IPv6 default route and the underlay subnet; n9, a peer with no endpoint,
+    // the IPv4 default route.
+    let n9 = make_key(&m.dir.path().join("n9.key")).expect("key");
+    let full = format!(
+        "\n[[peer]]\nname = \"n2\"\npublic_key = \"{}\"\nendpoint = \"{}:{WG_PORT}\"\n\
+         allowed_ips = [\"10.90.0.2/32\", \"fd00:90::2/128\", \"::/0\", \"192.0.2.0/24\"]\n\
+         namespace = \"test\"\n\n[[peer]]\nname = \"n9\"\npublic_key = \"{n9}\"\n\
+         allowed_ips = [\"0.0.0.0/0\"]\nnamespace = \"test\"\n",
+        n2.public_key,
+        n2.underlay()
+    );
+    m.write_config("n1", Some(&[]), &full).expect("n1 config");
+    m.start("n1").expect("start n1");
+    m.write_config("n2", None, "").expect("n2 config");
+    m.start("n2").expect("start n2");
+
+    let n2v4 = m.node("n2").v4();
+    m.wait_ping("n1", n2v4)
+        .expect("the tunnel comes up: its endpoint is still reached over the underlay");
+    let (v4, v6) = (
+        routes(&m.node("n1").ns, "-4"),
+        routes(&m.node("n1").ns, "-6"),
+    );
+    assert!(
+        v4.contains("default via 192.0.2.254"),
+        "IPv4 default route kept: {v4}"
+    );
+    assert!(
+        v6.contains("default via 2001:db8::fe"),
+        "IPv6 default route kept: {v6}"
+    );
+    assert!(
+        v4.contains("192.0.2.0/24 dev u0"),
+        "the underlay subnet stays on the underlay: {v4}"
+    );
+    let iface = m.node("n1").iface.clone();
+    assert!(
+        !v4.contains(&format!("192.0.2.0/24 dev {iface}")),
+        "no second underlay route through the tunnel: {v4}"
+    );
+    let status = m.status("n1").expect("status");
+    let warnings = status["warnings"].to_string();
+    for prefix in ["0.0.0.0/0", "::/0", "192.0.2.0/24"] {
+        assert!(
+            warnings.contains(&format!("route {prefix} is not installed")),
+            "{prefix} named in the warnings: {warnings}"
+        );
+    }
+    // The tunnel's routes are gone with the node; the host's stay as they were.
+    if let Some(mut p) = m.node_mut("n1").proc.take() {
+        p.stop(Duration::from_secs(5));
+    }
+    let after = (
+        routes(&m.node("n1").ns, "-4"),
+        routes(&m.node("n1").ns, "-6"),
+    );
+    assert_eq!(after, before, "the host's routes after the node stopped");
+}
+
+/// Deleting the node's TUN interface stops the node with an error (so that a service manager
+/// restarts it), instead of leaving it running with nothing to pass traffic through.
+#[test]
+fn a_deleted_interface_stops_the_node_with_an_error() {
+    let mut m = Mesh::new(&["n1", "n2"], ALLOW_ALL).expect("mesh");
+    m.start_all().expect("start");
+    let n2 = m.node("n2").v4();
+    m.wait_ping("n1", n2).expect("tunnel up");
+    let iface = m.node("n1").iface.clone();
+    m.node("n1")
+        .ns
+        .ip(&["link", "del", &iface])
+        .expect("ip link del");
+    let status = wait_for("n1 to exit", Duration::from_secs(10), || {
+        Ok(m.node_mut("n1").proc.as_mut().and_then(|p| p.try_wait()))
+    })
+    .expect("the node stops");
+    assert!(!status.success(), "it exits with an error: {status}");
+    let log = m.log("n1");
+    assert!(log.contains("was deleted"), "it says why: {log}");
+}
+
+/// The overlay's IPv6 address survives `ip link set down` and `up` (the kernel drops IPv6
+/// addresses on down unless `keep_addr_on_down` is set).
+#[test]
+fn a_link_down_and_up_keeps_the_overlay_ipv6_address() {
+    let mut m = Mesh::new(&["n1", "n2"], ALLOW_ALL).expect("mesh");
+    m.start_all().expect("start");
+    let n2v6 = m.node("n2").v6();
+    wait_for("ping6 n1 -> n2", Duration::from_secs(15), || {
+        Ok(ping(&m.node("n1").ns, n2v6)?.then_some(()))
+    })
+    .expect("tunnel up over IPv6");
+    let n2 = m.node("n2");
+    n2.ns.ip(&["link", "set", &n2.iface, "down"]).expect("down");
+    n2.ns.ip(&["link", "set", &n2.iface, "up"]).expect("up");
+    let out = n2
+        .ns
+        .ip(&["-6", "addr", "show", "dev", &n2.iface])
+        .expect("addr");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("fd00:90::2/64"), "address kept: {text}");
+    wait_for("ping6 after down/up", Duration::from_secs(15), || {
+        Ok(ping(&m.node("n1").ns, n2v6)?.then_some(()))
+    })
+    .expect("IPv6 through the tunnel again");
+}
+
 #[test]
 fn two_nodes_follow_the_policy_and_the_link_carries_only_wireguard() {
     let mut m = Mesh::new(&["n1", "n2"], TWO_NODE_POLICY).expect("mesh");

@@ -121,20 +121,24 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let workload_socket = crate::workload::api::socket_path(&args.interface);
+    let lost = std::sync::atomic::AtomicBool::new(false);
     let broker = crate::workload::Broker::new();
     let exit = runtime.block_on(async {
         let listener = crate::workload::api::bind(&workload_socket)
             .context("starting the workload API socket")?;
         info!(socket = %workload_socket.display(), "workload API listening");
         let server = tokio::spawn(crate::workload::api::serve(listener, broker.clone()));
-        let exit =
-            client::run_with_workloads(opts, sink.clone(), Some(broker), shutdown_signal()).await;
+        let stop = stop_signal_or_lost_interface(&sink, &lost);
+        let exit = client::run_with_workloads(opts, sink.clone(), Some(broker), stop).await;
         server.abort();
         exit
     });
     drop(runtime);
     let _ = std::fs::remove_file(&workload_socket);
     drop(sink);
+    if lost.load(std::sync::atomic::Ordering::Relaxed) {
+        bail!(interface_gone_message(&args.interface));
+    }
     match exit? {
         Exit::Shutdown => {
             info!("stopped by a signal");
@@ -179,6 +183,42 @@ impl DataplaneSink for DataplaneHandle {
 
     fn open_flows(&self, limit: usize) -> (Vec<netpolicy::OpenFlow>, bool) {
         self.0.open_flows(limit)
+    }
+}
+
+/// How often a running node checks that its TUN interface still exists.
+pub const GONE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Why a node stops when its interface was deleted under it. It exits with an error, so that
+/// a service manager restarts it (the shipped unit has `Restart=on-failure`) and the restart
+/// makes the interface again.
+pub fn interface_gone_message(interface: &str) -> String {
+    format!(
+        "the TUN interface {interface} was deleted (ip link del?): the node passes nothing \
+         through it and stops; start it again to make the interface anew"
+    )
+}
+
+/// Completes on SIGINT or SIGTERM, or when the data plane lost its interface (then `lost`
+/// is set).
+async fn stop_signal_or_lost_interface(
+    sink: &DataplaneHandle,
+    lost: &std::sync::atomic::AtomicBool,
+) {
+    let mut tick = tokio::time::interval(GONE_POLL);
+    let gone = async {
+        loop {
+            tick.tick().await;
+            if sink.0.interface_gone() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = gone => {
+            lost.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

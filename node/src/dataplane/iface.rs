@@ -9,18 +9,31 @@ use ipnet::IpNet;
 
 use crate::netconfig::DataplaneConfig;
 
-/// Sets the MTU and brings the link up.
+/// Sets the MTU and brings the link up. The interface keeps its IPv6 addresses when it is
+/// taken down (`keep_addr_on_down`): the kernel would otherwise drop them at `ip link set
+/// down`, and nothing would put them back at the next `up`.
 pub fn link_up(name: &str, mtu: u16) -> anyhow::Result<()> {
+    if ipv6_enabled(name) {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/keep_addr_on_down");
+        if let Err(e) = std::fs::write(&path, "1") {
+            tracing::warn!(interface = name, error = %e,
+                "cannot set keep_addr_on_down; a link down and up loses the IPv6 addresses");
+        }
+    }
     ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])
 }
 
 /// Moves the interface from the addresses and routes of `old` to those of `new`: adds what is
-/// new, removes what is gone, leaves the rest alone.
+/// new, removes what is gone, leaves the rest alone. A route never replaces one the host
+/// already has for the same prefix (the underlay's own subnet, say), and a default route
+/// (`0.0.0.0/0`, `::/0`) is never installed: either would take the path to the peers' endpoints
+/// into the tunnel. Returns the routes of `new` it left out, each with a warning.
 pub fn sync_addresses(
     name: &str,
     old: &DataplaneConfig,
     new: &DataplaneConfig,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(IpNet, String)>> {
+    let mut warnings = Vec::new();
     let old_addrs: BTreeSet<IpNet> = old.addresses.iter().copied().collect();
     let new_addrs: BTreeSet<IpNet> = new.addresses.iter().copied().collect();
     for a in new_addrs.difference(&old_addrs) {
@@ -50,14 +63,50 @@ pub fn sync_addresses(
             continue;
         }
         let text = r.to_string();
-        ip(&["route", "replace", &text, "dev", name])?;
+        if r.prefix_len() == 0 {
+            warnings.push((
+                *r,
+                format!(
+                    "route {text} is not installed: it would replace the host's default route and \
+                 send the tunnel's own traffic to the peers into the tunnel (full-tunnel \
+                 routing is not supported); route narrower prefixes with `routes`"
+                ),
+            ));
+            continue;
+        }
+        let family = if r.addr().is_ipv4() { "-4" } else { "-6" };
+        if let Err(e) = ip(&[family, "route", "add", &text, "dev", name]) {
+            match route_owner(family, &text) {
+                Some(dev) if dev == name => {}
+                Some(dev) => warnings.push((
+                    *r,
+                    format!(
+                        "route {text} is not installed: the host already routes it (dev {dev}); \
+                     that route stays"
+                    ),
+                )),
+                None => return Err(e),
+            }
+        }
     }
     for r in old_routes.difference(&new_routes) {
         let text = r.to_string();
-        // A route that went away with its address is already gone; that is fine.
+        // A route that went away with its address, or that was never installed, is not
+        // there; that is fine.
         let _ = ip(&["route", "del", &text, "dev", name]);
     }
-    Ok(())
+    Ok(warnings)
+}
+
+/// The device of the main table's route for exactly `prefix`, if there is one.
+fn route_owner(family: &str, prefix: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args([family, "-j", "route", "show", "exact", prefix])
+        .output()
+        .ok()?;
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let first = routes.as_array()?.first()?;
+    Some(first["dev"].as_str().unwrap_or("?").to_string())
 }
 
 /// The host's global addresses outside the TUN interface, for endpoint reports.

@@ -103,6 +103,8 @@ struct Shared {
     filter: Arc<Mutex<Filter>>,
     counters: Arc<Counters>,
     warnings: Mutex<Vec<String>>,
+    /// Routes of the configuration in force that were not installed, with why.
+    skipped_routes: Mutex<std::collections::BTreeMap<ipnet::IpNet, String>>,
     /// 0 unknown, 1 down, 2 up.
     control: AtomicU8,
     stop: AtomicBool,
@@ -172,6 +174,7 @@ impl Dataplane {
             filter,
             counters,
             warnings: Mutex::new(Vec::new()),
+            skipped_routes: Mutex::new(Default::default()),
             control: AtomicU8::new(0),
             stop: AtomicBool::new(false),
             api_paths: Mutex::new(Vec::new()),
@@ -225,7 +228,10 @@ impl Shared {
         let new_key = config.private_key.take();
         let key = new_key.unwrap_or_else(|| lock(&s.keys).0.clone());
 
-        iface::sync_addresses(&s.iface.name, &current, &config)?;
+        let left_out = iface::sync_addresses(&s.iface.name, &current, &config)?;
+        for (_, w) in &left_out {
+            tracing::warn!(interface = %s.iface.name, "{w}");
+        }
 
         let next = {
             let old = s.table.read().unwrap_or_else(|p| p.into_inner());
@@ -246,7 +252,15 @@ impl Shared {
         for w in next.warnings() {
             tracing::warn!(interface = %s.iface.name, "{w}");
         }
-        *lock(&s.warnings) = next.warnings().to_vec();
+        let route_warnings = {
+            let mut skipped = lock(&s.skipped_routes);
+            skipped.retain(|net, _| config.routes.iter().any(|r| r.trunc() == *net));
+            skipped.extend(left_out);
+            skipped.values().cloned().collect::<Vec<_>>()
+        };
+        let mut warnings = next.warnings().to_vec();
+        warnings.extend(route_warnings);
+        *lock(&s.warnings) = warnings;
 
         {
             let mut table = s.table.write().unwrap_or_else(|p| p.into_inner());

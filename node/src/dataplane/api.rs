@@ -91,9 +91,27 @@ fn file_id(path: &Path) -> Option<(u64, u64, i64, i64)> {
     Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
+/// Makes the directory of the node's sockets (`/var/run/ztnet`, `/var/run/wireguard`) with mode
+/// 0755 whatever the umask, and opens an existing one to 0755 if it is closed to others: the
+/// workload socket in it must be reachable by every user, and the `wg` tool looks in the other.
+/// Each socket in it carries its own mode.
+pub fn runtime_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o055 != 0o055 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot set mode 0755 on {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     let dir = path.parent().context("socket path has a directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    runtime_dir(dir)?;
     if path.exists() {
         // A live daemon on this interface would answer; a stale socket from a crash does not.
         let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
@@ -202,5 +220,37 @@ fn serve_uapi(s: &Shared, stream: UnixStream) {
         if w.write_all(answer.as_bytes()).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_socket_directory_is_open_to_others_whatever_made_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Made by a process with umask 077 (a script, a root shell).
+        let closed = tmp.path().join("closed");
+        std::fs::create_dir(&closed).expect("mkdir");
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        runtime_dir(&closed).expect("runtime dir");
+        assert_eq!(mode(&closed), 0o755);
+        // Made here.
+        let fresh = tmp.path().join("a/b");
+        runtime_dir(&fresh).expect("runtime dir");
+        assert_eq!(mode(&fresh) & 0o055, 0o055, "{:o}", mode(&fresh));
+        // One already open is left as it is.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+        runtime_dir(&open).expect("runtime dir");
+        assert_eq!(mode(&open), 0o775);
     }
 }

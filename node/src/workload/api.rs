@@ -42,7 +42,7 @@ pub fn socket_path(iface: &str) -> PathBuf {
 /// Binds the socket (replacing a stale one, refusing one a live daemon answers on).
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     let dir = path.parent().context("socket path has a directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::dataplane::api::runtime_dir(dir)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             anyhow::bail!("{} exists and is not a socket; remove it", path.display());

@@ -3,7 +3,8 @@
 //! - `/var/run/ztnet/IFACE.sock`: read the line `status`, answer one JSON [`StatusReport`].
 //! - `/var/run/wireguard/IFACE.sock`: WireGuard's configuration protocol, see [`super::uapi`].
 //!
-//! Each socket has one thread that accepts and answers one connection at a time.
+//! Each socket has one thread that accepts connections and answers each on a thread of its own
+//! (at most 16 at once), so that an idle client does not hold up `ztnet status`.
 //!
 //! [`StatusReport`]: ztnet_proto::status::StatusReport
 
@@ -13,6 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -96,7 +98,6 @@ fn file_id(path: &Path) -> Option<(u64, u64, i64, i64)> {
 /// workload socket in it must be reachable by every user, and the `wg` tool looks in the other.
 /// Each socket in it carries its own mode.
 pub fn runtime_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mode = std::fs::metadata(dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
@@ -141,24 +142,47 @@ fn bind_new(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Most connections one socket serves at once; one more is closed unanswered.
+const MAX_CLIENTS: usize = 16;
+
+/// Accepts connections and answers each on a thread of its own, so that a client that
+/// connects and sends nothing (it is cut off after 2 s) does not hold up the others.
 fn accept_loop(s: &Shared, listener: &UnixListener, handler: fn(&Shared, UnixStream)) {
-    while !s.stopping() {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-                handler(s, stream);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let _ = sys::wait_readable(listener.as_raw_fd(), STOP_POLL);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "local API accept failed");
-                let _ = sys::wait_readable(listener.as_raw_fd(), STOP_POLL);
+    let busy = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        while !s.stopping() {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if busy.load(Ordering::Relaxed) >= MAX_CLIENTS {
+                        tracing::debug!("local API: {MAX_CLIENTS} clients at once; one refused");
+                        continue;
+                    }
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+                    busy.fetch_add(1, Ordering::Relaxed);
+                    let busy = &busy;
+                    let spawned = std::thread::Builder::new()
+                        .name("ztnet-api-conn".into())
+                        .spawn_scoped(scope, move || {
+                            handler(s, stream);
+                            busy.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    if let Err(e) = spawned {
+                        busy.fetch_sub(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "local API: cannot start a thread");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let _ = sys::wait_readable(listener.as_raw_fd(), STOP_POLL);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "local API accept failed");
+                    let _ = sys::wait_readable(listener.as_raw_fd(), STOP_POLL);
+                }
             }
         }
-    }
+    });
 }
 
 fn serve_status(s: &Shared, stream: UnixStream) {
@@ -225,8 +249,6 @@ fn serve_uapi(s: &Shared, stream: UnixStream) {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     fn mode(p: &Path) -> u32 {

@@ -526,6 +526,71 @@ fn idle_status_clients_do_not_hold_up_status() {
     drop(idle);
 }
 
+/// A second daemon on a running node's config is refused before it makes anything: in the same
+/// namespace (opening the name again would add a queue to the running node's TUN), and in
+/// another namespace (the socket paths are host-wide).
+#[test]
+fn a_second_daemon_for_a_running_interface_is_refused_before_it_makes_anything() {
+    let mut m = Mesh::new(&["n1", "n2"], ALLOW_ALL).expect("mesh");
+    m.start_all().expect("start");
+    let n2 = m.node("n2").v4();
+    m.wait_ping("n1", n2).expect("tunnel up");
+    let config = m.config_path("n1");
+    for (i, ns) in [&m.node("n1").ns, &m.node("n2").ns].into_iter().enumerate() {
+        let out = ns
+            .command(bin("ztnet-node"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("second daemon");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "refused ({i}): {log}");
+        assert!(
+            log.contains("another ztnet-node serves interface"),
+            "says why ({i}): {log}"
+        );
+        assert!(
+            !log.contains("data plane started"),
+            "made nothing ({i}): {log}"
+        );
+    }
+    // An interface of the name that some other program made is not taken over either.
+    let other = unique("ztx");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let moved = m.dir.path().join("other.toml");
+    let iface = m.node("n1").iface.clone();
+    std::fs::write(&moved, text.replace(&iface, &other)).expect("config");
+    let ns2 = &m.node("n2").ns;
+    ns2.ip(&["link", "add", &other, "type", "bridge"])
+        .expect("a bridge of that name");
+    let out = ns2
+        .command(bin("ztnet-node"))
+        .arg("--config")
+        .arg(&moved)
+        .output()
+        .expect("daemon");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "refused: {log}");
+    assert!(
+        log.contains(&format!("interface {other} already exists")),
+        "{log}"
+    );
+
+    let out = m
+        .node("n1")
+        .ns
+        .ip(&["-d", "-j", "link", "show", "dev", &iface])
+        .expect("ip");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[0]["linkinfo"]["info_data"]["numqueues"], 2, "{v}");
+    assert!(
+        ping(&m.node("n1").ns, n2).expect("ping"),
+        "the first node still serves"
+    );
+}
+
 /// The overlay's IPv6 address survives `ip link set down` and `up` (the kernel drops IPv6
 /// addresses on down unless `keep_addr_on_down` is set).
 #[test]

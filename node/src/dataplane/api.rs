@@ -60,7 +60,7 @@ pub(super) fn spawn(shared: Arc<Shared>) -> anyhow::Result<Vec<JoinHandle<()>>> 
 
 /// How long `bind` waits for a daemon that still answers on the path to go away: the
 /// daemon of an interface just deleted (and created again by this one) is stopping.
-const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+pub(super) const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 
 /// A socket path this data plane bound, with the file's identity: on shutdown it is removed
 /// only if it is still this one (a successor may have bound the same path since, and a file

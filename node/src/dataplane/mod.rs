@@ -130,6 +130,8 @@ impl Dataplane {
     }
 
     fn start_mode(iface: InterfaceConfig, plain: bool) -> anyhow::Result<Dataplane> {
+        sys::check_interface_name(&iface.name)?;
+        claim_name(&iface.name)?;
         let OpenedTun {
             tun,
             reply: tun_reply,
@@ -970,6 +972,39 @@ fn timer_loop(s: &Shared) {
         } else {
             next = now;
         }
+    }
+}
+
+/// Waits until no interface of this name exists in this network namespace and no daemon
+/// answers on its local API sockets (those are host-wide, so a node in another namespace
+/// counts), for at most [`api::TAKEOVER_WAIT`]: a predecessor may still be stopping. Refuses
+/// after that, before anything is made: opening the name again would attach this node to the
+/// other's multi-queue TUN as one more queue, or share its sockets.
+fn claim_name(name: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + api::TAKEOVER_WAIT;
+    loop {
+        let answering = [api::status_path(name), api::wireguard_path(name)]
+            .into_iter()
+            .find(|p| std::os::unix::net::UnixStream::connect(p).is_ok());
+        let exists = sys::interface_exists(name);
+        if !exists && answering.is_none() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            if let Some(path) = answering {
+                anyhow::bail!(
+                    "another ztnet-node serves interface {name} ({} answers; it may run in \
+                     another network namespace: socket paths are host-wide); stop it or use \
+                     another interface name",
+                    path.display()
+                );
+            }
+            anyhow::bail!(
+                "interface {name} already exists; ztnet-node makes its own (delete it with `ip \
+                 link del {name}` or use another name)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

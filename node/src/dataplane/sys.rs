@@ -44,18 +44,33 @@ pub mod tun_f {
     pub const USO6: u32 = 0x40;
 }
 
-/// Opens `/dev/net/tun` as a layer-3 TUN interface named `name` without packet information,
-/// in non-blocking mode, with a virtio-net header before every packet when `vnet_hdr` is set.
-/// With `multi_queue` the device is made multi-queue and this file is its first queue; a
-/// second open of the same name with the same flags ([`open_tun`] again) attaches another.
-/// Returns the device and the name the kernel gave it.
-pub fn open_tun(name: &str, vnet_hdr: bool, multi_queue: bool) -> io::Result<(File, String)> {
+/// Refuses an interface name the kernel would not take: 1 to 15 bytes, no '/', space or NUL.
+pub fn check_interface_name(name: &str) -> io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("interface name {name:?} must be 1 to 15 characters without '/' or spaces"),
         ));
     }
+    Ok(())
+}
+
+/// Whether an interface named `name` exists in this process's network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated string that lives for the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// Opens `/dev/net/tun` as a layer-3 TUN interface named `name` without packet information,
+/// in non-blocking mode, with a virtio-net header before every packet when `vnet_hdr` is set.
+/// With `multi_queue` the device is made multi-queue and this file is its first queue; a
+/// second open of the same name with the same flags ([`open_tun`] again) attaches another.
+/// Returns the device and the name the kernel gave it.
+pub fn open_tun(name: &str, vnet_hdr: bool, multi_queue: bool) -> io::Result<(File, String)> {
+    check_interface_name(name)?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)

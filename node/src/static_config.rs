@@ -127,7 +127,7 @@ struct RawPeer {
     public_key: Spanned<WgKey>,
     endpoint: Option<SocketAddr>,
     #[serde(default)]
-    allowed_ips: Vec<IpNet>,
+    allowed_ips: Vec<Spanned<IpNet>>,
     #[serde(default = "default_namespace")]
     namespace: Spanned<String>,
     #[serde(default)]
@@ -197,6 +197,11 @@ impl StaticConfig {
         let mut peers = Vec::new();
         let mut seen: BTreeMap<String, ()> = BTreeMap::new();
         seen.insert(self_name.clone(), ());
+        // Unlike plain WireGuard, a key or a prefix given twice is an error here: in a
+        // zero-trust config they say who a packet is from, so "last wins" would silently move
+        // an identity. Prefixes that only overlap (a /24 and a /32 in it) stay allowed.
+        let mut keys: BTreeMap<WgKey, &str> = BTreeMap::new();
+        let mut prefixes: BTreeMap<IpNet, &str> = BTreeMap::new();
         for spanned in &raw.peers {
             let p = spanned.get_ref();
             let name = p.name.get_ref();
@@ -217,13 +222,34 @@ impl StaticConfig {
                     format!("peer {name} has this node's own public key"),
                 ));
             }
+            if let Some(first) = keys.insert(*p.public_key.get_ref(), name) {
+                return Err(at(
+                    p.public_key.span(),
+                    format!("peers {first} and {name} have the same public key"),
+                ));
+            }
+            for net in &p.allowed_ips {
+                let prefix = net.get_ref().trunc();
+                match prefixes.insert(prefix, name) {
+                    Some(first) if first != name => {
+                        return Err(at(
+                            net.span(),
+                            format!(
+                                "allowed ip {prefix} is claimed by peers {first} and {name}; \
+                                 a prefix may belong to one peer only"
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
             let td = raw.identity.trust_domain.get_ref();
             peers.push(PeerConfig {
                 name: name.clone(),
                 public_key: *p.public_key.get_ref(),
                 endpoint: p.endpoint,
                 endpoints: Vec::new(),
-                allowed_ips: p.allowed_ips.clone(),
+                allowed_ips: p.allowed_ips.iter().map(|n| *n.get_ref()).collect(),
                 persistent_keepalive: p.persistent_keepalive.filter(|&k| k > 0),
                 identity: Some(Identity {
                     spiffe_id: spiffe_id(td, p.namespace.get_ref(), name),
@@ -620,5 +646,53 @@ allowed_ips = ["10.90.0.2/32"]
             assert!(e.contains(place), "{to}: {e}");
             assert!(e.contains(says), "{to}: {e}");
         }
+    }
+
+    fn with_n3(key: &str, allowed_ips: &str) -> String {
+        format!(
+            "{}\n[[peer]]\nname = \"n3\"\npublic_key = \"{key}\"\nallowed_ips = {allowed_ips}\n",
+            config(PEER_KEY)
+        )
+    }
+
+    const N3_KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    #[test]
+    fn a_prefix_given_to_two_peers_is_refused() {
+        let d = Dir::new();
+        let p = d.write(
+            "node.toml",
+            &with_n3(N3_KEY, r#"["10.90.0.9/32", "10.90.0.2/32"]"#),
+        );
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("node.toml:17:32"), "{e}");
+        assert!(
+            e.contains("10.90.0.2/32") && e.contains("n2") && e.contains("n3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn overlapping_prefixes_of_different_lengths_stay_allowed() {
+        let d = Dir::new();
+        let p = d.write("node.toml", &with_n3(N3_KEY, r#"["10.90.0.0/24"]"#));
+
+        let c = StaticConfig::load(&p).expect("a /24 around another peer's /32 loads");
+
+        assert_eq!(c.dataplane.peers.len(), 2);
+    }
+
+    #[test]
+    fn a_public_key_given_to_two_peers_is_refused() {
+        let d = Dir::new();
+        let p = d.write("node.toml", &with_n3(PEER_KEY, r#"["10.90.0.3/32"]"#));
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("node.toml:16:14"), "{e}");
+        assert!(e.contains("n2") && e.contains("n3"), "{e}");
+        assert!(e.contains("same public key"), "{e}");
     }
 }

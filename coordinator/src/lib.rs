@@ -212,20 +212,7 @@ fn io(context: &str) -> impl FnOnce(std::io::Error) -> StartError + '_ {
 }
 
 fn check_trust_domain(td: &str) -> Result<(), StartError> {
-    let ok = !td.is_empty()
-        && td.len() <= 253
-        && td
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && !td.starts_with('.')
-        && !td.ends_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(StartError::Config(format!(
-            "trust domain {td:?} is invalid: use lowercase letters, digits, '-' and '.'"
-        )))
-    }
+    names::trust_domain(td).map_err(StartError::Config)
 }
 
 /// Name of the lock file in the data directory.

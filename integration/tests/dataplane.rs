@@ -861,6 +861,32 @@ fn reconfiguring_one_peer_leaves_another_alone_and_removal_is_immediate() {
         .echo("after-bad-reload", Duration::from_secs(5))
         .expect("still up");
 
+    // So does a bad identity value, or a prefix given to two peers (static mode refuses both).
+    m.write_config("n1", Some(&["n2"]), &n3_changed)
+        .expect("config");
+    let good = std::fs::read_to_string(m.config_path("n1")).expect("read");
+    for (bad, says) in [
+        (
+            good.replacen("name = \"n1\"", "name = \"n 1\"", 1),
+            "node name \"n 1\" has ' '",
+        ),
+        (
+            good.replacen("\"10.95.0.0/24\"", "\"10.90.0.2/32\"", 1),
+            "allowed ip 10.90.0.2/32 is claimed by peers n2 and n3; a prefix may belong",
+        ),
+    ] {
+        std::fs::write(m.config_path("n1"), &bad).expect("write");
+        m.reload("n1");
+        wait_for(says, Duration::from_secs(5), || {
+            Ok(m.log("n1").contains(says).then_some(()))
+        })
+        .expect("refused");
+        stream
+            .echo("after-refused-reload", Duration::from_secs(5))
+            .expect("still up");
+        m.wait_ping("n3", n1).expect("n3 keeps its address");
+    }
+
     // Remove n3: from the moment the reload is applied, nothing from n3 passes.
     m.write_config("n1", Some(&["n2"]), "").expect("config");
     let before = m.drops("n1", "unknown-index") + m.drops("n1", "unknown-key");

@@ -41,7 +41,7 @@ use netpolicy::{FilterSpec, Inventory, NodeIdentity, Policy, Severity};
 use serde::Deserialize;
 use toml::Spanned;
 use ztnet_proto::control::Identity;
-use ztnet_proto::{PrivateKey, WgKey};
+use ztnet_proto::{PrivateKey, WgKey, names};
 
 use crate::netconfig::{DataplaneConfig, InterfaceConfig, PeerConfig};
 
@@ -113,11 +113,11 @@ struct RawInterface {
 struct RawIdentity {
     name: Spanned<String>,
     #[serde(default = "default_namespace")]
-    namespace: String,
+    namespace: Spanned<String>,
     #[serde(default)]
-    tags: Vec<String>,
+    tags: Vec<Spanned<String>>,
     #[serde(default = "default_trust_domain")]
-    trust_domain: String,
+    trust_domain: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,11 +127,11 @@ struct RawPeer {
     public_key: Spanned<WgKey>,
     endpoint: Option<SocketAddr>,
     #[serde(default)]
-    allowed_ips: Vec<IpNet>,
+    allowed_ips: Vec<Spanned<IpNet>>,
     #[serde(default = "default_namespace")]
-    namespace: String,
+    namespace: Spanned<String>,
     #[serde(default)]
-    tags: Vec<String>,
+    tags: Vec<Spanned<String>>,
     persistent_keepalive: Option<u16>,
 }
 
@@ -144,11 +144,11 @@ fn default_port() -> u16 {
 fn default_mtu() -> Spanned<u16> {
     Spanned::new(0..0, 1420)
 }
-fn default_namespace() -> String {
-    "default".into()
+fn default_namespace() -> Spanned<String> {
+    Spanned::new(0..0, "default".into())
 }
-fn default_trust_domain() -> String {
-    "ztnet.local".into()
+fn default_trust_domain() -> Spanned<String> {
+    Spanned::new(0..0, "ztnet.local".into())
 }
 
 impl StaticConfig {
@@ -181,13 +181,35 @@ impl StaticConfig {
         let key_path = base.join(raw.interface.private_key_file.get_ref());
         let private_key = read_key_file(&key_path)?;
 
+        // The coordinator's rules for names, namespaces, tags and trust domains.
+        let check = |value: &Spanned<String>, rule: fn(&str) -> Result<(), String>| {
+            rule(value.get_ref()).map_err(|m| at(value.span(), m))
+        };
+        let id = &raw.identity;
+        check(&id.name, names::node)?;
+        check(&id.namespace, names::namespace)?;
+        check(&id.trust_domain, names::trust_domain)?;
+        for t in &id.tags {
+            check(t, names::tag)?;
+        }
+
         let self_name = raw.identity.name.get_ref().clone();
         let mut peers = Vec::new();
         let mut seen: BTreeMap<String, ()> = BTreeMap::new();
         seen.insert(self_name.clone(), ());
+        // Unlike plain WireGuard, a key or a prefix given twice is an error here: in a
+        // zero-trust config they say who a packet is from, so "last wins" would silently move
+        // an identity. Prefixes that only overlap (a /24 and a /32 in it) stay allowed.
+        let mut keys: BTreeMap<WgKey, &str> = BTreeMap::new();
+        let mut prefixes: BTreeMap<IpNet, &str> = BTreeMap::new();
         for spanned in &raw.peers {
             let p = spanned.get_ref();
             let name = p.name.get_ref();
+            check(&p.name, names::node)?;
+            check(&p.namespace, names::namespace)?;
+            for t in &p.tags {
+                check(t, names::tag)?;
+            }
             if seen.insert(name.clone(), ()).is_some() {
                 return Err(at(
                     p.name.span(),
@@ -200,18 +222,39 @@ impl StaticConfig {
                     format!("peer {name} has this node's own public key"),
                 ));
             }
-            let td = &raw.identity.trust_domain;
+            if let Some(first) = keys.insert(*p.public_key.get_ref(), name) {
+                return Err(at(
+                    p.public_key.span(),
+                    format!("peers {first} and {name} have the same public key"),
+                ));
+            }
+            for net in &p.allowed_ips {
+                let prefix = net.get_ref().trunc();
+                match prefixes.insert(prefix, name) {
+                    Some(first) if first != name => {
+                        return Err(at(
+                            net.span(),
+                            format!(
+                                "allowed ip {prefix} is claimed by peers {first} and {name}; \
+                                 a prefix may belong to one peer only"
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            let td = raw.identity.trust_domain.get_ref();
             peers.push(PeerConfig {
                 name: name.clone(),
                 public_key: *p.public_key.get_ref(),
                 endpoint: p.endpoint,
                 endpoints: Vec::new(),
-                allowed_ips: p.allowed_ips.clone(),
+                allowed_ips: p.allowed_ips.iter().map(|n| *n.get_ref()).collect(),
                 persistent_keepalive: p.persistent_keepalive.filter(|&k| k > 0),
                 identity: Some(Identity {
-                    spiffe_id: spiffe_id(td, &p.namespace, name),
-                    namespace: p.namespace.clone(),
-                    tags: p.tags.clone(),
+                    spiffe_id: spiffe_id(td, p.namespace.get_ref(), name),
+                    namespace: p.namespace.get_ref().clone(),
+                    tags: p.tags.iter().map(|t| t.get_ref().clone()).collect(),
                 }),
                 preshared_key: None,
                 next_public_key: None,
@@ -317,14 +360,20 @@ fn compile_policy(
         });
     }
 
-    let td = &raw.identity.trust_domain;
+    let td = raw.identity.trust_domain.get_ref();
     let me = raw.identity.name.get_ref();
+    let namespace = raw.identity.namespace.get_ref();
     let mut inventory = Inventory::default();
     inventory.nodes.push(NodeIdentity {
         name: me.clone(),
-        namespace: raw.identity.namespace.clone(),
-        tags: raw.identity.tags.clone(),
-        spiffe_id: spiffe_id(td, &raw.identity.namespace, me),
+        namespace: namespace.clone(),
+        tags: raw
+            .identity
+            .tags
+            .iter()
+            .map(|t| t.get_ref().clone())
+            .collect(),
+        spiffe_id: spiffe_id(td, namespace, me),
         addresses: raw
             .interface
             .addresses
@@ -535,5 +584,115 @@ allowed_ips = ["10.90.0.2/32"]
 
         assert!(e.contains("node.toml:15:8"), "{e}");
         assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn identity_values_follow_the_coordinators_rules() {
+        for (from, to, place, says) in [
+            (
+                "name = \"n1\"",
+                "name = \"n b/../x\"",
+                "node.toml:6:8",
+                "node name",
+            ),
+            (
+                "name = \"n1\"",
+                "name = \"n1\"\nnamespace = \"Prod\"",
+                "node.toml:7:13",
+                "namespace",
+            ),
+            (
+                "name = \"n1\"",
+                "name = \"n1\"\ntags = [\"web\", \"we b\"]",
+                "node.toml:7:16",
+                "tag",
+            ),
+            (
+                "name = \"n1\"",
+                "name = \"n1\"\ntags = [\"\"]",
+                "node.toml:7:9",
+                "tag is empty",
+            ),
+            (
+                "name = \"n1\"",
+                "name = \"n1\"\ntrust_domain = \"spiffe://x y\"",
+                "node.toml:7:16",
+                "trust domain",
+            ),
+            (
+                "name = \"n2\"",
+                "name = \"n-\"",
+                "node.toml:9:8",
+                "node name",
+            ),
+            (
+                "allowed_ips",
+                "namespace = \"a_b\"\nallowed_ips",
+                "node.toml:12:13",
+                "namespace",
+            ),
+            (
+                "allowed_ips",
+                "tags = [\"db\", \"DB\"]\nallowed_ips",
+                "node.toml:12:15",
+                "tag",
+            ),
+        ] {
+            let d = Dir::new();
+            let p = d.write("node.toml", &config(PEER_KEY).replacen(from, to, 1));
+
+            let e = StaticConfig::load(&p).expect_err(to).to_string();
+
+            assert!(e.contains(place), "{to}: {e}");
+            assert!(e.contains(says), "{to}: {e}");
+        }
+    }
+
+    fn with_n3(key: &str, allowed_ips: &str) -> String {
+        format!(
+            "{}\n[[peer]]\nname = \"n3\"\npublic_key = \"{key}\"\nallowed_ips = {allowed_ips}\n",
+            config(PEER_KEY)
+        )
+    }
+
+    const N3_KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    #[test]
+    fn a_prefix_given_to_two_peers_is_refused() {
+        let d = Dir::new();
+        let p = d.write(
+            "node.toml",
+            &with_n3(N3_KEY, r#"["10.90.0.9/32", "10.90.0.2/32"]"#),
+        );
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("node.toml:17:32"), "{e}");
+        assert!(
+            e.contains("10.90.0.2/32") && e.contains("n2") && e.contains("n3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn overlapping_prefixes_of_different_lengths_stay_allowed() {
+        let d = Dir::new();
+        let p = d.write("node.toml", &with_n3(N3_KEY, r#"["10.90.0.0/24"]"#));
+
+        let c = StaticConfig::load(&p).expect("a /24 around another peer's /32 loads");
+
+        assert_eq!(c.dataplane.peers.len(), 2);
+    }
+
+    #[test]
+    fn a_public_key_given_to_two_peers_is_refused() {
+        let d = Dir::new();
+        let p = d.write("node.toml", &with_n3(PEER_KEY, r#"["10.90.0.3/32"]"#));
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("node.toml:16:14"), "{e}");
+        assert!(e.contains("n2") && e.contains("n3"), "{e}");
+        assert!(e.contains("same public key"), "{e}");
     }
 }

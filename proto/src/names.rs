@@ -26,6 +26,25 @@ pub fn node(name: &str) -> Result<(), String> {
     label("node name", name, true)
 }
 
+/// Checks a trust domain (the host part of every SPIFFE ID): lowercase letters, digits, `-`
+/// and `.`, 1 to 253 characters, no leading or trailing `.`.
+pub fn trust_domain(td: &str) -> Result<(), String> {
+    let ok = !td.is_empty()
+        && td.len() <= 253
+        && td
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !td.starts_with('.')
+        && !td.ends_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "trust domain {td:?} is invalid: use lowercase letters, digits, '-' and '.'"
+        ))
+    }
+}
+
 fn label(what: &str, name: &str, upper: bool) -> Result<(), String> {
     if name.is_empty() {
         return Err(format!("{what} is empty"));
@@ -75,6 +94,18 @@ mod tests {
         assert!(node("a.b").is_err());
         assert!(node(&"a".repeat(64)).is_err());
         assert!(node(&"a".repeat(63)).is_ok());
+    }
+
+    #[test]
+    fn trust_domains_are_dns_like() {
+        assert!(trust_domain("ztnet.local").is_ok());
+        assert!(trust_domain("example-1.org").is_ok());
+        assert!(trust_domain("").is_err());
+        assert!(trust_domain("spiffe://x y").is_err());
+        assert!(trust_domain(".x").is_err());
+        assert!(trust_domain("x.").is_err());
+        assert!(trust_domain("Upper.org").is_err());
+        assert!(trust_domain(&"a".repeat(254)).is_err());
     }
 
     #[test]

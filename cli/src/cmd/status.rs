@@ -70,6 +70,16 @@ fn render(r: &StatusReport) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // Only a coordinator-mode node runs from a netmap; the others say where their rules are.
+    let rules = match r.mode.as_str() {
+        "static" => ("config", "static (policy file)".to_string()),
+        "wireguard" => ("config", "plain WireGuard (no policy filter)".to_string()),
+        _ => (
+            "netmap",
+            r.netmap_version
+                .map_or_else(|| "none (passes nothing)".into(), |v| format!("v{v}")),
+        ),
+    };
     let mut s = fields(&[
         ("interface", r.interface.clone()),
         ("node", r.node.clone().unwrap_or_else(|| "-".into())),
@@ -77,11 +87,7 @@ fn render(r: &StatusReport) -> String {
         ("public key", r.public_key.to_base64()),
         ("listen port", r.listen_port.to_string()),
         ("addresses", list(&r.addresses)),
-        (
-            "netmap",
-            r.netmap_version
-                .map_or_else(|| "none (passes nothing)".into(), |v| format!("v{v}")),
-        ),
+        rules,
         ("control", control.into()),
         ("drops", drops),
     ]);
@@ -191,6 +197,24 @@ mod tests {
             text.contains("netmap:      none (passes nothing)"),
             "{text}"
         );
+        assert!(!text.contains("config:"), "{text}");
+
+        let static_mode = StatusReport {
+            mode: "static".into(),
+            control_connected: None,
+            ..report.clone()
+        };
+        let text = render(&static_mode);
+        assert!(text.contains("config:      static (policy file)"), "{text}");
+        assert!(!text.contains("netmap"), "no netmap in static mode: {text}");
+        let wg_mode = StatusReport {
+            mode: "wireguard".into(),
+            ..static_mode
+        };
+        let text = render(&wg_mode);
+        assert!(text.contains("config:      plain WireGuard"), "{text}");
+        assert!(!text.contains("passes nothing"), "{text}");
+        let text = render(&report);
         assert!(text.contains("control:     disconnected"), "{text}");
         assert!(text.contains("drops:       no-rule=3"), "{text}");
         assert!(

@@ -69,6 +69,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A fresh WireGuard key pair from the shipped tools: `ztnet-node genkey --output FILE` (0600),
+/// then `ztnet-node pubkey < FILE`. Returns the public key.
+pub fn make_key(path: &Path) -> Result<String> {
+    let node = bin("ztnet-node");
+    let out = Command::new(&node)
+        .args(["genkey", "--output"])
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        bail!("genkey failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = Command::new(&node)
+        .arg("pubkey")
+        .stdin(fs::File::open(path)?)
+        .output()?;
+    if !out.status.success() {
+        bail!("pubkey failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
 /// Polls `check` every 50 ms until it returns `Ok(Some(v))` or the deadline passes; the error
 /// names what was awaited and the last failure seen.
 pub fn wait_for<T>(

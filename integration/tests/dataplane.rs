@@ -19,7 +19,9 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use ztnet_integration::pcap::FrameKind;
 use ztnet_integration::topology::{ping, tcp_echo};
-use ztnet_integration::{Capture, Netns, Proc, bin, require_root, unique, veth, wait_for};
+use ztnet_integration::{
+    Capture, Netns, Proc, bin, make_key, require_root, unique, veth, wait_for,
+};
 
 const WG_PORT: u16 = 51820;
 
@@ -318,27 +320,6 @@ fn peer_block(n: &Node, extra: &str) -> String {
         n.tags,
         i = n.index
     )
-}
-
-/// `ztnet-node genkey --output FILE`, then `ztnet-node pubkey < FILE`.
-fn make_key(path: &Path) -> Result<String> {
-    let node = bin("ztnet-node");
-    let out = std::process::Command::new(&node)
-        .args(["genkey", "--output"])
-        .arg(path)
-        .output()?;
-    if !out.status.success() {
-        bail!("genkey failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let key = std::fs::File::open(path)?;
-    let out = std::process::Command::new(&node)
-        .arg("pubkey")
-        .stdin(key)
-        .output()?;
-    if !out.status.success() {
-        bail!("pubkey failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 /// A TCP connection kept open by socat; the far end echoes each line.

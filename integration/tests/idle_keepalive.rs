@@ -18,10 +18,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
 use ztnet_integration::topology::ping;
-use ztnet_integration::{Netns, Proc, bin, require_root, unique, veth, wait_for};
+use ztnet_integration::{Netns, Proc, bin, make_key, require_root, unique, veth, wait_for};
 
 const WG_PORT: u16 = 51820;
 
@@ -86,25 +86,6 @@ struct Counts {
     received: u64,
     held: u64,
     up: bool,
-}
-
-fn make_key(path: &Path) -> Result<String> {
-    let node = bin("ztnet-node");
-    let out = std::process::Command::new(&node)
-        .args(["genkey", "--output"])
-        .arg(path)
-        .output()?;
-    if !out.status.success() {
-        bail!("genkey failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let out = std::process::Command::new(&node)
-        .arg("pubkey")
-        .stdin(std::fs::File::open(path)?)
-        .output()?;
-    if !out.status.success() {
-        bail!("pubkey failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 fn config(dir: &Path, me: usize, iface: &str, peer_key: &str) -> Result<PathBuf> {

@@ -12,10 +12,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
 use ztnet_integration::topology::{ping, tcp_echo};
-use ztnet_integration::{Netns, Proc, bin, require_root, unique, veth, wait_for};
+use ztnet_integration::{Netns, Proc, bin, make_key, require_root, unique, veth, wait_for};
 
 /// n1 is compromised: its filter lets everything out.
 const ALLOW_ALL: &str = "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
@@ -196,30 +196,6 @@ impl Drop for Pair {
             let _ = std::fs::remove_file(format!("/var/run/ztnet/{}.sock", s.iface));
         }
     }
-}
-
-fn make_key(path: &Path) -> Result<String> {
-    let node = bin("ztnet-node");
-    let out = std::process::Command::new(&node)
-        .args(["genkey", "--output"])
-        .arg(path)
-        .output()?;
-    if !out.status.success() {
-        bail!("genkey: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let key = std::fs::read(path)?;
-    let mut child = std::process::Command::new(&node)
-        .arg("pubkey")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("pubkey stdin")?
-        .write_all(&key)?;
-    let out = child.wait_with_output()?;
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 /// Bytes that no two runs of a broken offload would get right by chance.

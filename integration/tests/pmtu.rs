@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use ztnet_integration::{Netns, Proc, bin, require_root, unique, veth, wait_for};
+use ztnet_integration::{Netns, Proc, bin, make_key, require_root, unique, veth, wait_for};
 
 const WG_PORT: u16 = 51820;
 
@@ -416,27 +416,6 @@ fn units_bounding_set() -> String {
         set.push_str(&format!(",+{}", name.to_ascii_lowercase()));
     }
     set
-}
-
-/// `ztnet-node genkey --output FILE`, then `ztnet-node pubkey < FILE`.
-fn make_key(path: &Path) -> Result<String> {
-    let node = bin("ztnet-node");
-    let out = std::process::Command::new(&node)
-        .args(["genkey", "--output"])
-        .arg(path)
-        .output()?;
-    if !out.status.success() {
-        bail!("genkey failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let key = std::fs::File::open(path)?;
-    let out = std::process::Command::new(&node)
-        .arg("pubkey")
-        .stdin(key)
-        .output()?;
-    if !out.status.success() {
-        bail!("pubkey failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 /// The whole FC-23 scenario over a path of `path_mtu` bytes; `expected` is the range the

@@ -435,6 +435,8 @@ impl Shared {
 /// The shell's outputs: datagrams to the UDP socket, packets to the TUN.
 struct Io<'a> {
     socket: &'a UdpSocket,
+    /// The port the socket is bound to (see `Shared::listen_port`).
+    listen_port: &'a AtomicU16,
     socket_v6: bool,
     tun: &'a File,
     vnet: bool,
@@ -444,6 +446,7 @@ impl<'a> Io<'a> {
     fn new(s: &'a Shared) -> Io<'a> {
         Io {
             socket: &s.socket,
+            listen_port: &s.listen_port,
             socket_v6: s.socket_v6,
             tun: &s.tun,
             vnet: s.vnet,
@@ -503,7 +506,7 @@ impl Transmit for Io<'_> {
 
     fn send_udp_fragmenting(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
         if let SocketAddr::V6(v6) = to {
-            let port = self.socket.local_addr().map_or(0, |a| a.port());
+            let port = self.listen_port.load(Ordering::Relaxed);
             match fragment::send(v6, from, port, datagram) {
                 Ok(()) => return,
                 Err(e) => tracing::trace!(%to, error = %e, "fragmented send failed"),

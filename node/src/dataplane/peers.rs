@@ -2209,6 +2209,21 @@ ports = ["any"]
     }
 
     /// Turns on path MTU probing on every node (its overlay address, tunnel MTU 1420).
+    /// Two probing nodes with a session, n1 having learned a 1200-byte path to n2. Returns the
+    /// mesh and the nodes' addresses.
+    fn session_over_a_1200_byte_path() -> (Mesh, IpAddr, IpAddr) {
+        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
+        probing(&mut m);
+        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
+        m.send("n1", &echo(a, b, false, b"session"));
+        m.take_tun("n2");
+        let n1 = m.node("n1");
+        lock(&m.nodes[n1].table.peers[0].state)
+            .pmtu
+            .set_learned(1200);
+        (m, a, b)
+    }
+
     fn probing(m: &mut Mesh) {
         for n in &mut m.nodes {
             let net = IpNet::from(n.ip);
@@ -2342,15 +2357,7 @@ ports = ["any"]
 
     #[test]
     fn a_packet_above_the_learned_path_gets_a_synthetic_icmp_error_and_is_counted() {
-        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
-        probing(&mut m);
-        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
-        m.send("n1", &echo(a, b, false, b"session"));
-        m.take_tun("n2");
-        let n1 = m.node("n1");
-        lock(&m.nodes[n1].table.peers[0].state)
-            .pmtu
-            .set_learned(1200);
+        let (mut m, a, b) = session_over_a_1200_byte_path();
 
         let big = echo(a, b, false, &[0u8; 1372]);
         assert!(pmtu::ipv4_dont_fragment(&big));
@@ -2437,15 +2444,7 @@ ports = ["any"]
 
     #[test]
     fn synthetic_icmp_errors_are_rate_limited_but_every_drop_is_counted() {
-        let mut m = Mesh::new(&[ALLOW_ALL, ALLOW_ALL]);
-        probing(&mut m);
-        let (a, b) = (m.ip_of("n1"), m.ip_of("n2"));
-        m.send("n1", &echo(a, b, false, b"session"));
-        m.take_tun("n2");
-        let n1 = m.node("n1");
-        lock(&m.nodes[n1].table.peers[0].state)
-            .pmtu
-            .set_learned(1200);
+        let (mut m, a, b) = session_over_a_1200_byte_path();
         let big = echo(a, b, false, &[0u8; 1372]);
 
         for _ in 0..250 {

@@ -208,6 +208,36 @@ impl Netns {
         Proc::spawn(cmd, log)
     }
 
+    /// A UDP socket bound to `bind` inside the namespace, for a test that must send several
+    /// datagrams from one socket (a one-shot sender such as `socat -u` closes its socket at
+    /// once, and the kernel drops an ICMP error that finds no socket, so the path MTU it
+    /// carries is never learnt). A socket keeps the namespace it was made in, so it is made
+    /// on a short-lived thread that has joined the namespace.
+    pub fn udp_socket(&self, bind: std::net::SocketAddr) -> Result<std::net::UdpSocket> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<std::net::UdpSocket> {
+                let ns = fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+                // SAFETY: a valid namespace descriptor; only this thread changes namespace.
+                #[allow(unsafe_code)]
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                };
+                if rc != 0 {
+                    bail!(
+                        "cannot join {}: {}",
+                        self.name,
+                        std::io::Error::last_os_error()
+                    );
+                }
+                std::net::UdpSocket::bind(bind)
+                    .with_context(|| format!("cannot bind {bind} in {}", self.name))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the socket thread panicked"))?
+        })
+    }
+
     /// Enables IPv4 and IPv6 forwarding (for router namespaces).
     pub fn enable_forwarding(&self) -> Result<()> {
         self.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ztnet_node::dataplane::Dataplane;
+use ztnet_node::netconfig::InterfaceConfig;
 use ztnet_node::static_config::StaticConfig;
 use ztnet_node::up::{self, UpArgs};
 use ztnet_proto::PrivateKey;
@@ -259,20 +260,18 @@ fn run_static(path: &Path) -> anyhow::Result<()> {
 
 /// Loads the file again and applies it; on any error the running configuration stays.
 fn reload(dataplane: &Dataplane, path: &Path, running: &mut StaticConfig) {
-    let next = match StaticConfig::load(path) {
+    let mut next = match StaticConfig::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("reload refused, the running configuration stays: {e}");
             return;
         }
     };
-    let (old, new) = (&running.interface, &next.interface);
-    if old.name != new.name || old.listen_port != new.listen_port || old.mtu != new.mtu {
-        tracing::warn!("interface name, listen port and mtu change only at restart");
+    for change in restart_only_changes(&running.interface, &next.interface) {
+        tracing::warn!("{change} changes only at restart; the running one stays in use");
     }
-    if old.private_key.public_key() != new.private_key.public_key() {
-        tracing::warn!("the private key changes only at restart; the old key stays in use");
-    }
+    // What runs keeps the interface it started with, so the next reload compares with that.
+    next.interface = running.interface.clone();
     for w in &next.warnings {
         tracing::warn!("{w}");
     }
@@ -280,6 +279,29 @@ fn reload(dataplane: &Dataplane, path: &Path, running: &mut StaticConfig) {
         Ok(()) => *running = next,
         Err(e) => tracing::error!("reload failed, the running configuration stays: {e:#}"),
     }
+}
+
+/// What differs between the running interface settings and a reloaded file's, named as in
+/// `node.toml` with both values (the key by its public half).
+fn restart_only_changes(old: &InterfaceConfig, new: &InterfaceConfig) -> Vec<String> {
+    let mut changes = Vec::new();
+    if old.name != new.name {
+        changes.push(format!("interface name {} -> {}", old.name, new.name));
+    }
+    if old.listen_port != new.listen_port {
+        changes.push(format!(
+            "listen_port {} -> {}",
+            old.listen_port, new.listen_port
+        ));
+    }
+    if old.mtu != new.mtu {
+        changes.push(format!("mtu {} -> {}", old.mtu, new.mtu));
+    }
+    let (a, b) = (old.private_key.public_key(), new.private_key.public_key());
+    if a != b {
+        changes.push(format!("private key (public key {a} -> {b})"));
+    }
+    changes
 }
 
 #[cfg(test)]
@@ -295,5 +317,31 @@ mod tests {
         assert!(help.contains("ZTNET_TOKEN=ztjoin1_"), "{help}");
         assert!(!help.contains("ztj_"), "{help}");
         assert!(!help.contains("--token ztj"), "{help}");
+    }
+
+    #[test]
+    fn a_reload_names_each_setting_that_waits_for_a_restart() {
+        let old = InterfaceConfig {
+            name: "ztnet0".into(),
+            mtu: 1420,
+            listen_port: 51820,
+            private_key: PrivateKey::generate(),
+            mode: "static".into(),
+        };
+        assert!(restart_only_changes(&old, &old.clone()).is_empty());
+
+        let mut new = old.clone();
+        new.mtu = 1380;
+        new.listen_port = 51821;
+        let changes = restart_only_changes(&old, &new);
+
+        assert_eq!(changes, ["listen_port 51820 -> 51821", "mtu 1420 -> 1380"]);
+        new.private_key = PrivateKey::generate();
+        let key = restart_only_changes(&old, &new).pop().expect("the key");
+        assert!(key.starts_with("private key (public key "), "{key}");
+        assert!(
+            !key.contains(old.private_key.to_base64_secret().as_str()),
+            "{key}"
+        );
     }
 }

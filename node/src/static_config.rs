@@ -6,7 +6,7 @@
 //! [interface]
 //! name = "ztnet0"                 # default ztnet0
 //! private_key_file = "node.key"   # relative to this file; must be mode 0600
-//! listen_port = 51820             # default 51820
+//! listen_port = 51820             # default 51820; 0: a free port the kernel picks
 //! mtu = 1420                      # default 1420
 //! addresses = ["10.90.0.1/16", "fd00:90::1/64"]
 //! routes = ["10.95.0.0/24"]       # default: the networks of the addresses and the peers' IPs
@@ -41,6 +41,7 @@ use netpolicy::{FilterSpec, Inventory, NodeIdentity, Policy, Severity};
 use serde::Deserialize;
 use toml::Spanned;
 use ztnet_proto::control::Identity;
+use ztnet_proto::prefix::Prefix;
 use ztnet_proto::{PrivateKey, WgKey, names};
 
 use crate::netconfig::{DataplaneConfig, InterfaceConfig, PeerConfig};
@@ -99,12 +100,12 @@ struct RawInterface {
     name: String,
     private_key_file: Spanned<PathBuf>,
     #[serde(default = "default_port")]
-    listen_port: u16,
+    listen_port: Spanned<i64>,
     #[serde(default = "default_mtu")]
     mtu: Spanned<u16>,
     #[serde(default)]
-    addresses: Vec<IpNet>,
-    routes: Option<Vec<IpNet>>,
+    addresses: Vec<Spanned<Prefix>>,
+    routes: Option<Vec<Prefix>>,
     policy_file: Option<Spanned<PathBuf>>,
 }
 
@@ -127,7 +128,7 @@ struct RawPeer {
     public_key: Spanned<WgKey>,
     endpoint: Option<SocketAddr>,
     #[serde(default)]
-    allowed_ips: Vec<Spanned<IpNet>>,
+    allowed_ips: Vec<Spanned<Prefix>>,
     #[serde(default = "default_namespace")]
     namespace: Spanned<String>,
     #[serde(default)]
@@ -138,8 +139,8 @@ struct RawPeer {
 fn default_name() -> String {
     "ztnet0".into()
 }
-fn default_port() -> u16 {
-    51820
+fn default_port() -> Spanned<i64> {
+    Spanned::new(0..0, 51820)
 }
 fn default_mtu() -> Spanned<u16> {
     Spanned::new(0..0, 1420)
@@ -171,8 +172,33 @@ impl StaticConfig {
             .map_err(|e| at(e.span().unwrap_or(0..0), e.message().trim_end().to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
 
+        let port = *raw.interface.listen_port.get_ref();
+        let listen_port = u16::try_from(port).map_err(|_| {
+            at(
+                raw.interface.listen_port.span(),
+                format!(
+                    "listen_port {port} is not a UDP port: give 1-65535, or 0 for one the \
+                     kernel picks"
+                ),
+            )
+        })?;
+        let addresses: Vec<IpNet> = raw
+            .interface
+            .addresses
+            .iter()
+            .map(|a| a.get_ref().0)
+            .collect();
+        for a in &raw.interface.addresses {
+            let net = a.get_ref().0;
+            if net.addr().is_unspecified() || net.addr().is_multicast() {
+                return Err(at(
+                    a.span(),
+                    format!("address {net} cannot be an interface address"),
+                ));
+            }
+        }
         let mtu = *raw.interface.mtu.get_ref();
-        if !(576..=65_535).contains(&mtu) || mtu < 1280 && has_v6(&raw.interface.addresses) {
+        if !(576..=65_535).contains(&mtu) || mtu < 1280 && has_v6(&addresses) {
             return Err(at(
                 raw.interface.mtu.span(),
                 format!("mtu {mtu} is out of range (576-65535, at least 1280 with IPv6)"),
@@ -229,7 +255,16 @@ impl StaticConfig {
                 ));
             }
             for net in &p.allowed_ips {
-                let prefix = net.get_ref().trunc();
+                let prefix = net.get_ref().0.trunc();
+                if let Some(own) = addresses.iter().find(|a| IpNet::from(a.addr()) == prefix) {
+                    return Err(at(
+                        net.span(),
+                        format!(
+                            "allowed ip {prefix} of peer {name} is this node's own address \
+                             ({own}); a peer's allowed ips hold the peer's addresses"
+                        ),
+                    ));
+                }
                 match prefixes.insert(prefix, name) {
                     Some(first) if first != name => {
                         return Err(at(
@@ -249,7 +284,7 @@ impl StaticConfig {
                 public_key: *p.public_key.get_ref(),
                 endpoint: p.endpoint,
                 endpoints: Vec::new(),
-                allowed_ips: p.allowed_ips.iter().map(|n| *n.get_ref()).collect(),
+                allowed_ips: p.allowed_ips.iter().map(|n| n.get_ref().0).collect(),
                 persistent_keepalive: p.persistent_keepalive.filter(|&k| k > 0),
                 identity: Some(Identity {
                     spiffe_id: spiffe_id(td, p.namespace.get_ref(), name),
@@ -268,22 +303,23 @@ impl StaticConfig {
         let routes = raw
             .interface
             .routes
-            .clone()
-            .unwrap_or_else(|| default_routes(&raw.interface.addresses, &peers));
+            .as_ref()
+            .map(|r| r.iter().map(|p| p.0).collect())
+            .unwrap_or_else(|| default_routes(&addresses, &peers));
 
         Ok(StaticConfig {
             path: path.to_path_buf(),
             interface: InterfaceConfig {
                 name: raw.interface.name.clone(),
                 mtu,
-                listen_port: raw.interface.listen_port,
+                listen_port,
                 private_key,
                 mode: "static".into(),
             },
             dataplane: DataplaneConfig {
                 node_name: Some(self_name),
                 version: None,
-                addresses: raw.interface.addresses.clone(),
+                addresses,
                 routes,
                 peers,
                 filter,
@@ -378,7 +414,7 @@ fn compile_policy(
             .interface
             .addresses
             .iter()
-            .map(|a| IpNet::from(a.addr()))
+            .map(|a| IpNet::from(a.get_ref().0.addr()))
             .collect(),
         routes: vec![],
     });
@@ -694,5 +730,76 @@ allowed_ips = ["10.90.0.2/32"]
         assert!(e.contains("node.toml:16:14"), "{e}");
         assert!(e.contains("n2") && e.contains("n3"), "{e}");
         assert!(e.contains("same public key"), "{e}");
+    }
+
+    #[test]
+    fn bad_numbers_and_prefixes_name_their_line_and_fault() {
+        for (from, to, place, says) in [
+            (
+                "addresses = [\"10.90.0.1/16\"]",
+                "addresses = [\"10.90.0.1/40\"]",
+                "node.toml:3:",
+                "prefix length 40 in `10.90.0.1/40` is longer than an IPv4 address (0-32)",
+            ),
+            (
+                "addresses = [\"10.90.0.1/16\"]",
+                "addresses = [\"10.90.0.1/16\"]\nlisten_port = 70000",
+                "node.toml:4:15",
+                "listen_port 70000 is not a UDP port",
+            ),
+            (
+                "addresses = [\"10.90.0.1/16\"]",
+                "addresses = [\"10.90.0.1/16\"]\nlisten_port = -1",
+                "node.toml:4:15",
+                "listen_port -1 is not a UDP port",
+            ),
+            (
+                "addresses = [\"10.90.0.1/16\"]",
+                "addresses = [\"0.0.0.0/16\"]",
+                "node.toml:3:14",
+                "cannot be an interface address",
+            ),
+            (
+                "addresses = [\"10.90.0.1/16\"]",
+                "addresses = [\"10.90.0.1/16\"]\nroutes = [\"10.95.0.0\"]",
+                "node.toml:4:",
+                "`10.95.0.0/32` for this one address",
+            ),
+            (
+                "[\"10.90.0.2/32\"]",
+                "[\"10.90.0.2/32\", \"fd00::2/300\"]",
+                "node.toml:12:",
+                "longer than an IPv6 address (0-128)",
+            ),
+            (
+                "[\"10.90.0.2/32\"]",
+                "[\"10.90.0.1/32\"]",
+                "node.toml:12:16",
+                "allowed ip 10.90.0.1/32 of peer n2 is this node's own address (10.90.0.1/16)",
+            ),
+        ] {
+            let d = Dir::new();
+            let p = d.write("node.toml", &config(PEER_KEY).replacen(from, to, 1));
+
+            let e = StaticConfig::load(&p).expect_err(to).to_string();
+
+            assert!(e.contains(place), "{to}: {e}");
+            assert!(e.contains(says), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn port_zero_lets_the_kernel_pick() {
+        let d = Dir::new();
+        let text = config(PEER_KEY).replacen(
+            "addresses = [\"10.90.0.1/16\"]",
+            "addresses = [\"10.90.0.1/16\"]\nlisten_port = 0",
+            1,
+        );
+        let p = d.write("node.toml", &text);
+
+        let c = StaticConfig::load(&p).expect("loads");
+
+        assert_eq!(c.interface.listen_port, 0);
     }
 }

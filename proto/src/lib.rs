@@ -12,6 +12,7 @@ pub mod control;
 pub mod frame;
 pub mod key;
 pub mod names;
+pub mod prefix;
 pub mod report;
 pub mod status;
 pub mod token;

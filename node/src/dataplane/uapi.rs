@@ -229,9 +229,8 @@ impl Device {
                     }
                 }
                 "allowed_ip" => {
-                    let net: IpNet = value.parse().map_err(|_| {
-                        invalid(format!("line {n}: allowed_ip {value:?} is not IP/PREFIX"))
-                    })?;
+                    let net = ztnet_proto::prefix::parse(value)
+                        .map_err(|e| invalid(format!("line {n}: allowed_ip: {e}")))?;
                     next.add_allowed_ip(slot, net.trunc(), &mut dirty);
                 }
                 "protocol_version" => {

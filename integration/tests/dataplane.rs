@@ -838,6 +838,17 @@ fn reconfiguring_one_peer_leaves_another_alone_and_removal_is_immediate() {
         Ok(m.log("n1").contains("reload refused").then_some(()))
     })
     .expect("log");
+    // Status says so too, beside the file still in force.
+    let source = &m.status("n1").expect("status")["config_source"];
+    assert!(
+        source["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("n1.toml"))
+            && source["refused"][1]
+                .as_str()
+                .is_some_and(|e| e.contains("n1.toml:1:")),
+        "{source}"
+    );
     stream
         .echo("after-bad-reload", Duration::from_secs(5))
         .expect("still up");

@@ -18,6 +18,7 @@ use ztnet_node::netconfig::InterfaceConfig;
 use ztnet_node::static_config::StaticConfig;
 use ztnet_node::up::{self, UpArgs};
 use ztnet_proto::PrivateKey;
+use ztnet_proto::status::ConfigSource;
 
 /// ztnet node daemon: userspace WireGuard filtered by peer identity.
 #[derive(Debug, Parser)]
@@ -227,6 +228,7 @@ fn run_static(path: &Path) -> anyhow::Result<()> {
     dataplane
         .apply(config.dataplane.clone())
         .context("cannot apply the configuration")?;
+    dataplane.set_config_source(config_source(path, &config));
     dataplane.serve_local_api()?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -264,6 +266,7 @@ fn reload(dataplane: &Dataplane, path: &Path, running: &mut StaticConfig) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("reload refused, the running configuration stays: {e}");
+            dataplane.config_refused(unix_now(), e.to_string());
             return;
         }
     };
@@ -276,9 +279,31 @@ fn reload(dataplane: &Dataplane, path: &Path, running: &mut StaticConfig) {
         tracing::warn!("{w}");
     }
     match dataplane.apply(next.dataplane.clone()) {
-        Ok(()) => *running = next,
-        Err(e) => tracing::error!("reload failed, the running configuration stays: {e:#}"),
+        Ok(()) => {
+            dataplane.set_config_source(config_source(path, &next));
+            *running = next;
+        }
+        Err(e) => {
+            tracing::error!("reload failed, the running configuration stays: {e:#}");
+            dataplane.config_refused(unix_now(), format!("{e:#}"));
+        }
     }
+}
+
+/// Status's account of a configuration just loaded from `path`.
+fn config_source(path: &Path, config: &StaticConfig) -> ConfigSource {
+    ConfigSource {
+        file: path.display().to_string(),
+        policy_file: config.policy_file.as_ref().map(|p| p.display().to_string()),
+        loaded_at: unix_now(),
+        refused: None,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What differs between the running interface settings and a reloaded file's, named as in

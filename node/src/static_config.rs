@@ -57,6 +57,8 @@ pub struct StaticConfig {
     pub dataplane: DataplaneConfig,
     /// Warnings from the policy, as `file:line:column: message`.
     pub warnings: Vec<String>,
+    /// The policy file, resolved against the config file's directory.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// A configuration that could not be loaded.
@@ -326,6 +328,11 @@ impl StaticConfig {
                 private_key: None,
             },
             warnings,
+            policy_file: raw
+                .interface
+                .policy_file
+                .as_ref()
+                .map(|f| base.join(f.get_ref())),
         })
     }
 }

@@ -40,6 +40,29 @@ pub struct StatusReport {
     /// key). Absent from older nodes.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Static mode: the files in force, when they were loaded, and the last refused reload.
+    /// Absent from older nodes and in the other modes.
+    #[serde(default)]
+    pub config_source: Option<ConfigSource>,
+    /// Datagrams the kernel dropped on the node's UDP socket because its receive buffer was
+    /// full (the `drops` column of `/proc/net/udp`), since the socket was opened. `None` when
+    /// it could not be read (and from older nodes).
+    #[serde(default)]
+    pub socket_drops: Option<u64>,
+}
+
+/// Where a static-mode node's configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigSource {
+    /// The `node.toml` in force, as given on the command line.
+    pub file: String,
+    /// Its policy file, resolved against the config file's directory; `None`: none (every
+    /// packet is dropped).
+    pub policy_file: Option<String>,
+    /// When the configuration in force was loaded (Unix seconds).
+    pub loaded_at: u64,
+    /// The last reload that was refused after that load, if any: when, and why.
+    pub refused: Option<(u64, String)>,
 }
 
 /// One peer's live state.

@@ -71,8 +71,9 @@ fn render(r: &StatusReport) -> String {
             .join(", ")
     };
     // Only a coordinator-mode node runs from a netmap; the others say where their rules are.
+    let now = output::now_unix();
     let rules = match r.mode.as_str() {
-        "static" => ("config", "static (policy file)".to_string()),
+        "static" => ("config", static_source(r, now)),
         "wireguard" => ("config", "plain WireGuard (no policy filter)".to_string()),
         _ => (
             "netmap",
@@ -90,13 +91,25 @@ fn render(r: &StatusReport) -> String {
         rules,
         ("control", control.into()),
         ("drops", drops),
+        (
+            "socket",
+            r.socket_drops.map_or_else(
+                || "-".into(),
+                |n| format!("{n} datagrams dropped by the kernel (receive buffer full)"),
+            ),
+        ),
     ]);
     for w in &r.warnings {
         s.push_str(&format!("warning:     {w}\n"));
     }
+    if let Some((at, why)) = r.config_source.as_ref().and_then(|c| c.refused.as_ref()) {
+        s.push_str(&format!(
+            "warning:     reload refused {}, the configuration above stays: {why}\n",
+            output::relative(*at, now)
+        ));
+    }
     s.push('\n');
 
-    let now = output::now_unix();
     let mut t = Table::new(&[
         "PEER",
         "IDENTITY",
@@ -132,6 +145,23 @@ fn render(r: &StatusReport) -> String {
     }
     s.push_str(&t.render("no peers"));
     s
+}
+
+/// A static node's files and load time; "static (policy file)" from a node that does not
+/// report them.
+fn static_source(r: &StatusReport, now: u64) -> String {
+    let Some(c) = &r.config_source else {
+        return "static (policy file)".into();
+    };
+    let policy = c.policy_file.as_deref().map_or_else(
+        || "no policy file: every packet is dropped".to_string(),
+        |p| format!("policy {p}"),
+    );
+    format!(
+        "static: {}, {policy}, loaded {}",
+        c.file,
+        output::relative(c.loaded_at, now)
+    )
 }
 
 fn bytes(n: u64) -> String {
@@ -191,6 +221,8 @@ mod tests {
             }],
             drops: BTreeMap::from([("no-rule".to_string(), 3)]),
             warnings: vec!["allowed ip 10.0.0.0/24 is claimed by peers a and b".into()],
+            config_source: None,
+            socket_drops: Some(12),
         };
         let text = render(&report);
         assert!(
@@ -207,6 +239,31 @@ mod tests {
         let text = render(&static_mode);
         assert!(text.contains("config:      static (policy file)"), "{text}");
         assert!(!text.contains("netmap"), "no netmap in static mode: {text}");
+        let now = output::now_unix();
+        let with_files = StatusReport {
+            config_source: Some(ztnet_proto::status::ConfigSource {
+                file: "/etc/ztnet/node.toml".into(),
+                policy_file: Some("/etc/ztnet/policy.toml".into()),
+                loaded_at: now - 300,
+                refused: Some((now - 30, "node.toml:3:13: prefix length 40".into())),
+            }),
+            ..static_mode.clone()
+        };
+        let text = render(&with_files);
+        assert!(
+            text.contains(
+                "config:      static: /etc/ztnet/node.toml, policy /etc/ztnet/policy.toml, \
+                 loaded 5m ago"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "warning:     reload refused 30s ago, the configuration above stays: \
+                 node.toml:3:13: prefix length 40"
+            ),
+            "{text}"
+        );
         let wg_mode = StatusReport {
             mode: "wireguard".into(),
             ..static_mode
@@ -217,6 +274,7 @@ mod tests {
         let text = render(&report);
         assert!(text.contains("control:     disconnected"), "{text}");
         assert!(text.contains("drops:       no-rule=3"), "{text}");
+        assert!(text.contains("socket:      12 datagrams dropped"), "{text}");
         assert!(
             text.contains("warning:     allowed ip 10.0.0.0/24 is claimed by peers a and b"),
             "FC-27: {text}"

@@ -103,6 +103,8 @@ struct Shared {
     filter: Arc<Mutex<Filter>>,
     counters: Arc<Counters>,
     warnings: Mutex<Vec<String>>,
+    /// Static mode: where the configuration in force came from (set by the caller).
+    config_source: Mutex<Option<ztnet_proto::status::ConfigSource>>,
     /// Routes of the configuration in force that were not installed, with why.
     skipped_routes: Mutex<std::collections::BTreeMap<ipnet::IpNet, String>>,
     /// 0 unknown, 1 down, 2 up.
@@ -176,6 +178,7 @@ impl Dataplane {
             filter,
             counters,
             warnings: Mutex::new(Vec::new()),
+            config_source: Mutex::new(None),
             skipped_routes: Mutex::new(Default::default()),
             control: AtomicU8::new(0),
             stop: AtomicBool::new(false),
@@ -346,6 +349,19 @@ impl Dataplane {
         &self.shared.iface.name
     }
 
+    /// Records where the configuration in force came from, or (with `refused`) a reload
+    /// that was refused; shown in status.
+    pub fn set_config_source(&self, source: ztnet_proto::status::ConfigSource) {
+        *lock(&self.shared.config_source) = Some(source);
+    }
+
+    /// Records a refused reload against the source in force (no-op without one).
+    pub fn config_refused(&self, at: u64, error: String) {
+        if let Some(s) = lock(&self.shared.config_source).as_mut() {
+            s.refused = Some((at, error));
+        }
+    }
+
     /// Problems found in the configuration in force (overlapping allowed IPs, ...).
     pub fn warnings(&self) -> Vec<String> {
         lock(&self.shared.warnings).clone()
@@ -428,6 +444,8 @@ impl Shared {
                 );
                 w
             },
+            config_source: lock(&self.config_source).clone(),
+            socket_drops: sys::socket_drops(self.socket.as_raw_fd()),
         }
     }
 }

@@ -56,6 +56,26 @@ pub fn check_interface_name(name: &str) -> io::Result<()> {
 }
 
 /// Whether an interface named `name` exists in this process's network namespace.
+/// How many datagrams the kernel dropped on the UDP socket `fd` because its receive buffer
+/// was full: the `drops` column of its line in `/proc/net/udp6` or `/proc/net/udp` (this
+/// process's network namespace), found by the socket's inode. `None` when unreadable.
+pub fn socket_drops(fd: RawFd) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?.ino();
+    ["/proc/self/net/udp6", "/proc/self/net/udp"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .find_map(|table| udp_table_drops(&table, inode))
+}
+
+/// The `drops` column of the line for `inode` in a `/proc/net/udp` table.
+fn udp_table_drops(table: &str, inode: u64) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.get(9)?.parse::<u64>().ok()? == inode).then(|| cols.get(12)?.parse().ok())?
+    })
+}
+
 pub fn interface_exists(name: &str) -> bool {
     let Ok(c) = std::ffi::CString::new(name) else {
         return false;
@@ -371,4 +391,36 @@ pub fn allow_fragments(fd: RawFd, v6: bool) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drops_column_is_read_for_the_sockets_inode() {
+        let table = "   sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+ 1234: 00000000000000000000000000000000:CA6C 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0000000000000000 17\n\
+ 1235: 00000000000000000000000000000000:CA6D 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4343 2 0000000000000000 0\n";
+        assert_eq!(udp_table_drops(table, 4242), Some(17));
+        assert_eq!(udp_table_drops(table, 4343), Some(0));
+        assert_eq!(udp_table_drops(table, 1), None);
+        assert_eq!(udp_table_drops("garbage\n1 2 3\n", 3), None);
+    }
+
+    #[test]
+    fn a_full_receive_buffer_on_loopback_is_counted() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket2::SockRef::from(&rx)
+            .set_recv_buffer_size(4096)
+            .expect("small buffer");
+        assert_eq!(socket_drops(rx.as_raw_fd()), Some(0));
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = rx.local_addr().expect("addr");
+        for _ in 0..200 {
+            tx.send_to(&[0u8; 1000], to).expect("send on loopback");
+        }
+        let drops = socket_drops(rx.as_raw_fd()).expect("read");
+        assert!(drops > 0, "200 datagrams into a 4 KiB buffer dropped none");
+    }
 }

@@ -677,9 +677,12 @@ fn two_nodes_follow_the_policy_and_the_link_carries_only_wireguard() {
         .node("n1")
         .ns
         .output("wg", &["set", &iface, "listen-port", "1"]);
+    let set = set.expect("wg set runs");
+    assert!(!set.status.success(), "set=1 is refused in static mode");
     assert!(
-        !set.expect("wg set runs").status.success(),
-        "set=1 is refused for now"
+        String::from_utf8_lossy(&set.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
     );
 
     cap.wait_until("tunnel traffic on the link", Duration::from_secs(5), |f| {

@@ -4,7 +4,7 @@
 //! - In the zero-trust modes (static, coordinator) `set=1` is refused with EPERM: the peers come
 //!   from the config file or the coordinator, with their identities and filter.
 //! - In plain WireGuard mode ([`Device`]) a `set=1` request is parsed whole and applied to a copy
-//!   of the device; any error answers `errno=N` and leaves the device as it was.
+//!   of the device; any error answers `errno=-N` (N a positive errno) and leaves the device as it was.
 //!
 //! A [`Device`] is WireGuard's view of the interface: the keys, port and peers exactly as `wg`
 //! set them, in the order it set them, so that `get=1` (and `wg showconf`) reads them back.
@@ -505,9 +505,11 @@ pub fn format_get(
     s
 }
 
-/// The answer to a request the node does not carry out.
+/// The answer to a request the node does not carry out. The number goes negated, as
+/// wireguard-go sends it: `wg` reads it into its return value and sets `errno` to its
+/// negation, so `errno=-1` prints "Operation not permitted" (and `errno=1`, "Unknown error -1").
 pub fn format_error(errno: i32) -> String {
-    format!("errno={errno}\n\n")
+    format!("errno={}\n\n", -errno.abs())
 }
 
 #[cfg(test)]

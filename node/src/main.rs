@@ -241,16 +241,13 @@ fn run_static(path: &Path) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut running = config;
-        let mut tick = tokio::time::interval(up::GONE_POLL);
         loop {
             tokio::select! {
                 _ = hup.recv() => reload(&dataplane, path, &mut running),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = tick.tick() => {
-                    if dataplane.interface_gone() {
-                        anyhow::bail!(up::interface_gone_message(dataplane.interface()));
-                    }
+                _ = dataplane.interface_lost() => {
+                    anyhow::bail!(up::interface_gone_message(dataplane.interface()));
                 }
             }
         }

@@ -186,9 +186,6 @@ impl DataplaneSink for DataplaneHandle {
     }
 }
 
-/// How often a running node checks that its TUN interface still exists.
-pub const GONE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// Why a node stops when its interface was deleted under it. It exits with an error, so that
 /// a service manager restarts it (the shipped unit has `Restart=on-failure`) and the restart
 /// makes the interface again.
@@ -205,18 +202,9 @@ async fn stop_signal_or_lost_interface(
     sink: &DataplaneHandle,
     lost: &std::sync::atomic::AtomicBool,
 ) {
-    let mut tick = tokio::time::interval(GONE_POLL);
-    let gone = async {
-        loop {
-            tick.tick().await;
-            if sink.0.interface_gone() {
-                return;
-            }
-        }
-    };
     tokio::select! {
         _ = shutdown_signal() => {}
-        _ = gone => {
+        _ = sink.0.interface_lost() => {
             lost.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }

@@ -31,9 +31,6 @@ const READY: &str = "ready";
 /// How long the parent waits for the child to report.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How often the daemon checks that its interface still exists.
-const GONE_POLL: Duration = Duration::from_millis(50);
-
 /// `ztnet-node wg` arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WgArgs {
@@ -138,20 +135,11 @@ fn serve(args: &WgArgs, report_ready: bool) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut tick = tokio::time::interval(GONE_POLL);
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = tick.tick() => {
-                    if dataplane.interface_gone() {
-                        tracing::info!(
-                            interface = dataplane.interface(),
-                            "interface deleted; stopping"
-                        );
-                        break;
-                    }
-                }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = dataplane.interface_lost() => {
+                tracing::info!(interface = dataplane.interface(), "interface deleted; stopping");
             }
         }
         anyhow::Ok(())

@@ -22,7 +22,7 @@ use anyhow::Context;
 use ztnet_proto::status::STATUS_DIR;
 
 use super::peers::lock;
-use super::{STOP_POLL, Shared, sys, uapi};
+use super::{Shared, sys, uapi};
 
 /// Directory of WireGuard's configuration sockets.
 pub const WIREGUARD_DIR: &str = "/var/run/wireguard";
@@ -142,6 +142,9 @@ fn bind_new(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// How long the accept loop pauses after an accept error other than "nothing to accept".
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// Most connections one socket serves at once; one more is closed unanswered.
 const MAX_CLIENTS: usize = 16;
 
@@ -174,11 +177,13 @@ fn accept_loop(s: &Shared, listener: &UnixListener, handler: fn(&Shared, UnixStr
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let _ = sys::wait_readable(listener.as_raw_fd(), STOP_POLL);
+                    let _ = sys::wait_readable([listener.as_raw_fd(), s.stop_event.fd()]);
                 }
                 Err(e) => {
+                    // Out of descriptors, say: the listener stays readable, so wait a little
+                    // instead of spinning on it.
                     tracing::debug!(error = %e, "local API accept failed");
-                    let _ = sys::wait_readable(listener.as_raw_fd(), STOP_POLL);
+                    std::thread::sleep(ACCEPT_RETRY);
                 }
             }
         }

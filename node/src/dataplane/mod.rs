@@ -71,9 +71,6 @@ const SOCKET_BUFFER: usize = 8 << 20;
 /// How often the timer thread runs boringtun's timers.
 const TIMER_TICK: Duration = Duration::from_millis(100);
 
-/// How long a blocked thread waits before it checks whether to stop.
-const STOP_POLL: Duration = Duration::from_millis(250);
-
 /// A running data plane. Until the first `apply` it has no peers and passes nothing.
 pub struct Dataplane {
     shared: Arc<Shared>,
@@ -110,12 +107,19 @@ struct Shared {
     /// 0 unknown, 1 down, 2 up.
     control: AtomicU8,
     stop: AtomicBool,
+    /// Signalled once, at stop: every waiting thread has it in its poll set.
+    stop_event: sys::Event,
+    /// Signalled when the UDP socket was replaced (`plain::rebind`): the UDP thread's poll
+    /// must take up the new one. Cleared by that thread.
+    udp_wake: sys::Event,
     api_paths: Mutex<Vec<api::Bound>>,
     /// Plain WireGuard mode only: the device as `wg` configured it. `None` in the zero-trust
     /// modes, where `set=1` is refused and the filter always runs.
     plain: Option<Mutex<uapi::Device>>,
     /// Set when the TUN thread lost the interface (deleted with `ip link del`).
     tun_lost: AtomicBool,
+    /// Woken when `tun_lost` is set.
+    tun_lost_notify: tokio::sync::Notify,
 }
 
 impl Dataplane {
@@ -182,9 +186,12 @@ impl Dataplane {
             skipped_routes: Mutex::new(Default::default()),
             control: AtomicU8::new(0),
             stop: AtomicBool::new(false),
+            stop_event: sys::Event::new().context("eventfd")?,
+            udp_wake: sys::Event::new().context("eventfd")?,
             api_paths: Mutex::new(Vec::new()),
             plain: plain.then(|| Mutex::new(uapi::Device::default())),
             tun_lost: AtomicBool::new(false),
+            tun_lost_notify: tokio::sync::Notify::new(),
         });
         let mut threads = Vec::new();
         for (name, run) in [
@@ -221,6 +228,18 @@ impl Dataplane {
     /// nothing any more and the daemon should stop.
     pub fn interface_gone(&self) -> bool {
         self.shared.tun_lost.load(Ordering::Relaxed)
+    }
+
+    /// Completes once the TUN interface is gone (at once if it already is).
+    pub async fn interface_lost(&self) {
+        loop {
+            // Made before the check, so a loss between the two is not missed.
+            let woken = self.shared.tun_lost_notify.notified();
+            if self.interface_gone() {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 
@@ -374,6 +393,7 @@ impl Dataplane {
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.stop_event.signal();
         // The paths go first: a successor for the same interface waits for them to go.
         for p in lock(&self.shared.api_paths).drain(..) {
             p.remove();
@@ -635,7 +655,7 @@ fn tun_loop(s: &Shared) {
         };
         match drained {
             Ok(_) => {
-                if let Err(e) = sys::wait_readable(s.tun.as_raw_fd(), STOP_POLL) {
+                if let Err(e) = sys::wait_readable([s.tun.as_raw_fd(), s.stop_event.fd()]) {
                     tracing::error!(error = %e, "TUN poll failed; data plane stops");
                     return;
                 }
@@ -647,6 +667,7 @@ fn tun_loop(s: &Shared) {
                     tracing::error!(interface = %s.iface.name, error = %e, "TUN lost");
                 }
                 s.tun_lost.store(true, Ordering::Relaxed);
+                s.tun_lost_notify.notify_waiters();
                 return;
             }
         }
@@ -880,10 +901,10 @@ fn udp_loop(s: &Shared) {
     // What the last poll said (both assumed ready at the start).
     let (mut socket_ready, mut queue_ready) = (true, true);
     while !s.stopping() {
-        let received = match replies {
-            None => batch.recv(fd),
-            Some(_) if socket_ready => batch.recv_now(fd),
-            Some(_) => Err(io::ErrorKind::WouldBlock.into()),
+        let received = if socket_ready {
+            batch.recv_now(fd)
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
         };
         match received {
             Ok(n) => {
@@ -915,9 +936,7 @@ fn udp_loop(s: &Shared) {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) =>
             {
                 socket_ready = false;
@@ -926,13 +945,12 @@ fn udp_loop(s: &Shared) {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive failed");
+                // Not busy: a persistent error waits for the next poll.
+                socket_ready = false;
             }
         }
-        let Some(reader) = replies.as_mut() else {
-            continue;
-        };
-        if queue_ready {
-            match reader.drain(s, REPLY_BURST) {
+        match replies.as_mut() {
+            Some(reader) if queue_ready => match reader.drain(s, REPLY_BURST) {
                 Ok(empty) => queue_ready = !empty,
                 Err(e) => {
                     // The TUN thread reports a lost interface; this thread stops reading
@@ -940,14 +958,27 @@ fn udp_loop(s: &Shared) {
                     tracing::debug!(error = %e, "second TUN queue lost");
                     replies = None;
                     out.reply = None;
-                    continue;
+                    queue_ready = false;
                 }
-            }
+            },
+            Some(_) => {}
+            None => queue_ready = false,
         }
         if !socket_ready && !queue_ready {
-            let queue = s.tun_reply.as_ref().map_or(-1, |q| q.as_raw_fd());
-            match sys::wait_readable2(fd, queue, STOP_POLL) {
-                Ok((socket, queue)) => (socket_ready, queue_ready) = (socket, queue),
+            let queue = match replies {
+                Some(_) => s.tun_reply.as_ref().map_or(-1, |q| q.as_raw_fd()),
+                None => -1,
+            };
+            let wait = [fd, queue, s.stop_event.fd(), s.udp_wake.fd()];
+            match sys::wait_readable(wait) {
+                Ok([socket, queue, _, wake]) => {
+                    (socket_ready, queue_ready) = (socket, queue);
+                    if wake {
+                        // The socket was replaced under the same descriptor: look at it.
+                        s.udp_wake.clear();
+                        socket_ready = true;
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "UDP poll failed; data plane stops");
                     return;
@@ -1155,9 +1186,6 @@ fn bind_udp_family(port: u16, family: Option<bool>) -> anyhow::Result<(UdpSocket
     if let Err(e) = source::enable_pktinfo(socket.as_raw_fd(), is_v6) {
         tracing::warn!(error = %e, "no IP_PKTINFO; replies leave from the kernel's choice");
     }
-    socket
-        .set_read_timeout(Some(STOP_POLL))
-        .context("UDP read timeout")?;
     Ok((socket.into(), is_v6))
 }
 

@@ -109,6 +109,8 @@ impl Shared {
         }
         let bound = fresh.local_addr()?.port();
         source::replace_socket(self.socket.as_raw_fd(), fresh)?;
+        // The UDP thread may be waiting on the old socket, which nothing will wake now.
+        self.udp_wake.signal();
         self.listen_port.store(bound, Ordering::Relaxed);
         tracing::info!(interface = %self.iface.name, listen_port = bound, "listen port moved");
         Ok(())

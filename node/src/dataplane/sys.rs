@@ -11,7 +11,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Duration;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags, padded to 40 bytes.
 #[repr(C)]
@@ -141,50 +140,63 @@ pub fn set_tun_offload(fd: RawFd, flags: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until `fd` is readable or `timeout` passes. Returns true when readable.
-pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd on the stack, count 1.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    match rc {
-        n if n < 0 => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
-        0 => Ok(false),
-        _ => Ok(pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0),
-    }
-}
-
-/// Waits until `a` or `b` is readable or `timeout` passes. Returns which of them are.
-pub fn wait_readable2(a: RawFd, b: RawFd, timeout: Duration) -> io::Result<(bool, bool)> {
-    let mut pfds = [a, b].map(|fd| libc::pollfd {
+/// Waits until one of `fds` is readable (or has an error or hang-up), with no timeout: a
+/// thread that must also stop puts its [`Event`] among them. Negative entries are skipped.
+/// Returns which are ready; all false when a signal interrupted the wait.
+pub fn wait_readable<const N: usize>(fds: [RawFd; N]) -> io::Result<[bool; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     });
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: two valid pollfds on the stack, count 2.
-    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
+    // SAFETY: N valid pollfds on the stack, count N.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, -1) };
     if rc < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::Interrupted {
-            Ok((false, false))
+            Ok([false; N])
         } else {
             Err(e)
         };
     }
-    let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
-    Ok((ready(&pfds[0]), ready(&pfds[1])))
+    Ok(pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
+}
+
+/// An eventfd: one thread signals it, the threads that wait on it in [`wait_readable`] wake.
+/// Used so that idle threads sleep until there is work or a reason to stop, instead of
+/// waking on a timer to look.
+#[derive(Debug)]
+pub struct Event(std::os::fd::OwnedFd);
+
+impl Event {
+    pub fn new() -> io::Result<Event> {
+        // SAFETY: plain syscall; the descriptor returned is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        Ok(Event(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes the event readable until [`Event::clear`] (for good if never cleared).
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: 8 bytes from a u64 on the stack, as eventfd requires. A full counter
+        // (EAGAIN) is still readable, which is all a waiter needs.
+        let _ = unsafe { libc::write(self.fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Makes the event unreadable again.
+    pub fn clear(&self) {
+        let mut n: u64 = 0;
+        // SAFETY: 8 bytes into a u64 on the stack; non-blocking, EAGAIN when already clear.
+        let _ = unsafe { libc::read(self.fd(), (&raw mut n).cast(), 8) };
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
 }
 
 /// Sets SO_RCVBUFFORCE and SO_SNDBUFFORCE (root only, above `rmem_max`). Returns an error when
@@ -287,13 +299,8 @@ impl RecvBatch {
         }
     }
 
-    /// Waits for at least one datagram (up to the socket's receive timeout), then takes every
-    /// one already queued, up to the batch size. Returns how many arrived.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.recv_with(fd, libc::MSG_WAITFORONE)
-    }
-
-    /// Like [`RecvBatch::recv`] without waiting: `WouldBlock` when nothing is queued.
+    /// Takes every datagram already queued, up to the batch size, without waiting (the caller
+    /// polls first): `WouldBlock` when nothing is queued. Returns how many arrived.
     pub fn recv_now(&mut self, fd: RawFd) -> io::Result<usize> {
         self.recv_with(fd, libc::MSG_DONTWAIT)
     }
@@ -396,6 +403,29 @@ pub fn allow_fragments(fd: RawFd, v6: bool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_wakes_a_waiter_until_cleared() {
+        let stop = Event::new().expect("eventfd");
+        let other = Event::new().expect("eventfd");
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| wait_readable([other.fd(), -1, stop.fd()]));
+            stop.signal();
+            let ready = waiter.join().expect("thread").expect("poll");
+            assert_eq!(ready, [false, false, true]);
+        });
+        // Signalled twice, still one wake-up's worth; cleared, not readable.
+        other.signal();
+        other.signal();
+        assert_eq!(wait_readable([other.fd()]).expect("poll"), [true]);
+        other.clear();
+        stop.clear();
+        other.signal();
+        assert_eq!(
+            wait_readable([stop.fd(), other.fd()]).expect("poll"),
+            [false, true]
+        );
+    }
 
     #[test]
     fn the_drops_column_is_read_for_the_sockets_inode() {

@@ -283,7 +283,7 @@ unsafe impl Send for RecvBatch {}
 impl RecvBatch {
     /// Room for `count` datagrams of up to `size` bytes each.
     pub fn new(count: usize, size: usize) -> RecvBatch {
-        RecvBatch {
+        let mut batch = RecvBatch {
             bufs: (0..count).map(|_| vec![0u8; size]).collect(),
             // SAFETY: sockaddr_storage and mmsghdr are plain data; all-zero is valid.
             addrs: (0..count).map(|_| unsafe { std::mem::zeroed() }).collect(),
@@ -296,7 +296,29 @@ impl RecvBatch {
             hdrs: (0..count).map(|_| unsafe { std::mem::zeroed() }).collect(),
             controls: vec![[0; super::source::CONTROL_WORDS]; count],
             received: 0,
+        };
+        // The pointers are set once: the vectors never grow, so their heap blocks stay where
+        // they are when the struct moves.
+        for i in 0..count {
+            batch.iovs[i].iov_base = batch.bufs[i].as_mut_ptr() as *mut libc::c_void;
+            batch.iovs[i].iov_len = batch.bufs[i].len();
+            let h = &mut batch.hdrs[i].msg_hdr;
+            h.msg_name = &mut batch.addrs[i] as *mut _ as *mut libc::c_void;
+            h.msg_iov = &mut batch.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = batch.controls[i].as_mut_ptr() as *mut libc::c_void;
+            batch.reset(i);
         }
+        batch
+    }
+
+    /// Gives slot `i` its full lengths back (the kernel shortens them to what it wrote).
+    fn reset(&mut self, i: usize) {
+        let h = &mut self.hdrs[i];
+        h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        h.msg_hdr.msg_controllen = size_of_val(&self.controls[i]);
+        h.msg_hdr.msg_flags = 0;
+        h.msg_len = 0;
     }
 
     /// Takes every datagram already queued, up to the batch size, without waiting (the caller
@@ -306,19 +328,10 @@ impl RecvBatch {
     }
 
     fn recv_with(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
-        self.received = 0;
-        for i in 0..self.bufs.len() {
-            self.iovs[i].iov_base = self.bufs[i].as_mut_ptr() as *mut libc::c_void;
-            self.iovs[i].iov_len = self.bufs[i].len();
-            let h = &mut self.hdrs[i];
-            h.msg_hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = self.controls[i].as_mut_ptr() as *mut libc::c_void;
-            h.msg_hdr.msg_controllen = size_of_val(&self.controls[i]);
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+        // Only the slots the last call filled were changed by the kernel: a sparse receive
+        // touches one header, not all of them (each is a cache line, cold between packets).
+        for i in 0..std::mem::take(&mut self.received).max(1) {
+            self.reset(i);
         }
         let count = libc::c_uint::try_from(self.hdrs.len()).unwrap_or(libc::c_uint::MAX);
         // SAFETY: every header points at a live buffer, address, iovec and control buffer of
@@ -425,6 +438,41 @@ mod tests {
             wait_readable([stop.fd(), other.fd()]).expect("poll"),
             [false, true]
         );
+    }
+
+    #[test]
+    fn a_batch_reused_after_short_and_long_receives_reports_each_datagram_whole() {
+        let rx = std::net::UdpSocket::bind("[::1]:0").expect("bind");
+        let fd = rx.as_raw_fd();
+        let to = rx.local_addr().expect("addr");
+        let mut batch = RecvBatch::new(4, 2048);
+        assert!(batch.recv_now(fd).is_err(), "nothing queued yet");
+        let a = std::net::UdpSocket::bind("[::1]:0").expect("bind");
+        let b = std::net::UdpSocket::bind("[::1]:0").expect("bind");
+        a.send_to(&[1u8; 10], to).expect("send");
+        wait_readable([fd]).expect("poll");
+        assert_eq!(batch.recv_now(fd).expect("one"), 1);
+        assert_eq!(batch.get(0).expect("datagram").1, &[1u8; 10]);
+        // Three larger ones from another socket: every slot, the first included, is whole.
+        for n in [1500usize, 900, 1200] {
+            b.send_to(&vec![2u8; n], to).expect("send");
+        }
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            wait_readable([fd]).expect("poll");
+            let n = batch.recv_now(fd).expect("some");
+            for i in 0..n {
+                let (from, d) = batch.get(i).expect("datagram");
+                assert_eq!(from, b.local_addr().expect("addr"));
+                got.push(d.len());
+            }
+        }
+        assert_eq!(got, [1500, 900, 1200]);
+        a.send_to(&[3u8; 7], to).expect("send");
+        wait_readable([fd]).expect("poll");
+        assert_eq!(batch.recv_now(fd).expect("one"), 1);
+        let (from, d) = batch.get(0).expect("datagram");
+        assert_eq!((from, d), (a.local_addr().expect("addr"), &[3u8; 7][..]));
     }
 
     #[test]

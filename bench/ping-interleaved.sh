@@ -8,6 +8,12 @@
 # With STRACE=1 it then counts the system calls each daemon makes per ping (strace -c -f on
 # both ends, $STRACE_PINGS pings, syscalls per round trip for the pair).
 #
+# With TRACE=1 it records $STRACE_PINGS pings per implementation with perf (raw_syscalls and
+# sched tracepoints, whole machine) and prints, for the daemons' threads, how long each kind
+# of system call took, how long they ran in user space between two calls (median and mean,
+# microseconds), and where their wake-ups landed. Tracing slows every call: compare the
+# implementations with each other, not with the untraced medians.
+#
 # Needs root. Traffic stays inside the two namespaces it makes; it removes them and the
 # processes it started when it ends, on failure too.
 #
@@ -22,6 +28,7 @@ PINGS=${PINGS:-100}
 INTERVAL=${INTERVAL:-0.02}
 ONLY=${ONLY:-"ztnet boringtun"}
 STRACE=${STRACE:-0}
+TRACE=${TRACE:-0}
 STRACE_PINGS=${STRACE_PINGS:-200}
 CACHE=${ZTNET_BENCH_CACHE:-$HOME/.cache/ztnet-bench}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -239,5 +246,70 @@ if [ "$STRACE" = 1 ]; then
                 printf "%s=%s ", $NF, $4 }' "$WORK/strace.$impl.$side")
             echo "  $impl side $side: $per per ping ($calls)"
         done
+    done
+fi
+
+if [ "$TRACE" = 1 ]; then
+    command -v perf >/dev/null || { apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null; }
+    command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 >/dev/null; }
+    cat >"$WORK/trace.py" <<'EOF'
+# Reads `perf script` lines; prints syscall durations, user-space gaps between calls and
+# wake-up placement for the threads whose command name is in argv[1] (comma-separated).
+import re, statistics, sys
+from collections import defaultdict
+names = set(sys.argv[1].split(","))
+WAITS = {7, 232, 271}  # poll, epoll_wait, ppoll: their time is sleep, not work
+enter, last, dur, gap = {}, {}, defaultdict(list), defaultdict(list)
+place = defaultdict(int)
+line_re = re.compile(r"\s*(\S.*?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)")
+for line in sys.stdin:
+    m = line_re.match(line)
+    if not m:
+        continue
+    comm, tid, cpu, t, ev, rest = m.groups()
+    tid, cpu, t = int(tid), int(cpu), float(t) * 1e6
+    if ev == "sched:sched_waking":
+        w = re.search(r"comm=(\S+) pid=(\d+) .*target_cpu=(\d+)", rest)
+        if w and w.group(1) in names:
+            place["own CPU" if int(w.group(3)) == cpu else "other CPU"] += 1
+        continue
+    if comm not in names or not ev.startswith("raw_syscalls:sys_"):
+        continue
+    nr = int(re.search(r"NR (\d+)", rest).group(1))
+    if ev.endswith("enter"):
+        enter[tid] = (nr, t)
+        if tid in last:
+            pnr, pt = last[tid]
+            gap[("after wait" if pnr in WAITS else f"after {pnr}", nr)].append(t - pt)
+    else:
+        if tid in enter and enter[tid][0] == nr and nr not in WAITS:
+            dur[nr].append(t - enter[tid][1])
+        last[tid] = (nr, t)
+print("  system call (x86-64 number): count, median us, mean us")
+for nr in sorted(dur):
+    v = dur[nr]
+    if len(v) >= 20:
+        print(f"    {nr:4d}: {len(v):6d} {statistics.median(v):7.1f} {statistics.mean(v):7.1f}")
+print("  user space between calls (previous -> next call): count, median us, mean us")
+for k in sorted(gap, key=str):
+    v = gap[k]
+    if len(v) >= 20:
+        print(f"    {k[0]:>12s} -> {k[1]:3d}: {len(v):6d} {statistics.median(v):7.1f} {statistics.mean(v):7.1f}")
+print("  wake-ups by the waker's CPU: " + ", ".join(f"{n} on the {p}" for p, n in sorted(place.items())))
+EOF
+    echo
+    echo "traced, $STRACE_PINGS pings each (perf; tracing inflates every duration):"
+    for impl in $ONLY; do
+        perf record -q -a -o "$WORK/perf.data" -e raw_syscalls:sys_enter -e raw_syscalls:sys_exit \
+            -e sched:sched_waking -e sched:sched_switch -- \
+            ip netns exec "$NS_A" ping -n -q -c "$STRACE_PINGS" -i "$INTERVAL" "${DST[$impl]}" \
+            >/dev/null 2>&1
+        case $impl in
+        ztnet*) threads=ztnet-udp,ztnet-tun ;;
+        *) threads=boringtun-cli ;;
+        esac
+        echo "$impl ($threads):"
+        perf script -i "$WORK/perf.data" 2>/dev/null | python3 "$WORK/trace.py" "$threads"
+        rm -f "$WORK/perf.data"
     done
 fi

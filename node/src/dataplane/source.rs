@@ -199,8 +199,8 @@ pub fn send_from(
 }
 
 /// Puts `fresh` under the descriptor number `fd` (atomically, with `dup2`) and closes the
-/// socket that was there. Threads blocked on the old socket return at their next timeout and
-/// go on with the new one.
+/// socket that was there. A thread waiting on the old socket is not woken by this: the caller
+/// signals the UDP thread's wake event so that it waits on the new one.
 pub fn replace_socket(fd: RawFd, fresh: impl IntoRawFd) -> io::Result<()> {
     let new_fd = fresh.into_raw_fd();
     // SAFETY: both are open descriptors this process owns; dup2 closes the old file behind

@@ -394,6 +394,57 @@ fn routes(ns: &Netns, family: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A reload that narrows the routes removes only the node's own routes, never the kernel's
+/// route of the interface's own address network (which the node had counted as installed);
+/// a link taken down and up loses the node's routes, and a reload of the same file puts
+/// them back.
+#[test]
+fn a_reload_removes_only_the_nodes_own_routes_and_restores_lost_ones() {
+    let mut m = Mesh::new(&["n1", "n2"], ALLOW_ALL).expect("mesh");
+    m.start_all().expect("start");
+    let n2 = m.node("n2").v4();
+    m.wait_ping("n1", n2).expect("n1 -> n2");
+    let iface = m.node("n1").iface.clone();
+    let kernel = format!("10.90.0.0/16 dev {iface} proto kernel");
+    assert!(routes(&m.node("n1").ns, "-4").contains(&kernel));
+
+    // Only 10.95.0.0/24 now: the default routes (the address networks) go from the config.
+    let with_routes = |m: &Mesh| {
+        let path = m.config_path("n1");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let text = text.replacen(
+            "policy_file = ",
+            "routes = [\"10.95.0.0/24\"]\npolicy_file = ",
+            1,
+        );
+        std::fs::write(&path, text).expect("write");
+    };
+    m.write_config("n1", None, "").expect("config");
+    with_routes(&m);
+    m.reload("n1");
+    let ours = format!("10.95.0.0/24 dev {iface} proto 122");
+    wait_for("the new route", Duration::from_secs(5), || {
+        Ok(routes(&m.node("n1").ns, "-4").contains(&ours).then_some(()))
+    })
+    .expect("10.95.0.0/24 installed with the node's protocol");
+    let v4 = routes(&m.node("n1").ns, "-4");
+    assert!(v4.contains(&kernel), "the kernel's own route stays: {v4}");
+    m.wait_ping("n1", n2).expect("n1 -> n2 after the reload");
+
+    // Down and up: the kernel drops the node's IPv4 route; a reload puts it back.
+    let ns = &m.node("n1").ns;
+    ns.ip(&["link", "set", &iface, "down"]).expect("down");
+    ns.ip(&["link", "set", &iface, "up"]).expect("up");
+    assert!(!routes(ns, "-4").contains(&ours), "the kernel dropped it");
+    m.reload("n1");
+    wait_for("the route back", Duration::from_secs(5), || {
+        Ok(routes(&m.node("n1").ns, "-4").contains(&ours).then_some(()))
+    })
+    .expect("a reload of the same file restores the route");
+    m.wait_ping("n1", n2)
+        .expect("n1 -> n2 after down, up and reload");
+}
+
 /// A full-tunnel peer (allowed IPs 0.0.0.0/0 and ::/0) and a peer allowed IP equal to the
 /// underlay's own subnet: the node installs neither route, says so in status, and the host's
 /// default routes and the underlay route stay, so the tunnel to the peer keeps working.

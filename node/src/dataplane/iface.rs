@@ -23,11 +23,19 @@ pub fn link_up(name: &str, mtu: u16) -> anyhow::Result<()> {
     ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])
 }
 
+/// The routing protocol number the node's routes carry (`ip route show proto 122`), so that
+/// removing one of them can never remove a route of the kernel or the administrator with the
+/// same prefix (the connected route of the interface's own address, say).
+pub const ROUTE_PROTO: &str = "122";
+
 /// Moves the interface from the addresses and routes of `old` to those of `new`: adds what is
-/// new, removes what is gone, leaves the rest alone. A route never replaces one the host
-/// already has for the same prefix (the underlay's own subnet, say), and a default route
-/// (`0.0.0.0/0`, `::/0`) is never installed: either would take the path to the peers' endpoints
-/// into the tunnel. Returns the routes of `new` it left out, each with a warning.
+/// new, removes what is gone, leaves the rest alone, and puts back any route of `new` that is
+/// missing (a link taken down and up loses them; a reload restores them). A route never
+/// replaces one the host already has for the same prefix (the underlay's own subnet, say), a
+/// default route (`0.0.0.0/0`, `::/0`) is never installed (either would take the path to the
+/// peers' endpoints into the tunnel), and only the node's own routes (protocol
+/// [`ROUTE_PROTO`]) are ever removed. Returns the routes of `new` it left out, each with a
+/// warning.
 pub fn sync_addresses(
     name: &str,
     old: &DataplaneConfig,
@@ -58,7 +66,13 @@ pub fn sync_addresses(
 
     let old_routes: BTreeSet<IpNet> = old.routes.iter().map(IpNet::trunc).collect();
     let new_routes: BTreeSet<IpNet> = new.routes.iter().map(IpNet::trunc).collect();
-    for r in new_routes.difference(&old_routes) {
+    for r in old_routes.difference(&new_routes) {
+        let text = r.to_string();
+        // Only a route the node added goes; one that went away with its address, or that
+        // was never installed (the host had its own), is not there, which is fine.
+        let _ = ip(&["route", "del", &text, "dev", name, "proto", ROUTE_PROTO]);
+    }
+    for r in &new_routes {
         if r.addr().is_ipv6() && !ipv6_enabled(name) {
             continue;
         }
@@ -75,8 +89,19 @@ pub fn sync_addresses(
             continue;
         }
         let family = if r.addr().is_ipv4() { "-4" } else { "-6" };
-        if let Err(e) = ip(&[family, "route", "add", &text, "dev", name]) {
+        let args = [
+            family,
+            "route",
+            "add",
+            &text,
+            "dev",
+            name,
+            "proto",
+            ROUTE_PROTO,
+        ];
+        if let Err(e) = ip(&args) {
             match route_owner(family, &text) {
+                // Ours from before, or the kernel's route of the interface's own address.
                 Some(dev) if dev == name => {}
                 Some(dev) => warnings.push((
                     *r,
@@ -88,12 +113,6 @@ pub fn sync_addresses(
                 None => return Err(e),
             }
         }
-    }
-    for r in old_routes.difference(&new_routes) {
-        let text = r.to_string();
-        // A route that went away with its address, or that was never installed, is not
-        // there; that is fine.
-        let _ = ip(&["route", "del", &text, "dev", name]);
     }
     Ok(warnings)
 }

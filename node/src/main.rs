@@ -267,7 +267,8 @@ fn reload(dataplane: &Dataplane, path: &Path, running: &mut StaticConfig) {
             return;
         }
     };
-    for change in restart_only_changes(&running.interface, &next.interface) {
+    let pending = restart_only_changes(&running.interface, &next.interface);
+    for change in &pending {
         tracing::warn!("{change} changes only at restart; the running one stays in use");
     }
     // What runs keeps the interface it started with, so the next reload compares with that.
@@ -277,7 +278,9 @@ fn reload(dataplane: &Dataplane, path: &Path, running: &mut StaticConfig) {
     }
     match dataplane.apply(next.dataplane.clone()) {
         Ok(()) => {
-            dataplane.set_config_source(config_source(path, &next));
+            let mut source = config_source(path, &next);
+            source.pending_restart = pending;
+            dataplane.set_config_source(source);
             *running = next;
         }
         Err(e) => {
@@ -294,6 +297,7 @@ fn config_source(path: &Path, config: &StaticConfig) -> ConfigSource {
         policy_file: config.policy_file.as_ref().map(|p| p.display().to_string()),
         loaded_at: unix_now(),
         refused: None,
+        pending_restart: Vec::new(),
     }
 }
 

@@ -104,7 +104,7 @@ struct RawInterface {
     #[serde(default = "default_port")]
     listen_port: Spanned<i64>,
     #[serde(default = "default_mtu")]
-    mtu: Spanned<u16>,
+    mtu: Spanned<i64>,
     #[serde(default)]
     addresses: Vec<Spanned<Prefix>>,
     routes: Option<Vec<Prefix>>,
@@ -128,7 +128,7 @@ struct RawIdentity {
 struct RawPeer {
     name: Spanned<String>,
     public_key: Spanned<WgKey>,
-    endpoint: Option<SocketAddr>,
+    endpoint: Option<Spanned<String>>,
     #[serde(default)]
     allowed_ips: Vec<Spanned<Prefix>>,
     #[serde(default = "default_namespace")]
@@ -144,7 +144,7 @@ fn default_name() -> String {
 fn default_port() -> Spanned<i64> {
     Spanned::new(0..0, 51820)
 }
-fn default_mtu() -> Spanned<u16> {
+fn default_mtu() -> Spanned<i64> {
     Spanned::new(0..0, 1420)
 }
 fn default_namespace() -> Spanned<String> {
@@ -200,12 +200,15 @@ impl StaticConfig {
             }
         }
         let mtu = *raw.interface.mtu.get_ref();
-        if !(576..=65_535).contains(&mtu) || mtu < 1280 && has_v6(&addresses) {
-            return Err(at(
-                raw.interface.mtu.span(),
-                format!("mtu {mtu} is out of range (576-65535, at least 1280 with IPv6)"),
-            ));
-        }
+        let mtu = match u16::try_from(mtu) {
+            Ok(m) if m >= 576 && (m >= 1280 || !has_v6(&addresses)) => m,
+            _ => {
+                return Err(at(
+                    raw.interface.mtu.span(),
+                    format!("mtu {mtu} is out of range (576-65535, at least 1280 with IPv6)"),
+                ));
+            }
+        };
         let key_path = base.join(raw.interface.private_key_file.get_ref());
         let private_key = read_key_file(&key_path)?;
 
@@ -284,7 +287,10 @@ impl StaticConfig {
             peers.push(PeerConfig {
                 name: name.clone(),
                 public_key: *p.public_key.get_ref(),
-                endpoint: p.endpoint,
+                endpoint: match &p.endpoint {
+                    Some(e) => Some(parse_endpoint(e.get_ref()).map_err(|m| at(e.span(), m))?),
+                    None => None,
+                },
                 endpoints: Vec::new(),
                 allowed_ips: p.allowed_ips.iter().map(|n| n.get_ref().0).collect(),
                 persistent_keepalive: p.persistent_keepalive.filter(|&k| k > 0),
@@ -299,7 +305,16 @@ impl StaticConfig {
         }
 
         let (filter, warnings) = match &raw.interface.policy_file {
-            Some(file) => compile_policy(&base.join(file.get_ref()), &raw, &peers)?,
+            Some(file) => {
+                let full = base.join(file.get_ref());
+                if let Err(e) = std::fs::metadata(&full) {
+                    return Err(at(
+                        file.span(),
+                        format!("policy_file {}: {e}", full.display()),
+                    ));
+                }
+                compile_policy(&full, &raw, &peers)?
+            }
             None => (FilterSpec::default(), vec![]),
         };
         let routes = raw
@@ -447,6 +462,47 @@ fn compile_policy(
     let compiled = netpolicy::compile(&checked.policy, &inventory);
     let filter = compiled.filters.get(me).cloned().unwrap_or_default();
     Ok((filter, warnings))
+}
+
+/// A peer endpoint, `IPV4:PORT` or `[IPV6]:PORT`, with an error that names what is wrong.
+fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!(
+                "endpoint {text:?}: port 0 cannot be sent to (1-65535)"
+            ));
+        }
+        return Ok(addr);
+    }
+    let (host, port) = match text.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty() && !h.ends_with(':') && (h.starts_with('[') || !h.contains(':')) =>
+        {
+            (h, p)
+        }
+        _ => {
+            let hint = if text.parse::<std::net::IpAddr>().is_ok() {
+                " (IPv6 goes in brackets: [fd00::2]:51820)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "endpoint {text:?} needs a port, as in 192.0.2.2:51820 or [2001:db8::2]:51820{hint}"
+            ));
+        }
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!(
+            "endpoint {text:?}: {host:?} is not an IP address (host names are not resolved in \
+             static mode; give the address)"
+        ));
+    }
+    match port.parse::<u32>() {
+        Ok(p) if p > 65_535 => Err(format!("endpoint {text:?}: port {p} is above 65535")),
+        Ok(_) => Err(format!("endpoint {text:?} is not IP:PORT")),
+        Err(_) => Err(format!("endpoint {text:?}: {port:?} is not a port number")),
+    }
 }
 
 fn spiffe_id(trust_domain: &str, namespace: &str, name: &str) -> String {
@@ -777,6 +833,48 @@ allowed_ips = ["10.90.0.2/32"]
                 "[\"10.90.0.2/32\", \"fd00::2/300\"]",
                 "node.toml:12:",
                 "longer than an IPv6 address (0-128)",
+            ),
+            (
+                "endpoint = \"192.0.2.2:51820\"",
+                "endpoint = \"192.0.2.2:70000\"",
+                "node.toml:11:12",
+                "port 70000 is above 65535",
+            ),
+            (
+                "endpoint = \"192.0.2.2:51820\"",
+                "endpoint = \"192.0.2.2\"",
+                "node.toml:11:12",
+                "needs a port, as in 192.0.2.2:51820",
+            ),
+            (
+                "endpoint = \"192.0.2.2:51820\"",
+                "endpoint = \"fd00::2\"",
+                "node.toml:11:12",
+                "IPv6 goes in brackets",
+            ),
+            (
+                "endpoint = \"192.0.2.2:51820\"",
+                "endpoint = \"db1.example:51820\"",
+                "node.toml:11:12",
+                "\"db1.example\" is not an IP address (host names are not resolved",
+            ),
+            (
+                "endpoint = \"192.0.2.2:51820\"",
+                "endpoint = \"192.0.2.2:0\"",
+                "node.toml:11:12",
+                "port 0 cannot be sent to",
+            ),
+            (
+                "addresses = [\"10.90.0.1/16\"]",
+                "addresses = [\"10.90.0.1/16\"]\nmtu = 70000",
+                "node.toml:4:7",
+                "mtu 70000 is out of range",
+            ),
+            (
+                "addresses = [\"10.90.0.1/16\"]",
+                "addresses = [\"10.90.0.1/16\"]\npolicy_file = \"missing.toml\"",
+                "node.toml:4:15",
+                "missing.toml: No such file",
             ),
             (
                 "[\"10.90.0.2/32\"]",

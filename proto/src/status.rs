@@ -63,6 +63,10 @@ pub struct ConfigSource {
     pub loaded_at: u64,
     /// The last reload that was refused after that load, if any: when, and why.
     pub refused: Option<(u64, String)>,
+    /// Settings the file changes that take effect only at a restart (`listen_port 51820 ->
+    /// 51821`); the running ones stay until then.
+    #[serde(default)]
+    pub pending_restart: Vec<String>,
 }
 
 /// One peer's live state.

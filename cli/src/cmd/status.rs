@@ -102,6 +102,11 @@ fn render(r: &StatusReport) -> String {
     for w in &r.warnings {
         s.push_str(&format!("warning:     {w}\n"));
     }
+    for change in r.config_source.iter().flat_map(|c| &c.pending_restart) {
+        s.push_str(&format!(
+            "warning:     the file changes {change}: that takes effect at a restart\n"
+        ));
+    }
     if let Some((at, why)) = r.config_source.as_ref().and_then(|c| c.refused.as_ref()) {
         s.push_str(&format!(
             "warning:     reload refused {}, the configuration above stays: {why}\n",
@@ -246,6 +251,7 @@ mod tests {
                 policy_file: Some("/etc/ztnet/policy.toml".into()),
                 loaded_at: now - 300,
                 refused: Some((now - 30, "node.toml:3:13: prefix length 40".into())),
+                pending_restart: vec!["listen_port 51820 -> 51821".into()],
             }),
             ..static_mode.clone()
         };
@@ -254,6 +260,13 @@ mod tests {
             text.contains(
                 "config:      static: /etc/ztnet/node.toml, policy /etc/ztnet/policy.toml, \
                  loaded 5m ago"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "warning:     the file changes listen_port 51820 -> 51821: that takes effect at \
+                 a restart"
             ),
             "{text}"
         );

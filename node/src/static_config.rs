@@ -138,6 +138,27 @@ struct RawPeer {
     persistent_keepalive: Option<u16>,
 }
 
+/// The prefix lists of a config as text with their places; everything else is ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PrefixLists {
+    interface: PrefixListsInterface,
+    peer: Vec<PrefixListsPeer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PrefixListsInterface {
+    addresses: Vec<Spanned<String>>,
+    routes: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PrefixListsPeer {
+    allowed_ips: Vec<Spanned<String>>,
+}
+
 fn default_name() -> String {
     "ztnet0".into()
 }
@@ -170,6 +191,21 @@ impl StaticConfig {
                 message,
             }
         };
+        // Prefixes first, each read as text, so that a bad one is reported at its own place in
+        // its list (through the typed lists below, toml points at the list's start).
+        if let Ok(lists) = toml::from_str::<PrefixLists>(&text) {
+            let routes = lists.interface.routes.iter().flatten();
+            let allowed = lists.peer.iter().flat_map(|p| &p.allowed_ips);
+            for item in lists
+                .interface
+                .addresses
+                .iter()
+                .chain(routes)
+                .chain(allowed)
+            {
+                ztnet_proto::prefix::parse(item.get_ref()).map_err(|m| at(item.span(), m))?;
+            }
+        }
         let raw: RawConfig = toml::from_str(&text)
             .map_err(|e| at(e.span().unwrap_or(0..0), e.message().trim_end().to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -801,7 +837,7 @@ allowed_ips = ["10.90.0.2/32"]
             (
                 "addresses = [\"10.90.0.1/16\"]",
                 "addresses = [\"10.90.0.1/40\"]",
-                "node.toml:3:",
+                "node.toml:3:14",
                 "prefix length 40 in `10.90.0.1/40` is longer than an IPv4 address (0-32)",
             ),
             (
@@ -825,13 +861,13 @@ allowed_ips = ["10.90.0.2/32"]
             (
                 "addresses = [\"10.90.0.1/16\"]",
                 "addresses = [\"10.90.0.1/16\"]\nroutes = [\"10.95.0.0\"]",
-                "node.toml:4:",
+                "node.toml:4:11",
                 "`10.95.0.0/32` for this one address",
             ),
             (
                 "[\"10.90.0.2/32\"]",
                 "[\"10.90.0.2/32\", \"fd00::2/300\"]",
-                "node.toml:12:",
+                "node.toml:12:32",
                 "longer than an IPv6 address (0-128)",
             ),
             (

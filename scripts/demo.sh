@@ -86,7 +86,10 @@ done
 say "binaries in $BIN"
 
 # ---------------------------------------------------------------------------------------------
-ID=$(od -An -N2 -tx2 /dev/urandom | tr -d ' \n')
+# ZTNET_DEMO_ID picks the name suffix (letters and digits), for people who share a machine
+# and keep to their own names; by default it is random.
+ID=${ZTNET_DEMO_ID:-$(od -An -N2 -tx2 /dev/urandom | tr -d ' \n')}
+[[ $ID =~ ^[a-z0-9]{1,8}$ ]] || { echo "ZTNET_DEMO_ID must be 1-8 lowercase letters or digits" >&2; exit 2; }
 P="ztdemo-$ID"
 WORK=$(mktemp -d "/tmp/ztnet-demo-$ID.XXXX")
 NS_COORD="$P-coord" NS_RTR="$P-rtr" NS_A="$P-cloud-a" NS_B="$P-cloud-b"

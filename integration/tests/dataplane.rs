@@ -898,7 +898,7 @@ fn reconfiguring_one_peer_leaves_another_alone_and_removal_is_immediate() {
         source["file"]
             .as_str()
             .is_some_and(|f| f.ends_with("n1.toml"))
-            && source["refused"][1]
+            && source["refused"]["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("n1.toml:1:")),
         "{source}"

@@ -135,7 +135,7 @@ struct RawPeer {
     namespace: Spanned<String>,
     #[serde(default)]
     tags: Vec<Spanned<String>>,
-    persistent_keepalive: Option<u16>,
+    persistent_keepalive: Option<Spanned<i64>>,
 }
 
 /// The prefix lists of a config as text with their places; everything else is ignored.
@@ -329,7 +329,23 @@ impl StaticConfig {
                 },
                 endpoints: Vec::new(),
                 allowed_ips: p.allowed_ips.iter().map(|n| n.get_ref().0).collect(),
-                persistent_keepalive: p.persistent_keepalive.filter(|&k| k > 0),
+                persistent_keepalive: match &p.persistent_keepalive {
+                    Some(k) => match u16::try_from(*k.get_ref()) {
+                        Ok(0) => None,
+                        Ok(v) => Some(v),
+                        Err(_) => {
+                            return Err(at(
+                                k.span(),
+                                format!(
+                                    "persistent_keepalive {} is out of range (0-65535 seconds; \
+                                     0 is off)",
+                                    k.get_ref()
+                                ),
+                            ));
+                        }
+                    },
+                    None => None,
+                },
                 identity: Some(Identity {
                     spiffe_id: spiffe_id(td, p.namespace.get_ref(), name),
                     namespace: p.namespace.get_ref().clone(),
@@ -899,6 +915,12 @@ allowed_ips = ["10.90.0.2/32"]
                 "endpoint = \"192.0.2.2:0\"",
                 "node.toml:11:12",
                 "port 0 cannot be sent to",
+            ),
+            (
+                "allowed_ips = [\"10.90.0.2/32\"]",
+                "allowed_ips = [\"10.90.0.2/32\"]\npersistent_keepalive = 70000",
+                "node.toml:13:24",
+                "persistent_keepalive 70000 is out of range",
             ),
             (
                 "addresses = [\"10.90.0.1/16\"]",

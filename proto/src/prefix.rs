@@ -33,6 +33,11 @@ pub fn parse(text: &str) -> Result<IpNet, String> {
                  (0-{max})"
             ));
         }
+        Err(_) if len.is_empty() => {
+            return Err(format!(
+                "`{text}` has no prefix length after the '/' (0-{max})"
+            ));
+        }
         Err(_) => {
             return Err(format!(
                 "`{len}` after the '/' in `{text}` is not a prefix length (0-{max})"
@@ -83,7 +88,10 @@ mod tests {
                 "`10.0.0` in `10.0.0/8` is not an IPv4 or IPv6 address",
             ),
             ("10.0.0.0/x", "`x` after the '/'"),
-            ("10.0.0.0/", "`` after the '/'"),
+            (
+                "10.0.0.0/",
+                "`10.0.0.0/` has no prefix length after the '/' (0-32)",
+            ),
             ("10.0.0.0/-1", "`-1` after the '/'"),
             ("", "needs a prefix length"),
         ] {

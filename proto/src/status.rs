@@ -51,6 +51,15 @@ pub struct StatusReport {
     pub socket_drops: Option<u64>,
 }
 
+/// A reload that was refused: the configuration before it stayed in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedReload {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// Why, as the node logged it (`node.toml:3:14: ...`).
+    pub error: String,
+}
+
 /// Where a static-mode node's configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigSource {
@@ -61,8 +70,8 @@ pub struct ConfigSource {
     pub policy_file: Option<String>,
     /// When the configuration in force was loaded (Unix seconds).
     pub loaded_at: u64,
-    /// The last reload that was refused after that load, if any: when, and why.
-    pub refused: Option<(u64, String)>,
+    /// The last reload that was refused after that load, if any.
+    pub refused: Option<RefusedReload>,
     /// Settings the file changes that take effect only at a restart (`listen_port 51820 ->
     /// 51821`); the running ones stay until then.
     #[serde(default)]

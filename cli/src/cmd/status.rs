@@ -107,10 +107,11 @@ fn render(r: &StatusReport) -> String {
             "warning:     the file changes {change}: that takes effect at a restart\n"
         ));
     }
-    if let Some((at, why)) = r.config_source.as_ref().and_then(|c| c.refused.as_ref()) {
+    if let Some(refused) = r.config_source.as_ref().and_then(|c| c.refused.as_ref()) {
         s.push_str(&format!(
-            "warning:     reload refused {}, the configuration above stays: {why}\n",
-            output::relative(*at, now)
+            "warning:     reload refused {}, the configuration above stays: {}\n",
+            output::relative(refused.at, now),
+            refused.error
         ));
     }
     s.push('\n');
@@ -250,7 +251,10 @@ mod tests {
                 file: "/etc/ztnet/node.toml".into(),
                 policy_file: Some("/etc/ztnet/policy.toml".into()),
                 loaded_at: now - 300,
-                refused: Some((now - 30, "node.toml:3:13: prefix length 40".into())),
+                refused: Some(ztnet_proto::status::RefusedReload {
+                    at: now - 30,
+                    error: "node.toml:3:13: prefix length 40".into(),
+                }),
                 pending_restart: vec!["listen_port 51820 -> 51821".into()],
             }),
             ..static_mode.clone()

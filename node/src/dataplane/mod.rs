@@ -377,7 +377,7 @@ impl Dataplane {
     /// Records a refused reload against the source in force (no-op without one).
     pub fn config_refused(&self, at: u64, error: String) {
         if let Some(s) = lock(&self.shared.config_source).as_mut() {
-            s.refused = Some((at, error));
+            s.refused = Some(ztnet_proto::status::RefusedReload { at, error });
         }
     }
 

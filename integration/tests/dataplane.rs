@@ -443,6 +443,46 @@ fn a_reload_removes_only_the_nodes_own_routes_and_restores_lost_ones() {
     .expect("a reload of the same file restores the route");
     m.wait_ping("n1", n2)
         .expect("n1 -> n2 after down, up and reload");
+
+    // A route that holds a peer's endpoint would carry the tunnel into itself: left out,
+    // with a warning, and the tunnel stays up.
+    let endpoint = format!("{}/32", m.node("n2").underlay());
+    let path = m.config_path("n1");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let text = text.replacen(
+        "routes = [\"10.95.0.0/24\"]",
+        &format!("routes = [\"10.95.0.0/24\", \"{endpoint}\"]"),
+        1,
+    );
+    std::fs::write(&path, text).expect("write");
+    m.reload("n1");
+    let says = format!("route {endpoint} is not installed: it holds peer n2's endpoint");
+    wait_for("the endpoint warning", Duration::from_secs(5), || {
+        let w = m.status("n1")?["warnings"].to_string();
+        Ok(w.contains(&says).then_some(()))
+    })
+    .expect("the route that holds n2's endpoint is refused with a warning");
+    m.wait_ping("n1", n2).expect("the tunnel is not cut");
+
+    // A reload while the link is down cannot add routes, but still takes a removed peer away.
+    let ns = &m.node("n1").ns;
+    ns.ip(&["link", "set", &iface, "down"]).expect("down");
+    m.write_config("n1", Some(&[]), "")
+        .expect("config without n2");
+    with_routes(&m);
+    m.reload("n1");
+    wait_for(
+        "n2 removed while the link is down",
+        Duration::from_secs(5),
+        || Ok((m.peer_count("n1") == 0).then_some(())),
+    )
+    .expect("the peer goes although its routes cannot be set");
+    let ns = &m.node("n1").ns;
+    ns.ip(&["link", "set", &iface, "up"]).expect("up");
+    assert!(
+        !ping(ns, n2).expect("ping"),
+        "nothing reaches the removed peer after the link comes back"
+    );
 }
 
 /// A full-tunnel peer (allowed IPs 0.0.0.0/0 and ::/0) and a peer allowed IP equal to the

@@ -1,7 +1,7 @@
 //! Addresses, routes and link state of the TUN interface, set with `ip` (iproute2).
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
 use anyhow::Context;
@@ -88,6 +88,17 @@ pub fn sync_addresses(
             ));
             continue;
         }
+        if let Some((peer, at)) = endpoint_inside(new, r) {
+            warnings.push((
+                *r,
+                format!(
+                    "route {text} is not installed: it holds peer {peer}'s endpoint {at}, and \
+                     routing that into the tunnel would cut the tunnel itself (full-tunnel \
+                     routing is not supported); route narrower prefixes with `routes`"
+                ),
+            ));
+            continue;
+        }
         let family = if r.addr().is_ipv4() { "-4" } else { "-6" };
         let args = [
             family,
@@ -110,11 +121,24 @@ pub fn sync_addresses(
                      that route stays"
                     ),
                 )),
-                None => return Err(e),
+                // The link is down, say: the peers and the filter still change (a removed
+                // peer must go whatever the routes do); the next apply tries again.
+                None => warnings.push((*r, format!("route {text} is not installed: {e:#}"))),
             }
         }
     }
     Ok(warnings)
+}
+
+/// A peer of `config` whose configured endpoint lies inside `route`, with that endpoint.
+fn endpoint_inside(config: &DataplaneConfig, route: &IpNet) -> Option<(String, SocketAddr)> {
+    config.peers.iter().find_map(|p| {
+        p.endpoint
+            .iter()
+            .chain(&p.endpoints)
+            .find(|e| route.contains(&e.ip().to_canonical()))
+            .map(|e| (p.name.clone(), *e))
+    })
 }
 
 /// The device of the main table's route for exactly `prefix`, if there is one.

@@ -72,8 +72,10 @@ pub fn sync_addresses(
         // was never installed (the host had its own), is not there, which is fine.
         let _ = ip(&["route", "del", &text, "dev", name, "proto", ROUTE_PROTO]);
     }
+    // One listing per apply, so that a route already in place costs no `ip` call.
+    let present = routes_via(name);
     for r in &new_routes {
-        if r.addr().is_ipv6() && !ipv6_enabled(name) {
+        if present.contains(r) || r.addr().is_ipv6() && !ipv6_enabled(name) {
             continue;
         }
         let text = r.to_string();
@@ -139,6 +141,37 @@ fn endpoint_inside(config: &DataplaneConfig, route: &IpNet) -> Option<(String, S
             .find(|e| route.contains(&e.ip().to_canonical()))
             .map(|e| (p.name.clone(), *e))
     })
+}
+
+/// The prefixes the main table routes through `name`, both families, the node's and the
+/// kernel's alike (`ip -j route show dev NAME`; a host route is listed without its length).
+fn routes_via(name: &str) -> BTreeSet<IpNet> {
+    let mut routes = BTreeSet::new();
+    for family in ["-4", "-6"] {
+        let Ok(out) = Command::new("ip")
+            .args([family, "-j", "route", "show", "dev", name])
+            .output()
+        else {
+            continue;
+        };
+        let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            continue;
+        };
+        for dst in list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["dst"].as_str())
+        {
+            let net = dst
+                .parse::<IpNet>()
+                .or_else(|_| dst.parse::<IpAddr>().map(IpNet::from));
+            if let Ok(net) = net {
+                routes.insert(net.trunc());
+            }
+        }
+    }
+    routes
 }
 
 /// The device of the main table's route for exactly `prefix`, if there is one.

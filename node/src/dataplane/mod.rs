@@ -969,7 +969,14 @@ fn udp_loop(s: &Shared) {
                 Some(_) => s.tun_reply.as_ref().map_or(-1, |q| q.as_raw_fd()),
                 None => -1,
             };
-            let wait = [fd, queue, s.stop_event.fd(), s.udp_wake.fd()];
+            // Only plain WireGuard mode replaces the socket; elsewhere the wake event is left
+            // out of the poll set.
+            let wake = if s.plain.is_some() {
+                s.udp_wake.fd()
+            } else {
+                -1
+            };
+            let wait = [fd, queue, s.stop_event.fd(), wake];
             match sys::wait_readable(wait) {
                 Ok([socket, queue, _, wake]) => {
                     (socket_ready, queue_ready) = (socket, queue);

@@ -324,10 +324,6 @@ impl RecvBatch {
     /// Takes every datagram already queued, up to the batch size, without waiting (the caller
     /// polls first): `WouldBlock` when nothing is queued. Returns how many arrived.
     pub fn recv_now(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.recv_with(fd, libc::MSG_DONTWAIT)
-    }
-
-    fn recv_with(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         // Only the slots the last call filled were changed by the kernel: a sparse receive
         // touches one header, not all of them (each is a cache line, cold between packets).
         for i in 0..std::mem::take(&mut self.received).max(1) {
@@ -341,7 +337,7 @@ impl RecvBatch {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 count,
-                flags,
+                libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
         };

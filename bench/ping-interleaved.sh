@@ -147,15 +147,22 @@ EOF
             wait_until "[ -S /var/run/ztnet/${TAG}z$n$side.sock ]"
         done
         ;;
-    boringtun | boringtun-1t)
+    boringtun | boringtun-1t | ztnet-wg)
+        # ztnet-wg: ztnet-node in plain WireGuard mode (no identity filter), set up with `wg`
+        # exactly as boringtun-cli is.
         extra=()
         [ "$impl" = boringtun-1t ] && extra=(--threads 1)
         for side in a b; do
             me=1 peer=2 peer_pub=$B_PUB ns=$NS_A
             [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; }
             ifc=${TAG}b$n$side
-            ip netns exec "$ns" "$BTUN" --foreground --disable-drop-privileges "${extra[@]}" \
-                "$ifc" >>"$WORK/$impl.log" 2>&1 &
+            if [ "$impl" = ztnet-wg ]; then
+                RUST_LOG=warn ip netns exec "$ns" "$ZTNET" wg --foreground "$ifc" \
+                    >>"$WORK/$impl.log" 2>&1 &
+            else
+                ip netns exec "$ns" "$BTUN" --foreground --disable-drop-privileges \
+                    "${extra[@]}" "$ifc" >>"$WORK/$impl.log" 2>&1 &
+            fi
             DPID[$impl,$side]=$!
             PIDS+=($!)
             wait_until "[ -S /var/run/wireguard/$ifc.sock ]"
@@ -165,7 +172,7 @@ EOF
             ip -n "$ns" link set "$ifc" mtu 1420 up
         done
         ;;
-    *) echo "unknown implementation $impl (ztnet, boringtun, boringtun-1t)" >&2; exit 1 ;;
+    *) echo "unknown implementation $impl (ztnet, ztnet-altN, ztnet-wg, boringtun, boringtun-1t)" >&2; exit 1 ;;
     esac
     wait_until "in_a ping -c1 -W1 ${DST[$impl]}"
 done
@@ -215,13 +222,47 @@ ctx() { # pid...
     echo $t
 }
 echo
-echo "thread wake-ups per round trip (voluntary context switches of both daemons, $STRACE_PINGS pings):"
+# Nanoseconds on a CPU, all threads of the processes given (the first field of schedstat).
+oncpu() { # pid...
+    local t=0 p f
+    for p in "$@"; do
+        for f in /proc/"$p"/task/*/schedstat; do
+            t=$((t + $(cut -d' ' -f1 "$f" 2>/dev/null || echo 0)))
+        done
+    done
+    echo "$t"
+}
+
+echo "per round trip, both daemons, $STRACE_PINGS pings: thread wake-ups (voluntary context"
+echo "switches) and time on a CPU (schedstat, user and kernel, microseconds):"
 for impl in $ONLY; do
     c0=$(ctx "${DPID[$impl,a]}" "${DPID[$impl,b]}")
+    t0=$(oncpu "${DPID[$impl,a]}" "${DPID[$impl,b]}")
     in_a ping -n -q -c "$STRACE_PINGS" -i "$INTERVAL" "${DST[$impl]}" >/dev/null
+    t1=$(oncpu "${DPID[$impl,a]}" "${DPID[$impl,b]}")
     c1=$(ctx "${DPID[$impl,a]}" "${DPID[$impl,b]}")
-    echo "  $impl: $(echo "scale=2; ($c1 - $c0) / $STRACE_PINGS" | bc)"
+    printf '  %-14s %6s wake-ups %8s us on CPU\n' "$impl" \
+        "$(echo "scale=2; ($c1 - $c0) / $STRACE_PINGS" | bc)" \
+        "$(echo "scale=1; ($t1 - $t0) / $STRACE_PINGS / 1000" | bc)"
 done
+if [ "${CPU_THREADS:-0}" = 1 ]; then
+    echo "time on a CPU per round trip by thread (microseconds, both daemons):"
+    for impl in $ONLY; do
+        declare -A before=()
+        for p in "${DPID[$impl,a]}" "${DPID[$impl,b]}"; do
+            for d in /proc/"$p"/task/*; do before[$d]=$(cut -d' ' -f1 "$d/schedstat"); done
+        done
+        in_a ping -n -q -c "$STRACE_PINGS" -i "$INTERVAL" "${DST[$impl]}" >/dev/null
+        declare -A by=()
+        for d in "${!before[@]}"; do
+            n=$(cat "$d/comm"); by[$n]=$(( ${by[$n]:-0} + $(cut -d' ' -f1 "$d/schedstat") - ${before[$d]} ))
+        done
+        line="  $impl:"
+        for n in "${!by[@]}"; do line="$line $n $(echo "scale=1; ${by[$n]} / $STRACE_PINGS / 1000" | bc)"; done
+        echo "$line"
+        unset before by
+    done
+fi
 
 if [ "$STRACE" = 1 ]; then
     command -v strace >/dev/null || { echo "no strace" >&2; exit 0; }

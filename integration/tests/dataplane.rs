@@ -388,6 +388,39 @@ ports = ["icmp", "tcp:5432"]
 /// Every node may reach every other on everything.
 const ALLOW_ALL: &str = "[[grant]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
 
+/// The connected UDP sockets in `ns`, as (local, peer) address pairs from `ss`: the node's
+/// per-peer sockets (see node/src/dataplane/conns.rs).
+fn connected_udp(ns: &Netns) -> Vec<(String, String)> {
+    let out = ns
+        .exec("ss", &["-Hnu", "state", "established"])
+        .expect("ss");
+    out.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // Recv-Q Send-Q Local Peer (the state column is left out with a state filter).
+            let n = cols.len();
+            (n >= 2).then(|| (cols[n - 2].to_string(), cols[n - 1].to_string()))
+        })
+        .collect()
+}
+
+/// Waits until `ns` has exactly the connected UDP sockets `want`.
+fn wait_connected(ns: &Netns, want: &[(&str, &str)]) -> Result<()> {
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    wait_for("the connected UDP sockets", Duration::from_secs(10), || {
+        let mut have = connected_udp(ns);
+        have.sort();
+        if have == want {
+            Ok(Some(()))
+        } else {
+            bail!("have {have:?}, want {want:?}")
+        }
+    })
+}
+
 /// The host's routes in `ns` for `family` ("-4" or "-6"), as `ip route` prints them.
 fn routes(ns: &Netns, family: &str) -> String {
     let out = ns.ip(&[family, "route", "show"]).expect("ip route");
@@ -703,6 +736,10 @@ fn two_nodes_follow_the_policy_and_the_link_carries_only_wireguard() {
 
     m.wait_ping("n1", n2)
         .expect("FC-01: n1 pings n2 and the echo reply comes back");
+    // With a session, each node sends to the other from a socket connected to its endpoint,
+    // bound to the listen port.
+    wait_connected(&m.node("n1").ns, &[("192.0.2.1:51820", "192.0.2.2:51820")])
+        .expect("n1 has a connected socket to n2");
     let tcp_ok = tcp_echo(&m.node("n1").ns, n2, 5432, &marker).expect("tcp");
     let v6_ok = ping(&m.node("n1").ns, m.node("n2").v6()).expect("ping6");
     let denied_port = tcp_echo(&m.node("n1").ns, n2, 5433, "denied").expect("tcp");
@@ -1183,6 +1220,9 @@ fn peer_roams_to_a_new_address_after_an_authenticated_packet() {
         .to_string();
     assert_eq!(endpoint, "192.0.2.20:51820", "n1 learnt the new endpoint");
     assert!(ping(&m.node("n1").ns, n2).expect("ping"), "and uses it");
+    // n1's socket connected to the old endpoint is gone; one to the new endpoint sends.
+    wait_connected(&m.node("n1").ns, &[("192.0.2.1:51820", "192.0.2.20:51820")])
+        .expect("n1's connected socket follows the peer");
 }
 
 #[test]

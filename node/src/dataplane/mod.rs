@@ -33,6 +33,7 @@
 //! in the environment opens the TUN without them.
 
 pub mod api;
+mod conns;
 pub mod counters;
 mod fragment;
 pub mod iface;
@@ -49,7 +50,7 @@ pub mod uapi;
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -92,6 +93,8 @@ struct Shared {
     vnet: bool,
     socket: UdpSocket,
     socket_v6: bool,
+    /// Sockets connected to the peers' endpoints, and the UDP thread's wait set.
+    conns: conns::Conns,
     table: RwLock<PeerTable>,
     /// Held by whichever thread reads the TUN, so that packets are sent in the order read.
     tun_turn: Mutex<()>,
@@ -148,6 +151,13 @@ impl Dataplane {
         iface::link_up(&name, iface.mtu)?;
         let (socket, socket_v6) = bind_udp(iface.listen_port)?;
         let listen_port = socket.local_addr().context("UDP socket address")?.port();
+        let shared_port = match source::share_port(socket.as_raw_fd()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "no SO_REUSEPORT; every datagram leaves from one socket");
+                false
+            }
+        };
 
         let counters = Arc::new(Counters::default());
         let filter = Arc::new(Mutex::new(Filter::new(
@@ -176,6 +186,7 @@ impl Dataplane {
             vnet,
             socket,
             socket_v6,
+            conns: conns::Conns::new(shared_port).context("epoll")?,
             table: RwLock::new(table),
             tun_turn: Mutex::new(()),
             config: Mutex::new(DataplaneConfig::default()),
@@ -465,7 +476,11 @@ impl Shared {
                 w
             },
             config_source: lock(&self.config_source).clone(),
-            socket_drops: sys::socket_drops(self.socket.as_raw_fd()),
+            socket_drops: self.conns.with_fds(|fds| {
+                let mut all = vec![self.socket.as_raw_fd()];
+                all.extend_from_slice(fds);
+                sys::socket_drops(&all)
+            }),
         }
     }
 }
@@ -473,6 +488,9 @@ impl Shared {
 /// The shell's outputs: datagrams to the UDP socket, packets to the TUN.
 struct Io<'a> {
     socket: &'a UdpSocket,
+    conns: &'a conns::Conns,
+    /// The connected socket last used, see [`conns::SendCache`].
+    cache: conns::SendCache,
     /// The port the socket is bound to (see `Shared::listen_port`).
     listen_port: &'a AtomicU16,
     socket_v6: bool,
@@ -484,6 +502,8 @@ impl<'a> Io<'a> {
     fn new(s: &'a Shared) -> Io<'a> {
         Io {
             socket: &s.socket,
+            conns: &s.conns,
+            cache: conns::SendCache::default(),
             listen_port: &s.listen_port,
             socket_v6: s.socket_v6,
             tun: &s.tun,
@@ -516,11 +536,37 @@ impl<'a> Io<'a> {
     }
 }
 
-impl Transmit for Io<'_> {
-    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) {
+impl Io<'_> {
+    /// Sends through the peer's connected socket when there is one for `to` and `from`.
+    /// Returns false when the datagram is still to be sent from the main socket: no such
+    /// socket, or its source address was refused (gone from the host).
+    fn send_connected(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) -> bool {
+        let Some(conn) = self.cache.lookup(self.conns, to, from) else {
+            return false;
+        };
+        match conn.send(datagram) {
+            Ok(_) => true,
+            Err(e) if source::source_refused(&e) => false,
+            Err(e) => {
+                tracing::trace!(%to, error = %e, "send failed");
+                true
+            }
+        }
+    }
+
+    /// Sends from the main socket, with the kernel's choice of source.
+    fn send_unconnected(&mut self, to: SocketAddr, datagram: &[u8]) {
         let to = self.map(to);
         if let Err(e) = self.socket.send_to(datagram, to) {
             tracing::trace!(%to, error = %e, "send failed");
+        }
+    }
+}
+
+impl Transmit for Io<'_> {
+    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if !self.send_connected(to, None, datagram) {
+            self.send_unconnected(to, datagram);
         }
     }
 
@@ -529,15 +575,19 @@ impl Transmit for Io<'_> {
     }
 
     fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
-        let Some(src) = same_family(to, from) else {
-            return self.send_udp(to, datagram);
+        let from = same_family(to, from);
+        if self.send_connected(to, from, datagram) {
+            return;
+        }
+        let Some(src) = from else {
+            return self.send_unconnected(to, datagram);
         };
         let addr = socket2::SockAddr::from(self.map(to));
         let fd = self.socket.as_raw_fd();
         match source::send_from(fd, &addr, src, self.socket_v6, datagram, None) {
             Ok(_) => {}
             // The address is gone from the host: not too sticky, the kernel picks one.
-            Err(e) if source::source_refused(&e) => self.send_udp(to, datagram),
+            Err(e) if source::source_refused(&e) => self.send_unconnected(to, datagram),
             Err(e) => tracing::trace!(%to, error = %e, "send failed"),
         }
     }
@@ -806,17 +856,24 @@ impl Batched<'_> {
             let seg = u16::try_from(self.segment).unwrap_or(u16::MAX);
             let fd = self.io.socket.as_raw_fd();
             let v6 = self.io.socket_v6;
-            let sent = match from {
-                Some(src) => {
-                    source::send_from(fd, &addr, src, v6, &self.batch, Some(seg)).or_else(|e| {
+            let connected = match self.io.cache.lookup(self.io.conns, to, from) {
+                Some(conn) => match conn.send_segments(&self.batch, seg) {
+                    Err(e) if source::source_refused(&e) => None,
+                    sent => Some(sent),
+                },
+                None => None,
+            };
+            let sent = match (connected, from) {
+                (Some(sent), _) => sent,
+                (None, Some(src)) => source::send_from(fd, &addr, src, v6, &self.batch, Some(seg))
+                    .or_else(|e| {
                         if source::source_refused(&e) {
-                            sys::send_segments(fd, &addr, &self.batch, seg)
+                            sys::send_segments(fd, Some(&addr), &self.batch, seg)
                         } else {
                             Err(e)
                         }
-                    })
-                }
-                None => sys::send_segments(fd, &addr, &self.batch, seg),
+                    }),
+                (None, None) => sys::send_segments(fd, Some(&addr), &self.batch, seg),
             };
             if let Err(e) = sent {
                 if matches!(e.raw_os_error(), Some(libc::EIO | libc::ENOPROTOOPT)) {
@@ -880,118 +937,157 @@ impl Transmit for Batched<'_> {
     }
 }
 
-/// Receives datagrams and hands them to the table. With a second TUN queue (see [`RxOut`])
-/// the thread also reads that queue: it waits in `poll` for either, receives without waiting,
-/// and drains the queue after every batch it wrote.
+/// Tokens of the UDP thread's own descriptors in its `epoll` set; the connected sockets
+/// have theirs from [`conns::FIRST_ID`] on.
+const MAIN_SOCKET: u64 = 0;
+const REPLY_QUEUE: u64 = 1;
+const STOP: u64 = 2;
+const WAKE: u64 = 3;
+
+/// Receives datagrams, from the main socket and from every connected socket (see `conns`),
+/// and hands them to the table. With a second TUN queue (see [`RxOut`]) the thread also
+/// reads that queue: it waits in `epoll` for any of them, receives without waiting, and
+/// drains the queue after every batch it wrote. Each ready socket gets one batch in turn.
 fn udp_loop(s: &Shared) {
-    // Room for the largest datagram: the MTU may be raised at run time (`ip link set mtu`),
-    // and a peer's MTU may be larger than ours.
-    let size = MAX_DATAGRAM;
-    let mut batch = sys::RecvBatch::new(RECV_BATCH, size);
-    let mut buf = vec![0u8; peers::MIN_BUFFER];
-    let mut out = RxOut {
-        io: Io::new(s),
-        coalescer: offload::Coalescer::new(),
-        reply: s.tun_reply.as_ref(),
-        wrote_first: false,
+    let mut rx = Receiver {
+        // Room for the largest datagram: the MTU may be raised at run time (`ip link set
+        // mtu`), and a peer's MTU may be larger than ours.
+        batch: sys::RecvBatch::new(RECV_BATCH, MAX_DATAGRAM),
+        buf: vec![0u8; peers::MIN_BUFFER],
+        out: RxOut {
+            io: Io::new(s),
+            coalescer: offload::Coalescer::new(),
+            reply: s.tun_reply.as_ref(),
+            wrote_first: false,
+        },
+        assist: TunReader::new(s, &s.tun),
+        received: false,
     };
     let fd = s.socket.as_raw_fd();
-    let mut assist = TunReader::new(s, &s.tun);
     let mut replies = s.tun_reply.as_ref().map(|q| TunReader::new(s, q));
-    // What the last poll said (both assumed ready at the start).
-    let (mut socket_ready, mut queue_ready) = (true, true);
-    while !s.stopping() {
-        let received = if socket_ready {
-            batch.recv_now(fd)
-        } else {
-            Err(io::ErrorKind::WouldBlock.into())
-        };
-        match received {
-            Ok(n) => {
-                let table = s.table.read().unwrap_or_else(|p| p.into_inner());
-                let now = Instant::now();
-                for i in 0..n {
-                    match batch.get(i) {
-                        Some((from, d)) => {
-                            let local = batch.local(i);
-                            table.handle_datagram_at(from, local, d, now, &mut buf, &mut out)
-                        }
-                        None => s
-                            .counters
-                            .drop_packet(counters::DropReason::MalformedDatagram),
-                    }
-                }
-                drop(table);
-                out.flush();
-                // A short batch emptied the socket; the next poll says when more came.
-                socket_ready = n == RECV_BATCH;
-                queue_ready = true;
-                if out.take_wrote_first()
-                    && let Ok(_turn) = s.tun_turn.try_lock()
-                {
-                    // A TUN error here is left for the TUN thread to report.
-                    let _ = assist.drain(s, TUN_ASSIST);
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                socket_ready = false;
-            }
-            // ICMP errors from earlier sends surface here on Linux; they are not fatal.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "UDP receive failed");
-                // Not busy: a persistent error waits for the next poll.
-                socket_ready = false;
-            }
+    let epoll = s.conns.epoll();
+    let mut own = vec![(fd, MAIN_SOCKET), (s.stop_event.fd(), STOP)];
+    if let Some(q) = &s.tun_reply {
+        own.push((q.as_raw_fd(), REPLY_QUEUE));
+    }
+    // Only plain WireGuard mode replaces the socket; elsewhere the wake event is left out.
+    if s.plain.is_some() {
+        own.push((s.udp_wake.fd(), WAKE));
+    }
+    for (f, token) in own {
+        if let Err(e) = epoll.add(f, token) {
+            tracing::error!(error = %e, "cannot watch the UDP socket; data plane stops");
+            return;
         }
+    }
+    // What the last wait said (the main socket and the queue assumed ready at the start).
+    let (mut socket_ready, mut queue_ready) = (true, true);
+    let mut ready: Vec<Arc<conns::Conn>> = Vec::new();
+    let mut tokens = Vec::new();
+    while !s.stopping() {
+        if socket_ready {
+            socket_ready = rx.receive(s, fd);
+        }
+        ready.retain(|conn| rx.receive(s, conn.fd()));
+        // What was just written to the TUN may have its reply on the second queue already.
+        queue_ready |= std::mem::take(&mut rx.received);
         match replies.as_mut() {
             Some(reader) if queue_ready => match reader.drain(s, REPLY_BURST) {
                 Ok(empty) => queue_ready = !empty,
                 Err(e) => {
                     // The TUN thread reports a lost interface; this thread stops reading
-                    // the queue and waits on the socket alone.
+                    // the queue and waits on the sockets alone.
                     tracing::debug!(error = %e, "second TUN queue lost");
+                    if let Some(q) = &s.tun_reply {
+                        let _ = epoll.delete(q.as_raw_fd());
+                    }
                     replies = None;
-                    out.reply = None;
+                    rx.out.reply = None;
                     queue_ready = false;
                 }
             },
             Some(_) => {}
             None => queue_ready = false,
         }
-        if !socket_ready && !queue_ready {
-            let queue = match replies {
-                Some(_) => s.tun_reply.as_ref().map_or(-1, |q| q.as_raw_fd()),
-                None => -1,
-            };
-            // Only plain WireGuard mode replaces the socket; elsewhere the wake event is left
-            // out of the poll set.
-            let wake = if s.plain.is_some() {
-                s.udp_wake.fd()
-            } else {
-                -1
-            };
-            let wait = [fd, queue, s.stop_event.fd(), wake];
-            match sys::wait_readable(wait) {
-                Ok([socket, queue, _, wake]) => {
-                    (socket_ready, queue_ready) = (socket, queue);
-                    if wake {
-                        // The socket was replaced under the same descriptor: look at it.
-                        s.udp_wake.clear();
-                        socket_ready = true;
+        if socket_ready || queue_ready || !ready.is_empty() {
+            continue;
+        }
+        if let Err(e) = epoll.wait(&mut tokens) {
+            tracing::error!(error = %e, "UDP wait failed; data plane stops");
+            return;
+        }
+        for &token in &tokens {
+            match token {
+                MAIN_SOCKET => socket_ready = true,
+                REPLY_QUEUE => queue_ready = replies.is_some(),
+                STOP => {}
+                WAKE => {
+                    // The socket was replaced under the same descriptor: the set lost the
+                    // old one with its file; watch the new one.
+                    s.udp_wake.clear();
+                    if let Err(e) = epoll.add(fd, MAIN_SOCKET) {
+                        tracing::error!(error = %e, "cannot watch the new UDP socket");
                     }
+                    socket_ready = true;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "UDP poll failed; data plane stops");
-                    return;
-                }
+                id => ready.extend(s.conns.by_id(id)),
             }
         }
+    }
+}
+
+/// The UDP thread's receive side: one batch from a socket at a time.
+struct Receiver<'a> {
+    batch: sys::RecvBatch,
+    buf: Vec<u8>,
+    out: RxOut<'a>,
+    /// Reads the first TUN queue after a write to it (see [`TUN_ASSIST`]).
+    assist: TunReader<'a>,
+    /// Datagrams were handled since this was last cleared.
+    received: bool,
+}
+
+impl Receiver<'_> {
+    /// Receives one batch from `fd` without waiting and handles it. Returns whether the
+    /// socket may hold more (the batch was full, or it was interrupted).
+    fn receive(&mut self, s: &Shared, fd: RawFd) -> bool {
+        let n = match self.batch.recv_now(fd) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+            // ICMP errors from earlier sends surface here on Linux; they are not fatal, and
+            // the datagrams behind them are still to be read.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                // Not busy: a persistent error waits for the next wake-up.
+                tracing::debug!(error = %e, "UDP receive failed");
+                return false;
+            }
+        };
+        self.received = true;
+        let table = s.table.read().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        for i in 0..n {
+            match self.batch.get(i) {
+                Some((from, d)) => {
+                    let local = self.batch.local(i);
+                    table.handle_datagram_at(from, local, d, now, &mut self.buf, &mut self.out)
+                }
+                None => s
+                    .counters
+                    .drop_packet(counters::DropReason::MalformedDatagram),
+            }
+        }
+        drop(table);
+        self.out.flush();
+        if self.out.take_wrote_first()
+            && let Ok(_turn) = s.tun_turn.try_lock()
+        {
+            // A TUN error here is left for the TUN thread to report.
+            let _ = self.assist.drain(s, TUN_ASSIST);
+        }
+        // A short batch emptied the socket; the next wait says when more came.
+        n == RECV_BATCH
     }
 }
 
@@ -1009,11 +1105,17 @@ fn timer_loop(s: &Shared) {
     let mut buf = vec![0u8; peers::MIN_BUFFER];
     let mut io = Io::new(s);
     let mut next = Instant::now();
+    let mut wanted = Vec::new();
     while !s.stopping() {
         let events = {
             let table = s.table.read().unwrap_or_else(|p| p.into_inner());
-            table.handle_timers(Instant::now(), &mut buf, &mut io)
+            let events = table.handle_timers(Instant::now(), &mut buf, &mut io);
+            table.connected_endpoints(&mut wanted);
+            events
         };
+        let port = s.listen_port.load(Ordering::Relaxed);
+        s.conns
+            .reconcile(&wanted, port, s.socket_v6, Instant::now());
         for e in events {
             match e {
                 SessionEvent::SessionUp { peer } => {

@@ -663,6 +663,19 @@ impl PeerTable {
         events
     }
 
+    /// The endpoints of the peers with a session, each with the local address its replies
+    /// leave from, in configuration order, into `out` (emptied first): the data plane keeps a
+    /// connected socket for each.
+    pub fn connected_endpoints(&self, out: &mut Vec<(SocketAddr, Option<IpAddr>)>) {
+        out.clear();
+        for peer in &self.peers {
+            let state = lock(&peer.state);
+            if let (true, Some(to)) = (state.session_up, state.endpoint) {
+                out.push((to, state.source));
+            }
+        }
+    }
+
     /// Each peer's state, in configuration order.
     pub fn snapshot(&self) -> Vec<PeerSnapshot> {
         self.peers

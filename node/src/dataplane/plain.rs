@@ -64,11 +64,13 @@ impl Shared {
             tracing::warn!(interface = %self.iface.name, "`wg set` refused: {e:#}");
             return uapi::format_error(errno_of(&e));
         }
-        if let Some(mark) = outcome.fwmark
-            && let Err(e) = source::set_fwmark(self.socket.as_raw_fd(), mark)
-        {
-            tracing::warn!(interface = %self.iface.name, error = %e, "cannot set fwmark");
-            return uapi::format_error(e.raw_os_error().unwrap_or(uapi::EINVAL));
+        if let Some(mark) = outcome.fwmark {
+            if let Err(e) = source::set_fwmark(self.socket.as_raw_fd(), mark) {
+                tracing::warn!(interface = %self.iface.name, error = %e, "cannot set fwmark");
+                return uapi::format_error(e.raw_os_error().unwrap_or(uapi::EINVAL));
+            }
+            // The connected sockets are made again with it at the next timer tick.
+            self.conns.set_mark(mark);
         }
         let config = DataplaneConfig {
             peers: next.peer_configs(),
@@ -108,7 +110,13 @@ impl Shared {
             source::set_fwmark(fresh.as_raw_fd(), fwmark)?;
         }
         let bound = fresh.local_addr()?.port();
+        if let Err(e) = source::share_port(fresh.as_raw_fd()) {
+            tracing::warn!(error = %e, "no SO_REUSEPORT; every datagram leaves from one socket");
+        }
         source::replace_socket(self.socket.as_raw_fd(), fresh)?;
+        // The connected sockets hold the old port: senders go back to the main socket, and
+        // the next timer tick makes them again on the new port.
+        self.conns.clear();
         // The UDP thread may be waiting on the old socket, which nothing will wake now.
         self.udp_wake.signal();
         self.listen_port.store(bound, Ordering::Relaxed);

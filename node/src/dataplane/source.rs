@@ -36,6 +36,13 @@ pub fn enable_pktinfo(fd: RawFd, v6: bool) -> io::Result<()> {
     set_int(fd, level, name, 1)
 }
 
+/// Sets SO_REUSEPORT on a socket already bound: sockets made later with the option may bind
+/// the same port (the node's connected sockets, see `conns`), while one without it, a second
+/// daemon's, is still refused.
+pub fn share_port(fd: RawFd) -> io::Result<()> {
+    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)
+}
+
 /// Sets SO_MARK (0 clears it) on the socket, as `wg set fwmark` asks.
 pub fn set_fwmark(fd: RawFd, mark: u32) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)

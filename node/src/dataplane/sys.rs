@@ -55,16 +55,24 @@ pub fn check_interface_name(name: &str) -> io::Result<()> {
 }
 
 /// Whether an interface named `name` exists in this process's network namespace.
-/// How many datagrams the kernel dropped on the UDP socket `fd` because its receive buffer
-/// was full: the `drops` column of its line in `/proc/net/udp6` or `/proc/net/udp` (this
-/// process's network namespace), found by the socket's inode. `None` when unreadable.
-pub fn socket_drops(fd: RawFd) -> Option<u64> {
+/// How many datagrams the kernel dropped on the UDP sockets `fds` because their receive
+/// buffers were full: the sum of the `drops` column of their lines in `/proc/net/udp6` and
+/// `/proc/net/udp` (this process's network namespace), found by each socket's inode. `None`
+/// when the first socket's line cannot be read.
+pub fn socket_drops(fds: &[RawFd]) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?.ino();
-    ["/proc/self/net/udp6", "/proc/self/net/udp"]
+    let inodes: Vec<u64> = fds
+        .iter()
+        .filter_map(|fd| std::fs::metadata(format!("/proc/self/fd/{fd}")).ok())
+        .map(|m| m.ino())
+        .collect();
+    let tables: Vec<String> = ["/proc/self/net/udp6", "/proc/self/net/udp"]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
-        .find_map(|table| udp_table_drops(&table, inode))
+        .collect();
+    let drops = |inode: u64| tables.iter().find_map(|t| udp_table_drops(t, inode));
+    let first = drops(*inodes.first()?)?;
+    Some(first + inodes[1..].iter().filter_map(|&i| drops(i)).sum::<u64>())
 }
 
 /// The `drops` column of the line for `inode` in a `/proc/net/udp` table.
@@ -199,6 +207,82 @@ impl Event {
     }
 }
 
+/// An `epoll` set of descriptors, each with a token: the UDP thread waits on its sockets,
+/// however many, in one call that returns only the ready ones. Level-triggered: a descriptor
+/// with data left is reported again.
+#[derive(Debug)]
+pub struct Epoll(std::os::fd::OwnedFd);
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: plain syscall; the descriptor returned is owned below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        Ok(Epoll(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    /// Watches `fd` for input (errors and hang-ups are always reported), as `token`. A
+    /// descriptor already in the set gets the new token.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        let epfd = self.0.as_raw_fd();
+        // SAFETY: an epoll_event on the stack, valid for the call.
+        let mut rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) {
+            // SAFETY: as above.
+            rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev) };
+        }
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stops watching `fd` (closing it does too).
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: EPOLL_CTL_DEL ignores the event argument; null is allowed since Linux 2.6.9.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits with no timeout until something in the set is ready, and puts the tokens of
+    /// what is ready in `ready` (emptied first; none when a signal interrupted the wait).
+    pub fn wait(&self, ready: &mut Vec<u64>) -> io::Result<()> {
+        const MAX: usize = 64;
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX];
+        ready.clear();
+        // SAFETY: MAX writable epoll_events on the stack.
+        let rc =
+            unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), MAX as i32, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        ready.extend(events[..rc as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
+}
+
 /// Sets SO_RCVBUFFORCE and SO_SNDBUFFORCE (root only, above `rmem_max`). Returns an error when
 /// the kernel refuses, so the caller can fall back to the ordinary options.
 pub fn force_buffers(fd: RawFd, bytes: usize) -> io::Result<()> {
@@ -225,10 +309,11 @@ pub fn force_buffers(fd: RawFd, bytes: usize) -> io::Result<()> {
 const UDP_SEGMENT: libc::c_int = 103;
 
 /// Sends `data` to `to` as datagrams of `segment` bytes each (the last may be shorter) in one
-/// system call, with UDP generic segmentation offload (Linux 4.18+).
+/// system call, with UDP generic segmentation offload (Linux 4.18+). `to` is `None` on a
+/// connected socket.
 pub fn send_segments(
     fd: RawFd,
-    to: &socket2::SockAddr,
+    to: Option<&socket2::SockAddr>,
     data: &[u8],
     segment: u16,
 ) -> io::Result<usize> {
@@ -243,8 +328,10 @@ pub fn send_segments(
     debug_assert!(space <= size_of_val(&control));
     // SAFETY: msghdr is plain data; zeroed is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = to.as_ptr() as *mut libc::c_void;
-    msg.msg_namelen = to.len();
+    if let Some(to) = to {
+        msg.msg_name = to.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = to.len();
+    }
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
@@ -488,13 +575,13 @@ mod tests {
         socket2::SockRef::from(&rx)
             .set_recv_buffer_size(4096)
             .expect("small buffer");
-        assert_eq!(socket_drops(rx.as_raw_fd()), Some(0));
+        assert_eq!(socket_drops(&[rx.as_raw_fd()]), Some(0));
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let to = rx.local_addr().expect("addr");
         for _ in 0..200 {
             tx.send_to(&[0u8; 1000], to).expect("send on loopback");
         }
-        let drops = socket_drops(rx.as_raw_fd()).expect("read");
+        let drops = socket_drops(&[rx.as_raw_fd()]).expect("read");
         assert!(drops > 0, "200 datagrams into a 4 KiB buffer dropped none");
     }
 }

@@ -209,6 +209,7 @@ impl Dataplane {
             ("ztnet-tun", tun_loop as fn(&Shared)),
             ("ztnet-udp", udp_loop),
             ("ztnet-timers", timer_loop),
+            ("ztnet-link", link_loop),
         ] {
             let s = shared.clone();
             let handle = std::thread::Builder::new()
@@ -255,6 +256,37 @@ impl Dataplane {
 }
 
 impl Shared {
+    /// The warnings shown in status: the peer table's, then the routes left out (every
+    /// apply looks at every route again, so this replaces what was there).
+    fn set_warnings(&self, table: &[String], left_out: Vec<(ipnet::IpNet, String)>) {
+        let route_warnings = {
+            let mut skipped = lock(&self.skipped_routes);
+            *skipped = left_out.into_iter().collect();
+            skipped.values().cloned().collect::<Vec<_>>()
+        };
+        let mut warnings = table.to_vec();
+        warnings.extend(route_warnings);
+        *lock(&self.warnings) = warnings;
+    }
+
+    /// Puts back the routes of the configuration in force that are missing (the interface
+    /// went down and up: the kernel dropped them).
+    fn restore_routes(&self) {
+        let current = lock(&self.config);
+        match iface::sync_addresses(&self.iface.name, &current, &current) {
+            Ok(left_out) => {
+                for (_, w) in &left_out {
+                    tracing::warn!(interface = %self.iface.name, "{w}");
+                }
+                let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+                self.set_warnings(table.warnings(), left_out);
+            }
+            Err(e) => {
+                tracing::warn!(interface = %self.iface.name, error = %e, "cannot restore routes")
+            }
+        }
+    }
+
     fn apply(&self, config: DataplaneConfig) -> anyhow::Result<()> {
         let s = self;
         let mut current = lock(&s.config);
@@ -287,15 +319,7 @@ impl Shared {
         for w in next.warnings() {
             tracing::warn!(interface = %s.iface.name, "{w}");
         }
-        let route_warnings = {
-            let mut skipped = lock(&s.skipped_routes);
-            skipped.retain(|net, _| config.routes.iter().any(|r| r.trunc() == *net));
-            skipped.extend(left_out);
-            skipped.values().cloned().collect::<Vec<_>>()
-        };
-        let mut warnings = next.warnings().to_vec();
-        warnings.extend(route_warnings);
-        *lock(&s.warnings) = warnings;
+        s.set_warnings(next.warnings(), left_out);
 
         {
             let mut table = s.table.write().unwrap_or_else(|p| p.into_inner());
@@ -1100,6 +1124,58 @@ const RECV_BATCH: usize = 32;
 
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
+
+/// Puts the node's routes back when its interface comes up again. The kernel drops a link's
+/// IPv4 routes when it goes down (`ip link set down`, a tool that bounces interfaces), and
+/// nothing else would add them until the next configuration. Sleeps on a netlink socket
+/// that hears link changes; costs nothing while the link stays as it is.
+fn link_loop(s: &Shared) {
+    let events = match sys::LinkEvents::open() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "no link events; routes lost on link down come back at the next reload only");
+            return;
+        }
+    };
+    let Some(index) = sys::interface_index(&s.iface.name) else {
+        return;
+    };
+    let mut up = true;
+    let mut buf = vec![0u8; 32 << 10];
+    while !s.stopping() {
+        if let Err(e) = sys::wait_readable([events.fd(), s.stop_event.fd()]) {
+            tracing::warn!(error = %e, "link events lost");
+            return;
+        }
+        let mut came_up = false;
+        loop {
+            match events.read(&mut buf) {
+                Ok(None) => break,
+                Ok(Some(links)) => {
+                    for (i, flags) in links {
+                        if i != index {
+                            continue;
+                        }
+                        let now_up = flags & libc::IFF_UP as u32 != 0;
+                        came_up |= now_up && !up;
+                        up = now_up;
+                    }
+                }
+                Err(e) => {
+                    // Messages were lost (the kernel's queue overflowed): whatever happened,
+                    // putting back missing routes is safe.
+                    tracing::debug!(error = %e, "link events overflowed");
+                    came_up = true;
+                    break;
+                }
+            }
+        }
+        if came_up && !s.stopping() {
+            tracing::info!(interface = %s.iface.name, "interface up again; restoring its routes");
+            s.restore_routes();
+        }
+    }
+}
 
 fn timer_loop(s: &Shared) {
     let mut buf = vec![0u8; peers::MIN_BUFFER];

@@ -283,6 +283,106 @@ impl Epoll {
     }
 }
 
+/// A netlink socket that hears the kernel announce link changes (`RTMGRP_LINK`) in this
+/// network namespace: the node puts its routes back when its interface comes up again.
+#[derive(Debug)]
+pub struct LinkEvents(std::os::fd::OwnedFd);
+
+/// `RTM_NEWLINK` from `linux/rtnetlink.h`.
+const RTM_NEWLINK: u16 = 16;
+/// `RTMGRP_LINK`.
+const RTMGRP_LINK: u32 = 1;
+
+impl LinkEvents {
+    pub fn open() -> io::Result<LinkEvents> {
+        // SAFETY: plain syscall; the descriptor returned is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let owned: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain data; zeroed is valid, then the fields are set.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = RTMGRP_LINK;
+        // SAFETY: a sockaddr_nl on the stack with its exact size.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkEvents(owned))
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Reads what the kernel sent without waiting, and returns the (interface index, flags)
+    /// of every `RTM_NEWLINK` in it. `Ok(None)` when nothing is waiting. A lost message
+    /// (ENOBUFS: the kernel's queue overflowed) is reported as an error: the caller should
+    /// treat it as "anything may have changed".
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<Vec<(i32, u32)>>> {
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(link_messages(&buf[..n as usize])))
+    }
+}
+
+/// The (interface index, flags) of each `RTM_NEWLINK` message in a netlink datagram; a
+/// truncated or malformed message ends the walk.
+pub fn link_messages(mut data: &[u8]) -> Vec<(i32, u32)> {
+    const HDR: usize = 16;
+    let mut out = Vec::new();
+    while data.len() >= HDR {
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        let kind = u16::from_ne_bytes([data[4], data[5]]);
+        if len < HDR || len > data.len() {
+            break;
+        }
+        // struct ifinfomsg: family, pad, type (u16), index (i32), flags (u32), change (u32).
+        if kind == RTM_NEWLINK
+            && let Some(m) = data.get(HDR..HDR + 16)
+        {
+            let index = i32::from_ne_bytes([m[4], m[5], m[6], m[7]]);
+            let flags = u32::from_ne_bytes([m[8], m[9], m[10], m[11]]);
+            out.push((index, flags));
+        }
+        // Messages are aligned to 4 bytes.
+        let next = (len + 3) & !3;
+        data = data.get(next..).unwrap_or_default();
+    }
+    out
+}
+
+/// The index of the interface `name` in this network namespace, if it exists.
+pub fn interface_index(name: &str) -> Option<i32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    i32::try_from(index).ok().filter(|&i| i > 0)
+}
+
 /// Sets SO_RCVBUFFORCE and SO_SNDBUFFORCE (root only, above `rmem_max`). Returns an error when
 /// the kernel refuses, so the caller can fall back to the ordinary options.
 pub fn force_buffers(fd: RawFd, bytes: usize) -> io::Result<()> {
@@ -583,5 +683,46 @@ mod tests {
         }
         let drops = socket_drops(&[rx.as_raw_fd()]).expect("read");
         assert!(drops > 0, "200 datagrams into a 4 KiB buffer dropped none");
+    }
+
+    #[test]
+    fn link_messages_are_read_and_garbage_ends_the_walk() {
+        fn msg(kind: u16, index: i32, flags: u32, pad: usize) -> Vec<u8> {
+            let len = 16 + 16 + pad;
+            let mut m = Vec::new();
+            m.extend_from_slice(&(len as u32).to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&[0u8; 10]);
+            m.extend_from_slice(&[0, 0, 0, 0]);
+            m.extend_from_slice(&index.to_ne_bytes());
+            m.extend_from_slice(&flags.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.resize(len, 0);
+            // Aligned to 4 bytes.
+            m.resize((len + 3) & !3, 0);
+            m
+        }
+        let mut all = msg(RTM_NEWLINK, 7, 1, 0);
+        all.extend(msg(17, 8, 0, 0)); // RTM_DELLINK: not a new link
+        all.extend(msg(RTM_NEWLINK, 9, 0, 3)); // attributes, padded
+        assert_eq!(link_messages(&all), vec![(7, 1), (9, 0)]);
+        // A length past the end, a length below the header, a short tail: the walk ends.
+        let mut bad = msg(RTM_NEWLINK, 7, 1, 0);
+        bad[0] = 200;
+        assert!(link_messages(&bad).is_empty());
+        let mut tiny = msg(RTM_NEWLINK, 7, 1, 0);
+        tiny[..4].copy_from_slice(&4u32.to_ne_bytes());
+        assert!(link_messages(&tiny).is_empty());
+        assert!(link_messages(&all[..20]).is_empty());
+        for n in 0..all.len() {
+            let _ = link_messages(&all[..n]);
+        }
+    }
+
+    #[test]
+    fn loopback_has_an_index() {
+        assert!(interface_index("lo").is_some());
+        assert!(interface_index("no-such-if-9").is_none());
+        LinkEvents::open().expect("a netlink socket");
     }
 }

@@ -206,8 +206,12 @@ impl StaticConfig {
                 ztnet_proto::prefix::parse(item.get_ref()).map_err(|m| at(item.span(), m))?;
             }
         }
-        let raw: RawConfig = toml::from_str(&text)
-            .map_err(|e| at(e.span().unwrap_or(0..0), e.message().trim_end().to_string()))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| {
+            at(
+                e.span().unwrap_or(0..0),
+                plain_words(e.message().trim_end()),
+            )
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
 
         let port = *raw.interface.listen_port.get_ref();
@@ -533,10 +537,16 @@ fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
             (h, p)
         }
         _ => {
-            let hint = if text.parse::<std::net::IpAddr>().is_ok() {
-                " (IPv6 goes in brackets: [fd00::2]:51820)"
-            } else {
-                ""
+            // An IPv6 address with the port run on after it, as in fd00::2:51820.
+            let run_on = text.rsplit_once(':').filter(|(h, p)| {
+                h.parse::<std::net::Ipv6Addr>().is_ok() && p.parse::<u16>().is_ok()
+            });
+            let hint = match run_on {
+                Some((h, p)) => format!(" (IPv6 goes in brackets: [{h}]:{p})"),
+                None if text.parse::<std::net::IpAddr>().is_ok() => {
+                    " (IPv6 goes in brackets: [fd00::2]:51820)".to_string()
+                }
+                None => String::new(),
             };
             return Err(format!(
                 "endpoint {text:?} needs a port, as in 192.0.2.2:51820 or [2001:db8::2]:51820{hint}"
@@ -555,6 +565,22 @@ fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
         Ok(_) => Err(format!("endpoint {text:?} is not IP:PORT")),
         Err(_) => Err(format!("endpoint {text:?}: {port:?} is not a port number")),
     }
+}
+
+/// toml's message with Rust's type names put in words (`listen_port = "51820"` says
+/// "expected a whole number, without quotes", not "expected i64").
+fn plain_words(message: &str) -> String {
+    let mut m = message.to_string();
+    for (rust, words) in [
+        ("expected i64", "expected a whole number, without quotes"),
+        (
+            "expected a boolean",
+            "expected true or false, without quotes",
+        ),
+    ] {
+        m = m.replace(rust, words);
+    }
+    m
 }
 
 fn spiffe_id(trust_domain: &str, namespace: &str, name: &str) -> String {
@@ -903,6 +929,18 @@ allowed_ips = ["10.90.0.2/32"]
                 "endpoint = \"fd00::2\"",
                 "node.toml:11:12",
                 "IPv6 goes in brackets",
+            ),
+            (
+                "addresses = [\"10.90.0.1/16\"]",
+                "addresses = [\"10.90.0.1/16\"]\nlisten_port = \"51820\"",
+                "node.toml:4:15",
+                "expected a whole number, without quotes",
+            ),
+            (
+                "endpoint = \"192.0.2.2:51820\"",
+                "endpoint = \"fd00::2:51820\"",
+                "node.toml:11:12",
+                "IPv6 goes in brackets: [fd00::2]:51820",
             ),
             (
                 "endpoint = \"192.0.2.2:51820\"",

@@ -917,6 +917,73 @@ fn garbage_on_the_udp_port_is_counted_and_the_node_keeps_serving() {
     );
 }
 
+/// A flood of fake handshake initiations at the node's port, from a stranger's socket, does
+/// not starve a peer with a session: the peer's datagrams come in on its own connected socket,
+/// which the UDP thread reads in turn with the flooded main socket.
+#[test]
+fn a_flood_from_a_stranger_does_not_starve_a_peer() {
+    let mut m = Mesh::new(&["n1", "n2"], ALLOW_ALL).expect("mesh");
+    m.start_all().expect("start");
+    let n1 = m.node("n1").v4();
+    m.wait_ping("n2", n1).expect("ping before");
+    wait_connected(&m.node("n1").ns, &[("192.0.2.1:51820", "192.0.2.2:51820")])
+        .expect("n1 has n2's socket");
+
+    // The stranger is another port in n2's namespace: its datagrams do not match n2's
+    // connected socket on n1, so they all land on n1's main socket.
+    let target: std::net::SocketAddr = format!("{}:{WG_PORT}", m.node("n1").underlay())
+        .parse()
+        .expect("addr");
+    let flooder = m
+        .node("n2")
+        .ns
+        .udp_socket("0.0.0.0:0".parse().expect("addr"))
+        .expect("stranger socket");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut init = [0u8; 148];
+            init[0] = 1;
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for i in 0..64u32 {
+                    init[4..8].copy_from_slice(&(i ^ sent as u32).to_le_bytes());
+                    if flooder.send_to(&init, target).is_ok() {
+                        sent += 1;
+                    }
+                }
+            }
+            sent
+        })
+    };
+    // Let the flood fill n1's main socket first.
+    let before = m.drops("n1", "invalid-mac");
+    wait_for("the flood to arrive", Duration::from_secs(10), || {
+        Ok((m.drops("n1", "invalid-mac") > before + 10_000).then_some(()))
+    })
+    .expect("the flood reaches n1");
+    let out = m
+        .node("n2")
+        .ns
+        .output(
+            "ping",
+            &["-n", "-c", "20", "-i", "0.2", "-W", "2", &n1.to_string()],
+        )
+        .expect("ping");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().expect("flooder");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received = text
+        .split(',')
+        .find_map(|part| part.trim().strip_suffix(" received")?.parse::<u32>().ok())
+        .unwrap_or(0);
+    assert!(
+        received >= 18,
+        "{received} of 20 pings answered during a flood of {sent} fake initiations:\n{text}"
+    );
+}
+
 const THREE_NODE_POLICY: &str = r#"
 [[grant]]
 from = ["node:n1"]
@@ -1037,6 +1104,15 @@ fn reconfiguring_one_peer_leaves_another_alone_and_removal_is_immediate() {
         ping(&m.node("n3").ns, n2).expect("ping"),
         "n3 still reaches n2"
     );
+
+    // Put n3 back: it handshakes again and reaches n1. (Its old socket on n1, connected to
+    // n3's endpoint, must be closed by now, or it would take n3's datagrams unread.)
+    let n3_back = peer_block(m.node("n3"), "");
+    m.write_config("n1", Some(&["n2"]), &n3_back)
+        .expect("config");
+    m.reload("n1");
+    m.wait_ping("n3", n1)
+        .expect("a peer put back reaches the node again");
 }
 
 #[test]

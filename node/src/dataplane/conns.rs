@@ -32,8 +32,8 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -63,6 +63,9 @@ pub struct Conn {
     wanted: Option<IpAddr>,
     port: u16,
     mark: u32,
+    /// A send was refused for its source address (gone from the host): senders pass it by,
+    /// and the next reconcile replaces it.
+    broken: AtomicBool,
 }
 
 impl Conn {
@@ -70,28 +73,45 @@ impl Conn {
         self.socket.as_raw_fd()
     }
 
+    /// Its token in the UDP thread's `epoll` set.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Whether a datagram that should leave from `from` can go through this socket.
     fn serves(&self, from: Option<IpAddr>) -> bool {
-        from.is_none_or(|f| f == self.bound)
+        from.is_none_or(|f| f == self.bound) && !self.broken.load(Ordering::Relaxed)
     }
 
     /// Sends one datagram. A connected socket reports an earlier ICMP error (the peer's port
     /// was closed for a moment) on the next send, which is then lost: it goes again once.
     pub fn send(&self, datagram: &[u8]) -> io::Result<usize> {
-        match self.socket.send(datagram) {
+        let sent = match self.socket.send(datagram) {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => self.socket.send(datagram),
             other => other,
-        }
+        };
+        self.check(sent)
     }
 
     /// Sends `data` as datagrams of `segment` bytes in one call (UDP GSO), like [`Conn::send`].
     pub fn send_segments(&self, data: &[u8], segment: u16) -> io::Result<usize> {
-        match sys::send_segments(self.fd(), None, data, segment) {
+        let sent = match sys::send_segments(self.fd(), None, data, segment) {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 sys::send_segments(self.fd(), None, data, segment)
             }
             other => other,
+        };
+        self.check(sent)
+    }
+
+    /// Marks the socket broken when its source address was refused.
+    fn check(&self, sent: io::Result<usize>) -> io::Result<usize> {
+        if let Err(e) = &sent
+            && source::source_refused(e)
+        {
+            self.broken.store(true, Ordering::Relaxed);
         }
+        sent
     }
 }
 
@@ -194,9 +214,22 @@ impl Conns {
             return;
         }
         let mark = self.mark.load(Ordering::Relaxed);
-        let wanted = &wanted[..wanted.len().min(MAX_CONNS)];
-        let current =
-            |c: &Conn, local: Option<IpAddr>| c.wanted == local && c.port == port && c.mark == mark;
+        // One socket per endpoint: two peers that claim one endpoint (a stale roam, peers
+        // behind one NAT mapping) share the first one's.
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<Wanted> = wanted
+            .iter()
+            .filter(|(to, _)| seen.insert(*to))
+            .take(MAX_CONNS)
+            .copied()
+            .collect();
+        let wanted = &unique[..];
+        let current = |c: &Conn, local: Option<IpAddr>| {
+            c.wanted == local
+                && c.port == port
+                && c.mark == mark
+                && !c.broken.load(Ordering::Relaxed)
+        };
         // The common case, nothing to do, under the read lock only.
         {
             let inner = self.read();
@@ -325,6 +358,7 @@ fn open(id: u64, to: SocketAddr, local: Option<IpAddr>, port: u16, mark: u32) ->
         wanted: local,
         port,
         mark,
+        broken: AtomicBool::new(false),
     })
 }
 
@@ -341,24 +375,34 @@ fn source_for(to: SocketAddr) -> io::Result<IpAddr> {
 }
 
 /// One sender's last lookup, checked against [`Conns`]'s generation: a sender that keeps
-/// sending to one peer takes no lock.
+/// sending to one peer takes no lock. It holds the socket weakly: a socket [`Conns`] closed
+/// must close for good, whatever a sender that went quiet still remembers, or it would stay
+/// connected to the endpoint and take its datagrams, unread.
 #[derive(Default)]
 pub struct SendCache {
     generation: u64,
-    conn: Option<Arc<Conn>>,
+    conn: Weak<Conn>,
     to: Option<SocketAddr>,
 }
 
 impl SendCache {
     /// The socket that sends to `to` from `from`, if there is one.
-    pub fn lookup(&mut self, conns: &Conns, to: SocketAddr, from: Option<IpAddr>) -> Option<&Conn> {
+    pub fn lookup(
+        &mut self,
+        conns: &Conns,
+        to: SocketAddr,
+        from: Option<IpAddr>,
+    ) -> Option<Arc<Conn>> {
         let generation = conns.generation.load(Ordering::Acquire);
         if generation != self.generation || self.to != Some(to) {
-            self.conn = conns.get(to);
+            self.conn = conns
+                .get(to)
+                .as_ref()
+                .map_or_else(Weak::new, Arc::downgrade);
             self.to = Some(to);
             self.generation = generation;
         }
-        self.conn.as_deref().filter(|c| c.serves(from))
+        self.conn.upgrade().filter(|c| c.serves(from))
     }
 }
 
@@ -483,6 +527,75 @@ mod tests {
         assert_eq!(cache.lookup(&conns, ta, local).unwrap().port, port2);
         conns.clear();
         assert!(cache.lookup(&conns, ta, local).is_none());
+    }
+
+    #[test]
+    fn a_closed_socket_is_closed_although_a_quiet_sender_remembers_it() {
+        let main = main_socket();
+        let port = main.local_addr().unwrap().port();
+        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let to = peer.local_addr().unwrap();
+        let conns = Conns::new(true).unwrap();
+        let now = Instant::now();
+        conns.reconcile(&[(to, None)], port, false, now);
+        let mut cache = SendCache::default();
+        cache
+            .lookup(&conns, to, None)
+            .expect("a socket")
+            .send(b"x")
+            .unwrap();
+        // The peer's session lapses: the socket retires, then closes; the cache is not asked.
+        conns.reconcile(&[], port, false, now);
+        conns.reconcile(&[], port, false, now);
+        peer.send_to(b"after", ("127.0.0.1", port)).unwrap();
+        let (data, _) = recv_from(&main).expect("the peer's datagram reaches the main socket");
+        assert_eq!(data, b"after");
+        assert!(cache.lookup(&conns, to, None).is_none());
+    }
+
+    #[test]
+    fn two_peers_on_one_endpoint_share_a_socket_and_nothing_churns() {
+        let main = main_socket();
+        let port = main.local_addr().unwrap().port();
+        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let to = peer.local_addr().unwrap();
+        let conns = Conns::new(true).unwrap();
+        let now = Instant::now();
+        let local = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let wanted = [(to, local), (to, None)];
+        conns.reconcile(&wanted, port, false, now);
+        let generation = conns.generation.load(Ordering::Relaxed);
+        conns.reconcile(&wanted, port, false, now);
+        conns.reconcile(&wanted, port, false, now);
+        assert_eq!(
+            conns.generation.load(Ordering::Relaxed),
+            generation,
+            "no change, no churn"
+        );
+        assert_eq!(conns.len(), 1);
+    }
+
+    #[test]
+    fn a_socket_whose_source_was_refused_is_passed_by_and_replaced() {
+        let main = main_socket();
+        let port = main.local_addr().unwrap().port();
+        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let to = peer.local_addr().unwrap();
+        let conns = Conns::new(true).unwrap();
+        let now = Instant::now();
+        conns.reconcile(&[(to, None)], port, false, now);
+        let mut cache = SendCache::default();
+        let conn = cache.lookup(&conns, to, None).unwrap();
+        // What a send from an address gone from the host gets back.
+        let refused = conn.check(Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
+        assert!(refused.is_err());
+        assert!(
+            cache.lookup(&conns, to, None).is_none(),
+            "senders use the main socket"
+        );
+        conns.reconcile(&[(to, None)], port, false, now);
+        let fresh = cache.lookup(&conns, to, None).expect("a new socket");
+        assert_ne!(fresh.id, conn.id);
     }
 
     #[test]

@@ -1033,10 +1033,16 @@ fn udp_loop(s: &Shared) {
             Some(_) => {}
             None => queue_ready = false,
         }
-        if socket_ready || queue_ready || !ready.is_empty() {
-            continue;
-        }
-        if let Err(e) = epoll.wait(&mut tokens) {
+        let busy = socket_ready || queue_ready || !ready.is_empty();
+        // Busy, the thread looks without waiting for sockets that became ready meanwhile:
+        // a flood on the main socket (or one peer's bulk) must not keep the other sockets
+        // from their turn. Idle, it sleeps until something comes.
+        let waited = if busy {
+            epoll.ready_now(&mut tokens)
+        } else {
+            epoll.wait(&mut tokens)
+        };
+        if let Err(e) = waited {
             tracing::error!(error = %e, "UDP wait failed; data plane stops");
             return;
         }
@@ -1054,6 +1060,7 @@ fn udp_loop(s: &Shared) {
                     }
                     socket_ready = true;
                 }
+                id if ready.iter().any(|c| c.id() == id) => {}
                 id => ready.extend(s.conns.by_id(id)),
             }
         }

@@ -264,12 +264,27 @@ impl Epoll {
     /// Waits with no timeout until something in the set is ready, and puts the tokens of
     /// what is ready in `ready` (emptied first; none when a signal interrupted the wait).
     pub fn wait(&self, ready: &mut Vec<u64>) -> io::Result<()> {
+        self.wait_for(ready, -1)
+    }
+
+    /// Like [`Epoll::wait`], without waiting: what is ready now.
+    pub fn ready_now(&self, ready: &mut Vec<u64>) -> io::Result<()> {
+        self.wait_for(ready, 0)
+    }
+
+    fn wait_for(&self, ready: &mut Vec<u64>, timeout_ms: i32) -> io::Result<()> {
         const MAX: usize = 64;
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX];
         ready.clear();
         // SAFETY: MAX writable epoll_events on the stack.
-        let rc =
-            unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), MAX as i32, -1) };
+        let rc = unsafe {
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                MAX as i32,
+                timeout_ms,
+            )
+        };
         if rc < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {

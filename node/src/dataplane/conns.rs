@@ -90,7 +90,7 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => self.socket.send(datagram),
             other => other,
         };
-        self.check(sent)
+        self.check(sent, true)
     }
 
     /// Sends `data` as datagrams of `segment` bytes in one call (UDP GSO), like [`Conn::send`].
@@ -101,13 +101,16 @@ impl Conn {
             }
             other => other,
         };
-        self.check(sent)
+        self.check(sent, false)
     }
 
-    /// Marks the socket broken when its source address was refused.
-    fn check(&self, sent: io::Result<usize>) -> io::Result<usize> {
+    /// Marks the socket broken when its source address was refused. A GSO batch also gets
+    /// EINVAL when its segments are larger than the path allows, which says nothing about the
+    /// address: only a single datagram's EINVAL counts (`single`).
+    fn check(&self, sent: io::Result<usize>, single: bool) -> io::Result<usize> {
         if let Err(e) = &sent
             && source::source_refused(e)
+            && (single || e.raw_os_error() != Some(libc::EINVAL))
         {
             self.broken.store(true, Ordering::Relaxed);
         }
@@ -135,6 +138,9 @@ pub struct Conns {
     inner: RwLock<Inner>,
     /// Bumped at every change, so that a [`SendCache`] knows to look again.
     generation: AtomicU64,
+    /// Bumped by [`Conns::clear`]: a reconcile that began before it (with the old port) keeps
+    /// none of the sockets it made.
+    epoch: AtomicU64,
     next_id: AtomicU64,
     /// SO_MARK for new sockets (plain WireGuard mode's `fwmark`).
     mark: AtomicU32,
@@ -148,6 +154,7 @@ impl Conns {
             epoll: sys::Epoll::new()?,
             inner: RwLock::new(Inner::default()),
             generation: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
             next_id: AtomicU64::new(FIRST_ID),
             mark: AtomicU32::new(0),
             enabled,
@@ -196,6 +203,20 @@ impl Conns {
         self.mark.store(mark, Ordering::Relaxed);
     }
 
+    /// Marks the sockets bound to `ip` broken (the address went away): senders pass them by
+    /// at once, and the next reconcile retires them.
+    pub fn address_gone(&self, ip: IpAddr) {
+        let inner = self.read();
+        let mut any = false;
+        for c in inner.by_to.values().filter(|c| c.bound == ip) {
+            c.broken.store(true, Ordering::Relaxed);
+            any = true;
+        }
+        if any {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
     /// Retires every socket (the listen port moved): senders use the main socket until the
     /// next reconcile makes new ones.
     pub fn clear(&self) {
@@ -203,6 +224,7 @@ impl Conns {
         let old: Vec<Arc<Conn>> = inner.by_to.drain().map(|(_, c)| c).collect();
         inner.retiring.extend(old);
         inner.failed.clear();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -214,6 +236,7 @@ impl Conns {
             return;
         }
         let mark = self.mark.load(Ordering::Relaxed);
+        let epoch = self.epoch.load(Ordering::Acquire);
         // One socket per endpoint: two peers that claim one endpoint (a stale roam, peers
         // behind one NAT mapping) share the first one's.
         let mut seen = std::collections::HashSet::new();
@@ -242,16 +265,32 @@ impl Conns {
                 return;
             }
         }
-        let missing: Vec<Wanted> = {
+        let keep: std::collections::HashSet<SocketAddr> = wanted.iter().map(|w| w.0).collect();
+        // A socket goes when no peer wants its endpoint any more, or when it must not send:
+        // with a stale port (the peer would see another port) or mark, or broken (its source
+        // address is gone), whether or not a replacement can be made.
+        let drops = |c: &Conn| {
+            !keep.contains(&c.to)
+                || c.port != port
+                || c.mark != mark
+                || c.broken.load(Ordering::Relaxed)
+        };
+        let (missing, dropping): (Vec<Wanted>, bool) = {
             let inner = self.read();
-            wanted
+            let missing = wanted
                 .iter()
                 .filter(|(to, local)| !inner.by_to.get(to).is_some_and(|c| current(c, *local)))
                 .filter(|w| inner.failed.get(*w).is_none_or(|&t| now >= t))
                 .filter(|(to, _)| to.is_ipv4() || ipv6)
                 .copied()
-                .collect()
+                .collect();
+            let dropping = !inner.retiring.is_empty() || inner.by_to.values().any(|c| drops(c));
+            (missing, dropping)
         };
+        // Waiting to retry sockets that could not be made: nothing to change yet.
+        if missing.is_empty() && !dropping {
+            return;
+        }
         let mut made = Vec::new();
         let mut failed = Vec::new();
         for (to, local) in missing {
@@ -268,6 +307,14 @@ impl Conns {
             }
         }
         let mut inner = self.write();
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            // Cleared meanwhile: what was made here may hold the old port.
+            drop(inner);
+            for c in made {
+                let _ = self.epoll.delete(c.fd());
+            }
+            return;
+        }
         let closing = std::mem::take(&mut inner.retiring);
         for c in &closing {
             inner.by_id.remove(&c.id);
@@ -280,27 +327,13 @@ impl Conns {
                 inner.retiring.push(old);
             }
         }
-        let keep: std::collections::HashSet<SocketAddr> = wanted.iter().map(|w| w.0).collect();
         let gone: Vec<SocketAddr> = inner
             .by_to
-            .keys()
-            .filter(|to| !keep.contains(to))
-            .copied()
-            .collect();
-        for to in gone {
-            if let Some(old) = inner.by_to.remove(&to) {
-                inner.retiring.push(old);
-            }
-        }
-        // A socket left over with a stale port or mark (its replacement could not be made)
-        // must not send: the peer would see another port, or the mark would be wrong.
-        let stale: Vec<SocketAddr> = inner
-            .by_to
             .values()
-            .filter(|c| c.port != port || c.mark != mark)
+            .filter(|c| drops(c))
             .map(|c| c.to)
             .collect();
-        for to in stale {
+        for to in gone {
             if let Some(old) = inner.by_to.remove(&to) {
                 inner.retiring.push(old);
             }
@@ -587,7 +620,13 @@ mod tests {
         let mut cache = SendCache::default();
         let conn = cache.lookup(&conns, to, None).unwrap();
         // What a send from an address gone from the host gets back.
-        let refused = conn.check(Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
+        // A GSO batch's EINVAL (segments above the path's size) is not about the address.
+        let _ = conn.check(Err(io::Error::from_raw_os_error(libc::EINVAL)), false);
+        assert!(
+            cache.lookup(&conns, to, None).is_some(),
+            "kept after a batch's EINVAL"
+        );
+        let refused = conn.check(Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)), true);
         assert!(refused.is_err());
         assert!(
             cache.lookup(&conns, to, None).is_none(),
@@ -596,6 +635,57 @@ mod tests {
         conns.reconcile(&[(to, None)], port, false, now);
         let fresh = cache.lookup(&conns, to, None).expect("a new socket");
         assert_ne!(fresh.id, conn.id);
+    }
+
+    #[test]
+    fn a_socket_bound_to_an_address_that_went_away_is_passed_by_at_once() {
+        let main = main_socket();
+        let port = main.local_addr().unwrap().port();
+        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let to = peer.local_addr().unwrap();
+        let conns = Conns::new(true).unwrap();
+        let local = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        conns.reconcile(&[(to, local)], port, false, Instant::now());
+        let mut cache = SendCache::default();
+        assert!(cache.lookup(&conns, to, local).is_some());
+        conns.address_gone(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+        assert!(
+            cache.lookup(&conns, to, local).is_some(),
+            "another address: kept"
+        );
+        conns.address_gone(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert!(cache.lookup(&conns, to, local).is_none());
+    }
+
+    #[test]
+    fn a_broken_socket_goes_although_no_replacement_can_be_made_and_nothing_churns() {
+        let main = main_socket();
+        let port = main.local_addr().unwrap().port();
+        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let to = peer.local_addr().unwrap();
+        let conns = Conns::new(true).unwrap();
+        let now = Instant::now();
+        let local = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        conns.reconcile(&[(to, local)], port, false, now);
+        let conn = conns.by_id(FIRST_ID).unwrap();
+        let _ = conn.check(Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)), true);
+        drop(conn);
+        // Its replacement cannot be made (marked failed, as a bind to a gone address would be).
+        conns.write().failed.insert((to, local), now + RETRY_AFTER);
+        conns.reconcile(&[(to, local)], port, false, now);
+        conns.reconcile(&[(to, local)], port, false, now);
+        assert_eq!(conns.len(), 0, "retired, then closed");
+        let generation = conns.generation.load(Ordering::Relaxed);
+        conns.reconcile(&[(to, local)], port, false, now);
+        conns.reconcile(&[(to, local)], port, false, now);
+        assert_eq!(
+            conns.generation.load(Ordering::Relaxed),
+            generation,
+            "waiting changes nothing"
+        );
+        // After the wait it is tried again and made.
+        conns.reconcile(&[(to, local)], port, false, now + RETRY_AFTER);
+        assert_eq!(conns.len(), 1);
     }
 
     #[test]

@@ -1134,8 +1134,9 @@ const MAX_DATAGRAM: usize = 65_535;
 
 /// Puts the node's routes back when its interface comes up again. The kernel drops a link's
 /// IPv4 routes when it goes down (`ip link set down`, a tool that bounces interfaces), and
-/// nothing else would add them until the next configuration. Sleeps on a netlink socket
-/// that hears link changes; costs nothing while the link stays as it is.
+/// nothing else would add them until the next configuration. Also tells the connected
+/// sockets when a local address goes away. Sleeps on a netlink socket that hears link and
+/// address changes; costs nothing while they stay as they are.
 fn link_loop(s: &Shared) {
     let events = match sys::LinkEvents::open() {
         Ok(e) => e,
@@ -1158,14 +1159,19 @@ fn link_loop(s: &Shared) {
         loop {
             match events.read(&mut buf) {
                 Ok(None) => break,
-                Ok(Some(links)) => {
-                    for (i, flags) in links {
-                        if i != index {
-                            continue;
+                Ok(Some(found)) => {
+                    for event in found {
+                        match event {
+                            sys::NetEvent::Link { index: i, flags } if i == index => {
+                                let now_up = flags & libc::IFF_UP as u32 != 0;
+                                came_up |= now_up && !up;
+                                up = now_up;
+                            }
+                            sys::NetEvent::Link { .. } => {}
+                            // A socket bound to it would go on sending from it (IPv6 does
+                            // not check a bound source again), into a black hole.
+                            sys::NetEvent::AddressGone(ip) => s.conns.address_gone(ip),
                         }
-                        let now_up = flags & libc::IFF_UP as u32 != 0;
-                        came_up |= now_up && !up;
-                        up = now_up;
                     }
                 }
                 Err(e) => {
@@ -1173,6 +1179,8 @@ fn link_loop(s: &Shared) {
                     // putting back missing routes is safe.
                     tracing::debug!(error = %e, "link events overflowed");
                     came_up = true;
+                    // An address may have gone among the lost messages.
+                    s.conns.clear();
                     break;
                 }
             }

@@ -114,12 +114,14 @@ impl Shared {
             tracing::warn!(error = %e, "no SO_REUSEPORT; every datagram leaves from one socket");
         }
         source::replace_socket(self.socket.as_raw_fd(), fresh)?;
+        // The port first: a reconcile that starts after `clear` makes sockets on the new one.
+        self.listen_port.store(bound, Ordering::Relaxed);
         // The connected sockets hold the old port: senders go back to the main socket, and
-        // the next timer tick makes them again on the new port.
+        // the next timer tick makes them again on the new port (one made meanwhile on the
+        // old port is thrown away, see `Conns::clear`).
         self.conns.clear();
         // The UDP thread may be waiting on the old socket, which nothing will wake now.
         self.udp_wake.signal();
-        self.listen_port.store(bound, Ordering::Relaxed);
         tracing::info!(interface = %self.iface.name, listen_port = bound, "listen port moved");
         Ok(())
     }

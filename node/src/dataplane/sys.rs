@@ -298,15 +298,29 @@ impl Epoll {
     }
 }
 
-/// A netlink socket that hears the kernel announce link changes (`RTMGRP_LINK`) in this
-/// network namespace: the node puts its routes back when its interface comes up again.
+/// A netlink socket that hears the kernel announce link and address changes in this network
+/// namespace: the node puts its routes back when its interface comes up again, and drops
+/// the connected sockets bound to an address that went away.
 #[derive(Debug)]
 pub struct LinkEvents(std::os::fd::OwnedFd);
 
-/// `RTM_NEWLINK` from `linux/rtnetlink.h`.
+/// `RTM_NEWLINK` and `RTM_DELADDR` from `linux/rtnetlink.h`.
 const RTM_NEWLINK: u16 = 16;
-/// `RTMGRP_LINK`.
-const RTMGRP_LINK: u32 = 1;
+const RTM_DELADDR: u16 = 21;
+/// `RTMGRP_LINK`, `RTMGRP_IPV4_IFADDR`, `RTMGRP_IPV6_IFADDR`.
+const GROUPS: u32 = 0x1 | 0x10 | 0x100;
+/// `IFA_ADDRESS` and `IFA_LOCAL`.
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+
+/// What [`LinkEvents`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetEvent {
+    /// `RTM_NEWLINK`: an interface's index and flags.
+    Link { index: i32, flags: u32 },
+    /// `RTM_DELADDR`: a local address went away.
+    AddressGone(std::net::IpAddr),
+}
 
 impl LinkEvents {
     pub fn open() -> io::Result<LinkEvents> {
@@ -326,7 +340,7 @@ impl LinkEvents {
         // SAFETY: sockaddr_nl is plain data; zeroed is valid, then the fields are set.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        addr.nl_groups = RTMGRP_LINK;
+        addr.nl_groups = GROUPS;
         // SAFETY: a sockaddr_nl on the stack with its exact size.
         let rc = unsafe {
             libc::bind(
@@ -345,11 +359,10 @@ impl LinkEvents {
         self.0.as_raw_fd()
     }
 
-    /// Reads what the kernel sent without waiting, and returns the (interface index, flags)
-    /// of every `RTM_NEWLINK` in it. `Ok(None)` when nothing is waiting. A lost message
-    /// (ENOBUFS: the kernel's queue overflowed) is reported as an error: the caller should
-    /// treat it as "anything may have changed".
-    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<Vec<(i32, u32)>>> {
+    /// Reads what the kernel sent without waiting, and returns the events in it. `Ok(None)`
+    /// when nothing is waiting. A lost message (ENOBUFS: the kernel's queue overflowed) is
+    /// reported as an error: the caller should treat it as "anything may have changed".
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<Vec<NetEvent>>> {
         // SAFETY: `buf` is writable for its whole length.
         let n = unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
@@ -360,13 +373,13 @@ impl LinkEvents {
                 Err(e)
             };
         }
-        Ok(Some(link_messages(&buf[..n as usize])))
+        Ok(Some(net_events(&buf[..n as usize])))
     }
 }
 
-/// The (interface index, flags) of each `RTM_NEWLINK` message in a netlink datagram; a
-/// truncated or malformed message ends the walk.
-pub fn link_messages(mut data: &[u8]) -> Vec<(i32, u32)> {
+/// The events in a netlink datagram: each `RTM_NEWLINK` with its interface index and flags,
+/// each `RTM_DELADDR` with its address. A truncated or malformed message ends the walk.
+pub fn net_events(mut data: &[u8]) -> Vec<NetEvent> {
     const HDR: usize = 16;
     let mut out = Vec::new();
     while data.len() >= HDR {
@@ -375,19 +388,54 @@ pub fn link_messages(mut data: &[u8]) -> Vec<(i32, u32)> {
         if len < HDR || len > data.len() {
             break;
         }
-        // struct ifinfomsg: family, pad, type (u16), index (i32), flags (u32), change (u32).
-        if kind == RTM_NEWLINK
-            && let Some(m) = data.get(HDR..HDR + 16)
-        {
-            let index = i32::from_ne_bytes([m[4], m[5], m[6], m[7]]);
-            let flags = u32::from_ne_bytes([m[8], m[9], m[10], m[11]]);
-            out.push((index, flags));
+        let body = &data[HDR..len];
+        match kind {
+            // struct ifinfomsg: family, pad, type (u16), index (i32), flags (u32), change.
+            RTM_NEWLINK if body.len() >= 16 => out.push(NetEvent::Link {
+                index: i32::from_ne_bytes([body[4], body[5], body[6], body[7]]),
+                flags: u32::from_ne_bytes([body[8], body[9], body[10], body[11]]),
+            }),
+            RTM_DELADDR => out.extend(gone_address(body).map(NetEvent::AddressGone)),
+            _ => {}
         }
         // Messages are aligned to 4 bytes.
         let next = (len + 3) & !3;
         data = data.get(next..).unwrap_or_default();
     }
     out
+}
+
+/// The address of an `RTM_DELADDR` body (struct ifaddrmsg, 8 bytes, then attributes):
+/// `IFA_LOCAL` for IPv4 (`IFA_ADDRESS` is the peer's on point-to-point links), `IFA_ADDRESS`
+/// for IPv6.
+fn gone_address(body: &[u8]) -> Option<std::net::IpAddr> {
+    let family = i32::from(*body.first()?);
+    let mut attrs = body.get(8..)?;
+    let (mut address, mut local) = (None, None);
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        let value = &attrs[4..len];
+        let ip = match (family, value.len()) {
+            (libc::AF_INET, 4) => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(value).ok()?)),
+            (libc::AF_INET6, 16) => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(value).ok()?)),
+            _ => None,
+        };
+        match kind {
+            IFA_ADDRESS => address = ip,
+            IFA_LOCAL => local = ip,
+            _ => {}
+        }
+        attrs = attrs.get((len + 3) & !3..).unwrap_or_default();
+    }
+    if family == libc::AF_INET {
+        local.or(address)
+    } else {
+        address
+    }
 }
 
 /// The index of the interface `name` in this network namespace, if it exists.
@@ -701,36 +749,79 @@ mod tests {
     }
 
     #[test]
-    fn link_messages_are_read_and_garbage_ends_the_walk() {
-        fn msg(kind: u16, index: i32, flags: u32, pad: usize) -> Vec<u8> {
-            let len = 16 + 16 + pad;
+    fn net_events_are_read_and_garbage_ends_the_walk() {
+        fn msg(kind: u16, body: &[u8]) -> Vec<u8> {
+            let len = 16 + body.len();
             let mut m = Vec::new();
             m.extend_from_slice(&(len as u32).to_ne_bytes());
             m.extend_from_slice(&kind.to_ne_bytes());
             m.extend_from_slice(&[0u8; 10]);
-            m.extend_from_slice(&[0, 0, 0, 0]);
-            m.extend_from_slice(&index.to_ne_bytes());
-            m.extend_from_slice(&flags.to_ne_bytes());
-            m.extend_from_slice(&0u32.to_ne_bytes());
-            m.resize(len, 0);
+            m.extend_from_slice(body);
             // Aligned to 4 bytes.
             m.resize((len + 3) & !3, 0);
             m
         }
-        let mut all = msg(RTM_NEWLINK, 7, 1, 0);
-        all.extend(msg(17, 8, 0, 0)); // RTM_DELLINK: not a new link
-        all.extend(msg(RTM_NEWLINK, 9, 0, 3)); // attributes, padded
-        assert_eq!(link_messages(&all), vec![(7, 1), (9, 0)]);
+        fn link(index: i32, flags: u32) -> Vec<u8> {
+            let mut b = vec![0u8; 4];
+            b.extend_from_slice(&index.to_ne_bytes());
+            b.extend_from_slice(&flags.to_ne_bytes());
+            b.extend_from_slice(&0u32.to_ne_bytes());
+            b.extend_from_slice(&[1, 2, 3]); // an attribute's worth, unaligned
+            b
+        }
+        fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+            let mut a = Vec::new();
+            a.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+            a.extend_from_slice(&kind.to_ne_bytes());
+            a.extend_from_slice(value);
+            a.resize((a.len() + 3) & !3, 0);
+            a
+        }
+        fn deladdr(family: u8, attrs: &[Vec<u8>]) -> Vec<u8> {
+            let mut b = vec![family, 24, 0, 0, 5, 0, 0, 0];
+            for a in attrs {
+                b.extend_from_slice(a);
+            }
+            b
+        }
+        let v4 = deladdr(
+            libc::AF_INET as u8,
+            &[
+                attr(IFA_ADDRESS, &[10, 0, 0, 9]),
+                attr(IFA_LOCAL, &[10, 0, 0, 1]),
+            ],
+        );
+        let v6addr: std::net::Ipv6Addr = "fd77::1".parse().unwrap();
+        let v6 = deladdr(libc::AF_INET6 as u8, &[attr(IFA_ADDRESS, &v6addr.octets())]);
+        let mut all = msg(RTM_NEWLINK, &link(7, 1));
+        all.extend(msg(17, &link(8, 0))); // RTM_DELLINK: not reported
+        all.extend(msg(RTM_DELADDR, &v4));
+        all.extend(msg(RTM_DELADDR, &v6));
+        all.extend(msg(RTM_NEWLINK, &link(9, 0)));
+        assert_eq!(
+            net_events(&all),
+            vec![
+                NetEvent::Link { index: 7, flags: 1 },
+                NetEvent::AddressGone("10.0.0.1".parse().unwrap()),
+                NetEvent::AddressGone(v6addr.into()),
+                NetEvent::Link { index: 9, flags: 0 },
+            ]
+        );
         // A length past the end, a length below the header, a short tail: the walk ends.
-        let mut bad = msg(RTM_NEWLINK, 7, 1, 0);
+        let mut bad = msg(RTM_NEWLINK, &link(7, 1));
         bad[0] = 200;
-        assert!(link_messages(&bad).is_empty());
-        let mut tiny = msg(RTM_NEWLINK, 7, 1, 0);
+        assert!(net_events(&bad).is_empty());
+        let mut tiny = msg(RTM_NEWLINK, &link(7, 1));
         tiny[..4].copy_from_slice(&4u32.to_ne_bytes());
-        assert!(link_messages(&tiny).is_empty());
-        assert!(link_messages(&all[..20]).is_empty());
+        assert!(net_events(&tiny).is_empty());
+        // A garbled attribute or a wrong-sized address gives no address.
+        let mut garbled = deladdr(libc::AF_INET as u8, &[attr(IFA_LOCAL, &[10, 0, 0, 1])]);
+        garbled[8] = 0xff;
+        assert!(net_events(&msg(RTM_DELADDR, &garbled)).is_empty());
+        let short = deladdr(libc::AF_INET6 as u8, &[attr(IFA_ADDRESS, &[1, 2, 3, 4])]);
+        assert!(net_events(&msg(RTM_DELADDR, &short)).is_empty());
         for n in 0..all.len() {
-            let _ = link_messages(&all[..n]);
+            let _ = net_events(&all[..n]);
         }
     }
 

@@ -388,7 +388,9 @@ impl Topology {
             &node.iface,
         ];
         let mut cmd = node.ns.command(bin("ztnet-node"));
-        cmd.args(args).args(extra).env("RUST_LOG", "info");
+        // ZTNET_TEST_LOG sets the nodes' log filter (default info), to debug a test.
+        let filter = std::env::var("ZTNET_TEST_LOG").unwrap_or_else(|_| "info".into());
+        cmd.args(args).args(extra).env("RUST_LOG", filter);
         // Through the environment, as the systemd unit does, so it is not in the process list.
         match token {
             Some(t) => cmd.env("ZTNET_TOKEN", t),

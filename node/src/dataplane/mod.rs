@@ -186,7 +186,8 @@ impl Dataplane {
             vnet,
             socket,
             socket_v6,
-            conns: conns::Conns::new(shared_port).context("epoll")?,
+            conns: conns::Conns::new(shared_port && conns::wanted_by_environment())
+                .context("epoll")?,
             table: RwLock::new(table),
             tun_turn: Mutex::new(()),
             config: Mutex::new(DataplaneConfig::default()),

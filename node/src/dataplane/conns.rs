@@ -437,6 +437,10 @@ impl SendCache {
         to: SocketAddr,
         from: Option<IpAddr>,
     ) -> Option<Arc<Conn>> {
+        // Off (the default for now): no lock, no lookup on the packet path.
+        if !conns.enabled {
+            return None;
+        }
         let generation = conns.generation.load(Ordering::Acquire);
         if generation != self.generation || self.to != Some(to) {
             self.conn = conns
@@ -476,6 +480,30 @@ mod tests {
             }
         }
         None
+    }
+
+    /// A main socket, its port, one peer's socket and address, and the sockets' set.
+    struct Fixture {
+        main: UdpSocket,
+        port: u16,
+        peer: UdpSocket,
+        to: SocketAddr,
+        conns: Conns,
+    }
+
+    fn fixture() -> Fixture {
+        let main = main_socket();
+        let port = main.local_addr().unwrap().port();
+        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let to = peer.local_addr().unwrap();
+        let conns = Conns::new(true).unwrap();
+        Fixture {
+            main,
+            port,
+            peer,
+            to,
+            conns,
+        }
     }
 
     fn nothing_on(s: &UdpSocket) -> bool {
@@ -575,11 +603,13 @@ mod tests {
 
     #[test]
     fn a_closed_socket_is_closed_although_a_quiet_sender_remembers_it() {
-        let main = main_socket();
-        let port = main.local_addr().unwrap().port();
-        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let to = peer.local_addr().unwrap();
-        let conns = Conns::new(true).unwrap();
+        let Fixture {
+            main,
+            port,
+            peer,
+            to,
+            conns,
+        } = fixture();
         let now = Instant::now();
         conns.reconcile(&[(to, None)], port, false, now);
         let mut cache = SendCache::default();
@@ -599,11 +629,13 @@ mod tests {
 
     #[test]
     fn two_peers_on_one_endpoint_share_a_socket_and_nothing_churns() {
-        let main = main_socket();
-        let port = main.local_addr().unwrap().port();
-        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let to = peer.local_addr().unwrap();
-        let conns = Conns::new(true).unwrap();
+        let Fixture {
+            main: _main,
+            port,
+            peer: _peer,
+            to,
+            conns,
+        } = fixture();
         let now = Instant::now();
         let local = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let wanted = [(to, local), (to, None)];
@@ -621,11 +653,13 @@ mod tests {
 
     #[test]
     fn a_socket_whose_source_was_refused_is_passed_by_and_replaced() {
-        let main = main_socket();
-        let port = main.local_addr().unwrap().port();
-        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let to = peer.local_addr().unwrap();
-        let conns = Conns::new(true).unwrap();
+        let Fixture {
+            main: _main,
+            port,
+            peer: _peer,
+            to,
+            conns,
+        } = fixture();
         let now = Instant::now();
         conns.reconcile(&[(to, None)], port, false, now);
         let mut cache = SendCache::default();
@@ -650,11 +684,13 @@ mod tests {
 
     #[test]
     fn a_socket_bound_to_an_address_that_went_away_is_passed_by_at_once() {
-        let main = main_socket();
-        let port = main.local_addr().unwrap().port();
-        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let to = peer.local_addr().unwrap();
-        let conns = Conns::new(true).unwrap();
+        let Fixture {
+            main: _main,
+            port,
+            peer: _peer,
+            to,
+            conns,
+        } = fixture();
         let local = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
         conns.reconcile(&[(to, local)], port, false, Instant::now());
         let mut cache = SendCache::default();
@@ -670,11 +706,13 @@ mod tests {
 
     #[test]
     fn a_broken_socket_goes_although_no_replacement_can_be_made_and_nothing_churns() {
-        let main = main_socket();
-        let port = main.local_addr().unwrap().port();
-        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let to = peer.local_addr().unwrap();
-        let conns = Conns::new(true).unwrap();
+        let Fixture {
+            main: _main,
+            port,
+            peer: _peer,
+            to,
+            conns,
+        } = fixture();
         let now = Instant::now();
         let local = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
         conns.reconcile(&[(to, local)], port, false, now);
@@ -724,11 +762,13 @@ mod tests {
 
     #[test]
     fn a_send_after_the_peer_s_port_was_closed_is_not_lost() {
-        let main = main_socket();
-        let port = main.local_addr().unwrap().port();
-        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let to = peer.local_addr().unwrap();
-        let conns = Conns::new(true).unwrap();
+        let Fixture {
+            main,
+            port,
+            peer,
+            to,
+            conns,
+        } = fixture();
         conns.reconcile(&[(to, None)], port, false, Instant::now());
         let conn = conns.by_id(FIRST_ID).unwrap();
         drop(peer);

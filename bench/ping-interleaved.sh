@@ -14,6 +14,10 @@
 # microseconds), and where their wake-ups landed. Tracing slows every call: compare the
 # implementations with each other, not with the untraced medians.
 #
+# With PROFILE=1 it records a perf cpu-clock profile (20 kHz, call graphs, whole machine) of
+# $STRACE_PINGS pings per implementation into $PROFILE_DIR (default /tmp), for `perf report`.
+# RTT_DIR=dir keeps every round-trip time, one file per implementation.
+#
 # Needs root. Traffic stays inside the two namespaces it makes; it removes them and the
 # processes it started when it ends, on failure too.
 #
@@ -209,6 +213,11 @@ for impl in $ONLY; do
     printf '%-14s %10s %10s %8s %12s\n' "$impl" "$med" "$p90" "$cnt" "${WINS[$impl]:-0}/$ROUNDS"
 done
 echo "(load average $(cut -d' ' -f1-3 /proc/loadavg))"
+# RTT_DIR=dir keeps every implementation's round-trip times there, one per line (ms).
+if [ -n "${RTT_DIR:-}" ]; then
+    mkdir -p "$RTT_DIR"
+    for impl in $ONLY; do cp "$WORK/$impl.rtt" "$RTT_DIR/$impl.rtt"; done
+fi
 
 # Context switches (thread wake-ups) of both daemons per round trip: voluntary ones are a
 # thread going to sleep and being woken again.
@@ -352,5 +361,18 @@ EOF
         echo "$impl ($threads):"
         perf script -i "$WORK/perf.data" 2>/dev/null | python3 "$WORK/trace.py" "$threads"
         rm -f "$WORK/perf.data"
+    done
+fi
+
+if [ "${PROFILE:-0}" = 1 ]; then
+    command -v perf >/dev/null || { apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null; }
+    OUT=${PROFILE_DIR:-/tmp}
+    echo
+    echo "perf cpu-clock profiles at 20 kHz, $STRACE_PINGS pings each, whole machine:"
+    for impl in $ONLY; do
+        perf record -q -a -g -F 20000 -e cpu-clock -o "$OUT/ztnet-ping-$impl.perf" -- \
+            ip netns exec "$NS_A" ping -n -q -c "$STRACE_PINGS" -i "$INTERVAL" "${DST[$impl]}" \
+            >/dev/null 2>&1
+        echo "  $impl: $OUT/ztnet-ping-$impl.perf (daemon pids ${DPID[$impl,a]} ${DPID[$impl,b]})"
     done
 fi

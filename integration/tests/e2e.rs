@@ -393,10 +393,19 @@ fn mesh_keeps_running_without_the_coordinator_and_restarts_from_state() {
     let restarted = Instant::now();
     topo.start_node("db1", None)
         .expect("restart db1 without a token");
-    let status = wait_for("db1's status socket", Duration::from_secs(30), || {
-        Ok(topo.status("db1").ok())
-    })
-    .expect("db1 serves status again");
+    // The status socket opens before the saved netmap is applied (the node passes nothing
+    // meanwhile): wait for a netmap, then check that it is the one from before.
+    let status = wait_for(
+        "db1's netmap from its state",
+        Duration::from_secs(30),
+        || {
+            Ok(topo
+                .status("db1")
+                .ok()
+                .filter(|st| !st["netmap_version"].is_null()))
+        },
+    )
+    .expect("db1 serves status with a netmap again");
     assert_eq!(
         status["netmap_version"], version_before,
         "db1 runs the netmap it had before: {status}"

@@ -635,8 +635,8 @@ impl Transmit for Io<'_> {
 ///
 /// With a second TUN queue, packets other than TCP are written through it, so that the
 /// kernel steers their replies (an echo reply, a DNS answer) back to that queue, which this
-/// thread reads right after the batch: a reply made at once leaves without waking the TUN
-/// thread. TCP goes through the first queue: a bulk sender's segments, steered to the queue
+/// thread also waits on: a reply leaves without waking the TUN thread. After an echo
+/// request, whose reply the kernel made during the write, it reads the queue at once. TCP goes through the first queue: a bulk sender's segments, steered to the queue
 /// its ACKs were written through, stay with the TUN thread and are encrypted beside the
 /// receive path, not on it.
 struct RxOut<'a> {
@@ -644,26 +644,40 @@ struct RxOut<'a> {
     coalescer: offload::Coalescer,
     /// The second TUN queue.
     reply: Option<&'a File>,
-    /// Something went through the first queue since the last [`RxOut::take_wrote_first`].
-    wrote_first: bool,
+    wrote: Wrote,
 }
 
 impl RxOut<'_> {
     fn flush(&mut self) {
-        let (io, reply, first) = (&self.io, self.reply, &mut self.wrote_first);
+        let (io, reply, wrote) = (&self.io, self.reply, &mut self.wrote);
         self.coalescer
-            .flush(&mut |hdr: &[u8], p: &[u8]| write_rx(io, reply, first, hdr, p));
+            .flush(&mut |hdr: &[u8], p: &[u8]| write_rx(io, reply, wrote, hdr, p));
     }
 
     fn take_wrote_first(&mut self) -> bool {
-        std::mem::take(&mut self.wrote_first)
+        std::mem::take(&mut self.wrote.first)
+    }
+
+    fn take_asked(&mut self) -> bool {
+        std::mem::take(&mut self.wrote.asked)
     }
 }
 
+/// What [`write_rx`] wrote since the flags were last taken (see [`RxOut`]).
+#[derive(Default)]
+struct Wrote {
+    /// Something went through the first queue.
+    first: bool,
+    /// An echo request went through the second queue: the kernel answered it during the
+    /// write, so the answer waits on that queue already.
+    asked: bool,
+}
+
 /// Writes one received packet to the queue [`RxOut`] picks for it.
-fn write_rx(io: &Io<'_>, reply: Option<&File>, first: &mut bool, hdr: &[u8], packet: &[u8]) {
+fn write_rx(io: &Io<'_>, reply: Option<&File>, wrote: &mut Wrote, hdr: &[u8], packet: &[u8]) {
     match reply {
         Some(queue) if !is_tcp(packet) => {
+            wrote.asked |= is_echo_request(packet);
             let mut q = queue;
             let written = if io.vnet {
                 q.write_vectored(&[IoSlice::new(hdr), IoSlice::new(packet)])
@@ -675,9 +689,24 @@ fn write_rx(io: &Io<'_>, reply: Option<&File>, first: &mut bool, hdr: &[u8], pac
             }
         }
         _ => {
-            *first = true;
+            wrote.first = true;
             io.write_tun_with(hdr, packet);
         }
+    }
+}
+
+/// Whether `packet` is an ICMP or ICMPv6 echo request (an IPv6 one without extension
+/// headers).
+fn is_echo_request(packet: &[u8]) -> bool {
+    const ICMP: u8 = 1;
+    const ICMPV6: u8 = 58;
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            packet.get(9) == Some(&ICMP) && packet.get(ihl) == Some(&8)
+        }
+        Some(6) => packet.get(6) == Some(&ICMPV6) && packet.get(40) == Some(&128),
+        _ => false,
     }
 }
 
@@ -697,13 +726,13 @@ impl Transmit for RxOut<'_> {
     }
 
     fn write_tun(&mut self, packet: &[u8]) {
-        let (io, reply, first) = (&self.io, self.reply, &mut self.wrote_first);
+        let (io, reply, wrote) = (&self.io, self.reply, &mut self.wrote);
         if !io.vnet {
-            write_rx(io, reply, first, &[], packet);
+            write_rx(io, reply, wrote, &[], packet);
             return;
         }
         self.coalescer.push(packet, &mut |hdr: &[u8], p: &[u8]| {
-            write_rx(io, reply, first, hdr, p)
+            write_rx(io, reply, wrote, hdr, p)
         });
     }
 
@@ -723,17 +752,21 @@ fn same_family(to: SocketAddr, from: Option<IpAddr>) -> Option<IpAddr> {
 
 fn tun_loop(s: &Shared) {
     let mut reader = TunReader::new(s, &s.tun);
+    let mut slept = false;
     while !s.stopping() {
         let drained = {
             let _turn = lock(&s.tun_turn);
-            reader.drain(s, usize::MAX)
+            let one = slept && reader.sparse;
+            reader.drain(s, usize::MAX, one)
         };
         match drained {
             Ok(_) => {
+                let waiting = Instant::now();
                 if let Err(e) = sys::wait_readable([s.tun.as_raw_fd(), s.stop_event.fd()]) {
                     tracing::error!(error = %e, "TUN poll failed; data plane stops");
                     return;
                 }
+                slept = waiting.elapsed() >= SLEPT;
             }
             Err(e) => {
                 if e.raw_os_error() == Some(libc::EBADFD) {
@@ -787,8 +820,11 @@ impl<'a> TunReader<'a> {
     }
 
     /// Handles up to `limit` packets, until the TUN queue is empty; sends everything before it
-    /// returns. Returns whether the queue ran empty. An error is fatal for the TUN.
-    fn drain(&mut self, s: &Shared, limit: usize) -> io::Result<bool> {
+    /// returns. Returns whether the queue ran empty. With `one` (the thread slept until this
+    /// packet came, and the last drain found one at most) it stops after the first packet
+    /// rather than read again to learn that the queue is empty: it says so, and the caller's
+    /// level-triggered wait returns at once if more came. An error is fatal for the TUN.
+    fn drain(&mut self, s: &Shared, limit: usize, one: bool) -> io::Result<bool> {
         let mut tun = self.queue;
         let mut burst = 0;
         let mut handled = 0;
@@ -824,6 +860,9 @@ impl<'a> TunReader<'a> {
                     }
                     drop(table);
                     handled += 1;
+                    if one {
+                        break Ok(true);
+                    }
                     if burst >= GSO_MAX_SEGMENTS || (handled == 1 && self.sparse) {
                         self.out.flush();
                         burst = 0;
@@ -839,6 +878,11 @@ impl<'a> TunReader<'a> {
         result
     }
 }
+
+/// A wait that lasted this long slept: the traffic is sparse, and the packet that ended it is
+/// likely alone (see [`TunReader::drain`]). A wait that finds work already there returns in
+/// a few microseconds; one that sleeps takes two context switches at least.
+const SLEPT: Duration = Duration::from_micros(50);
 
 /// Packets the UDP thread takes from the TUN right after writing to it: a reply the kernel
 /// made at once (a ping's echo reply, a TCP ACK) leaves without waking the TUN thread.
@@ -971,8 +1015,9 @@ const WAKE: u64 = 3;
 
 /// Receives datagrams, from the main socket and from every connected socket (see `conns`),
 /// and hands them to the table. With a second TUN queue (see [`RxOut`]) the thread also
-/// reads that queue: it waits in `epoll` for any of them, receives without waiting, and
-/// drains the queue after every batch it wrote. Each ready socket gets one batch in turn.
+/// reads that queue: it waits in `epoll` for any of them and receives without waiting. Each
+/// ready socket gets one batch in turn; after a wait that slept, one datagram (see
+/// [`SLEPT`]).
 fn udp_loop(s: &Shared) {
     let mut rx = Receiver {
         // Room for the largest datagram: the MTU may be raised at run time (`ip link set
@@ -983,10 +1028,9 @@ fn udp_loop(s: &Shared) {
             io: Io::new(s),
             coalescer: offload::Coalescer::new(),
             reply: s.tun_reply.as_ref(),
-            wrote_first: false,
+            wrote: Wrote::default(),
         },
         assist: TunReader::new(s, &s.tun),
-        received: false,
     };
     let fd = s.socket.as_raw_fd();
     let mut replies = s.tun_reply.as_ref().map(|q| TunReader::new(s, q));
@@ -1009,28 +1053,35 @@ fn udp_loop(s: &Shared) {
     let (mut socket_ready, mut queue_ready) = (true, true);
     let mut ready: Vec<Arc<conns::Conn>> = Vec::new();
     let mut tokens = Vec::new();
+    // The last wait slept (see [`SLEPT`]): the traffic is sparse, so each socket is asked for
+    // one datagram, and the second queue for one packet, without looking for more; the next
+    // wait (level-triggered) returns at once if there is more.
+    let mut slept = false;
     while !s.stopping() {
         if socket_ready {
-            socket_ready = rx.receive(s, fd);
+            socket_ready = rx.receive(s, fd, slept);
         }
-        ready.retain(|conn| rx.receive(s, conn.fd()));
-        // What was just written to the TUN may have its reply on the second queue already.
-        queue_ready |= std::mem::take(&mut rx.received);
+        ready.retain(|conn| rx.receive(s, conn.fd(), slept));
+        // The answer to an echo request just written waits on the second queue already;
+        // anything else that came there is for the wait to report.
+        queue_ready |= rx.out.take_asked();
         match replies.as_mut() {
-            Some(reader) if queue_ready => match reader.drain(s, REPLY_BURST) {
-                Ok(empty) => queue_ready = !empty,
-                Err(e) => {
-                    // The TUN thread reports a lost interface; this thread stops reading
-                    // the queue and waits on the sockets alone.
-                    tracing::debug!(error = %e, "second TUN queue lost");
-                    if let Some(q) = &s.tun_reply {
-                        let _ = epoll.delete(q.as_raw_fd());
+            Some(reader) if queue_ready => {
+                match reader.drain(s, REPLY_BURST, slept && reader.sparse) {
+                    Ok(empty) => queue_ready = !empty,
+                    Err(e) => {
+                        // The TUN thread reports a lost interface; this thread stops reading
+                        // the queue and waits on the sockets alone.
+                        tracing::debug!(error = %e, "second TUN queue lost");
+                        if let Some(q) = &s.tun_reply {
+                            let _ = epoll.delete(q.as_raw_fd());
+                        }
+                        replies = None;
+                        rx.out.reply = None;
+                        queue_ready = false;
                     }
-                    replies = None;
-                    rx.out.reply = None;
-                    queue_ready = false;
                 }
-            },
+            }
             Some(_) => {}
             None => queue_ready = false,
         }
@@ -1039,9 +1090,13 @@ fn udp_loop(s: &Shared) {
         // a flood on the main socket (or one peer's bulk) must not keep the other sockets
         // from their turn. Idle, it sleeps until something comes.
         let waited = if busy {
+            slept = false;
             epoll.ready_now(&mut tokens)
         } else {
-            epoll.wait(&mut tokens)
+            let waiting = Instant::now();
+            let waited = epoll.wait(&mut tokens);
+            slept = waiting.elapsed() >= SLEPT;
+            waited
         };
         if let Err(e) = waited {
             tracing::error!(error = %e, "UDP wait failed; data plane stops");
@@ -1075,15 +1130,14 @@ struct Receiver<'a> {
     out: RxOut<'a>,
     /// Reads the first TUN queue after a write to it (see [`TUN_ASSIST`]).
     assist: TunReader<'a>,
-    /// Datagrams were handled since this was last cleared.
-    received: bool,
 }
 
 impl Receiver<'_> {
-    /// Receives one batch from `fd` without waiting and handles it. Returns whether the
-    /// socket may hold more (the batch was full, or it was interrupted).
-    fn receive(&mut self, s: &Shared, fd: RawFd) -> bool {
-        let n = match self.batch.recv_now(fd) {
+    /// Receives one batch from `fd` without waiting and handles it; with `one`, a single
+    /// datagram. Returns whether the socket may hold more (the batch was full, or it was
+    /// interrupted); after a single datagram it says no, and leaves it to the wait.
+    fn receive(&mut self, s: &Shared, fd: RawFd, one: bool) -> bool {
+        let n = match self.batch.recv_now(fd, if one { 1 } else { RECV_BATCH }) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
             // ICMP errors from earlier sends surface here on Linux; they are not fatal, and
@@ -1096,7 +1150,6 @@ impl Receiver<'_> {
                 return false;
             }
         };
-        self.received = true;
         let table = s.table.read().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         for i in 0..n {
@@ -1116,10 +1169,10 @@ impl Receiver<'_> {
             && let Ok(_turn) = s.tun_turn.try_lock()
         {
             // A TUN error here is left for the TUN thread to report.
-            let _ = self.assist.drain(s, TUN_ASSIST);
+            let _ = self.assist.drain(s, TUN_ASSIST, false);
         }
         // A short batch emptied the socket; the next wait says when more came.
-        n == RECV_BATCH
+        !one && n == RECV_BATCH
     }
 }
 
@@ -1399,4 +1452,47 @@ fn validate(config: &DataplaneConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn icmp4(kind: u8, ihl_words: u8) -> Vec<u8> {
+        let ihl = usize::from(ihl_words) * 4;
+        let mut p = vec![0u8; ihl + 8];
+        p[0] = 0x40 | ihl_words;
+        p[9] = 1;
+        p[ihl] = kind;
+        p
+    }
+
+    #[test]
+    fn echo_requests_are_told_from_replies_and_other_packets() {
+        assert!(is_echo_request(&icmp4(8, 5)));
+        // With IP options the ICMP header starts later.
+        assert!(is_echo_request(&icmp4(8, 6)));
+        assert!(!is_echo_request(&icmp4(0, 5)), "an echo reply");
+        let mut udp = icmp4(8, 5);
+        udp[9] = 17;
+        assert!(!is_echo_request(&udp), "UDP whose first payload byte is 8");
+
+        let mut v6 = vec![0u8; 48];
+        v6[0] = 0x60;
+        v6[6] = 58;
+        v6[40] = 128;
+        assert!(is_echo_request(&v6));
+        v6[40] = 129;
+        assert!(!is_echo_request(&v6), "an ICMPv6 echo reply");
+
+        // Truncated or garbled: no panic, no.
+        for p in [
+            &[][..],
+            &[0x45][..],
+            &[0x4f, 0, 0, 0, 0, 0, 0, 0, 0, 1][..],
+            &[0x60; 7][..],
+        ] {
+            assert!(!is_echo_request(p));
+        }
+    }
 }

@@ -571,15 +571,17 @@ impl RecvBatch {
         h.msg_len = 0;
     }
 
-    /// Takes every datagram already queued, up to the batch size, without waiting (the caller
-    /// polls first): `WouldBlock` when nothing is queued. Returns how many arrived.
-    pub fn recv_now(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// Takes the datagrams already queued, up to `max` and the batch size, without waiting
+    /// (the caller polls first): `WouldBlock` when nothing is queued. Returns how many
+    /// arrived. With `max` 1 the kernel does not look for a second one.
+    pub fn recv_now(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
         // Only the slots the last call filled were changed by the kernel: a sparse receive
         // touches one header, not all of them (each is a cache line, cold between packets).
         for i in 0..std::mem::take(&mut self.received).max(1) {
             self.reset(i);
         }
-        let count = libc::c_uint::try_from(self.hdrs.len()).unwrap_or(libc::c_uint::MAX);
+        let count =
+            libc::c_uint::try_from(self.hdrs.len().min(max.max(1))).unwrap_or(libc::c_uint::MAX);
         // SAFETY: every header points at a live buffer, address, iovec and control buffer of
         // this struct, with their true sizes; the kernel writes only within them.
         let rc = unsafe {
@@ -692,12 +694,15 @@ mod tests {
         let fd = rx.as_raw_fd();
         let to = rx.local_addr().expect("addr");
         let mut batch = RecvBatch::new(4, 2048);
-        assert!(batch.recv_now(fd).is_err(), "nothing queued yet");
+        assert!(
+            batch.recv_now(fd, usize::MAX).is_err(),
+            "nothing queued yet"
+        );
         let a = std::net::UdpSocket::bind("[::1]:0").expect("bind");
         let b = std::net::UdpSocket::bind("[::1]:0").expect("bind");
         a.send_to(&[1u8; 10], to).expect("send");
         wait_readable([fd]).expect("poll");
-        assert_eq!(batch.recv_now(fd).expect("one"), 1);
+        assert_eq!(batch.recv_now(fd, usize::MAX).expect("one"), 1);
         assert_eq!(batch.get(0).expect("datagram").1, &[1u8; 10]);
         // Three larger ones from another socket: every slot, the first included, is whole.
         for n in [1500usize, 900, 1200] {
@@ -706,7 +711,7 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 3 {
             wait_readable([fd]).expect("poll");
-            let n = batch.recv_now(fd).expect("some");
+            let n = batch.recv_now(fd, usize::MAX).expect("some");
             for i in 0..n {
                 let (from, d) = batch.get(i).expect("datagram");
                 assert_eq!(from, b.local_addr().expect("addr"));
@@ -716,9 +721,25 @@ mod tests {
         assert_eq!(got, [1500, 900, 1200]);
         a.send_to(&[3u8; 7], to).expect("send");
         wait_readable([fd]).expect("poll");
-        assert_eq!(batch.recv_now(fd).expect("one"), 1);
+        assert_eq!(batch.recv_now(fd, usize::MAX).expect("one"), 1);
         let (from, d) = batch.get(0).expect("datagram");
         assert_eq!((from, d), (a.local_addr().expect("addr"), &[3u8; 7][..]));
+
+        // A receive of one takes one and leaves the rest queued, in order (loopback queues a
+        // datagram before its send returns, so all three are there).
+        for n in [11usize, 12, 13] {
+            a.send_to(&vec![4u8; n], to).expect("send");
+        }
+        wait_readable([fd]).expect("poll");
+        assert_eq!(batch.recv_now(fd, 1).expect("one"), 1);
+        assert_eq!(batch.get(0).expect("datagram").1.len(), 11);
+        let mut rest = Vec::new();
+        while rest.len() < 2 {
+            wait_readable([fd]).expect("poll");
+            let n = batch.recv_now(fd, usize::MAX).expect("the rest");
+            rest.extend((0..n).map(|i| batch.get(i).expect("datagram").1.len()));
+        }
+        assert_eq!(rest, [12, 13]);
     }
 
     #[test]

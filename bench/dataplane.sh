@@ -25,22 +25,11 @@ UDP_SECS=${UDP_SECS:-5}
 ONLY=${ONLY:-"veth ztnet ztnet-wg boringtun boringtun-1t wireguard-go"}
 CACHE=${ZTNET_BENCH_CACHE:-$HOME/.cache/ztnet-bench}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TAG=zb$$
-NS_A=${TAG}a
-NS_B=${TAG}b
-WORK=$(mktemp -d /tmp/ztnet-bench.XXXXXX)
-PIDS=()
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "bench/dataplane.sh needs root (namespaces, TUN)" >&2; exit 1; }
-
-cleanup() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
-    ip netns del "$NS_A" 2>/dev/null || true
-    ip netns del "$NS_B" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_init zb bench
 
 need() { # tool:package ...
     local missing=() t
@@ -94,15 +83,6 @@ teardown_link() {
 }
 
 # Waits until a file exists or a command succeeds (deadline 15 s).
-wait_until() {
-    local i
-    for i in $(seq 1 150); do
-        if eval "$1" >/dev/null 2>&1; then return 0; fi
-        sleep 0.1
-    done
-    echo "timed out waiting for: $1" >&2
-    return 1
-}
 
 # Configures the overlay address of a `wg`-configured interface in one namespace.
 wg_side() { # ns iface key peer_pub my_addr peer_underlay peer_overlay
@@ -148,29 +128,11 @@ start_wg_impl() { # name: boringtun | boringtun-1t | wireguard-go
 start_ztnet() { # [VAR=value ...]: environment for the daemons
     local ifc=${TAG}z
     keys
-    cat >"$WORK/policy.toml" <<'EOF'
-[[grant]]
-from = ["*"]
-to = ["*"]
-ports = ["any"]
-EOF
+    allow_all_policy >"$WORK/policy.toml"
     for side in a b; do
-        local me=1 peer=2 peer_pub=$B_PUB ns=$NS_A
-        [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; }
-        cat >"$WORK/$side.toml" <<EOF
-[interface]
-name = "$ifc$side"
-private_key_file = "$side.key"
-addresses = ["10.99.0.$me/24"]
-policy_file = "policy.toml"
-[identity]
-name = "n$me"
-[[peer]]
-name = "n$peer"
-public_key = "$peer_pub"
-endpoint = "192.0.2.$peer:51820"
-allowed_ips = ["10.99.0.$peer/32"]
-EOF
+        local ns=$NS_A
+        [ $side = b ] && ns=$NS_B
+        ztnet_config "$side" "$ifc$side" 10.99.0 51820 >"$WORK/$side.toml"
         env "$@" RUST_LOG=warn ip netns exec "$ns" "$ZTNET" --config "$WORK/$side.toml" \
             >>"$WORK/ztnet.log" 2>&1 &
         PIDS+=($!)

@@ -30,23 +30,11 @@ INTERVAL=${INTERVAL:-0.02}
 ONLY=${ONLY:-"ztnet boringtun boringtun-1t"}
 CACHE=${ZTNET_BENCH_CACHE:-$HOME/.cache/ztnet-bench}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TAG=zi$$
-NS_A=${TAG}a
-NS_B=${TAG}b
-WORK=$(mktemp -d /tmp/ztnet-instr.XXXXXX)
-PIDS=()
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "bench/ping-instructions.sh needs root (namespaces, TUN)" >&2; exit 1; }
-
-cleanup() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
-    ip netns del "$NS_A" 2>/dev/null || true
-    ip netns del "$NS_B" 2>/dev/null || true
-    rm -f /var/run/wireguard/"$TAG"*.sock /var/run/ztnet/"$TAG"*.sock
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_init zi instr
 
 for tool in wg ping valgrind callgrind_control; do
     command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq \
@@ -59,21 +47,14 @@ if [ -z "${NODE_BIN:-}" ]; then
 fi
 ZTNET=${NODE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ztnet-node}
 [ -x "$ZTNET" ] || { echo "no ztnet-node at $ZTNET" >&2; exit 1; }
+# A private copy: another checkout sharing the target directory may rebuild it mid-run.
+cp "$ZTNET" "$WORK/ztnet-node"
+ZTNET="$WORK/ztnet-node"
 BTUN="$CACHE/bin/boringtun-cli"
 if [ ! -x "$BTUN" ]; then
     echo "== installing boringtun-cli 0.7.1 into $CACHE" >&2
     cargo install -q boringtun-cli --version 0.7.1 --locked --root "$CACHE"
 fi
-
-wait_until() {
-    local i
-    for i in $(seq 1 300); do
-        if eval "$1" >/dev/null 2>&1; then return 0; fi
-        sleep 0.1
-    done
-    echo "timed out waiting for: $1" >&2
-    return 1
-}
 
 ip netns add "$NS_A"
 ip netns add "$NS_B"
@@ -86,7 +67,7 @@ ip -n "$NS_B" link set "${TAG}y" up
 
 (umask 077 && wg genkey >"$WORK/a.key" && wg genkey >"$WORK/b.key")
 A_PUB=$(wg pubkey <"$WORK/a.key"); B_PUB=$(wg pubkey <"$WORK/b.key")
-printf '[[grant]]\nfrom = ["*"]\nto = ["*"]\nports = ["any"]\n' >"$WORK/policy.toml"
+allow_all_policy >"$WORK/policy.toml"
 
 results=()
 n=0
@@ -102,21 +83,7 @@ for impl in $ONLY; do
         [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; pre=(); }
         case $impl in
         ztnet)
-            cat >"$WORK/$impl.$side.toml" <<EOF
-[interface]
-name = "${TAG}z$n$side"
-private_key_file = "$side.key"
-listen_port = $port
-addresses = ["$net.$me/24"]
-policy_file = "policy.toml"
-[identity]
-name = "n$me"
-[[peer]]
-name = "n$peer"
-public_key = "$peer_pub"
-endpoint = "192.0.2.$peer:$port"
-allowed_ips = ["$net.$peer/32"]
-EOF
+            ztnet_config "$side" "${TAG}z$n$side" "$net" "$port" >"$WORK/$impl.$side.toml"
             RUST_LOG=warn ip netns exec "$ns" "${pre[@]}" "$ZTNET" \
                 --config "$WORK/$impl.$side.toml" >>"$WORK/$impl.log" 2>&1 &
             PIDS+=($!)

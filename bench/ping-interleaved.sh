@@ -36,25 +36,13 @@ TRACE=${TRACE:-0}
 STRACE_PINGS=${STRACE_PINGS:-200}
 CACHE=${ZTNET_BENCH_CACHE:-$HOME/.cache/ztnet-bench}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TAG=zp$$
-NS_A=${TAG}a
-NS_B=${TAG}b
-WORK=$(mktemp -d /tmp/ztnet-ping.XXXXXX)
-PIDS=()
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 declare -A DPID # impl,side -> daemon pid
 declare -A DST  # impl -> overlay address of side b
 
 [ "$(id -u)" = 0 ] || { echo "bench/ping-interleaved.sh needs root (namespaces, TUN)" >&2; exit 1; }
-
-cleanup() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
-    ip netns del "$NS_A" 2>/dev/null || true
-    ip netns del "$NS_B" 2>/dev/null || true
-    rm -f /var/run/wireguard/"$TAG"*.sock /var/run/ztnet/"$TAG"*.sock
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_init zp ping
 
 for tool in wg ethtool bc ping; do
     command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq \
@@ -72,16 +60,6 @@ if [ ! -x "$BTUN" ]; then
 fi
 
 in_a() { ip netns exec "$NS_A" "$@"; }
-
-wait_until() {
-    local i
-    for i in $(seq 1 150); do
-        if eval "$1" >/dev/null 2>&1; then return 0; fi
-        sleep 0.1
-    done
-    echo "timed out waiting for: $1" >&2
-    return 1
-}
 
 ip netns add "$NS_A"
 ip netns add "$NS_B"
@@ -108,30 +86,11 @@ for impl in $ONLY; do
     DST[$impl]=$net.2
     case $impl in
     ztnet | ztnet-alt*)
-        cat >"$WORK/policy.toml" <<'EOF'
-[[grant]]
-from = ["*"]
-to = ["*"]
-ports = ["any"]
-EOF
+        allow_all_policy >"$WORK/policy.toml"
         for side in a b; do
-            me=1 peer=2 peer_pub=$B_PUB ns=$NS_A
-            [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; }
-            cat >"$WORK/$impl.$side.toml" <<EOF
-[interface]
-name = "${TAG}z$n$side"
-private_key_file = "$side.key"
-listen_port = $port
-addresses = ["$net.$me/24"]
-policy_file = "policy.toml"
-[identity]
-name = "n$me"
-[[peer]]
-name = "n$peer"
-public_key = "$peer_pub"
-endpoint = "192.0.2.$peer:$port"
-allowed_ips = ["$net.$peer/32"]
-EOF
+            ns=$NS_A
+            [ $side = b ] && ns=$NS_B
+            ztnet_config "$side" "${TAG}z$n$side" "$net" "$port" >"$WORK/$impl.$side.toml"
             # ztnet-altN: the binary $ALT_BIN_N (default: the same one) with the environment in
             # $ALT_ENV_N (or $ALT_ENV).
             envs=() bin=$ZTNET

@@ -64,3 +64,16 @@ endpoint = "192.0.2.$peer:$port"
 allowed_ips = ["$net.$peer/32"]
 EOF
 }
+
+# wg_configure SIDE IFACE NET PORT: configures the WireGuard interface IFACE of side a or b,
+# made by a daemon driven with `wg` (boringtun-cli, wireguard-go, ztnet-node wg), as
+# ztnet_config does for ztnet-node: key $WORK/SIDE.key, the other side as its one peer, the
+# overlay address, MTU 1420, up.
+wg_configure() {
+    local side=$1 ifc=$2 net=$3 port=$4 ns=$NS_A me=1 peer=2 peer_pub=$B_PUB
+    [ "$side" = b ] && { ns=$NS_B; me=2; peer=1; peer_pub=$A_PUB; }
+    ip netns exec "$ns" wg set "$ifc" private-key "$WORK/$side.key" listen-port "$port" \
+        peer "$peer_pub" endpoint "192.0.2.$peer:$port" allowed-ips "$net.$peer/32"
+    ip -n "$ns" addr add "$net.$me/24" dev "$ifc"
+    ip -n "$ns" link set "$ifc" mtu 1420 up
+}

@@ -79,8 +79,8 @@ for impl in $ONLY; do
     [ "$FOOTPRINT" = 1 ] &&
         vg=(valgrind --tool=lackey --trace-mem=yes --trace-syscalls=yes --log-file="$out.trace")
     for side in a b; do
-        me=1 peer=2 peer_pub=$B_PUB ns=$NS_A pre=("${vg[@]}")
-        [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; pre=(); }
+        ns=$NS_A pre=("${vg[@]}")
+        [ $side = b ] && { ns=$NS_B; pre=(); }
         case $impl in
         ztnet)
             ztnet_config "$side" "${TAG}z$n$side" "$net" "$port" >"$WORK/$impl.$side.toml"
@@ -97,10 +97,7 @@ for impl in $ONLY; do
                 "${extra[@]}" "$ifc" >>"$WORK/$impl.log" 2>&1 &
             PIDS+=($!)
             wait_until "[ -S /var/run/wireguard/$ifc.sock ]"
-            ip netns exec "$ns" wg set "$ifc" private-key "$WORK/$side.key" listen-port "$port" \
-                peer "$peer_pub" endpoint "192.0.2.$peer:$port" allowed-ips "$net.$peer/32"
-            ip -n "$ns" addr add "$net.$me/24" dev "$ifc"
-            ip -n "$ns" link set "$ifc" mtu 1420 up
+            wg_configure "$side" "$ifc" "$net" "$port"
             ;;
         *) echo "unknown implementation $impl (ztnet, boringtun, boringtun-1t)" >&2; exit 1 ;;
         esac

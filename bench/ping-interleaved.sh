@@ -116,8 +116,8 @@ for impl in $ONLY; do
         extra=()
         [ "$impl" = boringtun-1t ] && extra=(--threads 1)
         for side in a b; do
-            me=1 peer=2 peer_pub=$B_PUB ns=$NS_A
-            [ $side = b ] && { me=2; peer=1; peer_pub=$A_PUB; ns=$NS_B; }
+            ns=$NS_A
+            [ $side = b ] && ns=$NS_B
             ifc=${TAG}b$n$side
             if [ "$impl" = ztnet-wg ]; then
                 RUST_LOG=warn ip netns exec "$ns" "$ZTNET" wg --foreground "$ifc" \
@@ -129,10 +129,7 @@ for impl in $ONLY; do
             DPID[$impl,$side]=$!
             PIDS+=($!)
             wait_until "[ -S /var/run/wireguard/$ifc.sock ]"
-            ip netns exec "$ns" wg set "$ifc" private-key "$WORK/$side.key" listen-port "$port" \
-                peer "$peer_pub" endpoint "192.0.2.$peer:$port" allowed-ips "$net.$peer/32"
-            ip -n "$ns" addr add "$net.$me/24" dev "$ifc"
-            ip -n "$ns" link set "$ifc" mtu 1420 up
+            wg_configure "$side" "$ifc" "$net" "$port"
         done
         ;;
     *) echo "unknown implementation $impl (ztnet, ztnet-altN, ztnet-wg, boringtun, boringtun-1t)" >&2; exit 1 ;;

@@ -9,9 +9,14 @@ bench_init() {
     TAG=$1$$
     NS_A=${TAG}a
     NS_B=${TAG}b
-    WORK=$(mktemp -d "/tmp/ztnet-$2.XXXXXX")
+    WORK=""
     PIDS=()
     trap bench_cleanup EXIT
+    # Ctrl-C or kill: stop, and let the EXIT trap clean up. (Without this, a ping that catches
+    # SIGINT and exits normally would let the script carry on.)
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    WORK=$(mktemp -d "/tmp/ztnet-$2.XXXXXX")
 }
 
 bench_cleanup() {
@@ -21,7 +26,8 @@ bench_cleanup() {
     ip netns del "$NS_A" 2>/dev/null || true
     ip netns del "$NS_B" 2>/dev/null || true
     rm -f /var/run/wireguard/"$TAG"*.sock /var/run/ztnet/"$TAG"*.sock
-    rm -rf "$WORK"
+    [ -n "$WORK" ] && rm -rf "$WORK"
+    return 0
 }
 
 # wait_until COMMAND: runs COMMAND (a string, evaluated) every 0.1 s until it succeeds, for

@@ -14,10 +14,11 @@
 #
 # FOOTPRINT=1 runs side a under valgrind's lackey instead, which records every memory access
 # and system call, and counts what one ping's two steps touch in user space: the request
-# (TUN read to UDP send) and the reply (UDP receive to TUN write), each cut at the thread's
-# blocking wait. Distinct 64-byte lines and 4 KiB pages, code and data (stack included),
-# averaged over the last $PINGS steps of each kind (default 40 pings there). A ping after
-# 20 ms finds little of this in the caches or the TLB, so each line is a likely miss.
+# (TUN read to UDP send) and the reply (UDP receive to TUN write), each cut, thread by
+# thread, at that thread's blocking wait (bench/footprint.awk). Distinct 64-byte lines and
+# 4 KiB pages, code and data (stack included), averaged over the last $PINGS steps of each
+# kind (default 40 pings there); `steps` says how many were found. How much of this a ping
+# 20 ms after the last one still finds in the caches and the TLB is not measured here.
 #
 # Needs root. Traffic stays inside the two namespaces it makes (192.0.2.0/24 on a veth pair);
 # it removes them and the processes it started when it ends, on failure too.
@@ -34,6 +35,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "bench/ping-instructions.sh needs root (namespaces, TUN)" >&2; exit 1; }
+[[ $PINGS =~ ^[1-9][0-9]*$ ]] || { echo "PINGS must be a whole number above 0, not '$PINGS'" >&2; exit 1; }
+[[ $INTERVAL =~ ^[0-9]*\.?[0-9]+$ ]] ||
+    { echo "INTERVAL must be seconds like 0.02, not '$INTERVAL'" >&2; exit 1; }
 bench_init zi instr
 
 for tool in wg ping valgrind callgrind_control; do
@@ -132,14 +136,14 @@ done
 echo
 if [ "$FOOTPRINT" = 1 ]; then
     echo "user-space footprint of one ping's steps on side a, mean of the last $PINGS of each:"
-    printf '  %-14s %-8s %11s %11s %11s %11s\n' implementation step "code lines" "data lines" \
-        "code pages" "data pages"
+    printf '  %-14s %-8s %11s %11s %11s %11s %6s\n' implementation step "code lines" \
+        "data lines" "code pages" "data pages" steps
     for r in "${results[@]}"; do
         read -r impl rest <<<"$r"
         set -- $rest
-        while [ $# -ge 5 ]; do
-            printf '  %-14s %-8s %11s %11s %11s %11s\n' "$impl" "$1" "$2" "$3" "$4" "$5"
-            shift 5
+        while [ $# -ge 6 ]; do
+            printf '  %-14s %-8s %11s %11s %11s %11s %6s\n' "$impl" "$1" "$2" "$3" "$4" "$5" "$6"
+            shift 6
         done
     done
     exit 0

@@ -183,8 +183,10 @@ impl Streams {
         // end it; what must survive is the one connection left, the sender's.
         let mut tcp_tx: Option<Sender> = None;
         let mut udp_tx: Option<Sender> = None;
-        wait_for("both streams to flow", Duration::from_secs(30), || {
+        let (mut tcp_starts, mut udp_starts) = (0, 0);
+        let flowed = wait_for("both streams to flow", Duration::from_secs(30), || {
             if tcp_rx.count() == 0 {
+                tcp_starts += 1;
                 tcp_tx = Some(Sender::start(
                     web_ns,
                     &format!("TCP4:{}:5432,connect-timeout=2", host(db1)),
@@ -192,6 +194,7 @@ impl Streams {
                 ));
             }
             if udp_rx.count() == 0 {
+                udp_starts += 1;
                 udp_tx = Some(Sender::start(
                     web_ns,
                     &format!("UDP4:{}:5433", host(db1)),
@@ -202,8 +205,25 @@ impl Streams {
                 std::thread::sleep(Duration::from_millis(500));
             }
             Ok((tcp_rx.count() > 50 && udp_rx.count() > 50).then_some(()))
-        })
-        .expect("the allowed streams flow");
+        });
+        if let Err(e) = flowed {
+            // An intermittent stall seen in CI: say how far each stream got and what the
+            // nodes saw (peers, bytes each way, drops by reason), so the next one can be read.
+            let status = |name: &str| {
+                topo.status(name)
+                    .map_or_else(|e| format!("no status: {e:#}"), |v| v.to_string())
+            };
+            panic!(
+                "the allowed streams flow: {e:#}\n\
+                 tcp: {} lines arrived, sender started {tcp_starts} times; \
+                 udp: {} lines arrived, sender started {udp_starts} times\n\
+                 web1 status: {}\ndb1 status: {}",
+                tcp_rx.count(),
+                udp_rx.count(),
+                status("web1"),
+                status("db1"),
+            );
+        }
         let (Some(tcp_tx), Some(udp_tx)) = (tcp_tx, udp_tx) else {
             unreachable!("both senders were started before their streams flowed");
         };

@@ -178,14 +178,17 @@ impl Streams {
         let (db_ns, web_ns) = (&topo.node("db1").ns, &topo.node("web1").ns);
         let tcp_rx = Arrivals::start(db_ns, "TCP4-LISTEN:5432,reuseaddr,fork");
         let udp_rx = Arrivals::start(db_ns, "UDP4-RECV:5433,reuseaddr");
-        // Each sender is retried on its own until its stream flows (the first handshake may
-        // take a moment). The TCP receiver forks per connection, so a replaced sender does not
-        // end it; what must survive is the one connection left, the sender's.
+        // Each sender is restarted on its own, but only once it has exited (a connection
+        // refused before the receiver listened, say): a sender still running is left to get
+        // through, however slowly it starts on a loaded machine. (Restarting every half second
+        // while nothing had arrived could kill each one before its first line, for the whole
+        // 30 s.) The TCP receiver forks per connection, so a replaced sender does not end it;
+        // what must survive is the one connection left, the sender's.
         let mut tcp_tx: Option<Sender> = None;
         let mut udp_tx: Option<Sender> = None;
         let (mut tcp_starts, mut udp_starts) = (0, 0);
         let flowed = wait_for("both streams to flow", Duration::from_secs(30), || {
-            if tcp_rx.count() == 0 {
+            if tcp_rx.count() == 0 && !tcp_tx.as_mut().is_some_and(Sender::alive) {
                 tcp_starts += 1;
                 tcp_tx = Some(Sender::start(
                     web_ns,
@@ -193,7 +196,7 @@ impl Streams {
                     TCP_PERIOD,
                 ));
             }
-            if udp_rx.count() == 0 {
+            if udp_rx.count() == 0 && !udp_tx.as_mut().is_some_and(Sender::alive) {
                 udp_starts += 1;
                 udp_tx = Some(Sender::start(
                     web_ns,

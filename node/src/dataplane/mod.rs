@@ -1031,6 +1031,7 @@ fn udp_loop(s: &Shared) {
             wrote: Wrote::default(),
         },
         assist: TunReader::new(s, &s.tun),
+        received: false,
     };
     let fd = s.socket.as_raw_fd();
     let mut replies = s.tun_reply.as_ref().map(|q| TunReader::new(s, q));
@@ -1062,17 +1063,29 @@ fn udp_loop(s: &Shared) {
             socket_ready = rx.receive(s, fd, slept);
         }
         ready.retain(|conn| rx.receive(s, conn.fd(), slept));
-        // The answer to an echo request just written waits on the second queue already;
-        // anything else that came there is for the wait to report.
-        queue_ready |= rx.out.take_asked();
+        // The answer to an echo request just written waits on the second queue already.
+        // After any datagram the queue is read too, not left to the wait alone: with only the
+        // wait, CI twice saw a flow that the kernel had put on this queue go unread for 30 s
+        // (a UDP stream whose first datagram passed; cause not found), which reading after
+        // each receive, as before session 7, never showed. It costs one read that finds the
+        // queue empty per received batch.
+        queue_ready |= rx.out.take_asked() | std::mem::take(&mut rx.received);
         match replies.as_mut() {
             Some(reader) if queue_ready => {
                 match reader.drain(s, REPLY_BURST, slept && reader.sparse) {
                     Ok(empty) => queue_ready = !empty,
                     Err(e) => {
                         // The TUN thread reports a lost interface; this thread stops reading
-                        // the queue and waits on the sockets alone.
-                        tracing::debug!(error = %e, "second TUN queue lost");
+                        // the queue and waits on the sockets alone. Any other error is loud:
+                        // from here on, flows the kernel puts on this queue go nowhere.
+                        if e.raw_os_error() == Some(libc::EBADFD) {
+                            tracing::debug!(error = %e, "second TUN queue lost");
+                        } else {
+                            tracing::warn!(
+                                interface = %s.iface.name, error = %e,
+                                "second TUN queue failed; it is no longer read"
+                            );
+                        }
                         if let Some(q) = &s.tun_reply {
                             let _ = epoll.delete(q.as_raw_fd());
                         }
@@ -1130,6 +1143,8 @@ struct Receiver<'a> {
     out: RxOut<'a>,
     /// Reads the first TUN queue after a write to it (see [`TUN_ASSIST`]).
     assist: TunReader<'a>,
+    /// A datagram came since the flag was last taken.
+    received: bool,
 }
 
 impl Receiver<'_> {
@@ -1150,6 +1165,7 @@ impl Receiver<'_> {
                 return false;
             }
         };
+        self.received |= n > 0;
         let table = s.table.read().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         for i in 0..n {

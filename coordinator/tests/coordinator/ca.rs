@@ -263,10 +263,20 @@ async fn ca_rotation_waits_for_every_node_keeps_old_clients_working_and_retires_
     conn.close(0u32.into(), b"done");
 
     // Retirement: 60 s node certificates + 5 s after the switch, the old CA leaves the
-    // bundle, the netmaps carry the new one, and its key is deleted.
-    let s = until(&api, "the old CA retired", RETIRE_DEADLINE, |s| {
-        s["phase"] == "steady"
-    })
+    // bundle, the netmaps carry the new one, and its key is deleted. The phase turns steady a
+    // moment before the audit entry is committed (the coordinator records the retirement
+    // right after making it), so the wait is for both.
+    let s = until(
+        &api,
+        "the old CA retired and audited",
+        RETIRE_DEADLINE,
+        |s| {
+            s["phase"] == "steady"
+                && s["history"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().any(|e| e["action"] == "ca.retire"))
+        },
+    )
     .await;
     assert_eq!(s["authorities"].as_array().unwrap().len(), 1, "{s}");
     assert_eq!(certs(s["bundle_pem"].as_str().unwrap()), new_ca);

@@ -337,16 +337,25 @@ impl State {
         // The common packet from a known peer takes the short way; it decides the same.
         if let Some(peer) = peer
             && let Some(simple) = packet::simple(buf)
+            && let Some(verdict) = self.simple(dir, peer, &simple, now)
         {
-            return self.simple(dir, peer, &simple, now);
+            return verdict;
         }
         self.general(dir, peer, buf, now)
     }
 
-    /// An IPv4 TCP or UDP packet that is not a fragment, read by [`packet::simple`]: the same
-    /// steps as [`State::tcp`] and [`State::stateful`], without the general packet's fields.
+    /// An IPv4 TCP, UDP or ICMP echo packet that is not a fragment, read by
+    /// [`packet::simple`]: the same steps as [`State::tcp`] and [`State::stateful`], without
+    /// the general packet's fields. An echo is decided here only when it belongs to a live
+    /// echo flow; `None` leaves any other echo to [`State::general`].
     #[inline]
-    fn simple(&mut self, dir: Direction, peer: u32, pkt: &packet::Simple, now: u64) -> Verdict {
+    fn simple(
+        &mut self,
+        dir: Direction,
+        peer: u32,
+        pkt: &packet::Simple,
+        now: u64,
+    ) -> Option<Verdict> {
         let (src, dst) = (pkt.src(), pkt.dst());
         let (local, remote) = match dir {
             Direction::Outbound => (src, dst),
@@ -356,27 +365,40 @@ impl State {
             Direction::Outbound => (pkt.src_port, pkt.dst_port),
             Direction::Inbound => (pkt.dst_port, pkt.src_port),
         };
+        if pkt.proto == PROTO_ICMP {
+            // The echo's flow key, as [`State::general`] makes it: the id, and no second port.
+            let key = FlowKey::new(true, PROTO_ICMP, local, remote, pkt.src_port, 0);
+            let (_, flow) = self.live_flow(&key, peer, now);
+            let flow = flow?;
+            // Requests go the way the flow was opened, replies the other way ([`State::echo`]).
+            let request = pkt.flags == packet::ECHO_REQUEST;
+            if !flow.echo || request != (dir == flow.origin) {
+                return None;
+            }
+            flow.expires = now.saturating_add(ns(ICMP_TIMEOUT));
+            return Some(Verdict::Allow(AllowReason::Established));
+        }
         let key = FlowKey::new(true, pkt.proto, local, remote, local_port, remote_port);
         let (find, flow) = self.live_flow(&key, peer, now);
         let addrs = (src, dst, true);
-        if pkt.proto == PROTO_TCP {
+        Some(if pkt.proto == PROTO_TCP {
             let fresh_syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             if let Some(flow) = flow {
                 let reopen = fresh_syn && matches!(flow.tcp, TcpState::Closing | TcpState::Reset);
                 if !reopen {
                     flow.tcp_update(dir, pkt.flags, now);
-                    return Verdict::Allow(AllowReason::Established);
+                    return Some(Verdict::Allow(AllowReason::Established));
                 }
             }
             self.tcp_new(dir, peer, addrs, key, find, pkt.flags, now)
         } else {
             if let Some(flow) = flow {
                 flow.udp_update(dir, PROTO_UDP, now);
-                return Verdict::Allow(AllowReason::Established);
+                return Some(Verdict::Allow(AllowReason::Established));
             }
             let class = PacketClass::Udp(pkt.dst_port);
             self.stateful_new(dir, peer, addrs, key, find, class, now)
-        }
+        })
     }
 
     /// Any packet, classified in full. Kept out of line so that the short way stays short.
@@ -1155,11 +1177,20 @@ mod tests {
     }
 
     fn spec() -> FilterSpec {
-        let src = "[[grant]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"tcp:20-25\", \"udp:20-22\"]\n\
+        let src = "[[grant]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"tcp:20-25\", \"udp:20-22\", \"icmp\"]\n\
                    [[deny]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"tcp:23\"]\n";
         let policy = Policy::parse(src).expect("the test policy is valid").policy;
         let nodes = vec![node("web1", 1, "web"), node("db1", 2, "db")];
         compile(&policy, &Inventory { nodes }).filters["db1"].clone()
+    }
+
+    /// An ICMP echo request (`request`) or reply with id `id`, inbound from web1 or outbound.
+    fn echo_packet(request: bool, inbound: bool, id: u16) -> Vec<u8> {
+        let mut p = packet(false, inbound, id, 0, 0);
+        p[9] = PROTO_ICMP;
+        p[20..28].copy_from_slice(&[if request { 8 } else { 0 }, 0, 0, 0, 0, 0, 0, 1]);
+        p[24..26].copy_from_slice(&id.to_be_bytes());
+        p
     }
 
     fn packet(tcp: bool, inbound: bool, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
@@ -1222,7 +1253,7 @@ mod tests {
         fn the_short_way_decides_as_the_general_way(
             steps in prop::collection::vec(
                 (any::<bool>(), any::<bool>(), 19u16..27, 19u16..27, any::<u8>(), 0u64..200,
-                 prop::option::of((0usize..48, any::<u8>()))),
+                 prop::option::of((0usize..48, any::<u8>())), any::<bool>()),
                 1..60,
             ),
         ) {
@@ -1230,9 +1261,16 @@ mod tests {
             let (mut short, mut general) = (State::new(spec(), config), State::new(spec(), config));
             let web = short.by_name.get("web1").copied();
             let mut now = Instant::now();
-            for (tcp, inbound, sport, dport, flags, secs, edit) in steps {
+            for (tcp, inbound, sport, dport, flags, secs, edit, echo) in steps {
+                // Echoes in a few ids, requests and replies both ways, and a few seconds apart
+                // so that their flows also expire (ICMP_TIMEOUT) between packets.
+                let secs = if echo { secs / 4 } else { secs };
                 now += Duration::from_secs(secs);
-                let mut p = packet(tcp, inbound, sport, dport, flags);
+                let mut p = if echo {
+                    echo_packet(tcp, inbound, sport % 3)
+                } else {
+                    packet(tcp, inbound, sport, dport, flags)
+                };
                 if let Some((at, byte)) = edit && let Some(b) = p.get_mut(at) {
                     *b = byte;
                 }

@@ -76,17 +76,21 @@ pub(crate) struct FragmentInfo {
 }
 
 /// The common packet, read in a few instructions: IPv4 with a 20-byte header, not a fragment,
-/// TCP or UDP. Addresses are the raw IPv4 numbers.
+/// TCP, UDP or an ICMP echo request or reply. Addresses are the raw IPv4 numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Simple {
     pub(crate) src: u32,
     pub(crate) dst: u32,
     pub(crate) proto: u8,
+    /// Source and destination ports; for an echo, its id and 0.
     pub(crate) src_port: u16,
     pub(crate) dst_port: u16,
-    /// TCP flags; 0 for UDP.
+    /// TCP flags; 0 for UDP; for an echo, [`ECHO_REQUEST`] or 0 (a reply).
     pub(crate) flags: u8,
 }
+
+/// [`Simple::flags`] of an ICMP echo request.
+pub(crate) const ECHO_REQUEST: u8 = 1;
 
 impl Simple {
     pub(crate) fn src(&self) -> Addr {
@@ -120,6 +124,17 @@ pub(crate) fn simple(buf: &[u8]) -> Option<Simple> {
             l4[13]
         }
         PROTO_UDP if l4.len() >= 8 => 0,
+        // An echo: its id stands where a port would, as in [`classify`]'s flow key.
+        PROTO_ICMP if l4.len() >= 8 && (l4[0] == 8 || l4[0] == 0) => {
+            return Some(Simple {
+                src: u32::from_be_bytes([head[12], head[13], head[14], head[15]]),
+                dst: u32::from_be_bytes([head[16], head[17], head[18], head[19]]),
+                proto,
+                src_port: u16::from_be_bytes([l4[4], l4[5]]),
+                dst_port: 0,
+                flags: if l4[0] == 8 { ECHO_REQUEST } else { 0 },
+            });
+        }
         _ => return None,
     };
     Some(Simple {
@@ -449,15 +464,22 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(4096))]
 
         /// The short reader takes a packet only when the full classifier reads it the same way,
-        /// and takes every IPv4 TCP or UDP packet with a 20-byte header that is not a fragment.
+        /// and takes every IPv4 TCP, UDP or ICMP echo packet with a 20-byte header that is not
+        /// a fragment.
         #[test]
         fn simple_agrees_with_classify(
             tcp in any::<bool>(),
+            echo in any::<bool>(),
             payload in 0usize..40,
             edits in prop::collection::vec((0usize..80, any::<u8>()), 0..4),
             cut in 0usize..100,
         ) {
-            let mut p = base(tcp, payload);
+            let mut p = base(tcp && !echo, payload);
+            if echo && !tcp {
+                // An echo request: type 8, code 0, id 77, sequence 1.
+                p[9] = PROTO_ICMP;
+                p[20..28].copy_from_slice(&[8, 0, 0, 0, 0, 77, 0, 1]);
+            }
             for (at, byte) in edits {
                 if let Some(b) = p.get_mut(at) {
                     *b = byte;
@@ -467,10 +489,17 @@ mod tests {
             let full = classify(&p);
             match simple(&p) {
                 Some(s) => {
-                    let transport = if s.proto == PROTO_TCP {
-                        Transport::Tcp { src_port: s.src_port, dst_port: s.dst_port, flags: s.flags }
-                    } else {
-                        Transport::Udp { src_port: s.src_port, dst_port: s.dst_port }
+                    let transport = match s.proto {
+                        PROTO_TCP => Transport::Tcp {
+                            src_port: s.src_port,
+                            dst_port: s.dst_port,
+                            flags: s.flags,
+                        },
+                        PROTO_ICMP => {
+                            prop_assert_eq!(s.dst_port, 0);
+                            Transport::Echo { request: s.flags == ECHO_REQUEST, id: s.src_port }
+                        }
+                        _ => Transport::Udp { src_port: s.src_port, dst_port: s.dst_port },
                     };
                     let expected = Packet {
                         v4: true,
@@ -490,7 +519,9 @@ mod tests {
                             v4: true,
                             l4: 20,
                             fragment: None,
-                            transport: Transport::Tcp { .. } | Transport::Udp { .. },
+                            transport: Transport::Tcp { .. }
+                                | Transport::Udp { .. }
+                                | Transport::Echo { .. },
                             ..
                         })
                     );

@@ -153,6 +153,33 @@ pub struct PeerSnapshot {
     pub path_mtu_state: ztnet_proto::status::PathMtuState,
 }
 
+/// Hashes a session index, which this node hands out itself in sequence (see
+/// `PeerTable::new_peer`), with one multiplication: every data packet looks its index up, and
+/// SipHash's keyed rounds guard against keys an attacker chooses, which these are not. A
+/// datagram only chooses which index it asks for.
+#[derive(Default)]
+struct IndexHasher(u64);
+
+impl std::hash::Hasher for IndexHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(u32::from(b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        // Fibonacci hashing: spreads consecutive indices over the high bits, which the
+        // table's control bytes use.
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IndexHash = std::hash::BuildHasherDefault<IndexHasher>;
+
 /// The node's peers and how packets reach them. See the module doc for the order of calls.
 pub struct PeerTable {
     private: StaticSecret,
@@ -160,7 +187,7 @@ pub struct PeerTable {
     rate_limiter: Arc<RateLimiter>,
     peers: Vec<Peer>,
     by_key: HashMap<[u8; 32], usize>,
-    by_index: HashMap<u32, usize>,
+    by_index: HashMap<u32, usize, IndexHash>,
     routes: PrefixTable<usize>,
     filter: Arc<Mutex<Filter>>,
     counters: Arc<Counters>,
@@ -296,7 +323,7 @@ impl PeerTable {
             rate_limiter,
             peers: Vec::with_capacity(peers.len()),
             by_key: HashMap::new(),
-            by_index: HashMap::new(),
+            by_index: HashMap::default(),
             routes: PrefixTable::default(),
             filter,
             counters,
@@ -445,6 +472,30 @@ impl PeerTable {
             return;
         }
         match state.tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(datagram) if whole && !is_initiation(datagram) => {
+                match state.endpoint {
+                    Some(to) => out.send_udp_from(to, state.source, datagram),
+                    None => self.counters.drop_packet(DropReason::NoEndpoint),
+                }
+            }
+            other => self.encapsulated(&mut state, other, whole, now, out),
+        }
+    }
+
+    /// What encapsulating gave other than a datagram that fits the path: an initiation (no
+    /// session yet; the packet waits in the session's queue), a datagram to send in IP
+    /// fragments, an error. Out of line: the packet path is the datagram that fits.
+    #[cold]
+    #[inline(never)]
+    fn encapsulated(
+        &self,
+        state: &mut PeerState,
+        result: TunnResult<'_>,
+        whole: bool,
+        now: Instant,
+        out: &mut impl Transmit,
+    ) {
+        match result {
             TunnResult::WriteToNetwork(datagram) => {
                 let sent = if is_initiation(datagram) {
                     state.last_initiation = Some(now);
@@ -518,15 +569,68 @@ impl PeerTable {
             );
         }
 
+        let base = buf.as_ptr() as usize;
         let result = state.tunn.decapsulate(Some(from.ip()), datagram, buf);
         let (packet, src) = match result {
             TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
             TunnResult::WriteToTunnelV6(packet, src) => (packet, IpAddr::V6(src)),
+            other => {
+                let other = self.answer(other, (from, local), out);
+                return self.control(&mut state, other, kind, (from, local), buf, out);
+            }
+        };
+        // A decrypted packet (or a path MTU probe) authenticates the sender.
+        state.authenticated(from, local);
+        if state.flush_pending || (self.probing && pmtu::may_be_probe(packet)) {
+            // Where in `buf` the packet lies, so that the slow way can use `buf` after it.
+            let at = (packet.as_ptr() as usize).wrapping_sub(base);
+            let within = at..at + packet.len();
+            return self.first_or_probe(slot, state, src, within, buf, now, out);
+        }
+        drop(state);
+        self.deliver(slot, src, packet, now, out);
+    }
+
+    /// Sends what decapsulation gave to send back (a handshake response, a cookie reply),
+    /// and says what it was, so that [`PeerTable::control`] can use the buffer it was in.
+    #[cold]
+    #[inline(never)]
+    fn answer(
+        &self,
+        result: TunnResult<'_>,
+        (from, local): (SocketAddr, Option<IpAddr>),
+        out: &mut impl Transmit,
+    ) -> Control {
+        match result {
             TunnResult::WriteToNetwork(reply) => {
                 // A cookie reply (type 3) proves nothing about the sender; a handshake
                 // response or keepalive does.
                 let authenticated = reply.first() != Some(&3);
                 out.send_udp_from(from, local, reply);
+                Control::Answered { authenticated }
+            }
+            TunnResult::Done => Control::Done,
+            TunnResult::Err(e) => Control::Failed(engine_drop(&e)),
+            // Not given here: the caller handles packets for the TUN.
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => Control::Done,
+        }
+    }
+
+    /// What decapsulation gave other than a packet for the TUN: a handshake answered, a
+    /// keepalive, an error. Out of line: the packet path is the data packet.
+    #[cold]
+    #[inline(never)]
+    fn control(
+        &self,
+        state: &mut PeerState,
+        result: Control,
+        kind: Kind,
+        (from, local): (SocketAddr, Option<IpAddr>),
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) {
+        match result {
+            Control::Answered { authenticated } => {
                 if authenticated {
                     state.authenticated(from, local);
                     match kind {
@@ -541,28 +645,44 @@ impl PeerTable {
                         // The answer to this node's initiation: its session now.
                         Kind::Response => {
                             state.own_session = true;
-                            self.flush_queue(&mut state, buf, out);
+                            self.flush_queue(state, buf, out);
                         }
-                        Kind::Cookie | Kind::Data => self.flush_queue(&mut state, buf, out),
+                        Kind::Cookie | Kind::Data => self.flush_queue(state, buf, out),
                     }
                 }
-                return;
             }
-            TunnResult::Done => {
+            Control::Done => {
                 // A keepalive authenticates the sender; a cookie reply does not (FC-25).
                 if kind == Kind::Data {
                     state.authenticated(from, local);
                     // The initiator's first keepalive confirms a session this node answered:
                     // what waited for a session goes out on it now.
                     state.flush_pending = false;
-                    self.flush_queue(&mut state, buf, out);
+                    self.flush_queue(state, buf, out);
                 }
-                return;
             }
-            TunnResult::Err(e) => return self.counters.drop_packet(engine_drop(&e)),
+            Control::Failed(reason) => self.counters.drop_packet(reason),
+        }
+    }
+
+    /// A decrypted packet that is the first on a session this node answered (the queue of
+    /// packets that waited for it goes out after it), or a path MTU probe. Out of line.
+    #[allow(clippy::too_many_arguments)]
+    #[cold]
+    #[inline(never)]
+    fn first_or_probe(
+        &self,
+        slot: usize,
+        mut state: MutexGuard<'_, PeerState>,
+        src: IpAddr,
+        within: std::ops::Range<usize>,
+        buf: &mut [u8],
+        now: Instant,
+        out: &mut impl Transmit,
+    ) {
+        let Some(packet) = buf.get(within) else {
+            return self.counters.drop_packet(DropReason::MalformedPacket);
         };
-        // A decrypted packet (or a path MTU probe) authenticates the sender.
-        state.authenticated(from, local);
         let flush = std::mem::take(&mut state.flush_pending);
         let probe = if self.probing && pmtu::may_be_probe(packet) {
             self.probe(slot, &mut state, src, packet, now)
@@ -574,7 +694,7 @@ impl PeerTable {
                 drop(state);
                 self.deliver(slot, src, packet, now, out);
                 if flush {
-                    self.flush_queue(&mut lock(&peer.state), buf, out);
+                    self.flush_queue(&mut lock(&self.peers[slot].state), buf, out);
                 }
             }
             probe => {
@@ -831,35 +951,7 @@ impl PeerTable {
         };
         let (receiver, kind) = match parsed {
             Packet::HandshakeInit(ref init) => {
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, buf)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        out.send_udp_from(from, local, cookie);
-                        return None;
-                    }
-                    Err(_) => {
-                        // MAC1 is keyed by this node's public key: from a peer's address, a
-                        // bad one means the peer still holds a key this node no longer has.
-                        self.counters.drop_packet(DropReason::InvalidMac);
-                        self.note_mismatch(from, MismatchKind::StaleKeyForUs);
-                        return None;
-                    }
-                }
-                let Ok(half) = parse_handshake_anon(&self.private, &self.public, init) else {
-                    self.counters.drop_packet(DropReason::HandshakeFailed);
-                    self.note_mismatch(from, MismatchKind::StaleKeyForUs);
-                    return None;
-                };
-                let Some(&slot) = self.by_key.get(&half.peer_static_public) else {
-                    self.counters.drop_packet(DropReason::UnknownKey);
-                    let key = WgKey(half.peer_static_public);
-                    self.note_mismatch(from, MismatchKind::UnknownKey(key));
-                    return None;
-                };
-                return Some((slot, Kind::Init(half.peer_static_public)));
+                return self.find_initiator(init, (from, local), datagram, buf, out);
             }
             Packet::HandshakeResponse(ref p) => (p.receiver_idx, Kind::Response),
             Packet::PacketCookieReply(ref p) => (p.receiver_idx, Kind::Cookie),
@@ -872,6 +964,50 @@ impl PeerTable {
                 None
             }
         }
+    }
+
+    /// The peer that sent a handshake initiation, found by the static key in it, after the
+    /// rate limiter's check (which may answer with a cookie instead). Out of line: one
+    /// datagram in a few minutes per peer.
+    #[cold]
+    #[inline(never)]
+    fn find_initiator(
+        &self,
+        init: &boringtun::noise::HandshakeInit<'_>,
+        (from, local): (SocketAddr, Option<IpAddr>),
+        datagram: &[u8],
+        buf: &mut [u8],
+        out: &mut impl Transmit,
+    ) -> Option<(usize, Kind)> {
+        match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, buf)
+        {
+            Ok(_) => {}
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                out.send_udp_from(from, local, cookie);
+                return None;
+            }
+            Err(_) => {
+                // MAC1 is keyed by this node's public key: from a peer's address, a bad one
+                // means the peer still holds a key this node no longer has.
+                self.counters.drop_packet(DropReason::InvalidMac);
+                self.note_mismatch(from, MismatchKind::StaleKeyForUs);
+                return None;
+            }
+        }
+        let Ok(half) = parse_handshake_anon(&self.private, &self.public, init) else {
+            self.counters.drop_packet(DropReason::HandshakeFailed);
+            self.note_mismatch(from, MismatchKind::StaleKeyForUs);
+            return None;
+        };
+        let Some(&slot) = self.by_key.get(&half.peer_static_public) else {
+            self.counters.drop_packet(DropReason::UnknownKey);
+            let key = WgKey(half.peer_static_public);
+            self.note_mismatch(from, MismatchKind::UnknownKey(key));
+            return None;
+        };
+        Some((slot, Kind::Init(half.peer_static_public)))
     }
 
     /// The key mismatch of every peer that has not shown since that the keys agree, one
@@ -1238,7 +1374,23 @@ impl Peer {
 
 impl PeerState {
     /// Records an authenticated packet from `from`: the peer is there now (roaming).
+    #[inline]
     fn authenticated(&mut self, from: SocketAddr, local: Option<IpAddr>) {
+        // Every data packet comes here; nearly all come from where the last one did.
+        if self.endpoint == Some(from)
+            && self.source == local
+            && !self.unanswered
+            && self.mismatch.is_none()
+        {
+            return;
+        }
+        self.moved(from, local);
+    }
+
+    /// [`PeerState::authenticated`] when something changed: kept out of the packet path.
+    #[cold]
+    #[inline(never)]
+    fn moved(&mut self, from: SocketAddr, local: Option<IpAddr>) {
         self.endpoint = Some(from);
         self.source = local;
         self.unanswered = false;
@@ -1261,6 +1413,16 @@ impl PeerState {
         self.initiations_sent += 1;
         true
     }
+}
+
+/// What decapsulating a datagram gave, other than a packet for the TUN.
+enum Control {
+    /// A reply went back; a cookie reply does not authenticate the sender.
+    Answered { authenticated: bool },
+    /// Nothing to send or write: a keepalive, or a datagram boringtun took.
+    Done,
+    /// Refused, with the drop reason.
+    Failed(DropReason),
 }
 
 /// What [`PeerTable::probe`] found in a decrypted packet.

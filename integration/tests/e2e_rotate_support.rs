@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::unix::process::CommandExt as _;
 use std::process::{ChildStdin, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -117,6 +117,8 @@ impl Arrivals {
 pub struct Sender {
     child: Guard,
     stop: Arc<AtomicBool>,
+    /// Lines handed to socat so far: a sender alive but blocked on its pipe shows here.
+    written: Arc<AtomicU64>,
 }
 
 impl Sender {
@@ -133,22 +135,31 @@ impl Sender {
             .expect("start the sender");
         let mut stdin: ChildStdin = child.stdin.take().expect("sender stdin");
         let stop = Arc::new(AtomicBool::new(false));
-        let halt = stop.clone();
+        let written = Arc::new(AtomicU64::new(0));
+        let (halt, count) = (stop.clone(), written.clone());
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !halt.load(Ordering::Relaxed) {
                 n += 1;
-                if writeln!(stdin, "seq {n} ztnet-rotate-stream").is_err() || stdin.flush().is_err()
-                {
+                // One write per line: socat sends what one read gives it as one datagram.
+                let line = format!("seq {n} ztnet-rotate-stream\n");
+                if stdin.write_all(line.as_bytes()).is_err() {
                     break;
                 }
+                count.store(n, Ordering::Relaxed);
                 std::thread::sleep(period);
             }
         });
         Sender {
             child: Guard(child),
             stop,
+            written,
         }
+    }
+
+    /// How many lines were handed to socat.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// Whether the sending process still runs (a TCP sender exits when its stream breaks).
@@ -216,13 +227,16 @@ impl Streams {
                 topo.status(name)
                     .map_or_else(|e| format!("no status: {e:#}"), |v| v.to_string())
             };
+            let written = |tx: &Option<Sender>| tx.as_ref().map_or(0, Sender::written);
             panic!(
                 "the allowed streams flow: {e:#}\n\
-                 tcp: {} lines arrived, sender started {tcp_starts} times; \
-                 udp: {} lines arrived, sender started {udp_starts} times\n\
+                 tcp: {} lines arrived of {} written, sender started {tcp_starts} times; \
+                 udp: {} lines arrived of {} written, sender started {udp_starts} times\n\
                  web1 status: {}\ndb1 status: {}",
                 tcp_rx.count(),
+                written(&tcp_tx),
                 udp_rx.count(),
+                written(&udp_tx),
                 status("web1"),
                 status("db1"),
             );

@@ -39,6 +39,13 @@ pub enum DropReason {
     TooBig,
     /// A decrypted path MTU probe or ack that does not parse, or that is not for this node.
     BadProbe,
+    /// A datagram the UDP socket refused to send (an error other than those the node works
+    /// around, such as a source address gone from the host).
+    SendFailed,
+    /// A packet for this host that the TUN refused to take.
+    TunWriteFailed,
+    /// A read from a TUN queue that failed (not "empty"): whatever packet it held is lost.
+    TunReadFailed,
     /// Refused by the inbound filter.
     Inbound(FilterDrop),
     /// Refused by the outbound filter.
@@ -80,7 +87,7 @@ const FILTER_DROPS: [FilterDrop; 5] = [
     FilterDrop::TableFull,
 ];
 
-const PLAIN: [DropReason; 15] = [
+const PLAIN: [DropReason; 18] = [
     DropReason::NoPeer,
     DropReason::NoEndpoint,
     DropReason::MalformedPacket,
@@ -96,6 +103,9 @@ const PLAIN: [DropReason; 15] = [
     DropReason::Engine,
     DropReason::TooBig,
     DropReason::BadProbe,
+    DropReason::SendFailed,
+    DropReason::TunWriteFailed,
+    DropReason::TunReadFailed,
 ];
 
 const SLOTS: usize = PLAIN.len() + 2 * FILTER_DROPS.len();
@@ -119,6 +129,9 @@ impl DropReason {
             DropReason::Engine => "engine-error",
             DropReason::TooBig => "too-big",
             DropReason::BadProbe => "bad-probe",
+            DropReason::SendFailed => "send-failed",
+            DropReason::TunWriteFailed => "tun-write-failed",
+            DropReason::TunReadFailed => "tun-read-failed",
             DropReason::Inbound(f) => match f {
                 FilterDrop::NoRule => "inbound-no-rule",
                 FilterDrop::DeniedByRule => "inbound-denied-by-rule",

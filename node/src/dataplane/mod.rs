@@ -521,11 +521,13 @@ struct Io<'a> {
     socket_v6: bool,
     tun: &'a File,
     vnet: bool,
+    counters: &'a Counters,
 }
 
 impl<'a> Io<'a> {
     fn new(s: &'a Shared) -> Io<'a> {
         Io {
+            counters: &s.counters,
             socket: &s.socket,
             conns: &s.conns,
             cache: conns::SendCache::default(),
@@ -546,8 +548,25 @@ impl<'a> Io<'a> {
             tun.write(packet)
         };
         if let Err(e) = written {
-            tracing::trace!(error = %e, "TUN write failed");
+            self.tun_write_failed(&e);
         }
+    }
+
+    /// Counts a packet the TUN refused.
+    #[cold]
+    #[inline(never)]
+    fn tun_write_failed(&self, e: &io::Error) {
+        tracing::trace!(error = %e, "TUN write failed");
+        self.counters
+            .drop_packet(counters::DropReason::TunWriteFailed);
+    }
+
+    /// Counts a datagram the socket refused.
+    #[cold]
+    #[inline(never)]
+    fn send_failed(&self, to: SocketAddr, e: &io::Error) {
+        tracing::trace!(%to, error = %e, "send failed");
+        self.counters.drop_packet(counters::DropReason::SendFailed);
     }
 
     /// An IPv4 destination as the dual-stack socket wants it (IPv4-mapped IPv6).
@@ -573,7 +592,7 @@ impl Io<'_> {
             Ok(_) => true,
             Err(e) if source::source_refused(&e) => false,
             Err(e) => {
-                tracing::trace!(%to, error = %e, "send failed");
+                self.send_failed(to, &e);
                 true
             }
         }
@@ -583,7 +602,7 @@ impl Io<'_> {
     fn send_unconnected(&mut self, to: SocketAddr, datagram: &[u8]) {
         let to = self.map(to);
         if let Err(e) = self.socket.send_to(datagram, to) {
-            tracing::trace!(%to, error = %e, "send failed");
+            self.send_failed(to, &e);
         }
     }
 }
@@ -613,7 +632,7 @@ impl Transmit for Io<'_> {
             Ok(_) => {}
             // The address is gone from the host: not too sticky, the kernel picks one.
             Err(e) if source::source_refused(&e) => self.send_unconnected(to, datagram),
-            Err(e) => tracing::trace!(%to, error = %e, "send failed"),
+            Err(e) => self.send_failed(to, &e),
         }
     }
 
@@ -678,7 +697,7 @@ fn write_rx(io: &Io<'_>, reply: Option<&File>, wrote: &mut Wrote, hdr: &[u8], pa
                 q.write(packet)
             };
             if let Err(e) = written {
-                tracing::trace!(error = %e, "TUN write failed");
+                io.tun_write_failed(&e);
             }
         }
         _ => {
@@ -938,7 +957,10 @@ impl Batched<'_> {
                         self.io.send_udp_from(to, from, d);
                     }
                 } else {
-                    tracing::trace!(%to, error = %e, "send failed");
+                    // The whole batch is lost: one count per datagram in it.
+                    for _ in self.batch.chunks(self.segment.max(1)) {
+                        self.io.send_failed(to, &e);
+                    }
                 }
             }
         }
@@ -1030,6 +1052,8 @@ fn udp_loop(s: &Shared) {
     }
     // What the last wait said (the main socket and the queue assumed ready at the start).
     let (mut socket_ready, mut queue_ready) = (true, true);
+    // Reads of the second queue that failed in a row (see below).
+    let mut queue_failures = 0u32;
     let mut ready: Vec<Arc<conns::Conn>> = Vec::new();
     let mut tokens = Vec::new();
     // The last wait slept (see [`SLEPT`]): the traffic is sparse, so each socket is asked for
@@ -1051,17 +1075,34 @@ fn udp_loop(s: &Shared) {
         match replies.as_mut() {
             Some(reader) if queue_ready => {
                 match reader.drain(s, REPLY_BURST, slept && reader.sparse) {
-                    Ok(empty) => queue_ready = !empty,
+                    Ok(empty) => {
+                        queue_ready = !empty;
+                        queue_failures = 0;
+                    }
+                    Err(e)
+                        if e.raw_os_error() != Some(libc::EBADFD)
+                            && queue_failures < QUEUE_FAILURES =>
+                    {
+                        // One packet that could not be read is a counted drop, not the end
+                        // of the queue: the kernel keeps putting flows on it, and a queue no
+                        // thread reads drops them where no counter of the node sees it. The
+                        // wait (level-triggered) reports the queue again if it holds more.
+                        queue_failures += 1;
+                        tracing::debug!(error = %e, "read from the second TUN queue failed");
+                        s.counters.drop_packet(counters::DropReason::TunReadFailed);
+                        queue_ready = false;
+                    }
                     Err(e) => {
                         // The TUN thread reports a lost interface; this thread stops reading
-                        // the queue and waits on the sockets alone. Any other error is loud:
-                        // from here on, flows the kernel puts on this queue go nowhere.
+                        // the queue and waits on the sockets alone. Reads that keep failing
+                        // are loud: from here on, flows the kernel puts on this queue go
+                        // nowhere.
                         if e.raw_os_error() == Some(libc::EBADFD) {
                             tracing::debug!(error = %e, "second TUN queue lost");
                         } else {
                             tracing::warn!(
-                                interface = %s.iface.name, error = %e,
-                                "second TUN queue failed; it is no longer read"
+                                interface = %s.iface.name, error = %e, failures = queue_failures,
+                                "second TUN queue keeps failing; it is no longer read"
                             );
                         }
                         if let Some(q) = &s.tun_reply {
@@ -1173,6 +1214,11 @@ impl Receiver<'_> {
 /// Most packets the UDP thread takes from the second TUN queue before it looks at the socket
 /// again (one GSO batch).
 const REPLY_BURST: usize = GSO_MAX_SEGMENTS;
+
+/// Reads of the second TUN queue that may fail in a row, each a counted drop, before the UDP
+/// thread gives the queue up (a queue that is ready but cannot be read would keep the thread
+/// spinning).
+const QUEUE_FAILURES: u32 = 64;
 
 /// Most datagrams taken from the socket in one `recvmmsg` call.
 const RECV_BATCH: usize = 32;

@@ -812,6 +812,7 @@ impl<'a> TunReader<'a> {
                 count: 0,
                 closed: false,
                 gso: true,
+                direct: false,
             },
         }
     }
@@ -835,8 +836,9 @@ impl<'a> TunReader<'a> {
                     let now = Instant::now();
                     let (buf, out) = (&mut self.buf, &mut self.out);
                     if s.vnet {
-                        let split = offload::VnetHdr::parse(&self.packet[..n])
-                            .ok_or(offload::SplitError::Truncated);
+                        let hdr = offload::VnetHdr::parse(&self.packet[..n]);
+                        out.direct = one && hdr.as_ref().is_some_and(|h| !h.is_gso());
+                        let split = hdr.ok_or(offload::SplitError::Truncated);
                         let packet = &mut self.packet[offload::VNET_HDR_LEN.min(n)..n];
                         let split = split.and_then(|hdr| {
                             offload::split(&hdr, packet, &mut self.scratch, |p| {
@@ -852,6 +854,7 @@ impl<'a> TunReader<'a> {
                             }
                         }
                     } else {
+                        out.direct = one;
                         table.handle_tun_packet(&self.packet[..n], now, buf, out);
                         burst += 1;
                     }
@@ -905,6 +908,9 @@ struct Batched<'a> {
     closed: bool,
     /// Cleared when the kernel refuses UDP_SEGMENT; then every datagram goes alone.
     gso: bool,
+    /// The packet being handled is alone (sparse traffic, not a super-packet): its datagram
+    /// goes out at once, without a copy into the batch.
+    direct: bool,
 }
 
 impl Batched<'_> {
@@ -976,6 +982,10 @@ impl Transmit for Batched<'_> {
     }
 
     fn send_udp_from(&mut self, to: SocketAddr, from: Option<IpAddr>, datagram: &[u8]) {
+        if self.direct && self.to.is_none() {
+            // Nothing waits in the batch, so nothing is passed.
+            return self.io.send_udp_from(to, from, datagram);
+        }
         let from = same_family(to, from);
         let fits = self.to == Some(to)
             && self.from == from

@@ -67,6 +67,11 @@ pub struct VnetHdr {
 }
 
 impl VnetHdr {
+    /// Whether the packet behind this header is a super-packet, to be cut into segments.
+    pub fn is_gso(&self) -> bool {
+        self.gso_type & !GSO_ECN != GSO_NONE
+    }
+
     /// Reads the header at the start of `b`; `None` when `b` is shorter than a header.
     pub fn parse(b: &[u8]) -> Option<VnetHdr> {
         let b: &[u8; VNET_HDR_LEN] = b.get(..VNET_HDR_LEN)?.try_into().ok()?;
@@ -405,6 +410,8 @@ impl Run {
 pub struct Coalescer {
     runs: Vec<Run>,
     opened: u64,
+    /// Runs that hold segments not yet written.
+    waiting: usize,
 }
 
 /// Flows joined side by side; a new flow beyond these writes out the oldest run.
@@ -435,6 +442,7 @@ impl Coalescer {
                 })
                 .collect(),
             opened: 0,
+            waiting: 0,
         }
     }
 
@@ -442,6 +450,12 @@ impl Coalescer {
     /// in its flow's run; anything else first writes every waiting run (so nothing overtakes
     /// what came before it) and then goes out alone.
     pub fn push(&mut self, packet: &[u8], write: &mut impl FnMut(&[u8], &[u8])) {
+        // The common packet other than TCP (an echo, a UDP datagram), with nothing waiting:
+        // written at once, without the segment's checks.
+        if self.waiting == 0 && !carries_tcp(packet) {
+            write(&VnetHdr::default().encode(), packet);
+            return;
+        }
         let Some(s) = segment(packet) else {
             self.flush(write);
             write(&VnetHdr::default().encode(), packet);
@@ -463,7 +477,7 @@ impl Coalescer {
                 }
                 return;
             }
-            emit(&mut self.runs[i], write);
+            self.emit(i, write);
             self.open(i, packet, &s);
             return;
         }
@@ -473,7 +487,7 @@ impl Coalescer {
                 let oldest = (0..self.runs.len())
                     .min_by_key(|&i| self.runs[i].opened)
                     .unwrap_or(0);
-                emit(&mut self.runs[oldest], write);
+                self.emit(oldest, write);
                 oldest
             }
         };
@@ -486,12 +500,20 @@ impl Coalescer {
             .filter(|&i| self.runs[i].active)
             .min_by_key(|&i| self.runs[i].opened)
         {
-            emit(&mut self.runs[i], write);
+            self.emit(i, write);
         }
     }
 
+    /// Writes run `i`, which holds segments.
+    fn emit(&mut self, i: usize, write: &mut impl FnMut(&[u8], &[u8])) {
+        self.waiting -= 1;
+        emit(&mut self.runs[i], write);
+    }
+
+    /// Starts run `i`, which holds none, with `packet`.
     fn open(&mut self, i: usize, packet: &[u8], s: &Segment) {
         self.opened += 1;
+        self.waiting += 1;
         let r = &mut self.runs[i];
         r.active = true;
         r.opened = self.opened;
@@ -504,6 +526,16 @@ impl Coalescer {
         r.closed = s.flags & TCP_PSH != 0;
         r.packet.clear();
         r.packet.extend_from_slice(packet);
+    }
+}
+
+/// Whether `packet` is IPv4 or IPv6 with TCP right after the fixed header (the only packets
+/// [`segment`] may take).
+fn carries_tcp(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => packet.get(9) == Some(&PROTO_TCP),
+        Some(6) => packet.get(6) == Some(&PROTO_TCP),
+        _ => false,
     }
 }
 
@@ -924,6 +956,56 @@ mod tests {
             ],
         );
         assert_eq!(out[2].1, ping);
+    }
+
+    #[test]
+    fn a_packet_other_than_tcp_never_overtakes_a_waiting_run() {
+        // More flows than runs (the oldest run is written to make room), then a UDP datagram
+        // after each round: every segment read before it is written before it, whichever way
+        // the runs came and went.
+        let flows: Vec<Vec<Vec<u8>>> = (0..RUNS as u16 + 3)
+            .map(|i| {
+                let mut f = flow(false, 0, &[1000, 1000], TCP_ACK);
+                for p in &mut f {
+                    p[20..22].copy_from_slice(&(40000 + i).to_be_bytes());
+                    transport_checksum(p, 20, PROTO_TCP);
+                }
+                f
+            })
+            .collect();
+        let mut input = Vec::new();
+        for round in 0..2 {
+            for f in &flows {
+                input.push(f[round].clone());
+            }
+            input.push(udp(false, round as u16, b"after the round"));
+        }
+        let out = coalesce(&input);
+        // TCP segments of 1,000 bytes written, joined or alone.
+        let segments = |o: &[(VnetHdr, Vec<u8>)]| -> usize {
+            o.iter()
+                .filter(|(_, p)| p[9] == PROTO_TCP)
+                .map(|(_, p)| (p.len() - 40) / 1000)
+                .sum()
+        };
+        let marks: Vec<usize> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, p))| p.get(9) == Some(&PROTO_UDP))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(marks.len(), 2, "both datagrams written");
+        assert_eq!(
+            segments(&out[..marks[0]]),
+            flows.len(),
+            "the first round before the first"
+        );
+        assert_eq!(
+            segments(&out[..marks[1]]),
+            2 * flows.len(),
+            "all before the second"
+        );
+        assert_eq!(segments(&out), 2 * flows.len());
     }
 
     #[test]

@@ -1088,7 +1088,10 @@ impl PeerTable {
                 );
                 state.tunn = tunn;
                 state.tunn_key = key;
+                // As for any initiation answered: the session is the peer's until its first
+                // data packet, which sends what waited for it.
                 state.own_session = false;
+                state.flush_pending = true;
                 state.last_initiation = None;
                 state.authenticated(from, local);
             }
@@ -2199,8 +2202,11 @@ ports = ["any"]
             [1, 2],
             "one initiation, one response: {kinds:?}"
         );
+        // What n2 sends before n1's first data packet on the moved session is not lost.
+        m.send("n2", &echo(b, a, true, b"early"));
         m.send("n1", &echo(a, b, false, b"4"));
         assert_eq!(m.take_tun("n2"), vec![echo(a, b, false, b"4")]);
+        assert_eq!(m.take_tun("n1"), vec![echo(b, a, true, b"early")]);
         m.send("n2", &echo(b, a, true, b"5"));
         assert_eq!(m.take_tun("n1"), vec![echo(b, a, true, b"5")]);
         assert!(m.nodes[m.node("n2")].table.take_mismatches().is_empty());

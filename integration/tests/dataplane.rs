@@ -207,9 +207,6 @@ impl Mesh {
         let log = self.dir.path().join(format!("{name}.log"));
         let node = self.node(name);
         let mut cmd = node.ns.command(bin("ztnet-node"));
-        // The per-peer sockets are off by default (node/src/dataplane/conns.rs); these tests
-        // run with them.
-        cmd.env("ZTNET_PEER_SOCKETS", "1");
         cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
         let proc = Proc::spawn(cmd, &log)?;
         self.node_mut(name).proc = Some(proc);

@@ -40,11 +40,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{source, sys};
 
-/// Whether the environment asks for per-peer sockets: `ZTNET_PEER_SOCKETS=1`. Off by default
-/// for now: one end-to-end test in about forty saw a tunnel carry nothing for 30 s right after
-/// its session came up with them on, and the cause is not found yet (docs/node.md).
+/// Whether per-peer sockets are wanted: on unless the environment says
+/// `ZTNET_PEER_SOCKETS=0`. (They were off by default in sessions 6 to 8, while an end-to-end
+/// stall was blamed on them; it came without them too, see docs/node.md.)
 pub fn wanted_by_environment() -> bool {
-    std::env::var_os("ZTNET_PEER_SOCKETS").is_some_and(|v| v == "1")
+    std::env::var_os("ZTNET_PEER_SOCKETS").is_none_or(|v| v != "0")
 }
 
 /// Most connected sockets at once; peers beyond it send from the main socket.

@@ -230,8 +230,9 @@ impl Streams {
             let written = |tx: &Option<Sender>| tx.as_ref().map_or(0, Sender::written);
             panic!(
                 "the allowed streams flow: {e:#}\n\
-                 tcp: {} lines arrived of {} written, sender started {tcp_starts} times; \
-                 udp: {} lines arrived of {} written, sender started {udp_starts} times\n\
+                 tcp: {} lines arrived, {} written by the last sender, which was started \
+                 {tcp_starts} times; udp: {} lines arrived, {} written by the last sender, \
+                 started {udp_starts} times\n\
                  web1 status: {}\ndb1 status: {}",
                 tcp_rx.count(),
                 written(&tcp_tx),

@@ -437,7 +437,7 @@ impl SendCache {
         to: SocketAddr,
         from: Option<IpAddr>,
     ) -> Option<Arc<Conn>> {
-        // Off (the default for now): no lock, no lookup on the packet path.
+        // Off (`ZTNET_PEER_SOCKETS=0`): no lock, no lookup on the packet path.
         if !conns.enabled {
             return None;
         }

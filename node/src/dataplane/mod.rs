@@ -793,6 +793,8 @@ struct TunReader<'a> {
     /// so the next drain sends its first packet at once rather than after the read that finds
     /// the queue empty.
     sparse: bool,
+    /// Packets the last drain read, also when it then ended on an error.
+    handled: usize,
 }
 
 impl<'a> TunReader<'a> {
@@ -800,6 +802,7 @@ impl<'a> TunReader<'a> {
         TunReader {
             queue,
             sparse: true,
+            handled: 0,
             packet: vec![0u8; offload::VNET_HDR_LEN + 65_535],
             scratch: Vec::with_capacity(65_535),
             buf: vec![0u8; peers::MIN_BUFFER],
@@ -875,6 +878,7 @@ impl<'a> TunReader<'a> {
         };
         self.out.flush();
         self.sparse = handled <= 1;
+        self.handled = handled;
         result
     }
 }
@@ -1091,12 +1095,17 @@ fn udp_loop(s: &Shared) {
                     }
                     Err(e)
                         if e.raw_os_error() != Some(libc::EBADFD)
-                            && queue_failures < QUEUE_FAILURES =>
+                            && (reader.handled > 0 || queue_failures < QUEUE_FAILURES) =>
                     {
                         // One packet that could not be read is a counted drop, not the end
                         // of the queue: the kernel keeps putting flows on it, and a queue no
                         // thread reads drops them where no counter of the node sees it. The
                         // wait (level-triggered) reports the queue again if it holds more.
+                        // Only failures with no packet read in between count towards giving
+                        // the queue up.
+                        if reader.handled > 0 {
+                            queue_failures = 0;
+                        }
                         queue_failures += 1;
                         tracing::debug!(error = %e, "read from the second TUN queue failed");
                         s.counters.drop_packet(counters::DropReason::TunReadFailed);
@@ -1110,6 +1119,7 @@ fn udp_loop(s: &Shared) {
                         if e.raw_os_error() == Some(libc::EBADFD) {
                             tracing::debug!(error = %e, "second TUN queue lost");
                         } else {
+                            s.counters.drop_packet(counters::DropReason::TunReadFailed);
                             tracing::warn!(
                                 interface = %s.iface.name, error = %e, failures = queue_failures,
                                 "second TUN queue keeps failing; it is no longer read"
@@ -1213,8 +1223,14 @@ impl Receiver<'_> {
         if self.out.take_wrote_first()
             && let Ok(_turn) = s.tun_turn.try_lock()
         {
-            // A TUN error here is left for the TUN thread to report.
-            let _ = self.assist.drain(s, TUN_ASSIST, false);
+            // A lost interface is left for the TUN thread to report; a failed read took its
+            // packet with it, and is counted.
+            if let Err(e) = self.assist.drain(s, TUN_ASSIST, false)
+                && e.raw_os_error() != Some(libc::EBADFD)
+            {
+                tracing::debug!(error = %e, "read from the first TUN queue failed");
+                s.counters.drop_packet(counters::DropReason::TunReadFailed);
+            }
         }
         // A short batch emptied the socket; the next wait says when more came.
         !one && n == RECV_BATCH
@@ -1225,9 +1241,9 @@ impl Receiver<'_> {
 /// again (one GSO batch).
 const REPLY_BURST: usize = GSO_MAX_SEGMENTS;
 
-/// Reads of the second TUN queue that may fail in a row, each a counted drop, before the UDP
-/// thread gives the queue up (a queue that is ready but cannot be read would keep the thread
-/// spinning).
+/// Reads of the second TUN queue that may fail in a row with no packet read in between, each
+/// a counted drop, before the UDP thread gives the queue up (a queue that is ready but cannot
+/// be read would keep the thread spinning).
 const QUEUE_FAILURES: u32 = 64;
 
 /// Most datagrams taken from the socket in one `recvmmsg` call.

@@ -584,7 +584,7 @@ impl PeerTable {
         if state.flush_pending || (self.probing && pmtu::may_be_probe(packet)) {
             // Where in `buf` the packet lies, so that the slow way can use `buf` after it.
             let at = (packet.as_ptr() as usize).wrapping_sub(base);
-            let within = at..at + packet.len();
+            let within = (at, packet.len());
             return self.first_or_probe(slot, state, src, within, buf, now, out);
         }
         drop(state);
@@ -675,12 +675,12 @@ impl PeerTable {
         slot: usize,
         mut state: MutexGuard<'_, PeerState>,
         src: IpAddr,
-        within: std::ops::Range<usize>,
+        (at, len): (usize, usize),
         buf: &mut [u8],
         now: Instant,
         out: &mut impl Transmit,
     ) {
-        let Some(packet) = buf.get(within) else {
+        let Some(packet) = buf.get(at..).and_then(|rest| rest.get(..len)) else {
             return self.counters.drop_packet(DropReason::MalformedPacket);
         };
         let flush = std::mem::take(&mut state.flush_pending);

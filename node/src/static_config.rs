@@ -300,7 +300,20 @@ impl StaticConfig {
                 ));
             }
             for net in &p.allowed_ips {
-                let prefix = net.get_ref().0.trunc();
+                let given = net.get_ref().0;
+                let prefix = given.trunc();
+                if given != prefix {
+                    // `10.90.0.2/24` would quietly make the peer's own address a range it
+                    // routes, which the policy does not see as the peer; say which was meant.
+                    return Err(at(
+                        net.span(),
+                        format!(
+                            "allowed ip {given} of peer {name} has bits set past its prefix                              length: write {}/{} for the one address, or {prefix} for the                              range",
+                            given.addr(),
+                            given.max_prefix_len()
+                        ),
+                    ));
+                }
                 if let Some(own) = addresses.iter().find(|a| IpNet::from(a.addr()) == prefix) {
                     return Err(at(
                         net.span(),
@@ -847,6 +860,20 @@ allowed_ips = ["10.90.0.2/32"]
         assert!(e.contains("node.toml:17:32"), "{e}");
         assert!(
             e.contains("10.90.0.2/32") && e.contains("n2") && e.contains("n3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_allowed_ip_with_host_bits_set_is_refused_with_both_readings() {
+        let d = Dir::new();
+        let p = d.write("node.toml", &with_n3(N3_KEY, r#"["10.90.0.3/24"]"#));
+
+        let e = StaticConfig::load(&p).expect_err("refused").to_string();
+
+        assert!(e.contains("node.toml:17:"), "{e}");
+        assert!(
+            e.contains("10.90.0.3/32") && e.contains("10.90.0.0/24") && e.contains("n3"),
             "{e}"
         );
     }

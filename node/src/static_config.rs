@@ -308,7 +308,9 @@ impl StaticConfig {
                     return Err(at(
                         net.span(),
                         format!(
-                            "allowed ip {given} of peer {name} has bits set past its prefix                              length: write {}/{} for the one address, or {prefix} for the                              range",
+                            "allowed ip {given} of peer {name} has bits set past its prefix \
+                             length: write {}/{} for the one address, or {prefix} for the \
+                             range",
                             given.addr(),
                             given.max_prefix_len()
                         ),

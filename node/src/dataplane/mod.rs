@@ -689,7 +689,7 @@ struct Wrote {
 /// Writes one received packet to the queue [`RxOut`] picks for it.
 fn write_rx(io: &Io<'_>, reply: Option<&File>, wrote: &mut Wrote, hdr: &[u8], packet: &[u8]) {
     match reply {
-        Some(queue) if !is_tcp(packet) => {
+        Some(queue) if !offload::carries_tcp(packet) => {
             let mut q = queue;
             let written = if io.vnet {
                 q.write_vectored(&[IoSlice::new(hdr), IoSlice::new(packet)])
@@ -704,16 +704,6 @@ fn write_rx(io: &Io<'_>, reply: Option<&File>, wrote: &mut Wrote, hdr: &[u8], pa
             wrote.first = true;
             io.write_tun_with(hdr, packet);
         }
-    }
-}
-
-/// Whether `packet` is TCP (an IPv4 packet, or an IPv6 packet without extension headers).
-fn is_tcp(packet: &[u8]) -> bool {
-    const TCP: u8 = 6;
-    match packet.first().map(|b| b >> 4) {
-        Some(4) => packet.get(9) == Some(&TCP),
-        Some(6) => packet.get(6) == Some(&TCP),
-        _ => false,
     }
 }
 

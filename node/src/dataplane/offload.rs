@@ -531,7 +531,7 @@ impl Coalescer {
 
 /// Whether `packet` is IPv4 or IPv6 with TCP right after the fixed header (the only packets
 /// [`segment`] may take).
-fn carries_tcp(packet: &[u8]) -> bool {
+pub fn carries_tcp(packet: &[u8]) -> bool {
     match packet.first().map(|b| b >> 4) {
         Some(4) => packet.get(9) == Some(&PROTO_TCP),
         Some(6) => packet.get(6) == Some(&PROTO_TCP),
